@@ -1,0 +1,334 @@
+//! The record batch (magic v2) header: the only place that knows its byte layout.
+//!
+//! The broker never decodes records on the produce or fetch path. It reads the fixed
+//! 61-byte header, checks it, and writes `base_offset` and `partition_leader_epoch`
+//! in place: the CRC-32C starts at `attributes`, so those two fields are outside it.
+
+use crate::error::BatchError;
+
+/// Byte offsets of the header fields (Kafka's `DefaultRecordBatch`).
+pub const BASE_OFFSET_AT: usize = 0;
+pub const BATCH_LENGTH_AT: usize = 8;
+pub const PARTITION_LEADER_EPOCH_AT: usize = 12;
+pub const MAGIC_AT: usize = 16;
+pub const CRC_AT: usize = 17;
+pub const ATTRIBUTES_AT: usize = 21;
+pub const LAST_OFFSET_DELTA_AT: usize = 23;
+pub const BASE_TIMESTAMP_AT: usize = 27;
+pub const MAX_TIMESTAMP_AT: usize = 35;
+pub const PRODUCER_ID_AT: usize = 43;
+pub const RECORD_COUNT_AT: usize = 57;
+/// Size of the v2 header, records start here.
+pub const HEADER_BYTES: usize = 61;
+/// `base_offset` and `batch_length` precede the part that `batch_length` counts.
+pub const LOG_OVERHEAD_BYTES: usize = 12;
+
+pub const ATTR_COMPRESSION_MASK: i16 = 0x07;
+pub const ATTR_TIMESTAMP_TYPE_LOG_APPEND: i16 = 0x08;
+pub const ATTR_TRANSACTIONAL: i16 = 0x10;
+pub const ATTR_CONTROL: i16 = 0x20;
+
+#[allow(clippy::indexing_slicing)] // Callers check the bounds.
+fn read_i64(buf: &[u8], at: usize) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    i64::from_be_bytes(b)
+}
+#[allow(clippy::indexing_slicing)]
+fn read_i32(buf: &[u8], at: usize) -> i32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    i32::from_be_bytes(b)
+}
+#[allow(clippy::indexing_slicing)]
+fn read_i16(buf: &[u8], at: usize) -> i16 {
+    let mut b = [0u8; 2];
+    b.copy_from_slice(&buf[at..at + 2]);
+    i16::from_be_bytes(b)
+}
+
+/// The fields of a v2 batch header that storage needs. Built only by [`BatchHeader::parse`],
+/// which guarantees the buffer held at least [`HEADER_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub base_offset: i64,
+    /// Bytes after the `batch_length` field; the whole batch is `batch_length + 12` bytes.
+    pub batch_length: i32,
+    pub partition_leader_epoch: i32,
+    pub magic: i8,
+    pub crc: u32,
+    pub attributes: i16,
+    pub last_offset_delta: i32,
+    pub base_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub record_count: i32,
+}
+
+impl BatchHeader {
+    /// Parses the header at the start of `buf`. Checks only what is needed to know the
+    /// batch's extent; [`validate_batch`] checks the rest.
+    #[allow(clippy::indexing_slicing)] // Bounds checked on the first line.
+    pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+        if buf.len() < HEADER_BYTES {
+            return Err(BatchError::Truncated { have: buf.len(), need: HEADER_BYTES });
+        }
+        Ok(BatchHeader {
+            base_offset: read_i64(buf, BASE_OFFSET_AT),
+            batch_length: read_i32(buf, BATCH_LENGTH_AT),
+            partition_leader_epoch: read_i32(buf, PARTITION_LEADER_EPOCH_AT),
+            magic: buf[MAGIC_AT] as i8,
+            crc: read_i32(buf, CRC_AT) as u32,
+            attributes: read_i16(buf, ATTRIBUTES_AT),
+            last_offset_delta: read_i32(buf, LAST_OFFSET_DELTA_AT),
+            base_timestamp: read_i64(buf, BASE_TIMESTAMP_AT),
+            max_timestamp: read_i64(buf, MAX_TIMESTAMP_AT),
+            producer_id: read_i64(buf, PRODUCER_ID_AT),
+            record_count: read_i32(buf, RECORD_COUNT_AT),
+        })
+    }
+
+    /// Total size of the batch on disk and on the wire.
+    pub fn total_bytes(&self) -> Result<usize, BatchError> {
+        let len = usize::try_from(self.batch_length)
+            .map_err(|_| BatchError::BadLength(self.batch_length))?;
+        let total = len + LOG_OVERHEAD_BYTES;
+        if total < HEADER_BYTES {
+            return Err(BatchError::BadLength(self.batch_length));
+        }
+        Ok(total)
+    }
+
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.last_offset_delta)
+    }
+
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+}
+
+/// CRC-32C of a whole batch, computed over `attributes..end` as Kafka defines it.
+#[allow(clippy::indexing_slicing)] // Callers pass a batch of at least HEADER_BYTES.
+pub fn compute_crc(batch: &[u8]) -> u32 {
+    assert!(batch.len() >= HEADER_BYTES);
+    crc32c::crc32c(&batch[ATTRIBUTES_AT..])
+}
+
+/// Checks one complete batch, as produced by a client or read back from disk:
+/// magic 2, a length that matches the buffer, a CRC that matches, and a record count that
+/// agrees with `last_offset_delta`.
+pub fn validate_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    if header.magic != 2 {
+        return Err(BatchError::UnsupportedMagic(header.magic));
+    }
+    let total = header.total_bytes()?;
+    if total != batch.len() {
+        return Err(BatchError::BadLength(header.batch_length));
+    }
+    let actual = compute_crc(batch);
+    if actual != header.crc {
+        return Err(BatchError::CrcMismatch { expected: header.crc, actual });
+    }
+    if header.record_count < 0 || header.last_offset_delta < 0 {
+        return Err(BatchError::BadRecordCount {
+            record_count: header.record_count,
+            last_offset_delta: header.last_offset_delta,
+        });
+    }
+    Ok(header)
+}
+
+/// Validation for batches arriving from a producer, stricter than for batches on disk:
+/// a producer batch holds at least one record and its offsets are dense (compaction may
+/// later leave gaps, but a producer never does).
+pub fn validate_producer_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = validate_batch(batch)?;
+    if header.record_count == 0 || header.record_count - 1 != header.last_offset_delta {
+        return Err(BatchError::BadRecordCount {
+            record_count: header.record_count,
+            last_offset_delta: header.last_offset_delta,
+        });
+    }
+    if header.is_control() {
+        return Err(BatchError::ControlFromProducer);
+    }
+    Ok(header)
+}
+
+/// Splits a buffer of concatenated batches into whole batches. Stops with an error at the
+/// first batch whose header or extent is bad; the caller decides what that means
+/// (produce: reject all; recovery: truncate).
+pub struct BatchIter<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> BatchIter<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        BatchIter { buf, pos: 0 }
+    }
+    /// Bytes consumed by the batches returned so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}
+
+impl<'a> Iterator for BatchIter<'a> {
+    /// `(position in buffer, header, whole batch bytes)`
+    type Item = Result<(usize, BatchHeader, &'a [u8]), BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.buf.get(self.pos..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        let header = match BatchHeader::parse(rest) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let total = match header.total_bytes() {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        let Some(batch) = rest.get(..total) else {
+            return Some(Err(BatchError::Truncated { have: rest.len(), need: total }));
+        };
+        let at = self.pos;
+        self.pos += total;
+        Some(Ok((at, header, batch)))
+    }
+}
+
+/// Writes the broker-assigned fields into a batch header. Neither is covered by the CRC.
+#[allow(clippy::indexing_slicing)] // Caller passes a validated batch.
+pub fn assign_offset_and_epoch(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
+    assert!(batch.len() >= HEADER_BYTES);
+    batch[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&base_offset.to_be_bytes());
+    batch[PARTITION_LEADER_EPOCH_AT..PARTITION_LEADER_EPOCH_AT + 4]
+        .copy_from_slice(&leader_epoch.to_be_bytes());
+}
+
+/// For `message.timestamp.type=LogAppendTime`: the broker stamps the batch with its own
+/// clock. Attributes and max timestamp are inside the CRC, so it is recomputed; records
+/// are untouched (their deltas are ignored by readers of a LogAppendTime batch).
+#[allow(clippy::indexing_slicing)] // Caller passes a validated batch.
+pub fn stamp_log_append_time(batch: &mut [u8], now_ms: i64) {
+    assert!(batch.len() >= HEADER_BYTES);
+    let attributes = read_i16(batch, ATTRIBUTES_AT) | ATTR_TIMESTAMP_TYPE_LOG_APPEND;
+    batch[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    batch[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&now_ms.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// Builds a syntactically valid v2 batch with `count` tiny uncompressed records.
+    /// Records are encoded just enough for storage (which never looks inside them).
+    pub fn make_batch(count: i32, base_timestamp: i64, payload: &[u8]) -> Vec<u8> {
+        let mut records = Vec::new();
+        for i in 0..count {
+            // length varint, attributes, ts delta, offset delta, key len -1, value, headers 0
+            let mut rec = vec![0u8];
+            push_varint(&mut rec, 0);
+            push_varint(&mut rec, i64::from(i));
+            push_varint(&mut rec, -1);
+            push_varint(&mut rec, payload.len() as i64);
+            rec.extend_from_slice(payload);
+            push_varint(&mut rec, 0);
+            push_varint(&mut records, rec.len() as i64);
+            records.extend_from_slice(&rec);
+        }
+        let mut b = vec![0u8; HEADER_BYTES];
+        b.extend_from_slice(&records);
+        let batch_length = (b.len() - LOG_OVERHEAD_BYTES) as i32;
+        b[BATCH_LENGTH_AT..BATCH_LENGTH_AT + 4].copy_from_slice(&batch_length.to_be_bytes());
+        b[MAGIC_AT] = 2;
+        b[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4]
+            .copy_from_slice(&(count - 1).to_be_bytes());
+        b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&base_timestamp.to_be_bytes());
+        b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8]
+            .copy_from_slice(&(base_timestamp + i64::from(count) - 1).to_be_bytes());
+        b[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&(-1i64).to_be_bytes());
+        b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&count.to_be_bytes());
+        let crc = compute_crc(&b);
+        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    fn push_varint(out: &mut Vec<u8>, v: i64) {
+        let mut z = ((v << 1) ^ (v >> 63)) as u64;
+        loop {
+            if z < 0x80 {
+                out.push(z as u8);
+                return;
+            }
+            out.push((z as u8 & 0x7f) | 0x80);
+            z >>= 7;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::test_support::make_batch;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn valid_batch_passes_and_flipped_bit_fails() {
+        let b = make_batch(3, 1000, b"hello");
+        let h = validate_producer_batch(&b).unwrap();
+        assert_eq!(h.record_count, 3);
+        assert_eq!(h.last_offset_delta, 2);
+        for i in ATTRIBUTES_AT..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x10;
+            assert!(validate_producer_batch(&c).is_err(), "flip at {i} not caught");
+        }
+    }
+
+    #[test]
+    fn offset_and_epoch_are_outside_the_crc() {
+        let mut b = make_batch(2, 0, b"x");
+        assign_offset_and_epoch(&mut b, 12345, 7);
+        let h = validate_batch(&b).unwrap();
+        assert_eq!(h.base_offset, 12345);
+        assert_eq!(h.partition_leader_epoch, 7);
+        assert_eq!(h.last_offset(), 12346);
+    }
+
+    #[test]
+    fn log_append_time_keeps_crc_valid() {
+        let mut b = make_batch(2, 0, b"x");
+        stamp_log_append_time(&mut b, 99);
+        let h = validate_batch(&b).unwrap();
+        assert_eq!(h.max_timestamp, 99);
+        assert!(h.attributes & ATTR_TIMESTAMP_TYPE_LOG_APPEND != 0);
+    }
+
+    #[test]
+    fn record_count_must_match_delta() {
+        let mut b = make_batch(2, 0, b"x");
+        b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&5i32.to_be_bytes());
+        let crc = compute_crc(&b);
+        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(validate_producer_batch(&b), Err(BatchError::BadRecordCount { .. })));
+    }
+
+    proptest! {
+        // No input may panic the validator or the iterator (the fuzz target runs the same).
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = validate_producer_batch(&data);
+            for item in BatchIter::new(&data) {
+                if item.is_err() { break; }
+            }
+        }
+    }
+}

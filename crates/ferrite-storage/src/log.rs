@@ -1,0 +1,760 @@
+//! A partition's log: an ordered set of segments, the last one active.
+//!
+//! Invariants (asserted where they can break):
+//! - offsets are dense and increasing: each appended batch starts at `log_end_offset`;
+//! - a produce request's batches for one partition are appended whole or not at all
+//!   (one validation pass, then one write; a failed write is truncated away);
+//! - `log_start_offset <= log_end_offset`, and no segment lies wholly below
+//!   `log_start_offset` after [`PartitionLog::tick`].
+//!
+//! This type is not synchronized: the broker wraps each log in a mutex and keeps the
+//! critical section to metadata work. Reads copy an immutable range out of the segment
+//! files without holding the lock ([`ReadPlan`]).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::batch::{
+    assign_offset_and_epoch, stamp_log_append_time, validate_producer_batch, BatchHeader, BatchIter,
+    HEADER_BYTES,
+};
+use crate::error::{BatchError, Result, StorageError};
+use crate::segment::{parse_segment_file_name, Segment, LOG_SUFFIX};
+
+/// Per-partition settings, from topic configs over broker defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `segment.bytes`
+    pub segment_bytes: u64,
+    /// `segment.ms`
+    pub segment_ms: i64,
+    /// `retention.ms`; negative means unlimited.
+    pub retention_ms: i64,
+    /// `retention.bytes`; negative means unlimited.
+    pub retention_bytes: i64,
+    /// `max.message.bytes`: the largest batch accepted.
+    pub max_message_bytes: usize,
+    /// `flush.messages`: fsync after this many messages; `u64::MAX` leaves it to the OS.
+    pub flush_messages: u64,
+    /// `flush.ms`: fsync when the oldest unflushed append is this old; negative disables.
+    pub flush_ms: i64,
+    /// `index.interval.bytes`: bytes between offset index entries.
+    pub index_interval_bytes: u64,
+    /// `message.timestamp.type=LogAppendTime`
+    pub log_append_time: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1024 * 1024 * 1024,
+            segment_ms: 7 * 24 * 60 * 60 * 1000,
+            retention_ms: 7 * 24 * 60 * 60 * 1000,
+            retention_bytes: -1,
+            max_message_bytes: 1024 * 1024 + 12,
+            flush_messages: u64::MAX,
+            flush_ms: -1,
+            index_interval_bytes: 4096,
+            log_append_time: false,
+        }
+    }
+}
+
+/// Segment positions are u32 in the index, so a segment never grows past this.
+pub const SEGMENT_BYTES_MAX: u64 = i32::MAX as u64;
+const CHECKPOINT_FILE: &str = "partition.checkpoint";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The broker's timestamp when the topic uses LogAppendTime, else -1.
+    pub log_append_time_ms: i64,
+    pub log_start_offset: i64,
+    pub record_count: i64,
+}
+
+/// What happened while opening a log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    pub segments: usize,
+    pub recovered_segments: usize,
+    pub truncated_bytes: u64,
+    pub deleted_segments_after_corruption: usize,
+}
+
+/// A range of one segment file to copy out without the log's lock.
+#[derive(Debug, Clone)]
+pub struct ReadPlan {
+    file: Arc<File>,
+    path: PathBuf,
+    start_position: u64,
+    end_position: u64,
+    fetch_offset: i64,
+    index_interval_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: LogConfig,
+    segments: BTreeMap<i64, Segment>,
+    log_start_offset: i64,
+    /// Everything below this offset is known to be on disk (fsynced).
+    recovery_point: i64,
+    unflushed_messages: u64,
+    first_unflushed_ms: Option<i64>,
+    /// Rolled segments whose data has not been fsynced yet: `(file, next_offset)`.
+    pending_syncs: Vec<(Arc<File>, i64)>,
+    /// Reused buffer for the one write of an append.
+    write_buf: Vec<u8>,
+    offline: bool,
+}
+
+impl PartitionLog {
+    /// Opens or creates the log in `dir`. `clean` says the broker shut down cleanly, so
+    /// that only the tail after the last index entry of the active segment is read.
+    pub fn open(dir: &Path, config: LogConfig, clean: bool) -> Result<(PartitionLog, OpenReport)> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let (mut log_start_offset, mut recovery_point) = read_checkpoint(dir)?;
+        let mut bases = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
+            let path = entry.map_err(|e| StorageError::io(dir, e))?.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            if ext == LOG_SUFFIX {
+                let base = parse_segment_file_name(&path)
+                    .ok_or_else(|| StorageError::InvalidFileName(path.clone()))?;
+                bases.push((base, path));
+            } else if ext == "tmp" {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        bases.sort();
+        let mut report = OpenReport::default();
+        let mut segments = BTreeMap::new();
+        let count = bases.len();
+        let mut corrupt_from: Option<usize> = None;
+        for (i, (base, path)) in bases.iter().enumerate() {
+            if corrupt_from.is_some() {
+                // A segment after a truncated one would leave a hole in the offsets.
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(path.with_extension("index"));
+                let _ = std::fs::remove_file(path.with_extension("timeindex"));
+                report.deleted_segments_after_corruption += 1;
+                continue;
+            }
+            let is_last = i + 1 == count;
+            let next_base = bases.get(i + 1).map(|(b, _)| *b);
+            let recover = !clean && (is_last || next_base.is_none_or(|n| n > recovery_point));
+            let (seg, outcome) = Segment::open(path.clone(), *base, recover, config.index_interval_bytes)?;
+            if recover {
+                report.recovered_segments += 1;
+            }
+            if outcome.truncated_bytes > 0 {
+                tracing::warn!(
+                    segment = %path.display(), bytes = outcome.truncated_bytes,
+                    reason = outcome.reason.as_deref().unwrap_or(""),
+                    "recovery truncated a torn or corrupt tail"
+                );
+                report.truncated_bytes += outcome.truncated_bytes;
+                if !is_last {
+                    corrupt_from = Some(i);
+                }
+            }
+            segments.insert(*base, seg);
+        }
+        if segments.is_empty() {
+            let base = log_start_offset.max(0);
+            segments.insert(base, Segment::create(dir, base)?);
+        }
+        report.segments = segments.len();
+        let log_end_offset = segments.values().next_back().map(|s| s.next_offset).unwrap_or(0);
+        let first_base = segments.keys().next().copied().unwrap_or(0);
+        log_start_offset = log_start_offset.clamp(first_base, log_end_offset);
+        recovery_point = recovery_point.min(log_end_offset);
+        let mut log = PartitionLog {
+            dir: dir.to_path_buf(),
+            config,
+            segments,
+            log_start_offset,
+            recovery_point,
+            unflushed_messages: 0,
+            first_unflushed_ms: None,
+            pending_syncs: Vec::new(),
+            write_buf: Vec::new(),
+            offline: false,
+        };
+        log.write_checkpoint()?;
+        Ok((log, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+    pub fn set_config(&mut self, config: LogConfig) {
+        self.config = config;
+    }
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start_offset
+    }
+    /// One past the last offset in the log (Kafka's LEO).
+    pub fn log_end_offset(&self) -> i64 {
+        self.active().next_offset
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.size).sum()
+    }
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    #[allow(clippy::expect_used)] // `segments` is never empty: open and roll keep one.
+    fn active(&self) -> &Segment {
+        self.segments.values().next_back().expect("a log always has an active segment")
+    }
+    #[allow(clippy::expect_used)]
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments.values_mut().next_back().expect("a log always has an active segment")
+    }
+
+    /// Validates and appends the batches in `records` (as a producer sent them) in one
+    /// write, assigning offsets from `log_end_offset`.
+    pub fn append(&mut self, records: &[u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo> {
+        if self.offline {
+            return Err(StorageError::LogOffline(self.dir.clone()));
+        }
+        if records.is_empty() {
+            return Err(BatchError::Truncated { have: 0, need: HEADER_BYTES }.into());
+        }
+        // Pass 1: validate everything before touching the log.
+        let mut record_count = 0i64;
+        let mut iter = BatchIter::new(records);
+        for item in iter.by_ref() {
+            let (_, _, batch) = item?;
+            if batch.len() > self.config.max_message_bytes {
+                return Err(StorageError::MessageTooLarge { size: batch.len(), max: self.config.max_message_bytes });
+            }
+            let header = validate_producer_batch(batch)?;
+            record_count += i64::from(header.last_offset_delta) + 1;
+        }
+        assert_eq!(iter.position(), records.len());
+
+        let total = records.len() as u64;
+        self.maybe_roll(total, record_count, now_ms)?;
+
+        // Pass 2: copy, assign offsets, write once.
+        let base_offset = self.log_end_offset();
+        let mut buf = std::mem::take(&mut self.write_buf);
+        buf.clear();
+        buf.extend_from_slice(records);
+        let mut next = base_offset;
+        let mut pos = 0usize;
+        while let Some(batch) = buf.get_mut(pos..) {
+            if batch.is_empty() {
+                break;
+            }
+            let header = BatchHeader::parse(batch)?;
+            let len = header.total_bytes()?;
+            let Some(batch) = batch.get_mut(..len) else { break };
+            assign_offset_and_epoch(batch, next, leader_epoch);
+            if self.config.log_append_time {
+                stamp_log_append_time(batch, now_ms);
+            }
+            next += i64::from(header.last_offset_delta) + 1;
+            pos += len;
+        }
+        let result = self.write_active(&buf, now_ms);
+        self.write_buf = buf;
+        result?;
+        assert_eq!(self.log_end_offset(), next, "offsets must stay dense");
+
+        self.unflushed_messages += record_count as u64;
+        self.first_unflushed_ms.get_or_insert(now_ms);
+        if self.unflushed_messages >= self.config.flush_messages {
+            self.flush()?;
+        }
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: next - 1,
+            log_append_time_ms: if self.config.log_append_time { now_ms } else { -1 },
+            log_start_offset: self.log_start_offset,
+            record_count,
+        })
+    }
+
+    /// Writes already-offset batches at the end of the active segment and indexes them.
+    fn write_active(&mut self, buf: &[u8], now_ms: i64) -> Result<()> {
+        let interval = self.config.index_interval_bytes;
+        let seg = self.active_mut();
+        let start = seg.size;
+        if let Err(e) = seg.file.write_all_at(buf, start) {
+            // Nothing partial may stay behind: cut back to the last whole batch.
+            let err = StorageError::io(&seg.log_path, e);
+            if seg.file.set_len(start).is_err() {
+                tracing::error!(log = %seg.log_path.display(), "cannot truncate after failed write; log offline");
+                self.offline = true;
+            }
+            return Err(err);
+        }
+        seg.first_append_ms.get_or_insert(now_ms);
+        let mut pos = 0usize;
+        for item in BatchIter::new(buf) {
+            let (at, header, _) = item?;
+            seg.note_batch(start + at as u64, &header, interval);
+            pos = at;
+        }
+        let _ = pos;
+        Ok(())
+    }
+
+    fn maybe_roll(&mut self, incoming_bytes: u64, incoming_records: i64, now_ms: i64) -> Result<()> {
+        let segment_bytes = self.config.segment_bytes.min(SEGMENT_BYTES_MAX);
+        let segment_ms = self.config.segment_ms;
+        let seg = self.active();
+        if seg.is_empty() {
+            return Ok(());
+        }
+        let too_big = seg.size + incoming_bytes > segment_bytes;
+        let too_old = seg.first_append_ms.is_some_and(|t| now_ms - t >= segment_ms);
+        let offsets_overflow = seg.next_offset + incoming_records - seg.base_offset > i64::from(i32::MAX);
+        if too_big || too_old || offsets_overflow {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment and starts a new one at `log_end_offset`.
+    pub fn roll(&mut self) -> Result<()> {
+        let base = self.log_end_offset();
+        let old = self.active_mut();
+        if old.base_offset == base {
+            return Ok(()); // Empty active segment: nothing to roll.
+        }
+        old.write_index_files()?;
+        let file = old.file.clone();
+        let next_offset = old.next_offset;
+        self.pending_syncs.push((file, next_offset));
+        let seg = Segment::create(&self.dir, base)?;
+        self.segments.insert(base, seg);
+        Ok(())
+    }
+
+    /// Plans a read starting at the batch that holds `fetch_offset`. `None` when the
+    /// offset is the log end (nothing to read yet).
+    pub fn read_plan(&self, fetch_offset: i64) -> Result<Option<ReadPlan>> {
+        let leo = self.log_end_offset();
+        if fetch_offset < self.log_start_offset || fetch_offset > leo {
+            return Err(StorageError::OffsetOutOfRange {
+                offset: fetch_offset,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: leo,
+            });
+        }
+        if fetch_offset == leo {
+            return Ok(None);
+        }
+        let seg = self
+            .segments
+            .range(..=fetch_offset)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| fetch_offset < s.next_offset)
+            .or_else(|| self.segments.range(fetch_offset..).next().map(|(_, s)| s));
+        let Some(seg) = seg else { return Ok(None) };
+        Ok(Some(ReadPlan {
+            file: seg.file.clone(),
+            path: seg.log_path.clone(),
+            start_position: seg.lookup(fetch_offset),
+            end_position: seg.size,
+            fetch_offset,
+            index_interval_bytes: self.config.index_interval_bytes,
+        }))
+    }
+
+    /// Plans the scan for the first batch whose max timestamp is >= `timestamp`.
+    pub fn time_plan(&self, timestamp: i64) -> Option<ReadPlan> {
+        let seg = self.segments.values().find(|s| !s.is_empty() && s.max_timestamp >= timestamp)?;
+        Some(ReadPlan {
+            file: seg.file.clone(),
+            path: seg.log_path.clone(),
+            start_position: seg.lookup_time(timestamp),
+            end_position: seg.size,
+            fetch_offset: self.log_start_offset.max(seg.base_offset),
+            index_interval_bytes: self.config.index_interval_bytes,
+        })
+    }
+
+    /// The largest timestamp in the log and the batch that holds it (ListOffsets -3, KIP-734).
+    pub fn max_timestamp(&self) -> i64 {
+        self.segments.values().map(|s| s.max_timestamp).max().unwrap_or(-1)
+    }
+
+    /// Moves `log_start_offset` forward (DeleteRecords). Whole segments below it go at
+    /// the next [`Self::tick`].
+    pub fn advance_log_start_offset(&mut self, offset: i64) -> Result<i64> {
+        let leo = self.log_end_offset();
+        if offset < 0 || offset > leo {
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: leo,
+            });
+        }
+        if offset > self.log_start_offset {
+            self.log_start_offset = offset;
+            self.write_checkpoint()?;
+            self.delete_segments_below_start()?;
+        }
+        Ok(self.log_start_offset)
+    }
+
+    fn delete_segments_below_start(&mut self) -> Result<usize> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let Some((&base, seg)) = self.segments.iter().next() else { break };
+            if seg.next_offset > self.log_start_offset {
+                break;
+            }
+            seg.delete_files()?;
+            self.segments.remove(&base);
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Periodic work: roll by age, retention by time and size, flush by time.
+    /// Returns the number of segments deleted.
+    pub fn tick(&mut self, now_ms: i64) -> Result<usize> {
+        if self.offline {
+            return Ok(0);
+        }
+        self.maybe_roll(0, 0, now_ms)?;
+        let mut deleted = 0;
+        if self.config.retention_ms >= 0 {
+            let limit = now_ms - self.config.retention_ms;
+            loop {
+                let Some(oldest) = self.segments.values().next() else { break };
+                if oldest.is_empty() || oldest.max_timestamp >= limit {
+                    break;
+                }
+                if self.segments.len() == 1 {
+                    self.roll()?; // Kafka rolls so that an expired active segment can go.
+                }
+                deleted += self.delete_oldest()?;
+            }
+        }
+        if self.config.retention_bytes >= 0 {
+            let limit = self.config.retention_bytes as u64;
+            while self.segments.len() > 1 {
+                let Some(oldest) = self.segments.values().next() else { break };
+                if self.size_bytes() - oldest.size < limit {
+                    break;
+                }
+                deleted += self.delete_oldest()?;
+            }
+        }
+        deleted += self.delete_segments_below_start()?;
+        if self.config.flush_ms >= 0 && self.first_unflushed_ms.is_some_and(|t| now_ms - t >= self.config.flush_ms) {
+            self.flush()?;
+        }
+        Ok(deleted)
+    }
+
+    fn delete_oldest(&mut self) -> Result<usize> {
+        if self.segments.len() <= 1 {
+            return Ok(0);
+        }
+        let Some((&base, seg)) = self.segments.iter().next() else { return Ok(0) };
+        let next_offset = seg.next_offset;
+        seg.delete_files()?;
+        self.segments.remove(&base);
+        let new_start = self.segments.keys().next().copied().unwrap_or(next_offset);
+        if new_start > self.log_start_offset {
+            self.log_start_offset = new_start;
+            self.write_checkpoint()?;
+        }
+        Ok(1)
+    }
+
+    /// Files of rolled segments that still need an fsync; the caller syncs them outside
+    /// the lock and reports back with [`Self::mark_synced`].
+    pub fn take_pending_syncs(&mut self) -> Vec<(Arc<File>, i64)> {
+        std::mem::take(&mut self.pending_syncs)
+    }
+
+    pub fn mark_synced(&mut self, up_to_offset: i64) -> Result<()> {
+        if up_to_offset > self.recovery_point {
+            self.recovery_point = up_to_offset;
+            self.write_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs everything appended so far.
+    pub fn flush(&mut self) -> Result<()> {
+        for (file, _) in std::mem::take(&mut self.pending_syncs) {
+            file.sync_data().map_err(|e| StorageError::io(&self.dir, e))?;
+        }
+        let seg = self.active();
+        seg.file.sync_data().map_err(|e| StorageError::io(&seg.log_path, e))?;
+        self.unflushed_messages = 0;
+        self.first_unflushed_ms = None;
+        let leo = self.log_end_offset();
+        self.mark_synced(leo)
+    }
+
+    /// Flushes data and writes the active segment's indexes, for a clean shutdown.
+    pub fn close(&mut self) -> Result<()> {
+        self.flush()?;
+        self.active_mut().write_index_files()?;
+        self.write_checkpoint()
+    }
+
+    /// Deletes the whole partition directory (DeleteTopics).
+    pub fn delete(self) -> Result<()> {
+        std::fs::remove_dir_all(&self.dir).map_err(|e| StorageError::io(&self.dir, e))
+    }
+
+    fn write_checkpoint(&self) -> Result<()> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let tmp = self.dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        let body = format!("v1 {} {}\n", self.log_start_offset, self.recovery_point);
+        std::fs::write(&tmp, body).map_err(|e| StorageError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io(&path, e))
+    }
+}
+
+fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(StorageError::io(path, e)),
+    };
+    let mut parts = text.split_whitespace();
+    let parsed = match (parts.next(), parts.next(), parts.next()) {
+        (Some("v1"), Some(a), Some(b)) => a.parse().ok().zip(b.parse().ok()),
+        _ => None,
+    };
+    parsed.ok_or(StorageError::Corruption { path, position: 0, reason: "bad checkpoint".into() })
+}
+
+impl ReadPlan {
+    /// Copies whole batches starting with the one holding the plan's fetch offset, up to
+    /// `max_bytes`; with `min_one_batch` the first batch is returned even when larger
+    /// (Kafka's KIP-74 rule, so that a consumer can always make progress).
+    pub fn read(&self, max_bytes: usize, min_one_batch: bool) -> Result<Bytes> {
+        self.read_until(max_bytes, min_one_batch, |h| h.last_offset() >= self.fetch_offset)
+    }
+
+    /// The first whole batch whose max timestamp is at least `timestamp`.
+    pub fn read_first_batch_at_time(&self, timestamp: i64) -> Result<Option<Bytes>> {
+        let bytes = self.read_until(1, true, |h| h.max_timestamp >= timestamp && h.last_offset() >= self.fetch_offset)?;
+        Ok(if bytes.is_empty() { None } else { Some(bytes) })
+    }
+
+    fn read_until(&self, max_bytes: usize, min_one_batch: bool, start_at: impl Fn(&BatchHeader) -> bool) -> Result<Bytes> {
+        let mut pos = self.start_position;
+        let chunk_bytes_max = (max_bytes as u64).saturating_add(self.index_interval_bytes).max(HEADER_BYTES as u64);
+        loop {
+            if pos >= self.end_position {
+                return Ok(Bytes::new());
+            }
+            let len = (self.end_position - pos).min(chunk_bytes_max) as usize;
+            let mut chunk = vec![0u8; len];
+            self.file.read_exact_at(&mut chunk, pos).map_err(|e| StorageError::io(&self.path, e))?;
+            let mut skipped = 0usize;
+            let mut first: Option<(usize, usize)> = None; // (start, end) of whole batches taken
+            for item in BatchIter::new(&chunk) {
+                let (at, header, batch) = match item {
+                    Ok(x) => x,
+                    Err(BatchError::Truncated { .. }) => break,
+                    Err(e) => {
+                        return Err(StorageError::Corruption { path: self.path.clone(), position: pos + skipped as u64, reason: e.to_string() })
+                    }
+                };
+                match first {
+                    None if !start_at(&header) => skipped = at + batch.len(),
+                    None => first = Some((at, at + batch.len())),
+                    Some((s, e)) => {
+                        if e + batch.len() - s > max_bytes {
+                            break;
+                        }
+                        first = Some((s, e + batch.len()));
+                    }
+                }
+                if let Some((s, e)) = first {
+                    if e - s >= max_bytes {
+                        break;
+                    }
+                }
+            }
+            if let Some((s, e)) = first {
+                if e - s > max_bytes && !min_one_batch {
+                    return Ok(Bytes::new());
+                }
+                return Ok(Bytes::from(chunk).slice(s..e));
+            }
+            // The batch we need starts at `skipped` but is not whole in the chunk.
+            let next_pos = pos + skipped as u64;
+            let header_bytes = chunk.get(skipped..).unwrap_or_default();
+            let header = match BatchHeader::parse(header_bytes) {
+                Ok(h) => Some(h),
+                Err(_) if next_pos + (HEADER_BYTES as u64) <= self.end_position && header_bytes.len() < HEADER_BYTES => None,
+                Err(e) => return Err(StorageError::Corruption { path: self.path.clone(), position: next_pos, reason: e.to_string() }),
+            };
+            match header {
+                Some(h) if start_at(&h) => {
+                    let total = h.total_bytes()? as u64;
+                    if total as usize > max_bytes && !min_one_batch {
+                        return Ok(Bytes::new());
+                    }
+                    if next_pos + total > self.end_position {
+                        return Err(StorageError::Corruption { path: self.path.clone(), position: next_pos, reason: "batch runs past the segment".into() });
+                    }
+                    let mut whole = vec![0u8; total as usize];
+                    self.file.read_exact_at(&mut whole, next_pos).map_err(|e| StorageError::io(&self.path, e))?;
+                    return Ok(Bytes::from(whole));
+                }
+                Some(h) => pos = next_pos + h.total_bytes()? as u64,
+                None => pos = next_pos,
+            }
+            if pos == self.start_position && skipped == 0 && header.is_none() {
+                return Ok(Bytes::new());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::batch::test_support::make_batch;
+    use crate::batch::validate_batch;
+
+    fn cfg() -> LogConfig {
+        LogConfig { segment_bytes: 4096, index_interval_bytes: 256, ..LogConfig::default() }
+    }
+
+    fn offsets_in(bytes: &[u8]) -> Vec<i64> {
+        BatchIter::new(bytes).map(|b| b.unwrap().1).flat_map(|h| h.base_offset..=h.last_offset()).collect()
+    }
+
+    #[test]
+    fn append_read_roll_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        for i in 0..100 {
+            let info = log.append(&make_batch(3, 1000 + i, b"0123456789"), 5, 0).unwrap();
+            assert_eq!(info.base_offset, i * 3);
+            assert_eq!(info.last_offset, i * 3 + 2);
+        }
+        assert!(log.segment_count() > 1, "small segment.bytes rolls");
+        for start in [0, 1, 2, 3, 150, 299] {
+            let plan = log.read_plan(start).unwrap().unwrap();
+            let bytes = plan.read(1_000_000, true).unwrap();
+            let offs = offsets_in(&bytes);
+            assert!(offs[0] <= start && offs.contains(&start), "start {start} got {offs:?}");
+            let h = validate_batch(&bytes[..bytes.len().min(bytes.len())][..BatchHeader::parse(&bytes).unwrap().total_bytes().unwrap()]).unwrap();
+            assert_eq!(h.partition_leader_epoch, 5);
+        }
+        assert!(log.read_plan(300).unwrap().is_none());
+        assert!(matches!(log.read_plan(301), Err(StorageError::OffsetOutOfRange { .. })));
+        log.close().unwrap();
+        drop(log);
+        for clean in [true, false] {
+            let (log, _) = PartitionLog::open(dir.path(), cfg(), clean).unwrap();
+            assert_eq!(log.log_end_offset(), 300);
+            let all = log.read_plan(0).unwrap().unwrap().read(100, true).unwrap();
+            assert_eq!(offsets_in(&all)[0], 0);
+        }
+    }
+
+    #[test]
+    fn max_bytes_smaller_than_batch_returns_one_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), LogConfig::default(), true).unwrap();
+        log.append(&make_batch(10, 0, &[7u8; 500]), 0, 0).unwrap();
+        let plan = log.read_plan(0).unwrap().unwrap();
+        let one = plan.read(10, true).unwrap();
+        assert_eq!(offsets_in(&one).len(), 10);
+        assert!(plan.read(10, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_batch_appends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), LogConfig::default(), true).unwrap();
+        let good = make_batch(2, 0, b"ok");
+        let mut bad = make_batch(2, 0, b"no");
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut both = good.clone();
+        both.extend_from_slice(&bad);
+        assert!(matches!(log.append(&both, 0, 0), Err(StorageError::CorruptBatch(_))));
+        assert_eq!(log.log_end_offset(), 0);
+        assert_eq!(log.size_bytes(), 0);
+        let big = make_batch(1, 0, &vec![0u8; 2_000_000]);
+        assert!(matches!(log.append(&big, 0, 0), Err(StorageError::MessageTooLarge { .. })));
+    }
+
+    #[test]
+    fn retention_by_size_time_and_delete_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.retention_bytes = 8192;
+        let (mut log, _) = PartitionLog::open(dir.path(), c, true).unwrap();
+        for i in 0..200 {
+            log.append(&make_batch(1, i, &[1u8; 100]), 0, 0).unwrap();
+        }
+        log.tick(0).unwrap();
+        assert!(log.size_bytes() < 8192 + 4096);
+        assert!(log.log_start_offset() > 0);
+        assert!(matches!(log.read_plan(0), Err(StorageError::OffsetOutOfRange { .. })));
+        let start = log.advance_log_start_offset(190).unwrap();
+        assert_eq!(start, 190);
+        let bytes = log.read_plan(190).unwrap().unwrap().read(1 << 20, true).unwrap();
+        assert_eq!(offsets_in(&bytes)[0], 190);
+        // Time: everything has timestamps < 1000, so retention.ms=1 at now=10_000 empties it.
+        let mut c2 = log.config().clone();
+        c2.retention_ms = 1;
+        log.set_config(c2);
+        log.tick(10_000).unwrap();
+        assert_eq!(log.log_start_offset(), 200);
+        assert_eq!(log.log_end_offset(), 200);
+        log.append(&make_batch(1, 20_000, b"after"), 0, 10_000).unwrap();
+        assert_eq!(log.log_end_offset(), 201);
+        drop(log);
+        let (log, _) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+        assert_eq!(log.log_start_offset(), 200);
+        assert_eq!(log.log_end_offset(), 201);
+    }
+
+    #[test]
+    fn timestamp_lookup_finds_first_batch_at_or_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        for i in 0..100 {
+            log.append(&make_batch(1, i * 10, &[1u8; 50]), 0, 0).unwrap();
+        }
+        for target in [0, 5, 10, 455, 990] {
+            let plan = log.time_plan(target).unwrap();
+            let batch = plan.read_first_batch_at_time(target).unwrap().unwrap();
+            let h = BatchHeader::parse(&batch).unwrap();
+            assert_eq!(h.base_offset, (target + 9) / 10, "target {target}");
+        }
+        assert!(log.time_plan(991).is_none());
+    }
+}
