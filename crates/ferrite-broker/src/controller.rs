@@ -1,0 +1,191 @@
+//! The metadata controller on one node: validates admin changes into records, appends them
+//! durably to the metadata log, and publishes the new image. The same
+//! `MetadataImage::apply` runs here and at start-up replay.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use ferrite_metadata::{assign_replicas, BrokerSlot, MetadataImage, MetadataLog, MetadataLogError, MetadataRecord};
+use kafka_protocol::ResponseError;
+use uuid::Uuid;
+
+use crate::config::{apply_topic_config, limits, validate_topic_name, BrokerConfig};
+use crate::error::{config_error_code, placement_error_code};
+
+pub struct Controller {
+    log: tokio::sync::Mutex<MetadataLog>,
+    image: RwLock<Arc<MetadataImage>>,
+}
+
+/// An admin request's failure: Kafka error code and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminError {
+    pub code: i16,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn new(e: ResponseError, message: impl Into<String>) -> Self {
+        AdminError { code: e.code(), message: message.into() }
+    }
+}
+
+impl Controller {
+    pub fn open(data_dir: &Path) -> Result<Controller, MetadataLogError> {
+        let (log, entries) = MetadataLog::open(data_dir)?;
+        let mut image = MetadataImage::default();
+        for entry in &entries {
+            image.apply_all(entry);
+        }
+        tracing::info!(changes = entries.len(), topics = image.topics().count(), "metadata log replayed");
+        Ok(Controller { log: tokio::sync::Mutex::new(log), image: RwLock::new(Arc::new(image)) })
+    }
+
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the single-writer lock. Validation and commit happen under it, so two
+    /// concurrent CreateTopics for one name cannot both succeed.
+    pub async fn writer(&self) -> MetadataWriter<'_> {
+        MetadataWriter { guard: self.log.lock().await, image: &self.image }
+    }
+}
+
+pub struct MetadataWriter<'a> {
+    guard: tokio::sync::MutexGuard<'a, MetadataLog>,
+    image: &'a RwLock<Arc<MetadataImage>>,
+}
+
+impl MetadataWriter<'_> {
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Appends one change durably, then applies it. Returns the new image.
+    pub fn commit(&mut self, records: Vec<MetadataRecord>) -> Result<Arc<MetadataImage>, MetadataLogError> {
+        self.guard.append(&records)?;
+        let mut next = (*self.image()).clone();
+        next.apply_all(&records);
+        let next = Arc::new(next);
+        *self.image.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        Ok(next)
+    }
+}
+
+/// Validates topic configs; returns them normalised (trimmed, nulls dropped).
+pub fn validate_topic_configs(
+    config: &BrokerConfig,
+    configs: impl IntoIterator<Item = (String, Option<String>)>,
+) -> Result<BTreeMap<String, String>, AdminError> {
+    let mut probe = config.log_defaults.clone();
+    let mut out = BTreeMap::new();
+    for (key, value) in configs {
+        let Some(value) = value else {
+            return Err(AdminError::new(ResponseError::InvalidConfig, format!("null value for config `{key}`")));
+        };
+        apply_topic_config(&mut probe, &key, &value)
+            .map_err(|e| AdminError { code: config_error_code(&e), message: e.to_string() })?;
+        out.insert(key, value.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// The records that create a topic, after every check Kafka makes.
+pub fn create_topic_records(
+    config: &BrokerConfig,
+    image: &MetadataImage,
+    name: &str,
+    num_partitions: i32,
+    replication_factor: i16,
+    manual_assignment: Option<Vec<Vec<i32>>>,
+    configs: BTreeMap<String, String>,
+) -> Result<(Uuid, Vec<MetadataRecord>, i32, i16), AdminError> {
+    validate_topic_name(name).map_err(|m| AdminError::new(ResponseError::InvalidTopicException, m))?;
+    if image.topic(name).is_some() {
+        return Err(AdminError::new(ResponseError::TopicAlreadyExists, format!("topic `{name}` already exists")));
+    }
+    let brokers = [BrokerSlot { node_id: config.node_id, rack: config.rack.clone() }];
+    let assignment = match manual_assignment {
+        Some(a) => {
+            if num_partitions != -1 || replication_factor != -1 {
+                return Err(AdminError::new(
+                    ResponseError::InvalidRequest,
+                    "both replica assignments and partition count or replication factor were given",
+                ));
+            }
+            validate_manual_assignment(&a, &brokers, 0)?;
+            a
+        }
+        None => {
+            let partitions = if num_partitions == -1 { config.num_partitions } else { num_partitions };
+            let rf = if replication_factor == -1 { config.default_replication_factor } else { replication_factor };
+            if partitions < 1 {
+                return Err(AdminError::new(ResponseError::InvalidPartitions, "number of partitions must be at least 1"));
+            }
+            if partitions > limits::TOPIC_PARTITIONS_CREATED_MAX {
+                return Err(AdminError::new(
+                    ResponseError::InvalidPartitions,
+                    format!("at most {} partitions per request", limits::TOPIC_PARTITIONS_CREATED_MAX),
+                ));
+            }
+            if rf < 1 {
+                return Err(AdminError::new(ResponseError::InvalidReplicationFactor, "replication factor must be at least 1"));
+            }
+            // Kafka picks the start of the round-robin at random so that leaders of many
+            // topics spread over the brokers.
+            let start_index = rand::random::<u32>() as usize % brokers.len();
+            assign_replicas(&brokers, 0, partitions, i32::from(rf), start_index)
+                .map_err(|e| AdminError { code: placement_error_code(&e), message: e.to_string() })?
+        }
+    };
+    let topic_id = Uuid::new_v4();
+    let mut records = vec![MetadataRecord::Topic { name: name.to_string(), topic_id }];
+    let partitions = assignment.len() as i32;
+    let rf = assignment.first().map_or(0, Vec::len) as i16;
+    records.extend(partition_records(topic_id, 0, assignment));
+    records.extend(configs.into_iter().map(|(key, value)| MetadataRecord::TopicConfig { topic_id, key, value: Some(value) }));
+    Ok((topic_id, records, partitions, rf))
+}
+
+pub fn partition_records(topic_id: Uuid, first: i32, assignment: Vec<Vec<i32>>) -> Vec<MetadataRecord> {
+    assignment
+        .into_iter()
+        .enumerate()
+        .map(|(i, replicas)| MetadataRecord::Partition {
+            topic_id,
+            partition: first + i as i32,
+            leader: replicas.first().copied().unwrap_or(-1),
+            isr: replicas.clone(),
+            replicas,
+            leader_epoch: 0,
+            partition_epoch: 0,
+        })
+        .collect()
+}
+
+pub fn validate_manual_assignment(a: &[Vec<i32>], brokers: &[BrokerSlot], _first: i32) -> Result<(), AdminError> {
+    let bad = |m: String| AdminError::new(ResponseError::InvalidReplicaAssignment, m);
+    if a.is_empty() {
+        return Err(bad("empty replica assignment".into()));
+    }
+    if a.len() > limits::TOPIC_PARTITIONS_CREATED_MAX as usize {
+        return Err(AdminError::new(ResponseError::InvalidPartitions, "too many partitions in one request"));
+    }
+    let rf = a.first().map_or(0, Vec::len);
+    for replicas in a {
+        if replicas.is_empty() || replicas.len() != rf {
+            return Err(bad("every partition needs the same, non-zero number of replicas".into()));
+        }
+        for (i, b) in replicas.iter().enumerate() {
+            if !brokers.iter().any(|s| s.node_id == *b) {
+                return Err(bad(format!("broker {b} does not exist")));
+            }
+            if replicas.iter().skip(i + 1).any(|o| o == b) {
+                return Err(bad(format!("broker {b} appears twice in one partition's replicas")));
+            }
+        }
+    }
+    Ok(())
+}

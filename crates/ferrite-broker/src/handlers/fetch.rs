@@ -1,0 +1,154 @@
+//! Fetch: whole batches straight from the segment files, long-polled until `min_bytes`
+//! arrive or `max_wait_ms` passes. Woken by appends (watch channels), not by timers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::select_all;
+use kafka_protocol::messages::fetch_request::FetchPartition;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::ResponseError;
+use tokio::sync::watch;
+
+use super::topic_name;
+use crate::config::limits;
+use crate::error::storage_error_code;
+use crate::replica_manager::Partition;
+use crate::Broker;
+
+struct Wanted {
+    topic: TopicName,
+    topic_id: uuid::Uuid,
+    partitions: Vec<(FetchPartition, Option<Arc<Partition>>, i16)>,
+}
+
+pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+    let image = broker.controller.image();
+    // Resolve every requested partition once; v13+ names topics by id (KIP-516).
+    let mut wanted = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let (name, id, unknown_code) = if version >= 13 {
+            match image.topic_by_id(&t.topic_id) {
+                Some(ti) => (ti.name.clone(), t.topic_id, 0),
+                None => (String::new(), t.topic_id, ResponseError::UnknownTopicId.code()),
+            }
+        } else {
+            let name = t.topic.0.to_string();
+            let id = image.topic(&name).map(|ti| ti.topic_id).unwrap_or_default();
+            (name, id, 0)
+        };
+        let partitions = t
+            .partitions
+            .into_iter()
+            .map(|fp| {
+                let p = if unknown_code == 0 { broker.replicas.get(&name, fp.partition) } else { None };
+                let code = if unknown_code != 0 {
+                    unknown_code
+                } else if p.is_none() {
+                    ResponseError::UnknownTopicOrPartition.code()
+                } else {
+                    0
+                };
+                (fp, p, code)
+            })
+            .collect();
+        wanted.push(Wanted { topic: if version >= 13 { t.topic } else { topic_name(&name) }, topic_id: id, partitions });
+    }
+
+    let max_wait = Duration::from_millis(req.max_wait_ms.clamp(0, limits::FETCH_WAIT_MS_MAX) as u64);
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let min_bytes = usize::try_from(req.min_bytes.max(0)).unwrap_or(0);
+    let max_bytes = usize::try_from(req.max_bytes).ok().filter(|b| *b > 0).unwrap_or(usize::MAX);
+    loop {
+        // Subscribe before reading so that an append between the read and the wait wakes us.
+        let mut watchers: Vec<watch::Receiver<i64>> = wanted
+            .iter()
+            .flat_map(|w| w.partitions.iter().filter_map(|(_, p, _)| p.as_ref().map(|p| p.subscribe())))
+            .collect();
+        for w in &mut watchers {
+            w.borrow_and_update();
+        }
+        let (responses, bytes, errors) = read_all(&wanted, max_bytes, version);
+        let now = tokio::time::Instant::now();
+        if bytes >= min_bytes || errors || now >= deadline || watchers.is_empty() {
+            return FetchResponse::default().with_session_id(0).with_responses(responses);
+        }
+        let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let (responses, _, _) = read_all(&wanted, max_bytes, version);
+            return FetchResponse::default().with_session_id(0).with_responses(responses);
+        }
+    }
+}
+
+/// Reads every partition once. Returns the responses, the bytes of records in them, and
+/// whether any partition had an error (which ends the long poll, as in Kafka).
+fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16) -> (Vec<FetchableTopicResponse>, usize, bool) {
+    let mut remaining = max_bytes;
+    let mut total = 0usize;
+    let mut errors = false;
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let mut partitions = Vec::with_capacity(w.partitions.len());
+        for (fp, p, code) in &w.partitions {
+            let mut pd = PartitionData::default()
+                .with_partition_index(fp.partition)
+                .with_high_watermark(-1)
+                .with_last_stable_offset(-1)
+                .with_log_start_offset(-1)
+                .with_preferred_read_replica(BrokerId(-1))
+                .with_aborted_transactions(if version >= 4 { Some(Vec::new()) } else { None });
+            let Some(p) = p.as_ref().filter(|_| *code == 0) else {
+                errors = true;
+                partitions.push(pd.with_error_code(*code));
+                continue;
+            };
+            if let Some(code) = epoch_error(fp.current_leader_epoch, p.leader_epoch()) {
+                errors = true;
+                partitions.push(pd.with_error_code(code));
+                continue;
+            }
+            let (log_start, hw, plan) = p.read_plan(fp.fetch_offset);
+            pd = pd.with_high_watermark(hw).with_last_stable_offset(hw).with_log_start_offset(log_start);
+            let partition_max = usize::try_from(fp.partition_max_bytes).unwrap_or(0);
+            let limit = partition_max.min(remaining);
+            // KIP-74: the first batch of the response is returned even when larger than
+            // the limits, so that a consumer can always make progress.
+            let min_one = total == 0;
+            let read = plan.and_then(|plan| match plan {
+                Some(plan) if limit > 0 || min_one => plan.read(limit, min_one),
+                _ => Ok(Bytes::new()),
+            });
+            match read {
+                Ok(bytes) => {
+                    total += bytes.len();
+                    remaining = remaining.saturating_sub(bytes.len());
+                    pd = pd.with_records(Some(bytes));
+                }
+                Err(e) => {
+                    errors = true;
+                    if !matches!(e, ferrite_storage::StorageError::OffsetOutOfRange { .. }) {
+                        tracing::error!(topic = %p.topic, partition = p.index, error = %e, "fetch read failed");
+                    }
+                    pd = pd.with_error_code(storage_error_code(&e));
+                }
+            }
+            partitions.push(pd);
+        }
+        out.push(FetchableTopicResponse::default().with_topic(w.topic.clone()).with_topic_id(w.topic_id).with_partitions(partitions));
+    }
+    (out, total, errors)
+}
+
+/// KIP-320 leader epoch fencing: -1 means the client did not say.
+pub fn epoch_error(requested: i32, current: i32) -> Option<i16> {
+    if requested < 0 || requested == current {
+        None
+    } else if requested < current {
+        Some(ResponseError::FencedLeaderEpoch.code())
+    } else {
+        Some(ResponseError::UnknownLeaderEpoch.code())
+    }
+}

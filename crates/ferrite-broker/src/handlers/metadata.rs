@@ -1,0 +1,141 @@
+//! Metadata and DescribeCluster: what the image says, plus topic auto-creation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferrite_metadata::{MetadataImage, TopicImage};
+use kafka_protocol::messages::metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic};
+use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+use kafka_protocol::messages::{BrokerId, DescribeClusterRequest, DescribeClusterResponse, MetadataRequest, MetadataResponse};
+use kafka_protocol::ResponseError;
+
+use super::{str_bytes, topic_name};
+use crate::config::validate_topic_name;
+use crate::controller::create_topic_records;
+use crate::Broker;
+
+/// Kafka's "authorized operations not requested" sentinel.
+const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+
+pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) -> MetadataResponse {
+    let mut image = broker.controller.image();
+    // Before v4 there is no flag and auto-creation is always allowed (broker config permitting).
+    let allow_auto_create = version < 4 || req.allow_auto_topic_creation;
+    let mut topics = Vec::new();
+    match req.topics {
+        // v1+: null asks for every topic (v0 uses an empty list for that).
+        None => topics.extend(image.topics().map(|t| topic_response(t))),
+        Some(list) if list.is_empty() && version == 0 => topics.extend(image.topics().map(|t| topic_response(t))),
+        Some(list) => {
+            for requested in list {
+                let by_name = requested.name.as_ref().map(|n| n.0.to_string());
+                let found = match &by_name {
+                    Some(name) => image.topic(name).cloned(),
+                    // v10+: topics may be asked for by id (KIP-516).
+                    None => image.topic_by_id(&requested.topic_id).cloned(),
+                };
+                if let Some(t) = found {
+                    topics.push(topic_response(&t));
+                    continue;
+                }
+                let Some(name) = by_name else {
+                    topics.push(error_topic(None, requested.topic_id, ResponseError::UnknownTopicId.code()));
+                    continue;
+                };
+                if validate_topic_name(&name).is_err() {
+                    topics.push(error_topic(Some(&name), requested.topic_id, ResponseError::InvalidTopicException.code()));
+                    continue;
+                }
+                if allow_auto_create && broker.config.auto_create_topics_enable {
+                    match auto_create(broker, &name).await {
+                        Ok(next) => {
+                            image = next;
+                            if let Some(t) = image.topic(&name) {
+                                topics.push(topic_response(t));
+                                continue;
+                            }
+                        }
+                        Err(code) => {
+                            topics.push(error_topic(Some(&name), requested.topic_id, code));
+                            continue;
+                        }
+                    }
+                }
+                topics.push(error_topic(Some(&name), requested.topic_id, ResponseError::UnknownTopicOrPartition.code()));
+            }
+        }
+    }
+    let (host, port) = &broker.advertised;
+    MetadataResponse::default()
+        .with_brokers(vec![MetadataResponseBroker::default()
+            .with_node_id(BrokerId(broker.config.node_id))
+            .with_host(str_bytes(host.clone()))
+            .with_port(i32::from(*port))
+            .with_rack(broker.config.rack.clone().map(str_bytes))])
+        .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
+        .with_controller_id(BrokerId(broker.config.node_id))
+        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_topics(topics)
+}
+
+/// Creates a topic with the broker defaults, as Kafka does for a Metadata request of an
+/// unknown topic. A concurrent creation of the same topic is not an error.
+async fn auto_create(broker: &Arc<Broker>, name: &str) -> Result<Arc<MetadataImage>, i16> {
+    let mut writer = broker.controller.writer().await;
+    let image = writer.image();
+    if image.topic(name).is_some() {
+        return Ok(image);
+    }
+    let (_, records, _, _) = create_topic_records(&broker.config, &image, name, -1, -1, None, BTreeMap::new())
+        .map_err(|e| e.code)?;
+    let next = writer.commit(records).map_err(|e| {
+        tracing::error!(error = %e, "metadata commit failed");
+        ResponseError::KafkaStorageError.code()
+    })?;
+    broker.replicas.reconcile(&next, &broker.config, true).map_err(|e| crate::error::storage_error_code(&e))?;
+    tracing::info!(topic = name, "auto-created topic");
+    Ok(next)
+}
+
+fn error_topic(name: Option<&str>, topic_id: uuid::Uuid, code: i16) -> MetadataResponseTopic {
+    MetadataResponseTopic::default()
+        .with_error_code(code)
+        .with_name(name.map(topic_name))
+        .with_topic_id(topic_id)
+        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+}
+
+fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
+    MetadataResponseTopic::default()
+        .with_name(Some(topic_name(&t.name)))
+        .with_topic_id(t.topic_id)
+        .with_is_internal(false)
+        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_partitions(
+            t.partitions
+                .values()
+                .map(|p| {
+                    MetadataResponsePartition::default()
+                        .with_partition_index(p.partition)
+                        .with_leader_id(BrokerId(p.leader))
+                        .with_leader_epoch(p.leader_epoch)
+                        .with_replica_nodes(p.replicas.iter().copied().map(BrokerId).collect())
+                        .with_isr_nodes(p.isr.iter().copied().map(BrokerId).collect())
+                })
+                .collect(),
+        )
+}
+
+pub fn describe_cluster(broker: &Arc<Broker>, _req: DescribeClusterRequest) -> DescribeClusterResponse {
+    let (host, port) = &broker.advertised;
+    DescribeClusterResponse::default()
+        .with_cluster_id(str_bytes(broker.cluster_id.clone()))
+        .with_controller_id(BrokerId(broker.config.node_id))
+        .with_endpoint_type(1)
+        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_brokers(vec![DescribeClusterBroker::default()
+            .with_broker_id(BrokerId(broker.config.node_id))
+            .with_host(str_bytes(host.clone()))
+            .with_port(i32::from(*port))
+            .with_rack(broker.config.rack.clone().map(str_bytes))])
+}

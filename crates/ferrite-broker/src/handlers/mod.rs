@@ -1,0 +1,55 @@
+//! One module per Kafka API. Each handler takes the decoded request and its version and
+//! returns the response body; the version table in `ferrite_protocol::SUPPORTED_APIS`
+//! guarantees only supported versions arrive here.
+
+pub mod admin;
+pub mod configs;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+use std::sync::Arc;
+
+use ferrite_protocol::Request;
+use kafka_protocol::messages::{RequestKind, ResponseKind, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::Broker;
+
+/// Handles one request. `None` means no response is sent (Produce with acks=0).
+pub async fn handle(broker: &Arc<Broker>, request: Request) -> Option<ResponseKind> {
+    let version = request.version();
+    Some(match request.body {
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(ferrite_protocol::api_versions_body(0)),
+        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(broker, r, version).await),
+        RequestKind::DescribeCluster(r) => ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r)),
+        RequestKind::Produce(r) => return produce::handle(broker, r, version).map(ResponseKind::Produce),
+        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::handle(broker, r, version).await),
+        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets::handle(broker, r, version)),
+        RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(admin::create_topics(broker, r, version).await),
+        RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(admin::delete_topics(broker, r, version).await),
+        RequestKind::CreatePartitions(r) => ResponseKind::CreatePartitions(admin::create_partitions(broker, r).await),
+        RequestKind::DeleteRecords(r) => ResponseKind::DeleteRecords(admin::delete_records(broker, r)),
+        RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(configs::describe(broker, r, version)),
+        RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(configs::alter(broker, r).await),
+        RequestKind::IncrementalAlterConfigs(r) => {
+            ResponseKind::IncrementalAlterConfigs(configs::incremental_alter(broker, r).await)
+        }
+        other => {
+            // decode_request only lets SUPPORTED_APIS through, so this is a programming
+            // error in the version table; answer nothing and let the client time out
+            // rather than crash the broker.
+            tracing::error!(request = ?std::mem::discriminant(&other), "no handler for a supported API");
+            return None;
+        }
+    })
+}
+
+pub(crate) fn topic_name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+pub(crate) fn str_bytes(s: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(s.into())
+}

@@ -1,0 +1,183 @@
+//! The partitions this broker hosts: their logs, leader epochs and the watch channels that
+//! wake long-polling fetches. On one node every hosted partition is led here, its ISR is
+//! this broker alone and the high watermark is the log end offset; the replication work
+//! replaces `high_watermark` with the ISR-driven value without changing callers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use ferrite_metadata::MetadataImage;
+use ferrite_storage::{AppendInfo, LogConfig, PartitionLog, ReadPlan, StorageError};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::config::BrokerConfig;
+
+pub type TopicPartition = (Arc<str>, i32);
+
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub topic_id: Uuid,
+    pub index: i32,
+    log: Mutex<PartitionLog>,
+    leader_epoch: AtomicI32,
+    /// The high watermark, published after every append for long-polling fetches.
+    high_watermark_tx: watch::Sender<i64>,
+}
+
+impl Partition {
+    /// The log, even if a thread panicked while holding it: the log's own invariants are
+    /// checked by assertions, and a poisoned mutex must not take the broker down.
+    pub fn log(&self) -> MutexGuard<'_, PartitionLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn leader_epoch(&self) -> i32 {
+        self.leader_epoch.load(Ordering::Acquire)
+    }
+
+    pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, StorageError> {
+        let epoch = self.leader_epoch();
+        let (info, leo) = {
+            let mut log = self.log();
+            let info = log.append(records, epoch, now_ms)?;
+            (info, log.log_end_offset())
+        };
+        self.high_watermark_tx.send_replace(leo);
+        Ok(info)
+    }
+
+    pub fn high_watermark(&self) -> i64 {
+        *self.high_watermark_tx.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.high_watermark_tx.subscribe()
+    }
+
+    /// `(log_start_offset, high_watermark, read plan)` taken under one lock.
+    pub fn read_plan(&self, fetch_offset: i64) -> (i64, i64, Result<Option<ReadPlan>, StorageError>) {
+        let log = self.log();
+        let hw = log.log_end_offset();
+        (log.log_start_offset(), hw, log.read_plan(fetch_offset))
+    }
+}
+
+#[derive(Default)]
+pub struct ReplicaManager {
+    partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
+}
+
+impl ReplicaManager {
+    pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
+        let map = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&(Arc::from(topic), partition)).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Partition>> {
+        let map = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// Makes the hosted partitions match the image: opens logs for new partitions this
+    /// node leads, updates configs and epochs, deletes logs of removed topics.
+    pub fn reconcile(&self, image: &MetadataImage, config: &BrokerConfig, clean: bool) -> Result<(), StorageError> {
+        let mut wanted: HashMap<TopicPartition, (Uuid, i32, LogConfig)> = HashMap::new();
+        for topic in image.topics() {
+            let log_config = config.log_config(&topic.configs);
+            let name: Arc<str> = Arc::from(topic.name.as_str());
+            for p in topic.partitions.values() {
+                if p.replicas.contains(&config.node_id) {
+                    wanted.insert((name.clone(), p.partition), (topic.topic_id, p.leader_epoch, log_config.clone()));
+                }
+            }
+        }
+        let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<TopicPartition> = map.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for key in gone {
+            if let Some(p) = map.remove(&key) {
+                let dir = p.log().dir().to_path_buf();
+                tracing::info!(topic = %key.0, partition = key.1, "deleting partition log");
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot delete partition directory");
+                }
+            }
+        }
+        for (key, (topic_id, epoch, log_config)) in wanted {
+            match map.get(&key) {
+                Some(p) if p.topic_id == topic_id => {
+                    p.leader_epoch.store(epoch, Ordering::Release);
+                    let mut log = p.log();
+                    if *log.config() != log_config {
+                        log.set_config(log_config);
+                    }
+                }
+                existing => {
+                    let dir = partition_dir(&config.data_dir, &key.0, key.1);
+                    if existing.is_some() {
+                        // The topic was deleted and created again under the same name.
+                        if let Err(e) = std::fs::remove_dir_all(&dir) {
+                            tracing::error!(dir = %dir.display(), error = %e, "cannot delete old partition directory");
+                        }
+                    }
+                    let (log, report) = PartitionLog::open(&dir, log_config, clean)?;
+                    if report.truncated_bytes > 0 || report.recovered_segments > 0 {
+                        tracing::info!(topic = %key.0, partition = key.1, ?report, "recovered partition log");
+                    }
+                    let (tx, _) = watch::channel(log.log_end_offset());
+                    let partition = Partition {
+                        topic: key.0.clone(),
+                        topic_id,
+                        index: key.1,
+                        log: Mutex::new(log),
+                        leader_epoch: AtomicI32::new(epoch),
+                        high_watermark_tx: tx,
+                    };
+                    map.insert(key, Arc::new(partition));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown: flush every log and write its indexes.
+    pub fn close_all(&self) -> Result<(), StorageError> {
+        let mut first_err = None;
+        for p in self.all() {
+            if let Err(e) = p.log().close() {
+                tracing::error!(topic = %p.topic, partition = p.index, error = %e, "close failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Deletes partition directories that no topic in the image owns (a crash between a
+/// DeleteTopics commit and the directory removal leaves them behind).
+pub fn remove_orphan_dirs(data_dir: &Path, image: &MetadataImage) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some((topic, partition)) = name.rsplit_once('-') else { continue };
+        let Ok(partition) = partition.parse::<i32>() else { continue };
+        if crate::config::validate_topic_name(topic).is_err() {
+            continue;
+        }
+        let owned = image.topic(topic).is_some_and(|t| t.partitions.contains_key(&partition));
+        if !owned {
+            tracing::warn!(dir = %path.display(), "removing partition directory of a deleted topic");
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
+    data_dir.join(format!("{topic}-{partition}"))
+}
