@@ -177,7 +177,7 @@ impl PartitionLog {
         let first_base = segments.keys().next().copied().unwrap_or(0);
         log_start_offset = log_start_offset.clamp(first_base, log_end_offset);
         recovery_point = recovery_point.min(log_end_offset);
-        let mut log = PartitionLog {
+        let log = PartitionLog {
             dir: dir.to_path_buf(),
             config,
             segments,
