@@ -89,7 +89,7 @@ impl Default for BrokerConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown broker config `{0}`")]
+    #[error("unknown or unsupported config `{0}`")]
     UnknownKey(String),
     #[error("invalid value `{value}` for `{key}`: {reason}")]
     InvalidValue { key: String, value: String, reason: String },

@@ -138,7 +138,14 @@ async fn read_loop(
             correlation_id,
             client_id = request.header.client_id.as_deref().unwrap_or(""),
         );
-        let response = handlers::handle(broker, request).instrument(span).await;
+        let response = async {
+            tracing::trace!(request = ?request.body, "handling");
+            let response = handlers::handle(broker, request).await;
+            tracing::trace!(?response, "handled");
+            response
+        }
+        .instrument(span)
+        .await;
         if let Some(body) = response {
             let buf = ferrite_protocol::encode_response(api_key, version, correlation_id, &body)?;
             tx.send(buf).await.map_err(|_| ConnectionEnd::WriterGone)?;

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::murmur2::partition_for_key;
+use ferrite::murmur2::partition_for_key;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -202,6 +202,16 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
                 for r in client.alter_configs([&alter], &admin_options()).await? {
                     r.map_err(|(_, code)| anyhow!("cannot alter {name}: {code}"))?;
+                }
+                // The rdkafka crate drops per-resource AlterConfigs errors: read back.
+                let after = client.describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options()).await?;
+                for r in after {
+                    let entries = r.map_err(|e| anyhow!("describe configs: {e}"))?.entries;
+                    for (k, v) in &merged {
+                        if !entries.iter().any(|e| &e.name == k && e.value.as_deref() == Some(v.as_str())) {
+                            bail!("the broker rejected {k}={v} for {name} (see its log; unknown keys and invalid values are INVALID_CONFIG)");
+                        }
+                    }
                 }
             }
             println!("{}", if common.json { json!({"altered": name}).to_string() } else { format!("altered topic {name}") });

@@ -1,7 +1,7 @@
 //! `ferrite`: the broker (`ferrite server`) and Kafka client subcommands in one binary.
 
 mod client;
-mod murmur2;
+
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,3 @@
+//! Client-side helpers shared by the `ferrite` binary, its tests and benchmarks.
+
+pub mod murmur2;

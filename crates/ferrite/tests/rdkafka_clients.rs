@@ -1,0 +1,396 @@
+//! librdkafka (the `rdkafka` crate) against a real `ferrite server` process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{wait_for, Server, OP_TIMEOUT};
+use ferrite::murmur2::partition_for_key;
+use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+/// Counts deliveries and keeps the first error.
+#[derive(Default)]
+struct Counting {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+impl ClientContext for Counting {}
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err((e, _)) => {
+                self.first_error.lock().unwrap().get_or_insert(e.to_string());
+                self.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+fn consumer(server: &Server) -> BaseConsumer {
+    server
+        .config()
+        .set("group.id", "tests")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap()
+}
+
+fn assign_from(c: &BaseConsumer, topic: &str, partitions: i32, offset: Offset) {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, offset).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+}
+
+const BASE_TS: i64 = 1_700_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_keyed_messages_per_codec_round_trip() {
+    let server = Server::start(&[]);
+    const N: u64 = 100_000;
+    const PARTITIONS: i32 = 3;
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let topic = format!("codec-{codec}");
+        server.create_topic(&topic, PARTITIONS, &[]).await;
+        let producer: BaseProducer<Counting> = server
+            .config()
+            .set("compression.type", codec)
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("acks", "1")
+            .set("queue.buffering.max.messages", "200000")
+            .create_with_context(Counting::default())
+            .unwrap();
+        for i in 0..N {
+            let key = format!("key-{}", i % 997);
+            let value = format!("value-{i}");
+            let headers = OwnedHeaders::new().insert(Header { key: "seq", value: Some(&i.to_string()) });
+            let mut record = BaseRecord::to(&topic).key(&key).payload(&value).headers(headers).timestamp(BASE_TS + i as i64);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => panic!("send failed: {e}"),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+        let ctx = producer.context();
+        assert_eq!(ctx.failed.load(Ordering::Relaxed), 0, "{codec}: {:?}", ctx.first_error.lock().unwrap());
+        assert_eq!(ctx.delivered.load(Ordering::Relaxed), N);
+
+        let c = consumer(&server);
+        assign_from(&c, &topic, PARTITIONS, Offset::Beginning);
+        let mut next_offset: HashMap<i32, i64> = HashMap::new();
+        let mut last_seq: HashMap<i32, i64> = HashMap::new();
+        let mut seen = vec![false; N as usize];
+        let mut count = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while count < N {
+            assert!(Instant::now() < deadline, "{codec}: consumed only {count} of {N}");
+            let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+            let m = m.unwrap();
+            let p = m.partition();
+            // Offsets are dense from 0 in every partition.
+            let expected = next_offset.entry(p).or_insert(0);
+            assert_eq!(m.offset(), *expected, "{codec}: partition {p} offsets not contiguous");
+            *expected += 1;
+            let seq: i64 = std::str::from_utf8(m.headers().unwrap().get(0).value.unwrap()).unwrap().parse().unwrap();
+            assert_eq!(m.payload().unwrap(), format!("value-{seq}").as_bytes());
+            assert_eq!(m.timestamp().to_millis(), Some(BASE_TS + seq));
+            // Order within a partition is production order.
+            let last = last_seq.entry(p).or_insert(-1);
+            assert!(seq > *last, "{codec}: partition {p} out of order");
+            *last = seq;
+            // Keys land where the Java client's murmur2 partitioner says.
+            assert_eq!(p, partition_for_key(m.key().unwrap(), PARTITIONS), "{codec}: key on wrong partition");
+            assert!(!seen[seq as usize], "{codec}: duplicate {seq}");
+            seen[seq as usize] = true;
+            count += 1;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_offsets_by_timestamp_and_delete_records() {
+    let server = Server::start(&[]);
+    server.create_topic("ts", 1, &[]).await;
+    let producer: FutureProducer = server.config().set("linger.ms", "0").create().unwrap();
+    for i in 0..100i64 {
+        let v = format!("v{i}");
+        producer
+            .send(FutureRecord::<(), _>::to("ts").partition(0).payload(&v).timestamp(BASE_TS + i * 1000), OP_TIMEOUT)
+            .await
+            .unwrap();
+    }
+    let c = consumer(&server);
+    for (target, expected) in [(BASE_TS, 0), (BASE_TS + 50_500, 51), (BASE_TS + 99_000, 99)] {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("ts", 0, Offset::Offset(target)).unwrap();
+        let r = c.offsets_for_times(tpl, OP_TIMEOUT).unwrap();
+        assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::Offset(expected), "target {target}");
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("ts", 0, Offset::Offset(BASE_TS + 200_000)).unwrap();
+    let r = c.offsets_for_times(tpl, OP_TIMEOUT).unwrap();
+    assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::End);
+
+    let mut del = TopicPartitionList::new();
+    del.add_partition_offset("ts", 0, Offset::Offset(30)).unwrap();
+    let r = server.admin().delete_records(&del, &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT))).await.unwrap();
+    assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::Offset(30));
+    assert_eq!(c.fetch_watermarks("ts", 0, OP_TIMEOUT).unwrap(), (30, 100));
+    // Reading from the new start returns offset 30 first.
+    assign_from(&c, "ts", 1, Offset::Beginning);
+    let first = wait_for("first message after delete", OP_TIMEOUT, || c.poll(Duration::from_millis(200)).map(|m| m.unwrap().offset()));
+    assert_eq!(first, 30);
+    // Beyond the high watermark is OFFSET_OUT_OF_RANGE.
+    let mut del = TopicPartitionList::new();
+    del.add_partition_offset("ts", 0, Offset::Offset(1000)).unwrap();
+    let r = server.admin().delete_records(&del, &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT))).await.unwrap();
+    assert!(matches!(r.find_partition("ts", 0).unwrap().error(), Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetOutOfRange)) | Err(_)));
+}
+
+fn log_files(server: &Server, topic: &str, partition: i32) -> usize {
+    std::fs::read_dir(server.data_dir.join(format!("{topic}-{partition}")))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_configs_take_effect() {
+    let server = Server::start(&["log.retention.check.interval.ms=200"]);
+    server.create_topic("cfg", 1, &[("segment.bytes", "4096")]).await;
+    let producer: FutureProducer = server.config().set("linger.ms", "0").set("batch.num.messages", "1").create().unwrap();
+    let now = rdkafka::util::millis_to_epoch(std::time::SystemTime::now());
+    for i in 0..100i64 {
+        let v = vec![b'x'; 200];
+        producer.send(FutureRecord::<(), _>::to("cfg").payload(&v).timestamp(now - 60_000 + i), OP_TIMEOUT).await.unwrap();
+    }
+    assert!(log_files(&server, "cfg", 0) > 1, "segment.bytes=4096 rolls segments");
+
+    let admin = server.admin();
+    let opts = AdminOptions::new().operation_timeout(Some(OP_TIMEOUT));
+    let described = admin.describe_configs([&ResourceSpecifier::Topic("cfg")], &opts).await.unwrap();
+    let entries = described.into_iter().next().unwrap().unwrap().entries;
+    let seg = entries.iter().find(|e| e.name == "segment.bytes").unwrap();
+    assert_eq!(seg.value.as_deref(), Some("4096"));
+    assert_eq!(seg.source, rdkafka::admin::ConfigSource::DynamicTopic);
+
+    // An unknown key is INVALID_CONFIG and changes nothing. (The rdkafka crate drops
+    // AlterConfigs per-resource errors, so the effect is checked instead; the Python
+    // suite checks the error code itself.)
+    let bad = AlterConfig::new(ResourceSpecifier::Topic("cfg")).set("no.such.config", "1");
+    admin.alter_configs([&bad], &opts).await.unwrap();
+    let described = admin.describe_configs([&ResourceSpecifier::Topic("cfg")], &opts).await.unwrap();
+    let entries = described.into_iter().next().unwrap().unwrap().entries;
+    assert!(entries.iter().all(|e| e.name != "no.such.config"));
+    assert_eq!(entries.iter().find(|e| e.name == "segment.bytes").unwrap().value.as_deref(), Some("4096"));
+
+    // A small retention.ms deletes the old segments (records are a minute old).
+    let alter = AlterConfig::new(ResourceSpecifier::Topic("cfg")).set("segment.bytes", "4096").set("retention.ms", "1000");
+    for r in admin.alter_configs([&alter], &opts).await.unwrap() {
+        r.unwrap();
+    }
+    let c = consumer(&server);
+    let low = wait_for("retention to advance the log start offset", Duration::from_secs(20), || {
+        let (low, high) = c.fetch_watermarks("cfg", 0, OP_TIMEOUT).unwrap();
+        assert_eq!(high, 100);
+        (low > 0).then_some(low)
+    });
+    assert!(low <= 100);
+
+    // CreatePartitions grows the topic; shrinking is INVALID_PARTITIONS.
+    let r = admin.create_partitions([&NewPartitions::new("cfg", 3)], &opts).await.unwrap();
+    r.into_iter().for_each(|x| { x.unwrap(); });
+    let r = admin.create_partitions([&NewPartitions::new("cfg", 2)], &opts).await.unwrap();
+    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidPartitions))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_errors_are_kafka_errors() {
+    let server = Server::start(&["auto.create.topics.enable=false"]);
+    let admin = server.admin();
+    let opts = AdminOptions::new().operation_timeout(Some(OP_TIMEOUT));
+    let cases = [
+        (NewTopic::new("bad name!", 1, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidTopic),
+        (NewTopic::new("..", 1, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidTopic),
+        (NewTopic::new("rf3", 1, TopicReplication::Fixed(3)), RDKafkaErrorCode::InvalidReplicationFactor),
+        (NewTopic::new("zero", 0, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidPartitions),
+        (NewTopic::new("compacted", 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact"), RDKafkaErrorCode::InvalidConfig),
+    ];
+    for (topic, code) in cases {
+        let r = admin.create_topics([&topic], &opts).await.unwrap();
+        assert!(matches!(&r[0], Err((_, c)) if *c == code), "{r:?}, wanted {code:?}");
+    }
+    let long = "a".repeat(250);
+    let r = admin.create_topics([&NewTopic::new(&long, 1, TopicReplication::Fixed(1))], &opts).await.unwrap();
+    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidTopic))), "{r:?}");
+    server.create_topic("exists", 1, &[]).await;
+    let r = admin.create_topics([&NewTopic::new("exists", 1, TopicReplication::Fixed(1))], &opts).await.unwrap();
+    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::TopicAlreadyExists))), "{r:?}");
+
+    // Produce to an unknown topic with auto-creation off.
+    let producer: FutureProducer =
+        server.config().set("message.timeout.ms", "10000").set("topic.metadata.propagation.max.ms", "500").create().unwrap();
+    let err = producer.send(FutureRecord::<(), _>::to("nope").payload("x"), OP_TIMEOUT).await.unwrap_err().0;
+    assert!(
+        matches!(err, KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)),
+        "{err:?}"
+    );
+    // A batch over max.message.bytes is MESSAGE_TOO_LARGE from the broker.
+    server.create_topic("small", 1, &[("max.message.bytes", "1000")]).await;
+    let producer: FutureProducer = server.config().set("message.timeout.ms", "5000").create().unwrap();
+    let big = vec![b'x'; 5000];
+    let err = producer.send(FutureRecord::<(), _>::to("small").payload(&big), OP_TIMEOUT).await.unwrap_err().0;
+    assert!(matches!(err, KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)), "{err:?}");
+
+    // Deleted topics disappear from metadata.
+    let r = admin.delete_topics(&["exists"], &opts).await.unwrap();
+    r.into_iter().for_each(|x| { x.unwrap(); });
+    let c = consumer(&server);
+    let md = c.fetch_metadata(None, OP_TIMEOUT).unwrap();
+    assert!(md.topics().iter().all(|t| t.name() != "exists"));
+    assert!(!server.data_dir.join("exists-0").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_every_acknowledged_message() {
+    let mut server = Server::start(&[]);
+    server.create_topic("crash", 2, &[]).await;
+    let acked: Arc<Mutex<Vec<(i32, i64, String)>>> = Arc::default();
+    let producer: FutureProducer = server
+        .config()
+        .set("acks", "1")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "5000")
+        .set("enable.idempotence", "false")
+        .create()
+        .unwrap();
+    let task = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            for i in 0..1_000_000u64 {
+                let v = format!("m{i}");
+                let k = format!("k{}", i % 10);
+                match producer.send(FutureRecord::to("crash").key(&k).payload(&v), Duration::from_secs(5)).await {
+                    Ok(d) => acked.lock().unwrap().push((d.partition, d.offset, v)),
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    wait_for("some acknowledged messages", Duration::from_secs(30), || (acked.lock().unwrap().len() > 2000).then_some(()));
+    server.kill9();
+    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    server.restart();
+
+    let c = consumer(&server);
+    let ends: Vec<i64> = (0..2).map(|p| c.fetch_watermarks("crash", p, OP_TIMEOUT).unwrap().1).collect();
+    assign_from(&c, "crash", 2, Offset::Beginning);
+    let mut stored: HashMap<(i32, i64), String> = HashMap::new();
+    let total: i64 = ends.iter().sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (stored.len() as i64) < total {
+        assert!(Instant::now() < deadline, "read {} of {total}", stored.len());
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            stored.insert((m.partition(), m.offset()), String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+        }
+    }
+    for (p, o, v) in &acked {
+        assert_eq!(stored.get(&(*p, *o)), Some(v), "acknowledged {v} at {p}/{o} lost");
+    }
+    // The log accepts appends right after the recovered tail.
+    let producer: FutureProducer = server.config().create().unwrap();
+    let d = producer.send(FutureRecord::<(), _>::to("crash").partition(0).payload("after"), OP_TIMEOUT).await.unwrap();
+    assert_eq!(d.offset, ends[0]);
+
+    // A graceful restart keeps everything too.
+    server.stop();
+    server.restart();
+    let c = consumer(&server);
+    assert_eq!(c.fetch_watermarks("crash", 0, OP_TIMEOUT).unwrap().1, ends[0] + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_wire_does_not_hurt_the_broker() {
+    let server = Server::start(&["socket.request.max.bytes=1048576"]);
+    server.create_topic("survivor", 1, &[]).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xfe77);
+    let send = |bytes: &[u8]| -> Vec<u8> {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    };
+    // Random bytes, framed and unframed.
+    for _ in 0..50 {
+        let len = rng.gen_range(0..512);
+        let body: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        let mut framed = (body.len() as i32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        send(&framed);
+        send(&body);
+    }
+    // Oversized and negative length prefixes, a truncated frame, an unknown API key.
+    assert!(send(&i32::MAX.to_be_bytes()).is_empty());
+    assert!(send(&(2 * 1024 * 1024i32).to_be_bytes()).is_empty());
+    assert!(send(&(-5i32).to_be_bytes()).is_empty());
+    let mut truncated = 100i32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[0, 18, 0, 3]);
+    {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.write_all(&truncated).unwrap();
+    }
+    let mut unknown = 10i32.to_be_bytes().to_vec();
+    unknown.extend_from_slice(&[0x27, 0x0f, 0, 0, 0, 0, 0, 7, 0, 0]);
+    assert!(send(&unknown).is_empty());
+    // ApiVersions v99: answered (KIP-511) with UNSUPPORTED_VERSION and our versions.
+    let mut av = vec![0, 18, 0, 99, 0, 0, 0, 42, 0, 0, 0];
+    let mut framed = (av.len() as i32).to_be_bytes().to_vec();
+    framed.append(&mut av);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&framed).unwrap();
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head[4..8], &42i32.to_be_bytes());
+    assert_eq!(&head[8..10], &35i16.to_be_bytes());
+    // A client that connects and says nothing does not block others.
+    let _silent = TcpStream::connect(&server.addr).unwrap();
+
+    let producer: FutureProducer = server.config().create().unwrap();
+    let d = producer.send(FutureRecord::<(), _>::to("survivor").payload("alive"), OP_TIMEOUT).await.unwrap();
+    assert_eq!(d.offset, 0);
+    let c = consumer(&server);
+    assign_from(&c, "survivor", 1, Offset::Beginning);
+    let m = wait_for("message after garbage", OP_TIMEOUT, || c.poll(Duration::from_millis(200)).map(|m| m.unwrap().payload().unwrap().to_vec()));
+    assert_eq!(m, b"alive");
+}
