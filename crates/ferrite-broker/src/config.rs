@@ -92,18 +92,29 @@ pub enum ConfigError {
     #[error("unknown or unsupported config `{0}`")]
     UnknownKey(String),
     #[error("invalid value `{value}` for `{key}`: {reason}")]
-    InvalidValue { key: String, value: String, reason: String },
+    InvalidValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
 }
 
 fn invalid(key: &str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::InvalidValue { key: key.into(), value: value.into(), reason: reason.into() }
+    ConfigError::InvalidValue {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
-fn parse_num<T: std::str::FromStr>(key: &str, value: &str, min: T) -> Result<T, ConfigError>
+fn parse_num<T>(key: &str, value: &str, min: T) -> Result<T, ConfigError>
 where
-    T: PartialOrd + std::fmt::Display + Copy,
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
-    let v: T = value.trim().parse().map_err(|_| invalid(key, value, "not a number"))?;
+    let v: T = value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, value, "not a number"))?;
     if v < min {
         return Err(invalid(key, value, &format!("must be at least {min}")));
     }
@@ -120,12 +131,30 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
 
 /// Broker config keys accepted by `--set` and the TOML file, besides the flags.
 pub const BROKER_KEYS: &[&str] = &[
-    "node.id", "broker.rack", "listeners", "advertised.listeners", "log.dirs", "log.dir",
-    "auto.create.topics.enable", "num.partitions", "default.replication.factor",
-    "socket.request.max.bytes", "log.retention.check.interval.ms", "connections.max.idle.ms",
-    "log.segment.bytes", "log.roll.ms", "log.roll.hours", "log.retention.ms", "log.retention.minutes",
-    "log.retention.hours", "log.retention.bytes", "message.max.bytes", "log.flush.interval.messages",
-    "log.flush.interval.ms", "log.index.interval.bytes", "log.message.timestamp.type",
+    "node.id",
+    "broker.rack",
+    "listeners",
+    "advertised.listeners",
+    "log.dirs",
+    "log.dir",
+    "auto.create.topics.enable",
+    "num.partitions",
+    "default.replication.factor",
+    "socket.request.max.bytes",
+    "log.retention.check.interval.ms",
+    "connections.max.idle.ms",
+    "log.segment.bytes",
+    "log.roll.ms",
+    "log.roll.hours",
+    "log.retention.ms",
+    "log.retention.minutes",
+    "log.retention.hours",
+    "log.retention.bytes",
+    "message.max.bytes",
+    "log.flush.interval.messages",
+    "log.flush.interval.ms",
+    "log.index.interval.bytes",
+    "log.message.timestamp.type",
 ];
 
 impl BrokerConfig {
@@ -137,39 +166,60 @@ impl BrokerConfig {
             "broker.rack" => self.rack = Some(value.to_string()).filter(|r| !r.is_empty()),
             "listeners" => {
                 let addr = value.rsplit("://").next().unwrap_or(value);
-                self.listen = addr.parse().map_err(|_| invalid(key, value, "expected HOST:PORT"))?;
+                self.listen = addr
+                    .parse()
+                    .map_err(|_| invalid(key, value, "expected HOST:PORT"))?;
             }
             "advertised.listeners" => {
                 let addr = value.rsplit("://").next().unwrap_or(value);
-                self.advertised_listener = Some(parse_host_port(addr).ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?);
+                self.advertised_listener = Some(
+                    parse_host_port(addr)
+                        .ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?,
+                );
             }
             "log.dirs" | "log.dir" => self.data_dir = PathBuf::from(value),
             "auto.create.topics.enable" => self.auto_create_topics_enable = parse_bool(key, value)?,
             "num.partitions" => self.num_partitions = parse_num(key, value, 1)?,
-            "default.replication.factor" => self.default_replication_factor = parse_num(key, value, 1)?,
+            "default.replication.factor" => {
+                self.default_replication_factor = parse_num(key, value, 1)?
+            }
             "socket.request.max.bytes" => {
                 let v: usize = parse_num(key, value, 64)?;
                 if v > limits::REQUEST_BYTES_IN_FLIGHT_MAX {
-                    return Err(invalid(key, value, "larger than the broker's request memory budget (512 MiB)"));
+                    return Err(invalid(
+                        key,
+                        value,
+                        "larger than the broker's request memory budget (512 MiB)",
+                    ));
                 }
                 self.request_bytes_max = v;
             }
-            "log.retention.check.interval.ms" => self.retention_check_interval_ms = parse_num(key, value, 1)?,
+            "log.retention.check.interval.ms" => {
+                self.retention_check_interval_ms = parse_num(key, value, 1)?
+            }
             "connections.max.idle.ms" => self.connections_max_idle_ms = parse_num(key, value, 1)?,
-            "log.segment.bytes" => d.segment_bytes = parse_num::<i64>(key, value, limits::SEGMENT_BYTES_MIN)? as u64,
+            "log.segment.bytes" => {
+                d.segment_bytes = parse_num::<i64>(key, value, limits::SEGMENT_BYTES_MIN)? as u64
+            }
             "log.roll.ms" => d.segment_ms = parse_num(key, value, 1)?,
-            "log.roll.hours" => d.segment_ms = parse_num::<i64>(key, value, 1)?.saturating_mul(3_600_000),
+            "log.roll.hours" => {
+                d.segment_ms = parse_num::<i64>(key, value, 1)?.saturating_mul(3_600_000)
+            }
             "log.retention.ms" => d.retention_ms = parse_num(key, value, -1)?,
-            "log.retention.minutes" => d.retention_ms = parse_num::<i64>(key, value, -1)?.saturating_mul(60_000),
-            "log.retention.hours" => d.retention_ms = parse_num::<i64>(key, value, -1)?.saturating_mul(3_600_000),
+            "log.retention.minutes" => {
+                d.retention_ms = parse_num::<i64>(key, value, -1)?.saturating_mul(60_000)
+            }
+            "log.retention.hours" => {
+                d.retention_ms = parse_num::<i64>(key, value, -1)?.saturating_mul(3_600_000)
+            }
             "log.retention.bytes" => d.retention_bytes = parse_num(key, value, -1)?,
             "message.max.bytes" => d.max_message_bytes = parse_num(key, value, 0)?,
             "log.flush.interval.messages" => d.flush_messages = parse_num(key, value, 1)?,
             "log.flush.interval.ms" => d.flush_ms = parse_num(key, value, 0)?,
             "log.index.interval.bytes" => d.index_interval_bytes = parse_num(key, value, 0)?,
             "log.message.timestamp.type" => {
-                self.message_timestamp_type =
-                    TimestampType::parse(value).ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?;
+                self.message_timestamp_type = TimestampType::parse(value)
+                    .ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?;
                 d.log_append_time = self.message_timestamp_type == TimestampType::LogAppendTime;
             }
             _ => return Err(ConfigError::UnknownKey(key.to_string())),
@@ -179,7 +229,9 @@ impl BrokerConfig {
 
     /// The host and port put in Metadata responses.
     pub fn advertised(&self, bound: SocketAddr) -> (String, u16) {
-        self.advertised_listener.clone().unwrap_or_else(|| (bound.ip().to_string(), bound.port()))
+        self.advertised_listener
+            .clone()
+            .unwrap_or_else(|| (bound.ip().to_string(), bound.port()))
     }
 
     /// The log settings of a topic: its overrides over the broker defaults. The overrides
@@ -205,8 +257,20 @@ impl BrokerConfig {
             "max.message.bytes" => d.max_message_bytes.to_string(),
             "cleanup.policy" => "delete".to_string(),
             "message.timestamp.type" => self.message_timestamp_type.as_str().to_string(),
-            "flush.messages" => if d.flush_messages == u64::MAX { i64::MAX.to_string() } else { d.flush_messages.to_string() },
-            "flush.ms" => if d.flush_ms < 0 { i64::MAX.to_string() } else { d.flush_ms.to_string() },
+            "flush.messages" => {
+                if d.flush_messages == u64::MAX {
+                    i64::MAX.to_string()
+                } else {
+                    d.flush_messages.to_string()
+                }
+            }
+            "flush.ms" => {
+                if d.flush_ms < 0 {
+                    i64::MAX.to_string()
+                } else {
+                    d.flush_ms.to_string()
+                }
+            }
             _ => return None,
         })
     }
@@ -239,12 +303,18 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
     match key {
         "retention.ms" => c.retention_ms = parse_num(key, value, -1)?,
         "retention.bytes" => c.retention_bytes = parse_num(key, value, -1)?,
-        "segment.bytes" => c.segment_bytes = parse_num::<i32>(key, value, limits::SEGMENT_BYTES_MIN as i32)? as u64,
+        "segment.bytes" => {
+            c.segment_bytes = parse_num::<i32>(key, value, limits::SEGMENT_BYTES_MIN as i32)? as u64
+        }
         "segment.ms" => c.segment_ms = parse_num(key, value, 1)?,
         "max.message.bytes" => c.max_message_bytes = parse_num::<i32>(key, value, 0)? as usize,
         "cleanup.policy" => {
             if value.trim() != "delete" {
-                return Err(invalid(key, value, "only cleanup.policy=delete is supported; compaction is not implemented yet"));
+                return Err(invalid(
+                    key,
+                    value,
+                    "only cleanup.policy=delete is supported; compaction is not implemented yet",
+                ));
             }
         }
         "message.timestamp.type" => {
@@ -271,10 +341,18 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         return Err(format!("topic name cannot be `{name}`"));
     }
     if name.len() > limits::TOPIC_NAME_BYTES_MAX {
-        return Err(format!("topic name is longer than {} characters", limits::TOPIC_NAME_BYTES_MAX));
+        return Err(format!(
+            "topic name is longer than {} characters",
+            limits::TOPIC_NAME_BYTES_MAX
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("topic name contains `{c}`; only [a-zA-Z0-9._-] are allowed"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name contains `{c}`; only [a-zA-Z0-9._-] are allowed"
+        ));
     }
     Ok(())
 }
@@ -300,7 +378,10 @@ mod tests {
         c.set("log.retention.hours", "1").unwrap();
         assert_eq!(c.num_partitions, 3);
         assert_eq!(c.log_defaults.retention_ms, 3_600_000);
-        assert!(matches!(c.set("nope", "1"), Err(ConfigError::UnknownKey(_))));
+        assert!(matches!(
+            c.set("nope", "1"),
+            Err(ConfigError::UnknownKey(_))
+        ));
         assert!(c.set("num.partitions", "zero").is_err());
         let mut o = BTreeMap::new();
         o.insert("segment.bytes".to_string(), "4096".to_string());

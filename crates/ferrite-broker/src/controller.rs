@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use ferrite_metadata::{assign_replicas, BrokerSlot, MetadataImage, MetadataLog, MetadataLogError, MetadataRecord};
+use ferrite_metadata::{
+    assign_replicas, BrokerSlot, MetadataImage, MetadataLog, MetadataLogError, MetadataRecord,
+};
 use kafka_protocol::ResponseError;
 use uuid::Uuid;
 
@@ -27,7 +29,10 @@ pub struct AdminError {
 
 impl AdminError {
     pub fn new(e: ResponseError, message: impl Into<String>) -> Self {
-        AdminError { code: e.code(), message: message.into() }
+        AdminError {
+            code: e.code(),
+            message: message.into(),
+        }
     }
 }
 
@@ -38,8 +43,15 @@ impl Controller {
         for entry in &entries {
             image.apply_all(entry);
         }
-        tracing::info!(changes = entries.len(), topics = image.topics().count(), "metadata log replayed");
-        Ok(Controller { log: tokio::sync::Mutex::new(log), image: RwLock::new(Arc::new(image)) })
+        tracing::info!(
+            changes = entries.len(),
+            topics = image.topics().count(),
+            "metadata log replayed"
+        );
+        Ok(Controller {
+            log: tokio::sync::Mutex::new(log),
+            image: RwLock::new(Arc::new(image)),
+        })
     }
 
     pub fn image(&self) -> Arc<MetadataImage> {
@@ -49,7 +61,10 @@ impl Controller {
     /// Takes the single-writer lock. Validation and commit happen under it, so two
     /// concurrent CreateTopics for one name cannot both succeed.
     pub async fn writer(&self) -> MetadataWriter<'_> {
-        MetadataWriter { guard: self.log.lock().await, image: &self.image }
+        MetadataWriter {
+            guard: self.log.lock().await,
+            image: &self.image,
+        }
     }
 }
 
@@ -64,7 +79,10 @@ impl MetadataWriter<'_> {
     }
 
     /// Appends one change durably, then applies it. Returns the new image.
-    pub fn commit(&mut self, records: Vec<MetadataRecord>) -> Result<Arc<MetadataImage>, MetadataLogError> {
+    pub fn commit(
+        &mut self,
+        records: Vec<MetadataRecord>,
+    ) -> Result<Arc<MetadataImage>, MetadataLogError> {
         self.guard.append(&records)?;
         let mut next = (*self.image()).clone();
         next.apply_all(&records);
@@ -83,10 +101,15 @@ pub fn validate_topic_configs(
     let mut out = BTreeMap::new();
     for (key, value) in configs {
         let Some(value) = value else {
-            return Err(AdminError::new(ResponseError::InvalidConfig, format!("null value for config `{key}`")));
+            return Err(AdminError::new(
+                ResponseError::InvalidConfig,
+                format!("null value for config `{key}`"),
+            ));
         };
-        apply_topic_config(&mut probe, &key, &value)
-            .map_err(|e| AdminError { code: config_error_code(&e), message: e.to_string() })?;
+        apply_topic_config(&mut probe, &key, &value).map_err(|e| AdminError {
+            code: config_error_code(&e),
+            message: e.to_string(),
+        })?;
         out.insert(key, value.trim().to_string());
     }
     Ok(out)
@@ -102,11 +125,18 @@ pub fn create_topic_records(
     manual_assignment: Option<Vec<Vec<i32>>>,
     configs: BTreeMap<String, String>,
 ) -> Result<(Uuid, Vec<MetadataRecord>, i32, i16), AdminError> {
-    validate_topic_name(name).map_err(|m| AdminError::new(ResponseError::InvalidTopicException, m))?;
+    validate_topic_name(name)
+        .map_err(|m| AdminError::new(ResponseError::InvalidTopicException, m))?;
     if image.topic(name).is_some() {
-        return Err(AdminError::new(ResponseError::TopicAlreadyExists, format!("topic `{name}` already exists")));
+        return Err(AdminError::new(
+            ResponseError::TopicAlreadyExists,
+            format!("topic `{name}` already exists"),
+        ));
     }
-    let brokers = [BrokerSlot { node_id: config.node_id, rack: config.rack.clone() }];
+    let brokers = [BrokerSlot {
+        node_id: config.node_id,
+        rack: config.rack.clone(),
+    }];
     let assignment = match manual_assignment {
         Some(a) => {
             if num_partitions != -1 || replication_factor != -1 {
@@ -119,37 +149,73 @@ pub fn create_topic_records(
             a
         }
         None => {
-            let partitions = if num_partitions == -1 { config.num_partitions } else { num_partitions };
-            let rf = if replication_factor == -1 { config.default_replication_factor } else { replication_factor };
+            let partitions = if num_partitions == -1 {
+                config.num_partitions
+            } else {
+                num_partitions
+            };
+            let rf = if replication_factor == -1 {
+                config.default_replication_factor
+            } else {
+                replication_factor
+            };
             if partitions < 1 {
-                return Err(AdminError::new(ResponseError::InvalidPartitions, "number of partitions must be at least 1"));
+                return Err(AdminError::new(
+                    ResponseError::InvalidPartitions,
+                    "number of partitions must be at least 1",
+                ));
             }
             if partitions > limits::TOPIC_PARTITIONS_CREATED_MAX {
                 return Err(AdminError::new(
                     ResponseError::InvalidPartitions,
-                    format!("at most {} partitions per request", limits::TOPIC_PARTITIONS_CREATED_MAX),
+                    format!(
+                        "at most {} partitions per request",
+                        limits::TOPIC_PARTITIONS_CREATED_MAX
+                    ),
                 ));
             }
             if rf < 1 {
-                return Err(AdminError::new(ResponseError::InvalidReplicationFactor, "replication factor must be at least 1"));
+                return Err(AdminError::new(
+                    ResponseError::InvalidReplicationFactor,
+                    "replication factor must be at least 1",
+                ));
             }
             // Kafka picks the start of the round-robin at random so that leaders of many
             // topics spread over the brokers.
             let start_index = rand::random::<u32>() as usize % brokers.len();
-            assign_replicas(&brokers, 0, partitions, i32::from(rf), start_index)
-                .map_err(|e| AdminError { code: placement_error_code(&e), message: e.to_string() })?
+            assign_replicas(&brokers, 0, partitions, i32::from(rf), start_index).map_err(|e| {
+                AdminError {
+                    code: placement_error_code(&e),
+                    message: e.to_string(),
+                }
+            })?
         }
     };
     let topic_id = Uuid::new_v4();
-    let mut records = vec![MetadataRecord::Topic { name: name.to_string(), topic_id }];
+    let mut records = vec![MetadataRecord::Topic {
+        name: name.to_string(),
+        topic_id,
+    }];
     let partitions = assignment.len() as i32;
     let rf = assignment.first().map_or(0, Vec::len) as i16;
     records.extend(partition_records(topic_id, 0, assignment));
-    records.extend(configs.into_iter().map(|(key, value)| MetadataRecord::TopicConfig { topic_id, key, value: Some(value) }));
+    records.extend(
+        configs
+            .into_iter()
+            .map(|(key, value)| MetadataRecord::TopicConfig {
+                topic_id,
+                key,
+                value: Some(value),
+            }),
+    );
     Ok((topic_id, records, partitions, rf))
 }
 
-pub fn partition_records(topic_id: Uuid, first: i32, assignment: Vec<Vec<i32>>) -> Vec<MetadataRecord> {
+pub fn partition_records(
+    topic_id: Uuid,
+    first: i32,
+    assignment: Vec<Vec<i32>>,
+) -> Vec<MetadataRecord> {
     assignment
         .into_iter()
         .enumerate()
@@ -165,25 +231,36 @@ pub fn partition_records(topic_id: Uuid, first: i32, assignment: Vec<Vec<i32>>) 
         .collect()
 }
 
-pub fn validate_manual_assignment(a: &[Vec<i32>], brokers: &[BrokerSlot], _first: i32) -> Result<(), AdminError> {
+pub fn validate_manual_assignment(
+    a: &[Vec<i32>],
+    brokers: &[BrokerSlot],
+    _first: i32,
+) -> Result<(), AdminError> {
     let bad = |m: String| AdminError::new(ResponseError::InvalidReplicaAssignment, m);
     if a.is_empty() {
         return Err(bad("empty replica assignment".into()));
     }
     if a.len() > limits::TOPIC_PARTITIONS_CREATED_MAX as usize {
-        return Err(AdminError::new(ResponseError::InvalidPartitions, "too many partitions in one request"));
+        return Err(AdminError::new(
+            ResponseError::InvalidPartitions,
+            "too many partitions in one request",
+        ));
     }
     let rf = a.first().map_or(0, Vec::len);
     for replicas in a {
         if replicas.is_empty() || replicas.len() != rf {
-            return Err(bad("every partition needs the same, non-zero number of replicas".into()));
+            return Err(bad(
+                "every partition needs the same, non-zero number of replicas".into(),
+            ));
         }
         for (i, b) in replicas.iter().enumerate() {
             if !brokers.iter().any(|s| s.node_id == *b) {
                 return Err(bad(format!("broker {b} does not exist")));
             }
             if replicas.iter().skip(i + 1).any(|o| o == b) {
-                return Err(bad(format!("broker {b} appears twice in one partition's replicas")));
+                return Err(bad(format!(
+                    "broker {b} appears twice in one partition's replicas"
+                )));
             }
         }
     }

@@ -14,16 +14,18 @@ pub fn storage_error_code(e: &StorageError) -> i16 {
         StorageError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
         // The disk is full or failing: Kafka answers KAFKA_STORAGE_ERROR so the client
         // retries (elsewhere, once replication exists) instead of treating it as fatal.
-        StorageError::Io { .. } | StorageError::Corruption { .. } | StorageError::LogOffline(_) | StorageError::InvalidFileName(_) => {
-            ResponseError::KafkaStorageError
-        }
+        StorageError::Io { .. }
+        | StorageError::Corruption { .. }
+        | StorageError::LogOffline(_)
+        | StorageError::InvalidFileName(_) => ResponseError::KafkaStorageError,
     };
     code.code()
 }
 
 pub fn placement_error_code(e: &PlacementError) -> i16 {
     match e {
-        PlacementError::ReplicationFactorTooLarge { .. } | PlacementError::ReplicationFactorTooSmall(_) => {
+        PlacementError::ReplicationFactorTooLarge { .. }
+        | PlacementError::ReplicationFactorTooSmall(_) => {
             ResponseError::InvalidReplicationFactor.code()
         }
         PlacementError::NoPartitions(_) => ResponseError::InvalidPartitions.code(),

@@ -27,11 +27,17 @@ const META_PROPERTIES_FILE: &str = "meta.properties";
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data directory {path} is not usable: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("data directory {0} is in use by another ferrite process")]
     DataDirLocked(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("metadata log: {0}")]
     Metadata(#[from] ferrite_metadata::MetadataLogError),
     #[error("storage: {0}")]
@@ -51,7 +57,10 @@ pub struct Broker {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A bound, ready broker: call [`Running::serve`] to accept connections.
@@ -66,12 +75,17 @@ impl Broker {
     /// listener. Every failure is one clear error, not a panic.
     pub async fn start(config: BrokerConfig) -> Result<Running, StartError> {
         let dir = config.data_dir.clone();
-        let dir_err = |source| StartError::DataDir { path: dir.clone(), source };
+        let dir_err = |source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        };
         std::fs::create_dir_all(&dir).map_err(dir_err)?;
         let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StartError::DataDirLocked(dir.clone())),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError::DataDirLocked(dir.clone()))
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
         let cluster_id = read_or_create_meta(&dir, config.node_id)?;
@@ -90,20 +104,44 @@ impl Broker {
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let advertised = config.advertised(local_addr);
-        let broker = Arc::new(Broker { config, advertised, cluster_id, controller, replicas, _lock: lock });
-        Ok(Running { broker, listener, local_addr })
+        let broker = Arc::new(Broker {
+            config,
+            advertised,
+            cluster_id,
+            controller,
+            replicas,
+            _lock: lock,
+        });
+        Ok(Running {
+            broker,
+            listener,
+            local_addr,
+        })
     }
 
     /// Clean shutdown: flush and close every log, then write the marker.
     pub fn shutdown(&self) -> Result<(), StartError> {
         self.replicas.close_all()?;
         let marker = self.config.data_dir.join(CLEAN_SHUTDOWN_FILE);
-        let dir_err = |source| StartError::DataDir { path: self.config.data_dir.clone(), source };
-        File::create(&marker).and_then(|f| f.sync_all()).map_err(dir_err)?;
-        File::open(&self.config.data_dir).and_then(|d| d.sync_all()).map_err(dir_err)?;
+        let dir_err = |source| StartError::DataDir {
+            path: self.config.data_dir.clone(),
+            source,
+        };
+        File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .map_err(dir_err)?;
+        File::open(&self.config.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(dir_err)?;
         Ok(())
     }
 
@@ -118,7 +156,8 @@ impl Broker {
         loop {
             ticker.tick().await;
             let now = now_ms();
-            let retention_due = now - last_retention >= self.config.retention_check_interval_ms as i64;
+            let retention_due =
+                now - last_retention >= self.config.retention_check_interval_ms as i64;
             if retention_due {
                 last_retention = now;
             }
@@ -137,8 +176,12 @@ impl Broker {
                 if retention_due {
                     match log.tick(now) {
                         Ok(0) => {}
-                        Ok(n) => tracing::info!(topic = %p.topic, partition = p.index, segments = n, log_start_offset = log.log_start_offset(), "retention deleted segments"),
-                        Err(e) => tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed"),
+                        Ok(n) => {
+                            tracing::info!(topic = %p.topic, partition = p.index, segments = n, log_start_offset = log.log_start_offset(), "retention deleted segments")
+                        }
+                        Err(e) => {
+                            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "retention failed")
+                        }
                     }
                 }
                 log.take_pending_syncs()
@@ -166,7 +209,10 @@ impl Broker {
 /// written by another node id is refused.
 fn read_or_create_meta(dir: &Path, node_id: i32) -> Result<String, StartError> {
     let path = dir.join(META_PROPERTIES_FILE);
-    let dir_err = |source| StartError::DataDir { path: path.clone(), source };
+    let dir_err = |source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let mut cluster_id = None;
@@ -187,7 +233,8 @@ fn read_or_create_meta(dir: &Path, node_id: i32) -> Result<String, StartError> {
                     )));
                 }
             }
-            cluster_id.ok_or_else(|| StartError::Meta(format!("{} has no cluster.id", path.display())))
+            cluster_id
+                .ok_or_else(|| StartError::Meta(format!("{} has no cluster.id", path.display())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4();
@@ -203,6 +250,7 @@ fn read_or_create_meta(dir: &Path, node_id: i32) -> Result<String, StartError> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // Indexes are masked to 0..64.
 fn base64_url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();

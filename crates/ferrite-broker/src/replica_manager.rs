@@ -58,7 +58,10 @@ impl Partition {
     }
 
     /// `(log_start_offset, high_watermark, read plan)` taken under one lock.
-    pub fn read_plan(&self, fetch_offset: i64) -> (i64, i64, Result<Option<ReadPlan>, StorageError>) {
+    pub fn read_plan(
+        &self,
+        fetch_offset: i64,
+    ) -> (i64, i64, Result<Option<ReadPlan>, StorageError>) {
         let log = self.log();
         let hw = log.log_end_offset();
         (log.log_start_offset(), hw, log.read_plan(fetch_offset))
@@ -83,19 +86,31 @@ impl ReplicaManager {
 
     /// Makes the hosted partitions match the image: opens logs for new partitions this
     /// node leads, updates configs and epochs, deletes logs of removed topics.
-    pub fn reconcile(&self, image: &MetadataImage, config: &BrokerConfig, clean: bool) -> Result<(), StorageError> {
+    pub fn reconcile(
+        &self,
+        image: &MetadataImage,
+        config: &BrokerConfig,
+        clean: bool,
+    ) -> Result<(), StorageError> {
         let mut wanted: HashMap<TopicPartition, (Uuid, i32, LogConfig)> = HashMap::new();
         for topic in image.topics() {
             let log_config = config.log_config(&topic.configs);
             let name: Arc<str> = Arc::from(topic.name.as_str());
             for p in topic.partitions.values() {
                 if p.replicas.contains(&config.node_id) {
-                    wanted.insert((name.clone(), p.partition), (topic.topic_id, p.leader_epoch, log_config.clone()));
+                    wanted.insert(
+                        (name.clone(), p.partition),
+                        (topic.topic_id, p.leader_epoch, log_config.clone()),
+                    );
                 }
             }
         }
         let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<TopicPartition> = map.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        let gone: Vec<TopicPartition> = map
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
         for key in gone {
             if let Some(p) = map.remove(&key) {
                 let dir = p.log().dir().to_path_buf();
@@ -158,19 +173,29 @@ impl ReplicaManager {
 /// Deletes partition directories that no topic in the image owns (a crash between a
 /// DeleteTopics commit and the directory removal leaves them behind).
 pub fn remove_orphan_dirs(data_dir: &Path, image: &MetadataImage) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if !path.is_dir() {
             continue;
         }
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some((topic, partition)) = name.rsplit_once('-') else { continue };
-        let Ok(partition) = partition.parse::<i32>() else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((topic, partition)) = name.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(partition) = partition.parse::<i32>() else {
+            continue;
+        };
         if crate::config::validate_topic_name(topic).is_err() {
             continue;
         }
-        let owned = image.topic(topic).is_some_and(|t| t.partitions.contains_key(&partition));
+        let owned = image
+            .topic(topic)
+            .is_some_and(|t| t.partitions.contains_key(&partition));
         if !owned {
             tracing::warn!(dir = %path.display(), "removing partition directory of a deleted topic");
             let _ = std::fs::remove_dir_all(&path);

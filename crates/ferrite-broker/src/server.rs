@@ -19,7 +19,11 @@ use crate::handlers;
 use crate::Broker;
 
 /// Accepts connections until `shutdown` resolves.
-pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let permits = Arc::new(Semaphore::new(limits::CONNECTIONS_MAX));
     let request_memory = Arc::new(Semaphore::new(limits::REQUEST_BYTES_IN_FLIGHT_MAX));
     tokio::pin!(shutdown);
@@ -44,7 +48,10 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl st
         let request_memory = request_memory.clone();
         tokio::spawn(async move {
             let span = tracing::debug_span!("connection", %peer);
-            if let Err(reason) = serve_connection(broker, stream, request_memory).instrument(span).await {
+            if let Err(reason) = serve_connection(broker, stream, request_memory)
+                .instrument(span)
+                .await
+            {
                 tracing::info!(%peer, %reason, "closing connection");
             }
             drop(permit);
@@ -66,7 +73,11 @@ enum ConnectionEnd {
     WriterGone,
 }
 
-async fn serve_connection(broker: Arc<Broker>, stream: TcpStream, request_memory: Arc<Semaphore>) -> Result<(), ConnectionEnd> {
+async fn serve_connection(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    request_memory: Arc<Semaphore>,
+) -> Result<(), ConnectionEnd> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<BytesMut>(limits::CONNECTION_RESPONSES_QUEUED_MAX);
     let writer = tokio::spawn(async move {
@@ -98,15 +109,21 @@ async fn read_loop(
         let mut prefix = [0u8; FRAME_PREFIX_BYTES];
         match tokio::time::timeout(idle, rd.read_exact(&mut prefix)).await {
             Err(_) => return Err(ConnectionEnd::Idle),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ConnectionEnd::Closed),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ConnectionEnd::Closed)
+            }
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
         let len = frame_length(prefix, broker.config.request_bytes_max)?;
         // Memory for request bodies is a broker-wide budget (Kafka's queued.max.request.bytes):
         // a client announcing a large frame waits here instead of growing the heap.
-        let permits = u32::try_from(len.min(limits::REQUEST_BYTES_IN_FLIGHT_MAX)).unwrap_or(u32::MAX);
-        let _memory = request_memory.acquire_many(permits).await.map_err(|_| ConnectionEnd::WriterGone)?;
+        let permits =
+            u32::try_from(len.min(limits::REQUEST_BYTES_IN_FLIGHT_MAX)).unwrap_or(u32::MAX);
+        let _memory = request_memory
+            .acquire_many(permits)
+            .await
+            .map_err(|_| ConnectionEnd::WriterGone)?;
         let mut body = BytesMut::zeroed(len);
         match tokio::time::timeout(idle, rd.read_exact(&mut body)).await {
             Err(_) => return Err(ConnectionEnd::Idle),
@@ -119,9 +136,16 @@ async fn read_loop(
         let frame: Bytes = body.freeze();
         let request = match decode_request(frame) {
             Ok(r) => r,
-            Err(ProtocolError::UnsupportedVersion { api_key: kafka_protocol::messages::ApiKey::ApiVersions, correlation_id, version }) => {
+            Err(ProtocolError::UnsupportedVersion {
+                api_key: kafka_protocol::messages::ApiKey::ApiVersions,
+                correlation_id,
+                version,
+            }) => {
                 // KIP-511: answer with our versions so the client can retry with one we know.
-                tracing::info!(version, "ApiVersions version not supported; answering UNSUPPORTED_VERSION");
+                tracing::info!(
+                    version,
+                    "ApiVersions version not supported; answering UNSUPPORTED_VERSION"
+                );
                 let resp = ferrite_protocol::unsupported_api_versions_response(correlation_id)?;
                 tx.send(resp).await.map_err(|_| ConnectionEnd::WriterGone)?;
                 continue;

@@ -64,25 +64,37 @@ impl MetadataImage {
                     },
                 );
             }
-            MetadataRecord::Partition { topic_id, partition, replicas, isr, leader, leader_epoch, partition_epoch } => {
-                match self.topic_mut(topic_id) {
-                    Some(t) => {
-                        t.partitions.insert(
-                            *partition,
-                            PartitionImage {
-                                partition: *partition,
-                                replicas: replicas.clone(),
-                                isr: isr.clone(),
-                                leader: *leader,
-                                leader_epoch: *leader_epoch,
-                                partition_epoch: *partition_epoch,
-                            },
-                        );
-                    }
-                    None => tracing::warn!(%topic_id, partition, "partition record for unknown topic skipped"),
+            MetadataRecord::Partition {
+                topic_id,
+                partition,
+                replicas,
+                isr,
+                leader,
+                leader_epoch,
+                partition_epoch,
+            } => match self.topic_mut(topic_id) {
+                Some(t) => {
+                    t.partitions.insert(
+                        *partition,
+                        PartitionImage {
+                            partition: *partition,
+                            replicas: replicas.clone(),
+                            isr: isr.clone(),
+                            leader: *leader,
+                            leader_epoch: *leader_epoch,
+                            partition_epoch: *partition_epoch,
+                        },
+                    );
                 }
-            }
-            MetadataRecord::TopicConfig { topic_id, key, value } => match self.topic_mut(topic_id) {
+                None => {
+                    tracing::warn!(%topic_id, partition, "partition record for unknown topic skipped")
+                }
+            },
+            MetadataRecord::TopicConfig {
+                topic_id,
+                key,
+                value,
+            } => match self.topic_mut(topic_id) {
                 Some(t) => match value {
                     Some(v) => {
                         t.configs.insert(key.clone(), v.clone());
@@ -124,15 +136,34 @@ mod tests {
         let id = Uuid::new_v4();
         let mut img = MetadataImage::default();
         img.apply_all(&[
-            MetadataRecord::Topic { name: "t".into(), topic_id: id },
-            MetadataRecord::Partition { topic_id: id, partition: 0, replicas: vec![0], isr: vec![0], leader: 0, leader_epoch: 0, partition_epoch: 0 },
-            MetadataRecord::TopicConfig { topic_id: id, key: "retention.ms".into(), value: Some("5".into()) },
+            MetadataRecord::Topic {
+                name: "t".into(),
+                topic_id: id,
+            },
+            MetadataRecord::Partition {
+                topic_id: id,
+                partition: 0,
+                replicas: vec![0],
+                isr: vec![0],
+                leader: 0,
+                leader_epoch: 0,
+                partition_epoch: 0,
+            },
+            MetadataRecord::TopicConfig {
+                topic_id: id,
+                key: "retention.ms".into(),
+                value: Some("5".into()),
+            },
         ]);
         let t = img.topic("t").unwrap();
         assert_eq!(t.partitions.len(), 1);
         assert_eq!(t.configs.get("retention.ms").map(String::as_str), Some("5"));
         assert_eq!(img.topic_by_id(&id).unwrap().name, "t");
-        img.apply_all(&[MetadataRecord::TopicConfig { topic_id: id, key: "retention.ms".into(), value: None }]);
+        img.apply_all(&[MetadataRecord::TopicConfig {
+            topic_id: id,
+            key: "retention.ms".into(),
+            value: None,
+        }]);
         assert!(img.topic("t").unwrap().configs.is_empty());
         img.apply_all(&[MetadataRecord::RemoveTopic { topic_id: id }]);
         assert!(img.topic("t").is_none());

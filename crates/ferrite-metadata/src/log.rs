@@ -20,9 +20,18 @@ pub const METADATA_ENTRY_BYTES_MAX: usize = 64 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataLogError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("metadata log {path} is corrupt at byte {position} and valid entries follow: {reason}")]
-    Corrupt { path: PathBuf, position: u64, reason: String },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "metadata log {path} is corrupt at byte {position} and valid entries follow: {reason}"
+    )]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
     #[error("cannot encode metadata records: {0}")]
     Encode(String),
 }
@@ -35,12 +44,25 @@ pub struct MetadataLog {
 impl MetadataLog {
     /// Opens (creating if needed) the log under `data_dir` and returns every committed
     /// change in order, for replay.
-    pub fn open(data_dir: &Path) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
+    pub fn open(
+        data_dir: &Path,
+    ) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
         let dir = data_dir.join(METADATA_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| MetadataLogError::Io { path: dir.clone(), source: e })?;
+        std::fs::create_dir_all(&dir).map_err(|e| MetadataLogError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
         let path = dir.join(LOG_FILE);
-        let io = |e| MetadataLogError::Io { path: path.clone(), source: e };
-        let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
+        let io = |e| MetadataLogError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
         let mut raw = Vec::new();
         file.read_to_end(&mut raw).map_err(io)?;
         let (entries, valid_len) = decode_entries(&raw, &path)?;
@@ -54,30 +76,43 @@ impl MetadataLog {
 
     /// Appends one change durably.
     pub fn append(&mut self, records: &[MetadataRecord]) -> Result<(), MetadataLogError> {
-        let body = serde_json::to_vec(records).map_err(|e| MetadataLogError::Encode(e.to_string()))?;
+        let body =
+            serde_json::to_vec(records).map_err(|e| MetadataLogError::Encode(e.to_string()))?;
         if body.len() > METADATA_ENTRY_BYTES_MAX {
-            return Err(MetadataLogError::Encode(format!("entry of {} bytes is too large", body.len())));
+            return Err(MetadataLogError::Encode(format!(
+                "entry of {} bytes is too large",
+                body.len()
+            )));
         }
         let mut entry = Vec::with_capacity(ENTRY_HEADER_BYTES + body.len());
         entry.extend_from_slice(&(body.len() as u32).to_be_bytes());
         entry.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
         entry.extend_from_slice(&body);
-        let io = |e| MetadataLogError::Io { path: self.path.clone(), source: e };
+        let io = |e| MetadataLogError::Io {
+            path: self.path.clone(),
+            source: e,
+        };
         self.file.write_all(&entry).map_err(io)?;
         self.file.sync_data().map_err(io)
     }
 }
 
 /// Decodes entries; returns them and the length of the valid prefix.
-fn decode_entries(raw: &[u8], path: &Path) -> Result<(Vec<Vec<MetadataRecord>>, usize), MetadataLogError> {
+fn decode_entries(
+    raw: &[u8],
+    path: &Path,
+) -> Result<(Vec<Vec<MetadataRecord>>, usize), MetadataLogError> {
     let mut entries = Vec::new();
     let mut pos = 0usize;
     while pos < raw.len() {
         let bad = |reason: String| (pos, reason);
         let result = (|| {
-            let header = raw.get(pos..pos + ENTRY_HEADER_BYTES).ok_or_else(|| bad("torn header".into()))?;
+            let header = raw
+                .get(pos..pos + ENTRY_HEADER_BYTES)
+                .ok_or_else(|| bad("torn header".into()))?;
             let (len, crc) = header.split_at(4);
-            let len = u32::from_be_bytes(len.try_into().map_err(|_| bad("header".into()))?) as usize;
+            let len =
+                u32::from_be_bytes(len.try_into().map_err(|_| bad("header".into()))?) as usize;
             let crc = u32::from_be_bytes(crc.try_into().map_err(|_| bad("header".into()))?);
             if len > METADATA_ENTRY_BYTES_MAX {
                 return Err(bad(format!("entry length {len} too large")));
@@ -101,7 +136,11 @@ fn decode_entries(raw: &[u8], path: &Path) -> Result<(Vec<Vec<MetadataRecord>>, 
                 // A torn tail is the unacknowledged last write; anything that is followed
                 // by a valid entry is real corruption.
                 if later_entry_is_valid(raw, at + 1) {
-                    return Err(MetadataLogError::Corrupt { path: path.to_path_buf(), position: at as u64, reason });
+                    return Err(MetadataLogError::Corrupt {
+                        path: path.to_path_buf(),
+                        position: at as u64,
+                        reason,
+                    });
                 }
                 return Ok((entries, at));
             }
@@ -114,7 +153,9 @@ fn decode_entries(raw: &[u8], path: &Path) -> Result<(Vec<Vec<MetadataRecord>>, 
 #[allow(clippy::indexing_slicing)] // `h` is exactly ENTRY_HEADER_BYTES long.
 fn later_entry_is_valid(raw: &[u8], from: usize) -> bool {
     (from..raw.len().saturating_sub(ENTRY_HEADER_BYTES)).any(|p| {
-        let Some(h) = raw.get(p..p + ENTRY_HEADER_BYTES) else { return false };
+        let Some(h) = raw.get(p..p + ENTRY_HEADER_BYTES) else {
+            return false;
+        };
         let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let crc = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         len > 0
@@ -132,7 +173,10 @@ mod tests {
     use uuid::Uuid;
 
     fn topic(n: &str) -> Vec<MetadataRecord> {
-        vec![MetadataRecord::Topic { name: n.into(), topic_id: Uuid::new_v4() }]
+        vec![MetadataRecord::Topic {
+            name: n.into(),
+            topic_id: Uuid::new_v4(),
+        }]
     }
 
     #[test]
@@ -160,6 +204,9 @@ mod tests {
         let mut bad = std::fs::read(&path).unwrap();
         bad[10] ^= 0xff;
         std::fs::write(&path, &bad).unwrap();
-        assert!(matches!(MetadataLog::open(dir.path()), Err(MetadataLogError::Corrupt { .. })));
+        assert!(matches!(
+            MetadataLog::open(dir.path()),
+            Err(MetadataLogError::Corrupt { .. })
+        ));
     }
 }

@@ -17,8 +17,13 @@ pub struct BrokerSlot {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlacementError {
-    #[error("replication factor {replication_factor} is larger than the {brokers} available brokers")]
-    ReplicationFactorTooLarge { replication_factor: i32, brokers: usize },
+    #[error(
+        "replication factor {replication_factor} is larger than the {brokers} available brokers"
+    )]
+    ReplicationFactorTooLarge {
+        replication_factor: i32,
+        brokers: usize,
+    },
     #[error("replication factor must be at least 1, got {0}")]
     ReplicationFactorTooSmall(i32),
     #[error("number of partitions must be at least 1, got {0}")]
@@ -62,28 +67,40 @@ pub fn assign_replicas(
         return Err(PlacementError::NoPartitions(partitions));
     }
     if replication_factor < 1 {
-        return Err(PlacementError::ReplicationFactorTooSmall(replication_factor));
+        return Err(PlacementError::ReplicationFactorTooSmall(
+            replication_factor,
+        ));
     }
     let rf = replication_factor as usize;
     if rf > brokers.len() {
-        return Err(PlacementError::ReplicationFactorTooLarge { replication_factor, brokers: brokers.len() });
+        return Err(PlacementError::ReplicationFactorTooLarge {
+            replication_factor,
+            brokers: brokers.len(),
+        });
     }
     let list = rack_alternating_order(brokers);
     let n = list.len();
-    let rack_count = list.iter().map(|b| b.rack.as_deref()).collect::<BTreeSet<_>>().len();
+    let rack_count = list
+        .iter()
+        .map(|b| b.rack.as_deref())
+        .collect::<BTreeSet<_>>()
+        .len();
     let mut out = Vec::with_capacity(partitions as usize);
     for p in first_partition..first_partition + partitions {
         let mut chosen: Vec<&BrokerSlot> = Vec::with_capacity(rf);
         for j in 0..rf {
             let k = (start_index + p as usize + j) % n;
-            let covered: BTreeSet<Option<&str>> = chosen.iter().map(|b| b.rack.as_deref()).collect();
+            let covered: BTreeSet<Option<&str>> =
+                chosen.iter().map(|b| b.rack.as_deref()).collect();
             let need_new_rack = covered.len() < rack_count;
             let pick = (0..n)
-                .map(|m| &list[(k + m) % n])
+                .filter_map(|m| list.get((k + m) % n))
                 .filter(|b| !chosen.iter().any(|c| c.node_id == b.node_id))
                 .find(|b| !need_new_rack || !covered.contains(&b.rack.as_deref()))
                 .or_else(|| {
-                    (0..n).map(|m| &list[(k + m) % n]).find(|b| !chosen.iter().any(|c| c.node_id == b.node_id))
+                    (0..n)
+                        .filter_map(|m| list.get((k + m) % n))
+                        .find(|b| !chosen.iter().any(|c| c.node_id == b.node_id))
                 });
             // rf <= n guarantees an unchosen broker exists.
             if let Some(b) = pick {
@@ -104,19 +121,33 @@ mod tests {
 
     fn seed_cluster() -> Vec<BrokerSlot> {
         (0..6)
-            .map(|id| BrokerSlot { node_id: id, rack: Some(if id < 3 { "rack1" } else { "rack2" }.into()) })
+            .map(|id| BrokerSlot {
+                node_id: id,
+                rack: Some(if id < 3 { "rack1" } else { "rack2" }.into()),
+            })
             .collect()
     }
 
     #[test]
     fn reproduces_seed_004_table_exactly() {
-        let order: Vec<i32> = rack_alternating_order(&seed_cluster()).iter().map(|b| b.node_id).collect();
+        let order: Vec<i32> = rack_alternating_order(&seed_cluster())
+            .iter()
+            .map(|b| b.node_id)
+            .collect();
         assert_eq!(order, vec![0, 3, 1, 4, 2, 5]);
         let got = assign_replicas(&seed_cluster(), 0, 10, 3, 0).unwrap();
         // (leader, first follower, second follower) per partition, from seed 004.
         let expected = vec![
-            vec![0, 3, 1], vec![3, 1, 4], vec![1, 4, 2], vec![4, 2, 5], vec![2, 5, 0],
-            vec![5, 0, 3], vec![0, 3, 1], vec![3, 1, 4], vec![1, 4, 2], vec![4, 2, 5],
+            vec![0, 3, 1],
+            vec![3, 1, 4],
+            vec![1, 4, 2],
+            vec![4, 2, 5],
+            vec![2, 5, 0],
+            vec![5, 0, 3],
+            vec![0, 3, 1],
+            vec![3, 1, 4],
+            vec![1, 4, 2],
+            vec![4, 2, 5],
         ];
         assert_eq!(got, expected);
         let mut counts = [0; 6];
@@ -133,16 +164,31 @@ mod tests {
 
     #[test]
     fn brokers_without_rack_are_ordered_by_id() {
-        let brokers: Vec<_> = [2, 0, 1].iter().map(|&id| BrokerSlot { node_id: id, rack: None }).collect();
+        let brokers: Vec<_> = [2, 0, 1]
+            .iter()
+            .map(|&id| BrokerSlot {
+                node_id: id,
+                rack: None,
+            })
+            .collect();
         let got = assign_replicas(&brokers, 0, 4, 2, 1).unwrap();
         assert_eq!(got, vec![vec![1, 2], vec![2, 0], vec![0, 1], vec![1, 2]]);
     }
 
     #[test]
     fn single_node_rejects_rf_above_one() {
-        let one = vec![BrokerSlot { node_id: 0, rack: None }];
-        assert_eq!(assign_replicas(&one, 0, 3, 1, 0).unwrap(), vec![vec![0], vec![0], vec![0]]);
-        assert!(matches!(assign_replicas(&one, 0, 1, 3, 0), Err(PlacementError::ReplicationFactorTooLarge { .. })));
+        let one = vec![BrokerSlot {
+            node_id: 0,
+            rack: None,
+        }];
+        assert_eq!(
+            assign_replicas(&one, 0, 3, 1, 0).unwrap(),
+            vec![vec![0], vec![0], vec![0]]
+        );
+        assert!(matches!(
+            assign_replicas(&one, 0, 1, 3, 0),
+            Err(PlacementError::ReplicationFactorTooLarge { .. })
+        ));
     }
 
     proptest! {

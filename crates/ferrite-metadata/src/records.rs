@@ -20,7 +20,11 @@ pub enum MetadataRecord {
         partition_epoch: i32,
     },
     /// A topic config set (`value: Some`) or removed back to the default (`None`).
-    TopicConfig { topic_id: Uuid, key: String, value: Option<String> },
+    TopicConfig {
+        topic_id: Uuid,
+        key: String,
+        value: Option<String>,
+    },
     /// The topic and all its partitions are gone.
     RemoveTopic { topic_id: Uuid },
 }

@@ -39,7 +39,10 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
 ];
 
 pub fn supported_versions(api_key: ApiKey) -> Option<(i16, i16)> {
-    SUPPORTED_APIS.iter().find(|(k, _, _)| *k == api_key).map(|(_, lo, hi)| (*lo, *hi))
+    SUPPORTED_APIS
+        .iter()
+        .find(|(k, _, _)| *k == api_key)
+        .map(|(_, lo, hi)| (*lo, *hi))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,19 +56,37 @@ pub enum ProtocolError {
     #[error("unknown api key {0}")]
     UnknownApiKey(i16),
     #[error("unsupported version {version} of {api_key:?}")]
-    UnsupportedVersion { api_key: ApiKey, version: i16, correlation_id: i32 },
+    UnsupportedVersion {
+        api_key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+    },
     #[error("malformed {api_key:?} v{version} request: {reason}")]
-    Malformed { api_key: ApiKey, version: i16, reason: String },
+    Malformed {
+        api_key: ApiKey,
+        version: i16,
+        reason: String,
+    },
     #[error("cannot encode {api_key:?} v{version} response: {reason}")]
-    Encode { api_key: ApiKey, version: i16, reason: String },
+    Encode {
+        api_key: ApiKey,
+        version: i16,
+        reason: String,
+    },
 }
 
 /// Reads the length prefix and checks it against the bound. Returns the body length.
-pub fn frame_length(prefix: [u8; FRAME_PREFIX_BYTES], request_bytes_max: usize) -> Result<usize, ProtocolError> {
+pub fn frame_length(
+    prefix: [u8; FRAME_PREFIX_BYTES],
+    request_bytes_max: usize,
+) -> Result<usize, ProtocolError> {
     let len = i32::from_be_bytes(prefix);
     let size = usize::try_from(len).map_err(|_| ProtocolError::NegativeLength(len))?;
     if size > request_bytes_max {
-        return Err(ProtocolError::FrameTooLarge { size: i64::from(len), max: request_bytes_max });
+        return Err(ProtocolError::FrameTooLarge {
+            size: i64::from(len),
+            max: request_bytes_max,
+        });
     }
     Ok(size)
 }
@@ -94,15 +115,30 @@ pub fn decode_request(mut frame: Bytes) -> Result<Request, ProtocolError> {
     let version = peek.get_i16();
     let correlation_id = peek.get_i32();
     let api_key = ApiKey::try_from(raw_key).map_err(|_| ProtocolError::UnknownApiKey(raw_key))?;
-    let supported = supported_versions(api_key).is_some_and(|(lo, hi)| (lo..=hi).contains(&version));
+    let supported =
+        supported_versions(api_key).is_some_and(|(lo, hi)| (lo..=hi).contains(&version));
     if !supported {
-        return Err(ProtocolError::UnsupportedVersion { api_key, version, correlation_id });
+        return Err(ProtocolError::UnsupportedVersion {
+            api_key,
+            version,
+            correlation_id,
+        });
     }
-    let malformed = |reason: String| ProtocolError::Malformed { api_key, version, reason };
+    let malformed = |reason: String| ProtocolError::Malformed {
+        api_key,
+        version,
+        reason,
+    };
     let header_version = api_key.request_header_version(version);
-    let header = RequestHeader::decode(&mut frame, header_version).map_err(|e| malformed(e.to_string()))?;
-    let body = RequestKind::decode(api_key, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
-    Ok(Request { header, api_key, body })
+    let header =
+        RequestHeader::decode(&mut frame, header_version).map_err(|e| malformed(e.to_string()))?;
+    let body =
+        RequestKind::decode(api_key, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
+    Ok(Request {
+        header,
+        api_key,
+        body,
+    })
 }
 
 /// Encodes a response frame, length prefix included.
@@ -112,12 +148,19 @@ pub fn encode_response(
     correlation_id: i32,
     body: &ResponseKind,
 ) -> Result<BytesMut, ProtocolError> {
-    let err = |reason: String| ProtocolError::Encode { api_key, version, reason };
+    let err = |reason: String| ProtocolError::Encode {
+        api_key,
+        version,
+        reason,
+    };
     let mut buf = BytesMut::with_capacity(256);
     buf.put_i32(0); // Length, filled in below.
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
-    header.encode(&mut buf, api_key.response_header_version(version)).map_err(|e| err(e.to_string()))?;
-    body.encode(&mut buf, version).map_err(|e| err(e.to_string()))?;
+    header
+        .encode(&mut buf, api_key.response_header_version(version))
+        .map_err(|e| err(e.to_string()))?;
+    body.encode(&mut buf, version)
+        .map_err(|e| err(e.to_string()))?;
     let len = i32::try_from(buf.len() - FRAME_PREFIX_BYTES).map_err(|e| err(e.to_string()))?;
     #[allow(clippy::indexing_slicing)] // The prefix was written first.
     buf[..FRAME_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
@@ -127,19 +170,31 @@ pub fn encode_response(
 /// The ApiVersions body: every supported API with its version range.
 pub fn api_versions_body(error_code: i16) -> ApiVersionsResponse {
     use kafka_protocol::messages::api_versions_response::ApiVersion;
-    ApiVersionsResponse::default().with_error_code(error_code).with_api_keys(
-        SUPPORTED_APIS
-            .iter()
-            .map(|(k, lo, hi)| ApiVersion::default().with_api_key(*k as i16).with_min_version(*lo).with_max_version(*hi))
-            .collect(),
-    )
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(
+            SUPPORTED_APIS
+                .iter()
+                .map(|(k, lo, hi)| {
+                    ApiVersion::default()
+                        .with_api_key(*k as i16)
+                        .with_min_version(*lo)
+                        .with_max_version(*hi)
+                })
+                .collect(),
+        )
 }
 
 /// The answer to an ApiVersions request of a version we do not know (KIP-511): the error
 /// UNSUPPORTED_VERSION and our ranges, encoded as v0 so that any client can read it.
 pub fn unsupported_api_versions_response(correlation_id: i32) -> Result<BytesMut, ProtocolError> {
     const UNSUPPORTED_VERSION: i16 = 35;
-    encode_response(ApiKey::ApiVersions, 0, correlation_id, &ResponseKind::ApiVersions(api_versions_body(UNSUPPORTED_VERSION)))
+    encode_response(
+        ApiKey::ApiVersions,
+        0,
+        correlation_id,
+        &ResponseKind::ApiVersions(api_versions_body(UNSUPPORTED_VERSION)),
+    )
 }
 
 #[cfg(test)]
@@ -157,7 +212,9 @@ mod tests {
             .with_request_api_version(version)
             .with_correlation_id(42)
             .with_client_id(Some(StrBytes::from_static_str("test")));
-        header.encode(&mut buf, key.request_header_version(version)).unwrap();
+        header
+            .encode(&mut buf, key.request_header_version(version))
+            .unwrap();
         body.encode(&mut buf, version).unwrap();
         buf.freeze()
     }
@@ -165,7 +222,12 @@ mod tests {
     #[test]
     fn decodes_every_supported_api_versions_version() {
         for v in 0..=3 {
-            let r = decode_request(frame(ApiKey::ApiVersions, v, &ApiVersionsRequest::default())).unwrap();
+            let r = decode_request(frame(
+                ApiKey::ApiVersions,
+                v,
+                &ApiVersionsRequest::default(),
+            ))
+            .unwrap();
             assert_eq!(r.header.correlation_id, 42);
             assert!(matches!(r.body, RequestKind::ApiVersions(_)));
         }
@@ -179,10 +241,16 @@ mod tests {
         f[2..4].copy_from_slice(&99i16.to_be_bytes());
         assert!(matches!(
             decode_request(Bytes::from(f.clone())),
-            Err(ProtocolError::UnsupportedVersion { correlation_id: 42, .. })
+            Err(ProtocolError::UnsupportedVersion {
+                correlation_id: 42,
+                ..
+            })
         ));
         f[0..2].copy_from_slice(&9999i16.to_be_bytes());
-        assert_eq!(decode_request(Bytes::from(f)).unwrap_err(), ProtocolError::UnknownApiKey(9999));
+        assert_eq!(
+            decode_request(Bytes::from(f)).unwrap_err(),
+            ProtocolError::UnknownApiKey(9999)
+        );
         let resp = unsupported_api_versions_response(7).unwrap();
         assert_eq!(&resp[4..8], &7i32.to_be_bytes());
         assert_eq!(&resp[8..10], &35i16.to_be_bytes());
@@ -191,8 +259,14 @@ mod tests {
     #[test]
     fn frame_length_bounds() {
         assert_eq!(frame_length(10i32.to_be_bytes(), 100).unwrap(), 10);
-        assert!(matches!(frame_length((-1i32).to_be_bytes(), 100), Err(ProtocolError::NegativeLength(-1))));
-        assert!(matches!(frame_length(i32::MAX.to_be_bytes(), 100), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(
+            frame_length((-1i32).to_be_bytes(), 100),
+            Err(ProtocolError::NegativeLength(-1))
+        ));
+        assert!(matches!(
+            frame_length(i32::MAX.to_be_bytes(), 100),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -201,7 +275,10 @@ mod tests {
         let mut f = frame(ApiKey::Metadata, 1, &MetadataRequest::default()).to_vec();
         let n = f.len();
         f[n - 4..].copy_from_slice(&i32::MAX.to_be_bytes());
-        assert!(matches!(decode_request(Bytes::from(f)), Err(ProtocolError::Malformed { .. })));
+        assert!(matches!(
+            decode_request(Bytes::from(f)),
+            Err(ProtocolError::Malformed { .. })
+        ));
     }
 
     proptest! {

@@ -71,7 +71,10 @@ impl BatchHeader {
     #[allow(clippy::indexing_slicing)] // Bounds checked on the first line.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < HEADER_BYTES {
-            return Err(BatchError::Truncated { have: buf.len(), need: HEADER_BYTES });
+            return Err(BatchError::Truncated {
+                have: buf.len(),
+                need: HEADER_BYTES,
+            });
         }
         Ok(BatchHeader {
             base_offset: read_i64(buf, BASE_OFFSET_AT),
@@ -129,7 +132,10 @@ pub fn validate_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     }
     let actual = compute_crc(batch);
     if actual != header.crc {
-        return Err(BatchError::CrcMismatch { expected: header.crc, actual });
+        return Err(BatchError::CrcMismatch {
+            expected: header.crc,
+            actual,
+        });
     }
     if header.record_count < 0 || header.last_offset_delta < 0 {
         return Err(BatchError::BadRecordCount {
@@ -193,7 +199,10 @@ impl<'a> Iterator for BatchIter<'a> {
             Err(e) => return Some(Err(e)),
         };
         let Some(batch) = rest.get(..total) else {
-            return Some(Err(BatchError::Truncated { have: rest.len(), need: total }));
+            return Some(Err(BatchError::Truncated {
+                have: rest.len(),
+                need: total,
+            }));
         };
         let at = self.pos;
         self.pos += total;
@@ -224,6 +233,7 @@ pub fn stamp_log_append_time(batch: &mut [u8], now_ms: i64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 pub(crate) mod test_support {
     use super::*;
 
@@ -289,7 +299,10 @@ mod tests {
         for i in ATTRIBUTES_AT..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x10;
-            assert!(validate_producer_batch(&c).is_err(), "flip at {i} not caught");
+            assert!(
+                validate_producer_batch(&c).is_err(),
+                "flip at {i} not caught"
+            );
         }
     }
 
@@ -318,7 +331,10 @@ mod tests {
         b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&5i32.to_be_bytes());
         let crc = compute_crc(&b);
         b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        assert!(matches!(validate_producer_batch(&b), Err(BatchError::BadRecordCount { .. })));
+        assert!(matches!(
+            validate_producer_batch(&b),
+            Err(BatchError::BadRecordCount { .. })
+        ));
     }
 
     proptest! {

@@ -16,7 +16,10 @@ pub enum BatchError {
     #[error("CRC mismatch: header says {expected:#010x}, computed {actual:#010x}")]
     CrcMismatch { expected: u32, actual: u32 },
     #[error("record count {record_count} does not match last offset delta {last_offset_delta}")]
-    BadRecordCount { record_count: i32, last_offset_delta: i32 },
+    BadRecordCount {
+        record_count: i32,
+        last_offset_delta: i32,
+    },
     #[error("control batches may not be produced by clients")]
     ControlFromProducer,
 }
@@ -24,15 +27,26 @@ pub enum BatchError {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt batch: {0}")]
     CorruptBatch(#[from] BatchError),
     #[error("batch of {size} bytes exceeds max.message.bytes {max}")]
     MessageTooLarge { size: usize, max: usize },
     #[error("offset {offset} is out of range [{log_start_offset}, {log_end_offset}]")]
-    OffsetOutOfRange { offset: i64, log_start_offset: i64, log_end_offset: i64 },
+    OffsetOutOfRange {
+        offset: i64,
+        log_start_offset: i64,
+        log_end_offset: i64,
+    },
     #[error("corruption in {path} at byte {position}: {reason}")]
-    Corruption { path: PathBuf, position: u64, reason: String },
+    Corruption {
+        path: PathBuf,
+        position: u64,
+        reason: String,
+    },
     #[error("log {0} is offline after an unrecoverable write failure")]
     LogOffline(PathBuf),
     #[error("invalid segment file name {0}")]
@@ -41,7 +55,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StorageError::Io { path: path.into(), source }
+        StorageError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// True when the error is the disk being full, which the broker reports as

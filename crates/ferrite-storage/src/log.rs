@@ -20,8 +20,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::{
-    assign_offset_and_epoch, stamp_log_append_time, validate_producer_batch, BatchHeader, BatchIter,
-    HEADER_BYTES,
+    assign_offset_and_epoch, stamp_log_append_time, validate_producer_batch, BatchHeader,
+    BatchIter, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
 use crate::segment::{parse_segment_file_name, Segment, LOG_SUFFIX};
@@ -125,7 +125,10 @@ impl PartitionLog {
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
             let path = entry.map_err(|e| StorageError::io(dir, e))?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
             if ext == LOG_SUFFIX {
                 let base = parse_segment_file_name(&path)
                     .ok_or_else(|| StorageError::InvalidFileName(path.clone()))?;
@@ -151,7 +154,8 @@ impl PartitionLog {
             let is_last = i + 1 == count;
             let next_base = bases.get(i + 1).map(|(b, _)| *b);
             let recover = !clean && (is_last || next_base.is_none_or(|n| n > recovery_point));
-            let (seg, outcome) = Segment::open(path.clone(), *base, recover, config.index_interval_bytes)?;
+            let (seg, outcome) =
+                Segment::open(path.clone(), *base, recover, config.index_interval_bytes)?;
             if recover {
                 report.recovered_segments += 1;
             }
@@ -173,7 +177,11 @@ impl PartitionLog {
             segments.insert(base, Segment::create(dir, base)?);
         }
         report.segments = segments.len();
-        let log_end_offset = segments.values().next_back().map(|s| s.next_offset).unwrap_or(0);
+        let log_end_offset = segments
+            .values()
+            .next_back()
+            .map(|s| s.next_offset)
+            .unwrap_or(0);
         let first_base = segments.keys().next().copied().unwrap_or(0);
         log_start_offset = log_start_offset.clamp(first_base, log_end_offset);
         recovery_point = recovery_point.min(log_end_offset);
@@ -221,11 +229,17 @@ impl PartitionLog {
 
     #[allow(clippy::expect_used)] // `segments` is never empty: open and roll keep one.
     fn active(&self) -> &Segment {
-        self.segments.values().next_back().expect("a log always has an active segment")
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has an active segment")
     }
     #[allow(clippy::expect_used)]
     fn active_mut(&mut self) -> &mut Segment {
-        self.segments.values_mut().next_back().expect("a log always has an active segment")
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has an active segment")
     }
 
     /// Validates and appends the batches in `records` (as a producer sent them) in one
@@ -235,7 +249,11 @@ impl PartitionLog {
             return Err(StorageError::LogOffline(self.dir.clone()));
         }
         if records.is_empty() {
-            return Err(BatchError::Truncated { have: 0, need: HEADER_BYTES }.into());
+            return Err(BatchError::Truncated {
+                have: 0,
+                need: HEADER_BYTES,
+            }
+            .into());
         }
         // Pass 1: validate everything before touching the log.
         let mut record_count = 0i64;
@@ -243,7 +261,10 @@ impl PartitionLog {
         for item in iter.by_ref() {
             let (_, _, batch) = item?;
             if batch.len() > self.config.max_message_bytes {
-                return Err(StorageError::MessageTooLarge { size: batch.len(), max: self.config.max_message_bytes });
+                return Err(StorageError::MessageTooLarge {
+                    size: batch.len(),
+                    max: self.config.max_message_bytes,
+                });
             }
             let header = validate_producer_batch(batch)?;
             record_count += i64::from(header.last_offset_delta) + 1;
@@ -266,7 +287,9 @@ impl PartitionLog {
             }
             let header = BatchHeader::parse(batch)?;
             let len = header.total_bytes()?;
-            let Some(batch) = batch.get_mut(..len) else { break };
+            let Some(batch) = batch.get_mut(..len) else {
+                break;
+            };
             assign_offset_and_epoch(batch, next, leader_epoch);
             if self.config.log_append_time {
                 stamp_log_append_time(batch, now_ms);
@@ -287,7 +310,11 @@ impl PartitionLog {
         Ok(AppendInfo {
             base_offset,
             last_offset: next - 1,
-            log_append_time_ms: if self.config.log_append_time { now_ms } else { -1 },
+            log_append_time_ms: if self.config.log_append_time {
+                now_ms
+            } else {
+                -1
+            },
             log_start_offset: self.log_start_offset,
             record_count,
         })
@@ -318,7 +345,12 @@ impl PartitionLog {
         Ok(())
     }
 
-    fn maybe_roll(&mut self, incoming_bytes: u64, incoming_records: i64, now_ms: i64) -> Result<()> {
+    fn maybe_roll(
+        &mut self,
+        incoming_bytes: u64,
+        incoming_records: i64,
+        now_ms: i64,
+    ) -> Result<()> {
         let segment_bytes = self.config.segment_bytes.min(SEGMENT_BYTES_MAX);
         let segment_ms = self.config.segment_ms;
         let seg = self.active();
@@ -326,8 +358,11 @@ impl PartitionLog {
             return Ok(());
         }
         let too_big = seg.size + incoming_bytes > segment_bytes;
-        let too_old = seg.first_append_ms.is_some_and(|t| now_ms - t >= segment_ms);
-        let offsets_overflow = seg.next_offset + incoming_records - seg.base_offset > i64::from(i32::MAX);
+        let too_old = seg
+            .first_append_ms
+            .is_some_and(|t| now_ms - t >= segment_ms);
+        let offsets_overflow =
+            seg.next_offset + incoming_records - seg.base_offset > i64::from(i32::MAX);
         if too_big || too_old || offsets_overflow {
             self.roll()?;
         }
@@ -384,7 +419,10 @@ impl PartitionLog {
 
     /// Plans the scan for the first batch whose max timestamp is >= `timestamp`.
     pub fn time_plan(&self, timestamp: i64) -> Option<ReadPlan> {
-        let seg = self.segments.values().find(|s| !s.is_empty() && s.max_timestamp >= timestamp)?;
+        let seg = self
+            .segments
+            .values()
+            .find(|s| !s.is_empty() && s.max_timestamp >= timestamp)?;
         Some(ReadPlan {
             file: seg.file.clone(),
             path: seg.log_path.clone(),
@@ -397,7 +435,11 @@ impl PartitionLog {
 
     /// The largest timestamp in the log and the batch that holds it (ListOffsets -3, KIP-734).
     pub fn max_timestamp(&self) -> i64 {
-        self.segments.values().map(|s| s.max_timestamp).max().unwrap_or(-1)
+        self.segments
+            .values()
+            .map(|s| s.max_timestamp)
+            .max()
+            .unwrap_or(-1)
     }
 
     /// Moves `log_start_offset` forward (DeleteRecords). Whole segments below it go at
@@ -422,7 +464,9 @@ impl PartitionLog {
     fn delete_segments_below_start(&mut self) -> Result<usize> {
         let mut deleted = 0;
         while self.segments.len() > 1 {
-            let Some((&base, seg)) = self.segments.iter().next() else { break };
+            let Some((&base, seg)) = self.segments.iter().next() else {
+                break;
+            };
             if seg.next_offset > self.log_start_offset {
                 break;
             }
@@ -443,8 +487,7 @@ impl PartitionLog {
         let mut deleted = 0;
         if self.config.retention_ms >= 0 {
             let limit = now_ms - self.config.retention_ms;
-            loop {
-                let Some(oldest) = self.segments.values().next() else { break };
+            while let Some(oldest) = self.segments.values().next() {
                 if oldest.is_empty() || oldest.max_timestamp >= limit {
                     break;
                 }
@@ -457,7 +500,9 @@ impl PartitionLog {
         if self.config.retention_bytes >= 0 {
             let limit = self.config.retention_bytes as u64;
             while self.segments.len() > 1 {
-                let Some(oldest) = self.segments.values().next() else { break };
+                let Some(oldest) = self.segments.values().next() else {
+                    break;
+                };
                 if self.size_bytes() - oldest.size < limit {
                     break;
                 }
@@ -465,7 +510,11 @@ impl PartitionLog {
             }
         }
         deleted += self.delete_segments_below_start()?;
-        if self.config.flush_ms >= 0 && self.first_unflushed_ms.is_some_and(|t| now_ms - t >= self.config.flush_ms) {
+        if self.config.flush_ms >= 0
+            && self
+                .first_unflushed_ms
+                .is_some_and(|t| now_ms - t >= self.config.flush_ms)
+        {
             self.flush()?;
         }
         Ok(deleted)
@@ -475,7 +524,9 @@ impl PartitionLog {
         if self.segments.len() <= 1 {
             return Ok(0);
         }
-        let Some((&base, seg)) = self.segments.iter().next() else { return Ok(0) };
+        let Some((&base, seg)) = self.segments.iter().next() else {
+            return Ok(0);
+        };
         let next_offset = seg.next_offset;
         seg.delete_files()?;
         self.segments.remove(&base);
@@ -504,10 +555,13 @@ impl PartitionLog {
     /// fsyncs everything appended so far.
     pub fn flush(&mut self) -> Result<()> {
         for (file, _) in std::mem::take(&mut self.pending_syncs) {
-            file.sync_data().map_err(|e| StorageError::io(&self.dir, e))?;
+            file.sync_data()
+                .map_err(|e| StorageError::io(&self.dir, e))?;
         }
         let seg = self.active();
-        seg.file.sync_data().map_err(|e| StorageError::io(&seg.log_path, e))?;
+        seg.file
+            .sync_data()
+            .map_err(|e| StorageError::io(&seg.log_path, e))?;
         self.unflushed_messages = 0;
         self.first_unflushed_ms = None;
         let leo = self.log_end_offset();
@@ -547,7 +601,11 @@ fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
         (Some("v1"), Some(a), Some(b)) => a.parse().ok().zip(b.parse().ok()),
         _ => None,
     };
-    parsed.ok_or(StorageError::Corruption { path, position: 0, reason: "bad checkpoint".into() })
+    parsed.ok_or(StorageError::Corruption {
+        path,
+        position: 0,
+        reason: "bad checkpoint".into(),
+    })
 }
 
 impl ReadPlan {
@@ -555,25 +613,38 @@ impl ReadPlan {
     /// `max_bytes`; with `min_one_batch` the first batch is returned even when larger
     /// (Kafka's KIP-74 rule, so that a consumer can always make progress).
     pub fn read(&self, max_bytes: usize, min_one_batch: bool) -> Result<Bytes> {
-        self.read_until(max_bytes, min_one_batch, |h| h.last_offset() >= self.fetch_offset)
+        self.read_until(max_bytes, min_one_batch, |h| {
+            h.last_offset() >= self.fetch_offset
+        })
     }
 
     /// The first whole batch whose max timestamp is at least `timestamp`.
     pub fn read_first_batch_at_time(&self, timestamp: i64) -> Result<Option<Bytes>> {
-        let bytes = self.read_until(1, true, |h| h.max_timestamp >= timestamp && h.last_offset() >= self.fetch_offset)?;
+        let bytes = self.read_until(1, true, |h| {
+            h.max_timestamp >= timestamp && h.last_offset() >= self.fetch_offset
+        })?;
         Ok(if bytes.is_empty() { None } else { Some(bytes) })
     }
 
-    fn read_until(&self, max_bytes: usize, min_one_batch: bool, start_at: impl Fn(&BatchHeader) -> bool) -> Result<Bytes> {
+    fn read_until(
+        &self,
+        max_bytes: usize,
+        min_one_batch: bool,
+        start_at: impl Fn(&BatchHeader) -> bool,
+    ) -> Result<Bytes> {
         let mut pos = self.start_position;
-        let chunk_bytes_max = (max_bytes as u64).saturating_add(self.index_interval_bytes).max(HEADER_BYTES as u64);
+        let chunk_bytes_max = (max_bytes as u64)
+            .saturating_add(self.index_interval_bytes)
+            .max(HEADER_BYTES as u64);
         loop {
             if pos >= self.end_position {
                 return Ok(Bytes::new());
             }
             let len = (self.end_position - pos).min(chunk_bytes_max) as usize;
             let mut chunk = vec![0u8; len];
-            self.file.read_exact_at(&mut chunk, pos).map_err(|e| StorageError::io(&self.path, e))?;
+            self.file
+                .read_exact_at(&mut chunk, pos)
+                .map_err(|e| StorageError::io(&self.path, e))?;
             let mut skipped = 0usize;
             let mut first: Option<(usize, usize)> = None; // (start, end) of whole batches taken
             for item in BatchIter::new(&chunk) {
@@ -581,7 +652,11 @@ impl ReadPlan {
                     Ok(x) => x,
                     Err(BatchError::Truncated { .. }) => break,
                     Err(e) => {
-                        return Err(StorageError::Corruption { path: self.path.clone(), position: pos + skipped as u64, reason: e.to_string() })
+                        return Err(StorageError::Corruption {
+                            path: self.path.clone(),
+                            position: pos + skipped as u64,
+                            reason: e.to_string(),
+                        })
                     }
                 };
                 match first {
@@ -611,8 +686,19 @@ impl ReadPlan {
             let header_bytes = chunk.get(skipped..).unwrap_or_default();
             let header = match BatchHeader::parse(header_bytes) {
                 Ok(h) => Some(h),
-                Err(_) if next_pos + (HEADER_BYTES as u64) <= self.end_position && header_bytes.len() < HEADER_BYTES => None,
-                Err(e) => return Err(StorageError::Corruption { path: self.path.clone(), position: next_pos, reason: e.to_string() }),
+                Err(_)
+                    if next_pos + (HEADER_BYTES as u64) <= self.end_position
+                        && header_bytes.len() < HEADER_BYTES =>
+                {
+                    None
+                }
+                Err(e) => {
+                    return Err(StorageError::Corruption {
+                        path: self.path.clone(),
+                        position: next_pos,
+                        reason: e.to_string(),
+                    })
+                }
             };
             match header {
                 Some(h) if start_at(&h) => {
@@ -621,10 +707,16 @@ impl ReadPlan {
                         return Ok(Bytes::new());
                     }
                     if next_pos + total > self.end_position {
-                        return Err(StorageError::Corruption { path: self.path.clone(), position: next_pos, reason: "batch runs past the segment".into() });
+                        return Err(StorageError::Corruption {
+                            path: self.path.clone(),
+                            position: next_pos,
+                            reason: "batch runs past the segment".into(),
+                        });
                     }
                     let mut whole = vec![0u8; total as usize];
-                    self.file.read_exact_at(&mut whole, next_pos).map_err(|e| StorageError::io(&self.path, e))?;
+                    self.file
+                        .read_exact_at(&mut whole, next_pos)
+                        .map_err(|e| StorageError::io(&self.path, e))?;
                     return Ok(Bytes::from(whole));
                 }
                 Some(h) => pos = next_pos + h.total_bytes()? as u64,
@@ -645,11 +737,18 @@ mod tests {
     use crate::batch::validate_batch;
 
     fn cfg() -> LogConfig {
-        LogConfig { segment_bytes: 4096, index_interval_bytes: 256, ..LogConfig::default() }
+        LogConfig {
+            segment_bytes: 4096,
+            index_interval_bytes: 256,
+            ..LogConfig::default()
+        }
     }
 
     fn offsets_in(bytes: &[u8]) -> Vec<i64> {
-        BatchIter::new(bytes).map(|b| b.unwrap().1).flat_map(|h| h.base_offset..=h.last_offset()).collect()
+        BatchIter::new(bytes)
+            .map(|b| b.unwrap().1)
+            .flat_map(|h| h.base_offset..=h.last_offset())
+            .collect()
     }
 
     #[test]
@@ -657,7 +756,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
         for i in 0..100 {
-            let info = log.append(&make_batch(3, 1000 + i, b"0123456789"), 5, 0).unwrap();
+            let info = log
+                .append(&make_batch(3, 1000 + i, b"0123456789"), 5, 0)
+                .unwrap();
             assert_eq!(info.base_offset, i * 3);
             assert_eq!(info.last_offset, i * 3 + 2);
         }
@@ -666,12 +767,22 @@ mod tests {
             let plan = log.read_plan(start).unwrap().unwrap();
             let bytes = plan.read(1_000_000, true).unwrap();
             let offs = offsets_in(&bytes);
-            assert!(offs[0] <= start && offs.contains(&start), "start {start} got {offs:?}");
-            let h = validate_batch(&bytes[..bytes.len().min(bytes.len())][..BatchHeader::parse(&bytes).unwrap().total_bytes().unwrap()]).unwrap();
+            assert!(
+                offs[0] <= start && offs.contains(&start),
+                "start {start} got {offs:?}"
+            );
+            let h = validate_batch(
+                &bytes[..bytes.len().min(bytes.len())]
+                    [..BatchHeader::parse(&bytes).unwrap().total_bytes().unwrap()],
+            )
+            .unwrap();
             assert_eq!(h.partition_leader_epoch, 5);
         }
         assert!(log.read_plan(300).unwrap().is_none());
-        assert!(matches!(log.read_plan(301), Err(StorageError::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            log.read_plan(301),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
         log.close().unwrap();
         drop(log);
         for clean in [true, false] {
@@ -703,11 +814,17 @@ mod tests {
         bad[last] ^= 1;
         let mut both = good.clone();
         both.extend_from_slice(&bad);
-        assert!(matches!(log.append(&both, 0, 0), Err(StorageError::CorruptBatch(_))));
+        assert!(matches!(
+            log.append(&both, 0, 0),
+            Err(StorageError::CorruptBatch(_))
+        ));
         assert_eq!(log.log_end_offset(), 0);
         assert_eq!(log.size_bytes(), 0);
         let big = make_batch(1, 0, &vec![0u8; 2_000_000]);
-        assert!(matches!(log.append(&big, 0, 0), Err(StorageError::MessageTooLarge { .. })));
+        assert!(matches!(
+            log.append(&big, 0, 0),
+            Err(StorageError::MessageTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -722,10 +839,18 @@ mod tests {
         log.tick(0).unwrap();
         assert!(log.size_bytes() < 8192 + 4096);
         assert!(log.log_start_offset() > 0);
-        assert!(matches!(log.read_plan(0), Err(StorageError::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            log.read_plan(0),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
         let start = log.advance_log_start_offset(190).unwrap();
         assert_eq!(start, 190);
-        let bytes = log.read_plan(190).unwrap().unwrap().read(1 << 20, true).unwrap();
+        let bytes = log
+            .read_plan(190)
+            .unwrap()
+            .unwrap()
+            .read(1 << 20, true)
+            .unwrap();
         assert_eq!(offsets_in(&bytes)[0], 190);
         // Time: everything has timestamps < 1000, so retention.ms=1 at now=10_000 empties it.
         let mut c2 = log.config().clone();
@@ -734,7 +859,8 @@ mod tests {
         log.tick(10_000).unwrap();
         assert_eq!(log.log_start_offset(), 200);
         assert_eq!(log.log_end_offset(), 200);
-        log.append(&make_batch(1, 20_000, b"after"), 0, 10_000).unwrap();
+        log.append(&make_batch(1, 20_000, b"after"), 0, 10_000)
+            .unwrap();
         assert_eq!(log.log_end_offset(), 201);
         drop(log);
         let (log, _) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
@@ -747,7 +873,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
         for i in 0..100 {
-            log.append(&make_batch(1, i * 10, &[1u8; 50]), 0, 0).unwrap();
+            log.append(&make_batch(1, i * 10, &[1u8; 50]), 0, 0)
+                .unwrap();
         }
         for target in [0, 5, 10, 455, 990] {
             let plan = log.time_plan(target).unwrap();

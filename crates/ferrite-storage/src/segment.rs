@@ -100,7 +100,10 @@ impl Segment {
             .write(true)
             .open(&log_path)
             .map_err(|e| StorageError::io(&log_path, e))?;
-        let file_len = file.metadata().map_err(|e| StorageError::io(&log_path, e))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|e| StorageError::io(&log_path, e))?
+            .len();
         let mut seg = Segment {
             base_offset,
             log_path,
@@ -131,7 +134,10 @@ impl Segment {
     /// which case the caller rebuilds them from the log.
     fn load_index_files(&self) -> Option<(Vec<IndexEntry>, Vec<TimeIndexEntry>)> {
         let mut raw = Vec::new();
-        File::open(self.index_path(INDEX_SUFFIX)).ok()?.read_to_end(&mut raw).ok()?;
+        File::open(self.index_path(INDEX_SUFFIX))
+            .ok()?
+            .read_to_end(&mut raw)
+            .ok()?;
         if raw.len() % INDEX_ENTRY_BYTES != 0 {
             return None;
         }
@@ -144,7 +150,8 @@ impl Segment {
             };
             if let Some(prev) = index.last() {
                 let prev: &IndexEntry = prev;
-                if entry.relative_offset <= prev.relative_offset || entry.position <= prev.position {
+                if entry.relative_offset <= prev.relative_offset || entry.position <= prev.position
+                {
                     return None;
                 }
             }
@@ -154,7 +161,10 @@ impl Segment {
             index.push(entry);
         }
         raw.clear();
-        File::open(self.index_path(TIME_INDEX_SUFFIX)).ok()?.read_to_end(&mut raw).ok()?;
+        File::open(self.index_path(TIME_INDEX_SUFFIX))
+            .ok()?
+            .read_to_end(&mut raw)
+            .ok()?;
         if raw.len() % TIME_INDEX_ENTRY_BYTES != 0 {
             return None;
         }
@@ -180,7 +190,10 @@ impl Segment {
     /// rebuilding the in-memory state. Returns how much was cut off.
     fn scan_tail(&mut self, recover: bool, index_interval_bytes: u64) -> Result<RecoveryOutcome> {
         let (mut pos, start_offset) = match (recover, self.index.last()) {
-            (false, Some(e)) => (u64::from(e.position), self.base_offset + i64::from(e.relative_offset)),
+            (false, Some(e)) => (
+                u64::from(e.position),
+                self.base_offset + i64::from(e.relative_offset),
+            ),
             _ => {
                 self.index.clear();
                 self.time_index.clear();
@@ -223,26 +236,38 @@ impl Segment {
                 Ok(h) => h,
                 Err(e) => return self.cut_at(pos, recover, e.to_string()),
             };
-            if header.base_offset < self.next_offset && !(first && !recover) {
+            if (recover || !first) && header.base_offset < self.next_offset {
                 return self.cut_at(pos, recover, "offsets go backwards".to_string());
             }
             first = false;
             self.note_batch(pos, &header, index_interval_bytes);
             pos += need as u64;
         }
-        Ok(RecoveryOutcome { truncated_bytes: 0, reason: None })
+        Ok(RecoveryOutcome {
+            truncated_bytes: 0,
+            reason: None,
+        })
     }
 
     /// Handles a bad batch found at `pos`: recovery truncates there, a trusted segment
     /// reports corruption.
     fn cut_at(&mut self, pos: u64, recover: bool, reason: String) -> Result<RecoveryOutcome> {
         if !recover {
-            return Err(StorageError::Corruption { path: self.log_path.clone(), position: pos, reason });
+            return Err(StorageError::Corruption {
+                path: self.log_path.clone(),
+                position: pos,
+                reason,
+            });
         }
         let truncated_bytes = self.size - pos;
-        self.file.set_len(pos).map_err(|e| StorageError::io(&self.log_path, e))?;
+        self.file
+            .set_len(pos)
+            .map_err(|e| StorageError::io(&self.log_path, e))?;
         self.size = pos;
-        Ok(RecoveryOutcome { truncated_bytes, reason: Some(reason) })
+        Ok(RecoveryOutcome {
+            truncated_bytes,
+            reason: Some(reason),
+        })
     }
 
     /// Updates offsets, timestamps and the sparse indexes for a batch now at `position`.
@@ -250,19 +275,29 @@ impl Segment {
         assert!(header.base_offset >= self.base_offset);
         let batch_bytes = header.total_bytes().unwrap_or(HEADER_BYTES) as u64;
         if self.index.is_empty() || self.bytes_since_index >= index_interval_bytes {
-            let relative_offset = u32::try_from(header.base_offset - self.base_offset)
-                .unwrap_or(u32::MAX);
+            let relative_offset =
+                u32::try_from(header.base_offset - self.base_offset).unwrap_or(u32::MAX);
             let position = u32::try_from(position).unwrap_or(u32::MAX);
             let monotonic = self
                 .index
                 .last()
                 .is_none_or(|e| e.relative_offset < relative_offset && e.position < position);
             if monotonic {
-                self.index.push(IndexEntry { relative_offset, position });
+                self.index.push(IndexEntry {
+                    relative_offset,
+                    position,
+                });
                 self.bytes_since_index = 0;
                 let running_max = self.max_timestamp.max(header.max_timestamp);
-                if self.time_index.last().is_none_or(|e| e.timestamp < running_max) {
-                    self.time_index.push(TimeIndexEntry { timestamp: running_max, relative_offset });
+                if self
+                    .time_index
+                    .last()
+                    .is_none_or(|e| e.timestamp < running_max)
+                {
+                    self.time_index.push(TimeIndexEntry {
+                        timestamp: running_max,
+                        relative_offset,
+                    });
                 }
             }
         }
@@ -275,7 +310,9 @@ impl Segment {
     /// Largest index entry at or below `offset`: where a scan for `offset` starts.
     pub fn lookup(&self, offset: i64) -> u64 {
         let rel = offset - self.base_offset;
-        let i = self.index.partition_point(|e| i64::from(e.relative_offset) <= rel);
+        let i = self
+            .index
+            .partition_point(|e| i64::from(e.relative_offset) <= rel);
         match i.checked_sub(1).and_then(|i| self.index.get(i)) {
             Some(e) => u64::from(e.position),
             None => 0,
@@ -294,9 +331,18 @@ impl Segment {
     /// Writes both index files from memory. The final time index entry records the
     /// segment's max timestamp so that retention by time survives a restart.
     pub fn write_index_files(&mut self) -> Result<()> {
-        if self.max_timestamp >= 0 && self.time_index.last().is_none_or(|e| e.timestamp < self.max_timestamp) {
-            let relative_offset = u32::try_from((self.next_offset - 1 - self.base_offset).max(0)).unwrap_or(u32::MAX);
-            self.time_index.push(TimeIndexEntry { timestamp: self.max_timestamp, relative_offset });
+        if self.max_timestamp >= 0
+            && self
+                .time_index
+                .last()
+                .is_none_or(|e| e.timestamp < self.max_timestamp)
+        {
+            let relative_offset =
+                u32::try_from((self.next_offset - 1 - self.base_offset).max(0)).unwrap_or(u32::MAX);
+            self.time_index.push(TimeIndexEntry {
+                timestamp: self.max_timestamp,
+                relative_offset,
+            });
         }
         let mut raw = Vec::with_capacity(self.index.len() * INDEX_ENTRY_BYTES);
         for e in &self.index {
@@ -313,7 +359,11 @@ impl Segment {
     }
 
     pub fn delete_files(&self) -> Result<()> {
-        for path in [self.log_path.clone(), self.index_path(INDEX_SUFFIX), self.index_path(TIME_INDEX_SUFFIX)] {
+        for path in [
+            self.log_path.clone(),
+            self.index_path(INDEX_SUFFIX),
+            self.index_path(TIME_INDEX_SUFFIX),
+        ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

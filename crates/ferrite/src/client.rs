@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -34,7 +35,8 @@ pub struct Common {
 
 fn client_config(common: &Common) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &common.bootstrap_server).set("log_level", "3");
+    c.set("bootstrap.servers", &common.bootstrap_server)
+        .set("log_level", "3");
     c
 }
 
@@ -91,27 +93,47 @@ enum TopicCommand {
 fn parse_kv(items: &[String]) -> Result<Vec<(String, String)>> {
     items
         .iter()
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| anyhow!("expected KEY=VALUE, got `{kv}`")))
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("expected KEY=VALUE, got `{kv}`"))
+        })
         .collect()
 }
 
 fn admin(common: &Common) -> Result<AdminClient<DefaultClientContext>> {
-    client_config(common).create().context("cannot create admin client")
+    client_config(common)
+        .create()
+        .context("cannot create admin client")
 }
 
 fn admin_options() -> AdminOptions {
-    AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT))
+    AdminOptions::new()
+        .operation_timeout(Some(TIMEOUT))
+        .request_timeout(Some(TIMEOUT))
 }
 
 pub async fn topic(args: TopicArgs) -> Result<()> {
     match args.command {
-        TopicCommand::Create { name, partitions, replication_factor, configs, common } => {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            configs,
+            common,
+        } => {
             let configs = parse_kv(&configs)?;
-            let mut t = NewTopic::new(&name, partitions, TopicReplication::Fixed(replication_factor));
+            let mut t = NewTopic::new(
+                &name,
+                partitions,
+                TopicReplication::Fixed(replication_factor),
+            );
             for (k, v) in &configs {
                 t = t.set(k, v);
             }
-            let results = admin(&common)?.create_topics([&t], &admin_options()).await?;
+            let results = admin(&common)?
+                .create_topics([&t], &admin_options())
+                .await?;
             for r in results {
                 r.map_err(|(topic, code)| anyhow!("cannot create {topic}: {code}"))?;
             }
@@ -124,7 +146,8 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
         TopicCommand::List { common } => {
             let consumer: BaseConsumer = client_config(&common).create()?;
             let md = consumer.fetch_metadata(None, TIMEOUT)?;
-            let names: BTreeSet<String> = md.topics().iter().map(|t| t.name().to_string()).collect();
+            let names: BTreeSet<String> =
+                md.topics().iter().map(|t| t.name().to_string()).collect();
             if common.json {
                 println!("{}", json!(names));
             } else {
@@ -136,9 +159,15 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
         TopicCommand::Describe { name, common } => {
             let consumer: BaseConsumer = client_config(&common).create()?;
             let md = consumer.fetch_metadata(Some(&name), TIMEOUT)?;
-            let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {name}"))?;
+            let t = md
+                .topics()
+                .first()
+                .ok_or_else(|| anyhow!("no metadata for {name}"))?;
             if let Some(e) = t.error() {
-                bail!("topic {name}: {:?}", rdkafka::types::RDKafkaRespErr::from(e));
+                bail!(
+                    "topic {name}: {:?}",
+                    rdkafka::types::RDKafkaErrorCode::from(e)
+                );
             }
             let mut partitions = Vec::new();
             for p in t.partitions() {
@@ -148,7 +177,9 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                     "log_start_offset": low, "log_end_offset": high,
                 }));
             }
-            let configs = admin(&common)?.describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options()).await?;
+            let configs = admin(&common)?
+                .describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options())
+                .await?;
             let mut config_map = serde_json::Map::new();
             for r in configs {
                 let r = r.map_err(|e| anyhow!("describe configs: {e}"))?;
@@ -157,7 +188,10 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
             }
             if common.json {
-                println!("{}", json!({"topic": name, "partitions": partitions, "configs": config_map}));
+                println!(
+                    "{}",
+                    json!({"topic": name, "partitions": partitions, "configs": config_map})
+                );
             } else {
                 println!("topic {name}");
                 for p in &partitions {
@@ -171,17 +205,27 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
             }
         }
-        TopicCommand::Alter { name, configs, partitions, common } => {
+        TopicCommand::Alter {
+            name,
+            configs,
+            partitions,
+            common,
+        } => {
             let client = admin(&common)?;
             if let Some(n) = partitions {
-                for r in client.create_partitions([&NewPartitions::new(&name, n)], &admin_options()).await? {
+                for r in client
+                    .create_partitions([&NewPartitions::new(&name, n)], &admin_options())
+                    .await?
+                {
                     r.map_err(|(t, code)| anyhow!("cannot add partitions to {t}: {code}"))?;
                 }
             }
             let configs = parse_kv(&configs)?;
             if !configs.is_empty() {
                 // AlterConfigs replaces the whole set: start from the current overrides.
-                let current = client.describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options()).await?;
+                let current = client
+                    .describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options())
+                    .await?;
                 let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&name));
                 let mut merged = std::collections::BTreeMap::new();
                 for r in current {
@@ -204,23 +248,45 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                     r.map_err(|(_, code)| anyhow!("cannot alter {name}: {code}"))?;
                 }
                 // The rdkafka crate drops per-resource AlterConfigs errors: read back.
-                let after = client.describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options()).await?;
+                let after = client
+                    .describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options())
+                    .await?;
                 for r in after {
                     let entries = r.map_err(|e| anyhow!("describe configs: {e}"))?.entries;
                     for (k, v) in &merged {
-                        if !entries.iter().any(|e| &e.name == k && e.value.as_deref() == Some(v.as_str())) {
+                        if !entries
+                            .iter()
+                            .any(|e| &e.name == k && e.value.as_deref() == Some(v.as_str()))
+                        {
                             bail!("the broker rejected {k}={v} for {name} (see its log; unknown keys and invalid values are INVALID_CONFIG)");
                         }
                     }
                 }
             }
-            println!("{}", if common.json { json!({"altered": name}).to_string() } else { format!("altered topic {name}") });
+            println!(
+                "{}",
+                if common.json {
+                    json!({"altered": name}).to_string()
+                } else {
+                    format!("altered topic {name}")
+                }
+            );
         }
         TopicCommand::Delete { name, common } => {
-            for r in admin(&common)?.delete_topics(&[&name], &admin_options()).await? {
+            for r in admin(&common)?
+                .delete_topics(&[&name], &admin_options())
+                .await?
+            {
                 r.map_err(|(t, code)| anyhow!("cannot delete {t}: {code}"))?;
             }
-            println!("{}", if common.json { json!({"deleted": name}).to_string() } else { format!("deleted topic {name}") });
+            println!(
+                "{}",
+                if common.json {
+                    json!({"deleted": name}).to_string()
+                } else {
+                    format!("deleted topic {name}")
+                }
+            );
         }
     }
     Ok(())
@@ -249,7 +315,9 @@ pub async fn produce(args: ProduceArgs) -> Result<()> {
         .set("enable.idempotence", "false")
         .set("linger.ms", "5")
         .create()?;
-    let md = producer.client().fetch_metadata(Some(&args.topic), TIMEOUT)?;
+    let md = producer
+        .client()
+        .fetch_metadata(Some(&args.topic), TIMEOUT)?;
     let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
     if partitions == 0 {
         bail!("topic {} has no partitions (does it exist?)", args.topic);
@@ -273,7 +341,9 @@ pub async fn produce(args: ProduceArgs) -> Result<()> {
             // Keys go where the Java client would put them (murmur2); null keys are
             // spread by librdkafka.
             if let Some(k) = &key {
-                record = record.key(k).partition(partition_for_key(k.as_bytes(), partitions));
+                record = record
+                    .key(k)
+                    .partition(partition_for_key(k.as_bytes(), partitions));
             }
             producer.send(record, TIMEOUT).await.map_err(|(e, _)| e)
         }));
@@ -337,8 +407,16 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
         .set("enable.partition.eof", "true")
         .create()?;
     let md = consumer.fetch_metadata(Some(&args.topic), TIMEOUT)?;
-    let t = md.topics().first().ok_or_else(|| anyhow!("no metadata for {}", args.topic))?;
-    let ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).filter(|id| args.partition.is_none_or(|p| p == *id)).collect();
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| anyhow!("no metadata for {}", args.topic))?;
+    let ids: Vec<i32> = t
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .filter(|id| args.partition.is_none_or(|p| p == *id))
+        .collect();
     if ids.is_empty() {
         bail!("topic {} has no such partitions", args.topic);
     }
@@ -361,10 +439,14 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     loop {
-        if args.max_messages.is_some_and(|m| seen >= m) || (args.exit_at_end && at_end.len() == ids.len()) {
+        if args.max_messages.is_some_and(|m| seen >= m)
+            || (args.exit_at_end && at_end.len() == ids.len())
+        {
             break;
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
         match msg {
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
                 at_end.insert(p);
@@ -381,7 +463,11 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
                         .headers()
                         .map(|h| h.iter().map(|h| json!({"key": h.key, "value": h.value.map(|v| String::from_utf8_lossy(v).into_owned())})).collect())
                         .unwrap_or_default();
-                    writeln!(out, "{}", json!({"partition": m.partition(), "offset": m.offset(), "timestamp": ts, "key": key, "value": value, "headers": headers}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"partition": m.partition(), "offset": m.offset(), "timestamp": ts, "key": key, "value": value, "headers": headers})
+                    )?;
                 } else {
                     match args.format {
                         Format::Value => writeln!(out, "{}", value.unwrap_or_default())?,

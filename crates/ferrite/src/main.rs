@@ -2,7 +2,6 @@
 
 mod client;
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use ferrite_broker::{Broker, BrokerConfig};
 
 #[derive(Parser)]
-#[command(name = "ferrite", version, about = "A Kafka-compatible distributed commit log")]
+#[command(
+    name = "ferrite",
+    version,
+    about = "A Kafka-compatible distributed commit log"
+)]
 struct Cli {
     /// Log filter (overrides RUST_LOG), e.g. `info` or `ferrite_broker=debug`.
     #[arg(long, global = true)]
@@ -60,7 +63,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The client subcommands stay quiet: librdkafka reports expected events (such as the
     // end of a partition) as errors through the rdkafka crate's logger.
-    let default_filter = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn,rdkafka=off" };
+    let default_filter = if matches!(cli.command, Command::Server(_)) {
+        "info"
+    } else {
+        "warn,rdkafka=off"
+    };
     let filter = cli
         .log_level
         .clone()
@@ -68,10 +75,16 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| default_filter.to_string());
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ferrite: cannot start the runtime: {e}");
@@ -98,18 +111,25 @@ fn main() -> ExitCode {
 fn build_config(args: &ServerArgs) -> anyhow::Result<BrokerConfig> {
     let mut config = BrokerConfig::default();
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("{} is not valid TOML: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{} is not valid TOML: {e}", path.display()))?;
         for (key, value) in table {
             let value = match value {
                 toml::Value::String(s) => s,
                 other => other.to_string(),
             };
-            config.set(&key, &value).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            config
+                .set(&key, &value)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
     }
     for kv in &args.set {
-        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set expects KEY=VALUE, got `{kv}`"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set expects KEY=VALUE, got `{kv}`"))?;
         config.set(k.trim(), v.trim())?;
     }
     if let Some(l) = &args.listen {
@@ -135,7 +155,10 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let node_id = config.node_id;
     let running = Broker::start(config).await?;
     let broker = running.broker.clone();
-    println!("ferrite ready: listening on {} node_id={node_id}", running.local_addr);
+    println!(
+        "ferrite ready: listening on {} node_id={node_id}",
+        running.local_addr
+    );
     tracing::info!(addr = %running.local_addr, advertised = ?broker.advertised, data_dir = %broker.config.data_dir.display(), "broker ready");
     let background = tokio::spawn(broker.clone().run_background());
     ferrite_broker::server::serve(broker.clone(), running.listener, shutdown_signal()).await;

@@ -9,7 +9,9 @@ pub fn murmur2(data: &[u8]) -> i32 {
     let mut h: u32 = SEED ^ (len as u32);
     let mut chunks = data.chunks_exact(4);
     for c in chunks.by_ref() {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let mut word = [0u8; 4];
+        word.copy_from_slice(c);
+        let mut k = u32::from_le_bytes(word);
         k = k.wrapping_mul(M);
         k ^= k >> R;
         k = k.wrapping_mul(M);
@@ -45,12 +47,18 @@ mod tests {
             ("foobar", -790332482),
             ("a-little-bit-long-string", -985981536),
             ("a-little-bit-longer-string", -1486304829),
-            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
             ("abc", 479470107),
         ];
         for (input, expected) in vectors {
             assert_eq!(murmur2(input.as_bytes()), expected, "{input}");
         }
-        assert_eq!(partition_for_key(b"21", 7), (-973932308i32 & 0x7fffffff) % 7);
+        assert_eq!(
+            partition_for_key(b"21", 7),
+            (-973932308i32 & 0x7fffffff) % 7
+        );
     }
 }

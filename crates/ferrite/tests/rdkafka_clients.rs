@@ -13,11 +13,16 @@ use std::time::{Duration, Instant};
 use common::{wait_for, Server, OP_TIMEOUT};
 use ferrite::murmur2::partition_for_key;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer,
+    ProducerContext,
+};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -35,7 +40,10 @@ impl ProducerContext for Counting {
         match r {
             Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
             Err((e, _)) => {
-                self.first_error.lock().unwrap().get_or_insert(e.to_string());
+                self.first_error
+                    .lock()
+                    .unwrap()
+                    .get_or_insert(e.to_string());
                 self.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
@@ -82,8 +90,15 @@ async fn hundred_thousand_keyed_messages_per_codec_round_trip() {
         for i in 0..N {
             let key = format!("key-{}", i % 997);
             let value = format!("value-{i}");
-            let headers = OwnedHeaders::new().insert(Header { key: "seq", value: Some(&i.to_string()) });
-            let mut record = BaseRecord::to(&topic).key(&key).payload(&value).headers(headers).timestamp(BASE_TS + i as i64);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "seq",
+                value: Some(&i.to_string()),
+            });
+            let mut record = BaseRecord::to(&topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers)
+                .timestamp(BASE_TS + i as i64);
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -97,7 +112,12 @@ async fn hundred_thousand_keyed_messages_per_codec_round_trip() {
         }
         producer.flush(Duration::from_secs(60)).unwrap();
         let ctx = producer.context();
-        assert_eq!(ctx.failed.load(Ordering::Relaxed), 0, "{codec}: {:?}", ctx.first_error.lock().unwrap());
+        assert_eq!(
+            ctx.failed.load(Ordering::Relaxed),
+            0,
+            "{codec}: {:?}",
+            ctx.first_error.lock().unwrap()
+        );
         assert_eq!(ctx.delivered.load(Ordering::Relaxed), N);
 
         let c = consumer(&server);
@@ -108,15 +128,27 @@ async fn hundred_thousand_keyed_messages_per_codec_round_trip() {
         let mut count = 0u64;
         let deadline = Instant::now() + Duration::from_secs(120);
         while count < N {
-            assert!(Instant::now() < deadline, "{codec}: consumed only {count} of {N}");
-            let Some(m) = c.poll(Duration::from_millis(200)) else { continue };
+            assert!(
+                Instant::now() < deadline,
+                "{codec}: consumed only {count} of {N}"
+            );
+            let Some(m) = c.poll(Duration::from_millis(200)) else {
+                continue;
+            };
             let m = m.unwrap();
             let p = m.partition();
             // Offsets are dense from 0 in every partition.
             let expected = next_offset.entry(p).or_insert(0);
-            assert_eq!(m.offset(), *expected, "{codec}: partition {p} offsets not contiguous");
+            assert_eq!(
+                m.offset(),
+                *expected,
+                "{codec}: partition {p} offsets not contiguous"
+            );
             *expected += 1;
-            let seq: i64 = std::str::from_utf8(m.headers().unwrap().get(0).value.unwrap()).unwrap().parse().unwrap();
+            let seq: i64 = std::str::from_utf8(m.headers().unwrap().get(0).value.unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
             assert_eq!(m.payload().unwrap(), format!("value-{seq}").as_bytes());
             assert_eq!(m.timestamp().to_millis(), Some(BASE_TS + seq));
             // Order within a partition is production order.
@@ -124,7 +156,11 @@ async fn hundred_thousand_keyed_messages_per_codec_round_trip() {
             assert!(seq > *last, "{codec}: partition {p} out of order");
             *last = seq;
             // Keys land where the Java client's murmur2 partitioner says.
-            assert_eq!(p, partition_for_key(m.key().unwrap(), PARTITIONS), "{codec}: key on wrong partition");
+            assert_eq!(
+                p,
+                partition_for_key(m.key().unwrap(), PARTITIONS),
+                "{codec}: key on wrong partition"
+            );
             assert!(!seen[seq as usize], "{codec}: duplicate {seq}");
             seen[seq as usize] = true;
             count += 1;
@@ -141,60 +177,124 @@ async fn list_offsets_by_timestamp_and_delete_records() {
     for i in 0..100i64 {
         let v = format!("v{i}");
         producer
-            .send(FutureRecord::<(), _>::to("ts").partition(0).payload(&v).timestamp(BASE_TS + i * 1000), OP_TIMEOUT)
+            .send(
+                FutureRecord::<(), _>::to("ts")
+                    .partition(0)
+                    .payload(&v)
+                    .timestamp(BASE_TS + i * 1000),
+                OP_TIMEOUT,
+            )
             .await
             .unwrap();
     }
     let c = consumer(&server);
     for (target, expected) in [(BASE_TS, 0), (BASE_TS + 50_500, 51), (BASE_TS + 99_000, 99)] {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("ts", 0, Offset::Offset(target)).unwrap();
+        tpl.add_partition_offset("ts", 0, Offset::Offset(target))
+            .unwrap();
         let r = c.offsets_for_times(tpl, OP_TIMEOUT).unwrap();
-        assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::Offset(expected), "target {target}");
+        assert_eq!(
+            r.find_partition("ts", 0).unwrap().offset(),
+            Offset::Offset(expected),
+            "target {target}"
+        );
     }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("ts", 0, Offset::Offset(BASE_TS + 200_000)).unwrap();
+    tpl.add_partition_offset("ts", 0, Offset::Offset(BASE_TS + 200_000))
+        .unwrap();
     let r = c.offsets_for_times(tpl, OP_TIMEOUT).unwrap();
     assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::End);
 
     let mut del = TopicPartitionList::new();
-    del.add_partition_offset("ts", 0, Offset::Offset(30)).unwrap();
-    let r = server.admin().delete_records(&del, &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT))).await.unwrap();
-    assert_eq!(r.find_partition("ts", 0).unwrap().offset(), Offset::Offset(30));
+    del.add_partition_offset("ts", 0, Offset::Offset(30))
+        .unwrap();
+    let r = server
+        .admin()
+        .delete_records(
+            &del,
+            &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.find_partition("ts", 0).unwrap().offset(),
+        Offset::Offset(30)
+    );
     assert_eq!(c.fetch_watermarks("ts", 0, OP_TIMEOUT).unwrap(), (30, 100));
     // Reading from the new start returns offset 30 first.
     assign_from(&c, "ts", 1, Offset::Beginning);
-    let first = wait_for("first message after delete", OP_TIMEOUT, || c.poll(Duration::from_millis(200)).map(|m| m.unwrap().offset()));
+    let first = wait_for("first message after delete", OP_TIMEOUT, || {
+        c.poll(Duration::from_millis(200))
+            .map(|m| m.unwrap().offset())
+    });
     assert_eq!(first, 30);
     // Beyond the high watermark is OFFSET_OUT_OF_RANGE.
     let mut del = TopicPartitionList::new();
-    del.add_partition_offset("ts", 0, Offset::Offset(1000)).unwrap();
-    let r = server.admin().delete_records(&del, &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT))).await.unwrap();
-    assert!(matches!(r.find_partition("ts", 0).unwrap().error(), Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetOutOfRange)) | Err(_)));
+    del.add_partition_offset("ts", 0, Offset::Offset(1000))
+        .unwrap();
+    let r = server
+        .admin()
+        .delete_records(
+            &del,
+            &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        r.find_partition("ts", 0).unwrap().error(),
+        Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetOutOfRange)) | Err(_)
+    ));
 }
 
 fn log_files(server: &Server, topic: &str, partition: i32) -> usize {
     std::fs::read_dir(server.data_dir.join(format!("{topic}-{partition}")))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
         .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_configs_take_effect() {
     let server = Server::start(&["log.retention.check.interval.ms=200"]);
-    server.create_topic("cfg", 1, &[("segment.bytes", "4096")]).await;
-    let producer: FutureProducer = server.config().set("linger.ms", "0").set("batch.num.messages", "1").create().unwrap();
+    server
+        .create_topic("cfg", 1, &[("segment.bytes", "4096")])
+        .await;
+    let producer: FutureProducer = server
+        .config()
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
     let now = rdkafka::util::millis_to_epoch(std::time::SystemTime::now());
     for i in 0..100i64 {
         let v = vec![b'x'; 200];
-        producer.send(FutureRecord::<(), _>::to("cfg").payload(&v).timestamp(now - 60_000 + i), OP_TIMEOUT).await.unwrap();
+        producer
+            .send(
+                FutureRecord::<(), _>::to("cfg")
+                    .payload(&v)
+                    .timestamp(now - 60_000 + i),
+                OP_TIMEOUT,
+            )
+            .await
+            .unwrap();
     }
-    assert!(log_files(&server, "cfg", 0) > 1, "segment.bytes=4096 rolls segments");
+    assert!(
+        log_files(&server, "cfg", 0) > 1,
+        "segment.bytes=4096 rolls segments"
+    );
 
     let admin = server.admin();
     let opts = AdminOptions::new().operation_timeout(Some(OP_TIMEOUT));
-    let described = admin.describe_configs([&ResourceSpecifier::Topic("cfg")], &opts).await.unwrap();
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic("cfg")], &opts)
+        .await
+        .unwrap();
     let entries = described.into_iter().next().unwrap().unwrap().entries;
     let seg = entries.iter().find(|e| e.name == "segment.bytes").unwrap();
     assert_eq!(seg.value.as_deref(), Some("4096"));
@@ -205,29 +305,57 @@ async fn topic_configs_take_effect() {
     // suite checks the error code itself.)
     let bad = AlterConfig::new(ResourceSpecifier::Topic("cfg")).set("no.such.config", "1");
     admin.alter_configs([&bad], &opts).await.unwrap();
-    let described = admin.describe_configs([&ResourceSpecifier::Topic("cfg")], &opts).await.unwrap();
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic("cfg")], &opts)
+        .await
+        .unwrap();
     let entries = described.into_iter().next().unwrap().unwrap().entries;
     assert!(entries.iter().all(|e| e.name != "no.such.config"));
-    assert_eq!(entries.iter().find(|e| e.name == "segment.bytes").unwrap().value.as_deref(), Some("4096"));
+    assert_eq!(
+        entries
+            .iter()
+            .find(|e| e.name == "segment.bytes")
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("4096")
+    );
 
     // A small retention.ms deletes the old segments (records are a minute old).
-    let alter = AlterConfig::new(ResourceSpecifier::Topic("cfg")).set("segment.bytes", "4096").set("retention.ms", "1000");
+    let alter = AlterConfig::new(ResourceSpecifier::Topic("cfg"))
+        .set("segment.bytes", "4096")
+        .set("retention.ms", "1000");
     for r in admin.alter_configs([&alter], &opts).await.unwrap() {
         r.unwrap();
     }
     let c = consumer(&server);
-    let low = wait_for("retention to advance the log start offset", Duration::from_secs(20), || {
-        let (low, high) = c.fetch_watermarks("cfg", 0, OP_TIMEOUT).unwrap();
-        assert_eq!(high, 100);
-        (low > 0).then_some(low)
-    });
+    let low = wait_for(
+        "retention to advance the log start offset",
+        Duration::from_secs(20),
+        || {
+            let (low, high) = c.fetch_watermarks("cfg", 0, OP_TIMEOUT).unwrap();
+            assert_eq!(high, 100);
+            (low > 0).then_some(low)
+        },
+    );
     assert!(low <= 100);
 
     // CreatePartitions grows the topic; shrinking is INVALID_PARTITIONS.
-    let r = admin.create_partitions([&NewPartitions::new("cfg", 3)], &opts).await.unwrap();
-    r.into_iter().for_each(|x| { x.unwrap(); });
-    let r = admin.create_partitions([&NewPartitions::new("cfg", 2)], &opts).await.unwrap();
-    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidPartitions))), "{r:?}");
+    let r = admin
+        .create_partitions([&NewPartitions::new("cfg", 3)], &opts)
+        .await
+        .unwrap();
+    r.into_iter().for_each(|x| {
+        x.unwrap();
+    });
+    let r = admin
+        .create_partitions([&NewPartitions::new("cfg", 2)], &opts)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidPartitions))),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,41 +364,109 @@ async fn admin_errors_are_kafka_errors() {
     let admin = server.admin();
     let opts = AdminOptions::new().operation_timeout(Some(OP_TIMEOUT));
     let cases = [
-        (NewTopic::new("bad name!", 1, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidTopic),
-        (NewTopic::new("..", 1, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidTopic),
-        (NewTopic::new("rf3", 1, TopicReplication::Fixed(3)), RDKafkaErrorCode::InvalidReplicationFactor),
-        (NewTopic::new("zero", 0, TopicReplication::Fixed(1)), RDKafkaErrorCode::InvalidPartitions),
-        (NewTopic::new("compacted", 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact"), RDKafkaErrorCode::InvalidConfig),
+        (
+            NewTopic::new("bad name!", 1, TopicReplication::Fixed(1)),
+            RDKafkaErrorCode::InvalidTopic,
+        ),
+        (
+            NewTopic::new("..", 1, TopicReplication::Fixed(1)),
+            RDKafkaErrorCode::InvalidTopic,
+        ),
+        (
+            NewTopic::new("rf3", 1, TopicReplication::Fixed(3)),
+            RDKafkaErrorCode::InvalidReplicationFactor,
+        ),
+        (
+            NewTopic::new("zero", 0, TopicReplication::Fixed(1)),
+            RDKafkaErrorCode::InvalidPartitions,
+        ),
+        (
+            NewTopic::new("compacted", 1, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact"),
+            RDKafkaErrorCode::InvalidConfig,
+        ),
     ];
     for (topic, code) in cases {
         let r = admin.create_topics([&topic], &opts).await.unwrap();
-        assert!(matches!(&r[0], Err((_, c)) if *c == code), "{r:?}, wanted {code:?}");
+        assert!(
+            matches!(&r[0], Err((_, c)) if *c == code),
+            "{r:?}, wanted {code:?}"
+        );
     }
     let long = "a".repeat(250);
-    let r = admin.create_topics([&NewTopic::new(&long, 1, TopicReplication::Fixed(1))], &opts).await.unwrap();
-    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidTopic))), "{r:?}");
+    let r = admin
+        .create_topics(
+            [&NewTopic::new(&long, 1, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Err((_, RDKafkaErrorCode::InvalidTopic))),
+        "{r:?}"
+    );
     server.create_topic("exists", 1, &[]).await;
-    let r = admin.create_topics([&NewTopic::new("exists", 1, TopicReplication::Fixed(1))], &opts).await.unwrap();
-    assert!(matches!(&r[0], Err((_, RDKafkaErrorCode::TopicAlreadyExists))), "{r:?}");
+    let r = admin
+        .create_topics(
+            [&NewTopic::new("exists", 1, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r[0], Err((_, RDKafkaErrorCode::TopicAlreadyExists))),
+        "{r:?}"
+    );
 
     // Produce to an unknown topic with auto-creation off.
-    let producer: FutureProducer =
-        server.config().set("message.timeout.ms", "10000").set("topic.metadata.propagation.max.ms", "500").create().unwrap();
-    let err = producer.send(FutureRecord::<(), _>::to("nope").payload("x"), OP_TIMEOUT).await.unwrap_err().0;
+    let producer: FutureProducer = server
+        .config()
+        .set("message.timeout.ms", "10000")
+        .set("topic.metadata.propagation.max.ms", "500")
+        .create()
+        .unwrap();
+    let err = producer
+        .send(FutureRecord::<(), _>::to("nope").payload("x"), OP_TIMEOUT)
+        .await
+        .unwrap_err()
+        .0;
     assert!(
-        matches!(err, KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)),
+        matches!(
+            err,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+            )
+        ),
         "{err:?}"
     );
     // A batch over max.message.bytes is MESSAGE_TOO_LARGE from the broker.
-    server.create_topic("small", 1, &[("max.message.bytes", "1000")]).await;
-    let producer: FutureProducer = server.config().set("message.timeout.ms", "5000").create().unwrap();
+    server
+        .create_topic("small", 1, &[("max.message.bytes", "1000")])
+        .await;
+    let producer: FutureProducer = server
+        .config()
+        .set("message.timeout.ms", "5000")
+        .create()
+        .unwrap();
     let big = vec![b'x'; 5000];
-    let err = producer.send(FutureRecord::<(), _>::to("small").payload(&big), OP_TIMEOUT).await.unwrap_err().0;
-    assert!(matches!(err, KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)), "{err:?}");
+    let err = producer
+        .send(FutureRecord::<(), _>::to("small").payload(&big), OP_TIMEOUT)
+        .await
+        .unwrap_err()
+        .0;
+    assert!(
+        matches!(
+            err,
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+        ),
+        "{err:?}"
+    );
 
     // Deleted topics disappear from metadata.
     let r = admin.delete_topics(&["exists"], &opts).await.unwrap();
-    r.into_iter().for_each(|x| { x.unwrap(); });
+    r.into_iter().for_each(|x| {
+        x.unwrap();
+    });
     let c = consumer(&server);
     let md = c.fetch_metadata(None, OP_TIMEOUT).unwrap();
     assert!(md.topics().iter().all(|t| t.name() != "exists"));
@@ -296,45 +492,82 @@ async fn kill_9_keeps_every_acknowledged_message() {
             for i in 0..1_000_000u64 {
                 let v = format!("m{i}");
                 let k = format!("k{}", i % 10);
-                match producer.send(FutureRecord::to("crash").key(&k).payload(&v), Duration::from_secs(5)).await {
+                match producer
+                    .send(
+                        FutureRecord::to("crash").key(&k).payload(&v),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                {
                     Ok(d) => acked.lock().unwrap().push((d.partition, d.offset, v)),
                     Err(_) => return,
                 }
             }
         })
     };
-    wait_for("some acknowledged messages", Duration::from_secs(30), || (acked.lock().unwrap().len() > 2000).then_some(()));
+    wait_for(
+        "some acknowledged messages",
+        Duration::from_secs(30),
+        || (acked.lock().unwrap().len() > 2000).then_some(()),
+    );
     server.kill9();
-    tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .unwrap()
+        .unwrap();
     let acked = acked.lock().unwrap().clone();
     server.restart();
 
     let c = consumer(&server);
-    let ends: Vec<i64> = (0..2).map(|p| c.fetch_watermarks("crash", p, OP_TIMEOUT).unwrap().1).collect();
+    let ends: Vec<i64> = (0..2)
+        .map(|p| c.fetch_watermarks("crash", p, OP_TIMEOUT).unwrap().1)
+        .collect();
     assign_from(&c, "crash", 2, Offset::Beginning);
     let mut stored: HashMap<(i32, i64), String> = HashMap::new();
     let total: i64 = ends.iter().sum();
     let deadline = Instant::now() + Duration::from_secs(60);
     while (stored.len() as i64) < total {
-        assert!(Instant::now() < deadline, "read {} of {total}", stored.len());
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {total}",
+            stored.len()
+        );
         if let Some(m) = c.poll(Duration::from_millis(200)) {
             let m = m.unwrap();
-            stored.insert((m.partition(), m.offset()), String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+            stored.insert(
+                (m.partition(), m.offset()),
+                String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
+            );
         }
     }
     for (p, o, v) in &acked {
-        assert_eq!(stored.get(&(*p, *o)), Some(v), "acknowledged {v} at {p}/{o} lost");
+        assert_eq!(
+            stored.get(&(*p, *o)),
+            Some(v),
+            "acknowledged {v} at {p}/{o} lost"
+        );
     }
     // The log accepts appends right after the recovered tail.
     let producer: FutureProducer = server.config().create().unwrap();
-    let d = producer.send(FutureRecord::<(), _>::to("crash").partition(0).payload("after"), OP_TIMEOUT).await.unwrap();
+    let d = producer
+        .send(
+            FutureRecord::<(), _>::to("crash")
+                .partition(0)
+                .payload("after"),
+            OP_TIMEOUT,
+        )
+        .await
+        .unwrap();
     assert_eq!(d.offset, ends[0]);
 
     // A graceful restart keeps everything too.
     server.stop();
     server.restart();
     let c = consumer(&server);
-    assert_eq!(c.fetch_watermarks("crash", 0, OP_TIMEOUT).unwrap().1, ends[0] + 1);
+    assert_eq!(
+        c.fetch_watermarks("crash", 0, OP_TIMEOUT).unwrap().1,
+        ends[0] + 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,10 +620,19 @@ async fn garbage_on_the_wire_does_not_hurt_the_broker() {
     let _silent = TcpStream::connect(&server.addr).unwrap();
 
     let producer: FutureProducer = server.config().create().unwrap();
-    let d = producer.send(FutureRecord::<(), _>::to("survivor").payload("alive"), OP_TIMEOUT).await.unwrap();
+    let d = producer
+        .send(
+            FutureRecord::<(), _>::to("survivor").payload("alive"),
+            OP_TIMEOUT,
+        )
+        .await
+        .unwrap();
     assert_eq!(d.offset, 0);
     let c = consumer(&server);
     assign_from(&c, "survivor", 1, Offset::Beginning);
-    let m = wait_for("message after garbage", OP_TIMEOUT, || c.poll(Duration::from_millis(200)).map(|m| m.unwrap().payload().unwrap().to_vec()));
+    let m = wait_for("message after garbage", OP_TIMEOUT, || {
+        c.poll(Duration::from_millis(200))
+            .map(|m| m.unwrap().payload().unwrap().to_vec())
+    });
     assert_eq!(m, b"alive");
 }

@@ -7,23 +7,34 @@ use std::sync::Arc;
 
 use ferrite_metadata::{BrokerSlot, MetadataImage, MetadataRecord};
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
-use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
-use kafka_protocol::messages::delete_records_response::{DeleteRecordsPartitionResult, DeleteRecordsTopicResult};
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
+use kafka_protocol::messages::delete_records_response::{
+    DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
+};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::{
-    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse, DeleteRecordsRequest,
-    DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
+    DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
 };
 use kafka_protocol::ResponseError;
 
 use super::{str_bytes, topic_name};
 use crate::config::limits;
-use crate::controller::{create_topic_records, partition_records, validate_manual_assignment, validate_topic_configs, AdminError};
+use crate::controller::{
+    create_topic_records, partition_records, validate_manual_assignment, validate_topic_configs,
+    AdminError,
+};
 use crate::error::storage_error_code;
 use crate::Broker;
 
 /// Commits records and brings the hosted partitions in line; one error for both steps.
-fn commit(broker: &Broker, writer: &mut crate::controller::MetadataWriter<'_>, records: Vec<MetadataRecord>) -> Result<Arc<MetadataImage>, AdminError> {
+fn commit(
+    broker: &Broker,
+    writer: &mut crate::controller::MetadataWriter<'_>,
+    records: Vec<MetadataRecord>,
+) -> Result<Arc<MetadataImage>, AdminError> {
     let image = writer.commit(records).map_err(|e| {
         tracing::error!(error = %e, "metadata commit failed");
         AdminError::new(ResponseError::KafkaStorageError, e.to_string())
@@ -31,42 +42,74 @@ fn commit(broker: &Broker, writer: &mut crate::controller::MetadataWriter<'_>, r
     broker
         .replicas
         .reconcile(&image, &broker.config, true)
-        .map_err(|e| AdminError { code: storage_error_code(&e), message: e.to_string() })?;
+        .map_err(|e| AdminError {
+            code: storage_error_code(&e),
+            message: e.to_string(),
+        })?;
     Ok(image)
 }
 
-pub async fn create_topics(broker: &Arc<Broker>, req: CreateTopicsRequest, version: i16) -> CreateTopicsResponse {
+pub async fn create_topics(
+    broker: &Arc<Broker>,
+    req: CreateTopicsRequest,
+    version: i16,
+) -> CreateTopicsResponse {
     let mut writer = broker.controller.writer().await;
     let mut seen = HashSet::new();
-    let duplicates: HashSet<String> =
-        req.topics.iter().map(|t| t.name.0.to_string()).filter(|n| !seen.insert(n.clone())).collect();
+    let duplicates: HashSet<String> = req
+        .topics
+        .iter()
+        .map(|t| t.name.0.to_string())
+        .filter(|n| !seen.insert(n.clone()))
+        .collect();
     let mut results = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let name = t.name.0.to_string();
-        let mut result = CreatableTopicResult::default().with_name(t.name.clone()).with_num_partitions(-1).with_replication_factor(-1);
+        let mut result = CreatableTopicResult::default()
+            .with_name(t.name.clone())
+            .with_num_partitions(-1)
+            .with_replication_factor(-1);
         let outcome = (|| {
             if duplicates.contains(&name) {
-                return Err(AdminError::new(ResponseError::InvalidRequest, format!("topic `{name}` appears more than once in the request")));
+                return Err(AdminError::new(
+                    ResponseError::InvalidRequest,
+                    format!("topic `{name}` appears more than once in the request"),
+                ));
             }
             let configs = validate_topic_configs(
                 &broker.config,
-                t.configs.iter().map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string()))),
+                t.configs
+                    .iter()
+                    .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string()))),
             )?;
             let manual = if t.assignments.is_empty() {
                 None
             } else {
                 let mut by_index: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
                 for a in &t.assignments {
-                    by_index.insert(a.partition_index, a.broker_ids.iter().map(|b| b.0).collect());
+                    by_index.insert(
+                        a.partition_index,
+                        a.broker_ids.iter().map(|b| b.0).collect(),
+                    );
                 }
                 if by_index.keys().copied().ne(0..by_index.len() as i32) {
-                    return Err(AdminError::new(ResponseError::InvalidReplicaAssignment, "partition indexes must be 0..n"));
+                    return Err(AdminError::new(
+                        ResponseError::InvalidReplicaAssignment,
+                        "partition indexes must be 0..n",
+                    ));
                 }
                 Some(by_index.into_values().collect())
             };
             let image = writer.image();
-            let (topic_id, records, partitions, rf) =
-                create_topic_records(&broker.config, &image, &name, t.num_partitions, t.replication_factor, manual, configs.clone())?;
+            let (topic_id, records, partitions, rf) = create_topic_records(
+                &broker.config,
+                &image,
+                &name,
+                t.num_partitions,
+                t.replication_factor,
+                manual,
+                configs.clone(),
+            )?;
             if !req.validate_only {
                 commit(broker, &mut writer, records)?;
             }
@@ -74,7 +117,10 @@ pub async fn create_topics(broker: &Arc<Broker>, req: CreateTopicsRequest, versi
         })();
         match outcome {
             Ok((topic_id, partitions, rf, configs)) => {
-                result = result.with_topic_id(topic_id).with_num_partitions(partitions).with_replication_factor(rf);
+                result = result
+                    .with_topic_id(topic_id)
+                    .with_num_partitions(partitions)
+                    .with_replication_factor(rf);
                 // v5+ returns the topic's configs (KIP-525).
                 if version >= 5 {
                     result = result.with_configs(Some(
@@ -83,7 +129,10 @@ pub async fn create_topics(broker: &Arc<Broker>, req: CreateTopicsRequest, versi
                             .map(|k| {
                                 let (value, source) = match configs.get(*k) {
                                     Some(v) => (Some(v.clone()), super::configs::SOURCE_TOPIC),
-                                    None => (broker.config.topic_config_default(k), super::configs::SOURCE_DEFAULT),
+                                    None => (
+                                        broker.config.topic_config_default(k),
+                                        super::configs::SOURCE_DEFAULT,
+                                    ),
                                 };
                                 CreatableTopicConfigs::default()
                                     .with_name(str_bytes(*k))
@@ -98,7 +147,9 @@ pub async fn create_topics(broker: &Arc<Broker>, req: CreateTopicsRequest, versi
                 }
             }
             Err(e) => {
-                result = result.with_error_code(e.code).with_error_message(Some(str_bytes(e.message)));
+                result = result
+                    .with_error_code(e.code)
+                    .with_error_message(Some(str_bytes(e.message)));
             }
         }
         results.push(result);
@@ -106,13 +157,23 @@ pub async fn create_topics(broker: &Arc<Broker>, req: CreateTopicsRequest, versi
     CreateTopicsResponse::default().with_topics(results)
 }
 
-pub async fn delete_topics(broker: &Arc<Broker>, req: DeleteTopicsRequest, version: i16) -> DeleteTopicsResponse {
+pub async fn delete_topics(
+    broker: &Arc<Broker>,
+    req: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
     let mut writer = broker.controller.writer().await;
     // v6 names topics by name or id; before that by name only.
     let wanted: Vec<(Option<String>, uuid::Uuid)> = if version >= 6 {
-        req.topics.iter().map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id)).collect()
+        req.topics
+            .iter()
+            .map(|t| (t.name.as_ref().map(|n| n.0.to_string()), t.topic_id))
+            .collect()
     } else {
-        req.topic_names.iter().map(|n| (Some(n.0.to_string()), uuid::Uuid::nil())).collect()
+        req.topic_names
+            .iter()
+            .map(|n| (Some(n.0.to_string()), uuid::Uuid::nil()))
+            .collect()
     };
     let mut responses = Vec::with_capacity(wanted.len());
     for (name, id) in wanted {
@@ -121,19 +182,35 @@ pub async fn delete_topics(broker: &Arc<Broker>, req: DeleteTopicsRequest, versi
             Some(n) => image.topic(n),
             None => image.topic_by_id(&id),
         };
-        let mut result = DeletableTopicResult::default().with_name(name.as_deref().map(topic_name)).with_topic_id(id);
+        let mut result = DeletableTopicResult::default()
+            .with_name(name.as_deref().map(topic_name))
+            .with_topic_id(id);
         match topic {
             None => {
-                let code = if name.is_some() { ResponseError::UnknownTopicOrPartition } else { ResponseError::UnknownTopicId };
+                let code = if name.is_some() {
+                    ResponseError::UnknownTopicOrPartition
+                } else {
+                    ResponseError::UnknownTopicId
+                };
                 result = result.with_error_code(code.code());
             }
             Some(t) => {
                 let topic_id = t.topic_id;
                 let topic = t.name.clone();
-                result = result.with_name(Some(topic_name(&topic))).with_topic_id(topic_id);
-                match commit(broker, &mut writer, vec![MetadataRecord::RemoveTopic { topic_id }]) {
+                result = result
+                    .with_name(Some(topic_name(&topic)))
+                    .with_topic_id(topic_id);
+                match commit(
+                    broker,
+                    &mut writer,
+                    vec![MetadataRecord::RemoveTopic { topic_id }],
+                ) {
                     Ok(_) => tracing::info!(%topic, "deleted topic"),
-                    Err(e) => result = result.with_error_code(e.code).with_error_message(Some(str_bytes(e.message))),
+                    Err(e) => {
+                        result = result
+                            .with_error_code(e.code)
+                            .with_error_message(Some(str_bytes(e.message)))
+                    }
                 }
             }
         }
@@ -142,53 +219,91 @@ pub async fn delete_topics(broker: &Arc<Broker>, req: DeleteTopicsRequest, versi
     DeleteTopicsResponse::default().with_responses(responses)
 }
 
-pub async fn create_partitions(broker: &Arc<Broker>, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+pub async fn create_partitions(
+    broker: &Arc<Broker>,
+    req: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let mut writer = broker.controller.writer().await;
     let mut results = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let name = t.name.0.to_string();
         let outcome = (|| {
             let image = writer.image();
-            let topic = image
-                .topic(&name)
-                .ok_or_else(|| AdminError::new(ResponseError::UnknownTopicOrPartition, format!("topic `{name}` does not exist")))?;
+            let topic = image.topic(&name).ok_or_else(|| {
+                AdminError::new(
+                    ResponseError::UnknownTopicOrPartition,
+                    format!("topic `{name}` does not exist"),
+                )
+            })?;
             let current = topic.partitions.len() as i32;
             if t.count <= current {
                 return Err(AdminError::new(
                     ResponseError::InvalidPartitions,
-                    format!("topic has {current} partitions; the new count {} must be larger", t.count),
+                    format!(
+                        "topic has {current} partitions; the new count {} must be larger",
+                        t.count
+                    ),
                 ));
             }
             let added = t.count - current;
             if added > limits::TOPIC_PARTITIONS_CREATED_MAX {
-                return Err(AdminError::new(ResponseError::InvalidPartitions, format!("at most {} partitions per request", limits::TOPIC_PARTITIONS_CREATED_MAX)));
+                return Err(AdminError::new(
+                    ResponseError::InvalidPartitions,
+                    format!(
+                        "at most {} partitions per request",
+                        limits::TOPIC_PARTITIONS_CREATED_MAX
+                    ),
+                ));
             }
-            let brokers = [BrokerSlot { node_id: broker.config.node_id, rack: broker.config.rack.clone() }];
-            let rf = topic.partitions.values().next().map_or(1, |p| p.replicas.len()) as i32;
+            let brokers = [BrokerSlot {
+                node_id: broker.config.node_id,
+                rack: broker.config.rack.clone(),
+            }];
+            let rf = topic
+                .partitions
+                .values()
+                .next()
+                .map_or(1, |p| p.replicas.len()) as i32;
             let assignment = match &t.assignments {
                 Some(a) => {
-                    let a: Vec<Vec<i32>> = a.iter().map(|x| x.broker_ids.iter().map(|b| b.0).collect()).collect();
+                    let a: Vec<Vec<i32>> = a
+                        .iter()
+                        .map(|x| x.broker_ids.iter().map(|b| b.0).collect())
+                        .collect();
                     if a.len() as i32 != added {
-                        return Err(AdminError::new(ResponseError::InvalidReplicaAssignment, "one assignment per new partition is required"));
+                        return Err(AdminError::new(
+                            ResponseError::InvalidReplicaAssignment,
+                            "one assignment per new partition is required",
+                        ));
                     }
                     validate_manual_assignment(&a, &brokers, current)?;
                     a
                 }
                 None => {
                     let start = rand::random::<u32>() as usize % brokers.len();
-                    ferrite_metadata::assign_replicas(&brokers, current, added, rf, start)
-                        .map_err(|e| AdminError { code: crate::error::placement_error_code(&e), message: e.to_string() })?
+                    ferrite_metadata::assign_replicas(&brokers, current, added, rf, start).map_err(
+                        |e| AdminError {
+                            code: crate::error::placement_error_code(&e),
+                            message: e.to_string(),
+                        },
+                    )?
                 }
             };
             if !req.validate_only {
-                commit(broker, &mut writer, partition_records(topic.topic_id, current, assignment))?;
+                commit(
+                    broker,
+                    &mut writer,
+                    partition_records(topic.topic_id, current, assignment),
+                )?;
                 tracing::info!(topic = %name, count = t.count, "added partitions");
             }
             Ok(())
         })();
         let mut result = CreatePartitionsTopicResult::default().with_name(t.name);
         if let Err(e) = outcome {
-            result = result.with_error_code(e.code).with_error_message(Some(str_bytes(e.message)));
+            result = result
+                .with_error_code(e.code)
+                .with_error_message(Some(str_bytes(e.message)));
         }
         results.push(result);
     }

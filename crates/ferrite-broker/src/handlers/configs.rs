@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use ferrite_metadata::MetadataRecord;
 use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
-use kafka_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
 use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResourceResponse;
 use kafka_protocol::messages::{
-    AlterConfigsRequest, AlterConfigsResponse, DescribeConfigsRequest, DescribeConfigsResponse, IncrementalAlterConfigsRequest,
-    IncrementalAlterConfigsResponse,
+    AlterConfigsRequest, AlterConfigsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
+    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
 };
 use kafka_protocol::ResponseError;
 
@@ -39,21 +41,33 @@ fn config_type(key: &str) -> i8 {
     }
 }
 
-pub fn describe(broker: &Arc<Broker>, req: DescribeConfigsRequest, _version: i16) -> DescribeConfigsResponse {
+pub fn describe(
+    broker: &Arc<Broker>,
+    req: DescribeConfigsRequest,
+    _version: i16,
+) -> DescribeConfigsResponse {
     let image = broker.controller.image();
     let results = req
         .resources
         .into_iter()
         .map(|r| {
             let name = r.resource_name.to_string();
-            let result = DescribeConfigsResult::default().with_resource_type(r.resource_type).with_resource_name(r.resource_name.clone());
-            let keys_wanted = |k: &str| r.configuration_keys.as_ref().is_none_or(|ks| ks.iter().any(|w| w.as_str() == k));
+            let result = DescribeConfigsResult::default()
+                .with_resource_type(r.resource_type)
+                .with_resource_name(r.resource_name.clone());
+            let keys_wanted = |k: &str| {
+                r.configuration_keys
+                    .as_ref()
+                    .is_none_or(|ks| ks.iter().any(|w| w.as_str() == k))
+            };
             match r.resource_type {
                 RESOURCE_TOPIC => {
                     let Some(topic) = image.topic(&name) else {
                         return result
                             .with_error_code(ResponseError::UnknownTopicOrPartition.code())
-                            .with_error_message(Some(str_bytes(format!("topic `{name}` does not exist"))));
+                            .with_error_message(Some(str_bytes(format!(
+                                "topic `{name}` does not exist"
+                            ))));
                     };
                     let configs = TOPIC_CONFIG_KEYS
                         .iter()
@@ -76,22 +90,43 @@ pub fn describe(broker: &Arc<Broker>, req: DescribeConfigsRequest, _version: i16
                     if name != broker.config.node_id.to_string() && !name.is_empty() {
                         return result
                             .with_error_code(ResponseError::InvalidRequest.code())
-                            .with_error_message(Some(str_bytes(format!("this is broker {}", broker.config.node_id))));
+                            .with_error_message(Some(str_bytes(format!(
+                                "this is broker {}",
+                                broker.config.node_id
+                            ))));
                     }
                     let c = &broker.config;
                     let pairs = [
                         ("node.id", c.node_id.to_string()),
                         ("broker.rack", c.rack.clone().unwrap_or_default()),
                         ("log.dirs", c.data_dir.display().to_string()),
-                        ("auto.create.topics.enable", c.auto_create_topics_enable.to_string()),
+                        (
+                            "auto.create.topics.enable",
+                            c.auto_create_topics_enable.to_string(),
+                        ),
                         ("num.partitions", c.num_partitions.to_string()),
-                        ("default.replication.factor", c.default_replication_factor.to_string()),
+                        (
+                            "default.replication.factor",
+                            c.default_replication_factor.to_string(),
+                        ),
                         ("socket.request.max.bytes", c.request_bytes_max.to_string()),
-                        ("log.retention.check.interval.ms", c.retention_check_interval_ms.to_string()),
-                        ("log.segment.bytes", c.log_defaults.segment_bytes.to_string()),
+                        (
+                            "log.retention.check.interval.ms",
+                            c.retention_check_interval_ms.to_string(),
+                        ),
+                        (
+                            "log.segment.bytes",
+                            c.log_defaults.segment_bytes.to_string(),
+                        ),
                         ("log.retention.ms", c.log_defaults.retention_ms.to_string()),
-                        ("log.retention.bytes", c.log_defaults.retention_bytes.to_string()),
-                        ("message.max.bytes", c.log_defaults.max_message_bytes.to_string()),
+                        (
+                            "log.retention.bytes",
+                            c.log_defaults.retention_bytes.to_string(),
+                        ),
+                        (
+                            "message.max.bytes",
+                            c.log_defaults.max_message_bytes.to_string(),
+                        ),
                     ];
                     let configs = pairs
                         .into_iter()
@@ -108,7 +143,9 @@ pub fn describe(broker: &Arc<Broker>, req: DescribeConfigsRequest, _version: i16
                 }
                 other => result
                     .with_error_code(ResponseError::InvalidRequest.code())
-                    .with_error_message(Some(str_bytes(format!("resource type {other} has no configs here")))),
+                    .with_error_message(Some(str_bytes(format!(
+                        "resource type {other} has no configs here"
+                    )))),
             }
         })
         .collect();
@@ -124,23 +161,36 @@ async fn replace_topic_configs(
 ) -> Result<(), AdminError> {
     let mut writer = broker.controller.writer().await;
     let image = writer.image();
-    let t = image
-        .topic(topic)
-        .ok_or_else(|| AdminError::new(ResponseError::UnknownTopicOrPartition, format!("topic `{topic}` does not exist")))?;
+    let t = image.topic(topic).ok_or_else(|| {
+        AdminError::new(
+            ResponseError::UnknownTopicOrPartition,
+            format!("topic `{topic}` does not exist"),
+        )
+    })?;
     let wanted = validate_topic_configs(&broker.config, build(&t.configs)?)?;
     let mut records = Vec::new();
     for key in t.configs.keys().filter(|k| !wanted.contains_key(*k)) {
-        records.push(MetadataRecord::TopicConfig { topic_id: t.topic_id, key: key.clone(), value: None });
+        records.push(MetadataRecord::TopicConfig {
+            topic_id: t.topic_id,
+            key: key.clone(),
+            value: None,
+        });
     }
     for (key, value) in &wanted {
         if t.configs.get(key) != Some(value) {
-            records.push(MetadataRecord::TopicConfig { topic_id: t.topic_id, key: key.clone(), value: Some(value.clone()) });
+            records.push(MetadataRecord::TopicConfig {
+                topic_id: t.topic_id,
+                key: key.clone(),
+                value: Some(value.clone()),
+            });
         }
     }
     if validate_only || records.is_empty() {
         return Ok(());
     }
-    let next = writer.commit(records).map_err(|e| AdminError::new(ResponseError::KafkaStorageError, e.to_string()))?;
+    let next = writer
+        .commit(records)
+        .map_err(|e| AdminError::new(ResponseError::KafkaStorageError, e.to_string()))?;
     broker
         .replicas
         .reconcile(&next, &broker.config, true)
@@ -150,7 +200,10 @@ async fn replace_topic_configs(
 }
 
 fn broker_configs_read_only() -> AdminError {
-    AdminError::new(ResponseError::InvalidRequest, "broker configs cannot be changed at run time; restart with --set")
+    AdminError::new(
+        ResponseError::InvalidRequest,
+        "broker configs cannot be changed at run time; restart with --set",
+    )
 }
 
 pub async fn alter(broker: &Arc<Broker>, req: AlterConfigsRequest) -> AlterConfigsResponse {
@@ -159,23 +212,36 @@ pub async fn alter(broker: &Arc<Broker>, req: AlterConfigsRequest) -> AlterConfi
         let name = r.resource_name.to_string();
         let outcome = match r.resource_type {
             RESOURCE_TOPIC => {
-                let given: Vec<(String, Option<String>)> =
-                    r.configs.iter().map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string()))).collect();
+                let given: Vec<(String, Option<String>)> = r
+                    .configs
+                    .iter()
+                    .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
+                    .collect();
                 replace_topic_configs(broker, &name, req.validate_only, |_| Ok(given)).await
             }
             RESOURCE_BROKER => Err(broker_configs_read_only()),
-            other => Err(AdminError::new(ResponseError::InvalidRequest, format!("resource type {other} has no configs"))),
+            other => Err(AdminError::new(
+                ResponseError::InvalidRequest,
+                format!("resource type {other} has no configs"),
+            )),
         };
-        let mut resp = AlterConfigsResourceResponse::default().with_resource_type(r.resource_type).with_resource_name(r.resource_name);
+        let mut resp = AlterConfigsResourceResponse::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name);
         if let Err(e) = outcome {
-            resp = resp.with_error_code(e.code).with_error_message(Some(str_bytes(e.message)));
+            resp = resp
+                .with_error_code(e.code)
+                .with_error_message(Some(str_bytes(e.message)));
         }
         responses.push(resp);
     }
     AlterConfigsResponse::default().with_responses(responses)
 }
 
-pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfigsRequest) -> IncrementalAlterConfigsResponse {
+pub async fn incremental_alter(
+    broker: &Arc<Broker>,
+    req: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
     const SET: i8 = 0;
     const DELETE: i8 = 1;
     const APPEND: i8 = 2;
@@ -183,8 +249,17 @@ pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfig
     let mut responses = Vec::with_capacity(req.resources.len());
     for r in req.resources {
         let name = r.resource_name.to_string();
-        let ops: Vec<(i8, String, Option<String>)> =
-            r.configs.iter().map(|c| (c.config_operation, c.name.to_string(), c.value.as_ref().map(|v| v.to_string()))).collect();
+        let ops: Vec<(i8, String, Option<String>)> = r
+            .configs
+            .iter()
+            .map(|c| {
+                (
+                    c.config_operation,
+                    c.name.to_string(),
+                    c.value.as_ref().map(|v| v.to_string()),
+                )
+            })
+            .collect();
         let outcome = match r.resource_type {
             RESOURCE_TOPIC => {
                 replace_topic_configs(broker, &name, req.validate_only, |current| {
@@ -192,7 +267,12 @@ pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfig
                     for (op, key, value) in ops {
                         match op {
                             SET => {
-                                let v = value.ok_or_else(|| AdminError::new(ResponseError::InvalidConfig, format!("SET of `{key}` needs a value")))?;
+                                let v = value.ok_or_else(|| {
+                                    AdminError::new(
+                                        ResponseError::InvalidConfig,
+                                        format!("SET of `{key}` needs a value"),
+                                    )
+                                })?;
                                 next.insert(key, v);
                             }
                             DELETE => {
@@ -200,7 +280,10 @@ pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfig
                             }
                             APPEND | SUBTRACT => {
                                 if config_type(&key) != 7 {
-                                    return Err(AdminError::new(ResponseError::InvalidConfig, format!("`{key}` is not a list config")));
+                                    return Err(AdminError::new(
+                                        ResponseError::InvalidConfig,
+                                        format!("`{key}` is not a list config"),
+                                    ));
                                 }
                                 // cleanup.policy is the only list config and only `delete`
                                 // is supported, so APPEND sets it and SUBTRACT resets it.
@@ -211,7 +294,10 @@ pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfig
                                 }
                             }
                             other => {
-                                return Err(AdminError::new(ResponseError::InvalidRequest, format!("unknown config operation {other}")))
+                                return Err(AdminError::new(
+                                    ResponseError::InvalidRequest,
+                                    format!("unknown config operation {other}"),
+                                ))
                             }
                         }
                     }
@@ -220,11 +306,18 @@ pub async fn incremental_alter(broker: &Arc<Broker>, req: IncrementalAlterConfig
                 .await
             }
             RESOURCE_BROKER => Err(broker_configs_read_only()),
-            other => Err(AdminError::new(ResponseError::InvalidRequest, format!("resource type {other} has no configs"))),
+            other => Err(AdminError::new(
+                ResponseError::InvalidRequest,
+                format!("resource type {other} has no configs"),
+            )),
         };
-        let mut resp = IncrementalResourceResponse::default().with_resource_type(r.resource_type).with_resource_name(r.resource_name);
+        let mut resp = IncrementalResourceResponse::default()
+            .with_resource_type(r.resource_type)
+            .with_resource_name(r.resource_name);
         if let Err(e) = outcome {
-            resp = resp.with_error_code(e.code).with_error_message(Some(str_bytes(e.message)));
+            resp = resp
+                .with_error_code(e.code)
+                .with_error_message(Some(str_bytes(e.message)));
         }
         responses.push(resp);
     }

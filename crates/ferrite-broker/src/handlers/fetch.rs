@@ -32,7 +32,11 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
         let (name, id, unknown_code) = if version >= 13 {
             match image.topic_by_id(&t.topic_id) {
                 Some(ti) => (ti.name.clone(), t.topic_id, 0),
-                None => (String::new(), t.topic_id, ResponseError::UnknownTopicId.code()),
+                None => (
+                    String::new(),
+                    t.topic_id,
+                    ResponseError::UnknownTopicId.code(),
+                ),
             }
         } else {
             let name = t.topic.0.to_string();
@@ -43,7 +47,11 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
             .partitions
             .into_iter()
             .map(|fp| {
-                let p = if unknown_code == 0 { broker.replicas.get(&name, fp.partition) } else { None };
+                let p = if unknown_code == 0 {
+                    broker.replicas.get(&name, fp.partition)
+                } else {
+                    None
+                };
                 let code = if unknown_code != 0 {
                     unknown_code
                 } else if p.is_none() {
@@ -54,18 +62,34 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
                 (fp, p, code)
             })
             .collect();
-        wanted.push(Wanted { topic: if version >= 13 { t.topic } else { topic_name(&name) }, topic_id: id, partitions });
+        wanted.push(Wanted {
+            topic: if version >= 13 {
+                t.topic
+            } else {
+                topic_name(&name)
+            },
+            topic_id: id,
+            partitions,
+        });
     }
 
-    let max_wait = Duration::from_millis(req.max_wait_ms.clamp(0, limits::FETCH_WAIT_MS_MAX) as u64);
+    let max_wait =
+        Duration::from_millis(req.max_wait_ms.clamp(0, limits::FETCH_WAIT_MS_MAX) as u64);
     let deadline = tokio::time::Instant::now() + max_wait;
     let min_bytes = usize::try_from(req.min_bytes.max(0)).unwrap_or(0);
-    let max_bytes = usize::try_from(req.max_bytes).ok().filter(|b| *b > 0).unwrap_or(usize::MAX);
+    let max_bytes = usize::try_from(req.max_bytes)
+        .ok()
+        .filter(|b| *b > 0)
+        .unwrap_or(usize::MAX);
     loop {
         // Subscribe before reading so that an append between the read and the wait wakes us.
         let mut watchers: Vec<watch::Receiver<i64>> = wanted
             .iter()
-            .flat_map(|w| w.partitions.iter().filter_map(|(_, p, _)| p.as_ref().map(|p| p.subscribe())))
+            .flat_map(|w| {
+                w.partitions
+                    .iter()
+                    .filter_map(|(_, p, _)| p.as_ref().map(|p| p.subscribe()))
+            })
             .collect();
         for w in &mut watchers {
             w.borrow_and_update();
@@ -73,19 +97,27 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
         let (responses, bytes, errors) = read_all(&wanted, max_bytes, version);
         let now = tokio::time::Instant::now();
         if bytes >= min_bytes || errors || now >= deadline || watchers.is_empty() {
-            return FetchResponse::default().with_session_id(0).with_responses(responses);
+            return FetchResponse::default()
+                .with_session_id(0)
+                .with_responses(responses);
         }
         let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             let (responses, _, _) = read_all(&wanted, max_bytes, version);
-            return FetchResponse::default().with_session_id(0).with_responses(responses);
+            return FetchResponse::default()
+                .with_session_id(0)
+                .with_responses(responses);
         }
     }
 }
 
 /// Reads every partition once. Returns the responses, the bytes of records in them, and
 /// whether any partition had an error (which ends the long poll, as in Kafka).
-fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16) -> (Vec<FetchableTopicResponse>, usize, bool) {
+fn read_all(
+    wanted: &[Wanted],
+    max_bytes: usize,
+    version: i16,
+) -> (Vec<FetchableTopicResponse>, usize, bool) {
     let mut remaining = max_bytes;
     let mut total = 0usize;
     let mut errors = false;
@@ -111,7 +143,10 @@ fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16) -> (Vec<Fetchable
                 continue;
             }
             let (log_start, hw, plan) = p.read_plan(fp.fetch_offset);
-            pd = pd.with_high_watermark(hw).with_last_stable_offset(hw).with_log_start_offset(log_start);
+            pd = pd
+                .with_high_watermark(hw)
+                .with_last_stable_offset(hw)
+                .with_log_start_offset(log_start);
             let partition_max = usize::try_from(fp.partition_max_bytes).unwrap_or(0);
             let limit = partition_max.min(remaining);
             // KIP-74: the first batch of the response is returned even when larger than
@@ -137,7 +172,12 @@ fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16) -> (Vec<Fetchable
             }
             partitions.push(pd);
         }
-        out.push(FetchableTopicResponse::default().with_topic(w.topic.clone()).with_topic_id(w.topic_id).with_partitions(partitions));
+        out.push(
+            FetchableTopicResponse::default()
+                .with_topic(w.topic.clone())
+                .with_topic_id(w.topic_id)
+                .with_partitions(partitions),
+        );
     }
     (out, total, errors)
 }

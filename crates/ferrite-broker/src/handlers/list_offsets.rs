@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 use kafka_protocol::records::{RecordBatchDecoder, TimestampType};
 use kafka_protocol::ResponseError;
@@ -40,15 +42,18 @@ pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, _version: i16) -> L
                         return resp.with_error_code(code);
                     }
                     match lookup(&p, lp.timestamp) {
-                        Ok(Some((offset, timestamp, epoch))) => {
-                            resp.with_offset(offset).with_timestamp(timestamp).with_leader_epoch(epoch)
-                        }
+                        Ok(Some((offset, timestamp, epoch))) => resp
+                            .with_offset(offset)
+                            .with_timestamp(timestamp)
+                            .with_leader_epoch(epoch),
                         Ok(None) => resp,
                         Err(code) => resp.with_error_code(code),
                     }
                 })
                 .collect();
-            ListOffsetsTopicResponse::default().with_name(t.name).with_partitions(partitions)
+            ListOffsetsTopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(partitions)
         })
         .collect();
     ListOffsetsResponse::default().with_topics(topics)
@@ -74,14 +79,24 @@ fn lookup(p: &Partition, timestamp: i64) -> Result<Option<(i64, i64, i32)>, i16>
         }
     };
     let Some(plan) = plan else { return Ok(None) };
-    let batch = plan.read_first_batch_at_time(target).map_err(|e| storage_error_code(&e))?;
+    let batch = plan
+        .read_first_batch_at_time(target)
+        .map_err(|e| storage_error_code(&e))?;
     let Some(batch) = batch else { return Ok(None) };
-    Ok(first_record_at_or_after(batch, target, timestamp == MAX_TIMESTAMP))
+    Ok(first_record_at_or_after(
+        batch,
+        target,
+        timestamp == MAX_TIMESTAMP,
+    ))
 }
 
 /// Decodes one batch to find the first record with timestamp >= `target` (or, for
 /// MAX_TIMESTAMP, the record holding the maximum).
-fn first_record_at_or_after(mut batch: Bytes, target: i64, want_max: bool) -> Option<(i64, i64, i32)> {
+fn first_record_at_or_after(
+    mut batch: Bytes,
+    target: i64,
+    want_max: bool,
+) -> Option<(i64, i64, i32)> {
     let header = ferrite_storage::BatchHeader::parse(&batch).ok()?;
     let set = match RecordBatchDecoder::decode(&mut batch) {
         Ok(s) => s,
@@ -89,11 +104,19 @@ fn first_record_at_or_after(mut batch: Bytes, target: i64, want_max: bool) -> Op
             // A batch that passed CRC checks but does not decode: answer with the batch
             // itself, which is what Kafka's index alone would give.
             tracing::warn!(error = %e, "cannot decode batch for timestamp lookup");
-            return Some((header.base_offset, header.max_timestamp, header.partition_leader_epoch));
+            return Some((
+                header.base_offset,
+                header.max_timestamp,
+                header.partition_leader_epoch,
+            ));
         }
     };
     for r in set.records {
-        let ts = if r.timestamp_type == TimestampType::LogAppend { header.max_timestamp } else { r.timestamp };
+        let ts = if r.timestamp_type == TimestampType::LogAppend {
+            header.max_timestamp
+        } else {
+            r.timestamp
+        };
         let hit = if want_max { ts == target } else { ts >= target };
         if hit {
             return Some((r.offset, ts, header.partition_leader_epoch));

@@ -4,9 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferrite_metadata::{MetadataImage, TopicImage};
-use kafka_protocol::messages::metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic};
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
-use kafka_protocol::messages::{BrokerId, DescribeClusterRequest, DescribeClusterResponse, MetadataRequest, MetadataResponse};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{
+    BrokerId, DescribeClusterRequest, DescribeClusterResponse, MetadataRequest, MetadataResponse,
+};
 use kafka_protocol::ResponseError;
 
 use super::{str_bytes, topic_name};
@@ -24,8 +28,10 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
     let mut topics = Vec::new();
     match req.topics {
         // v1+: null asks for every topic (v0 uses an empty list for that).
-        None => topics.extend(image.topics().map(|t| topic_response(t))),
-        Some(list) if list.is_empty() && version == 0 => topics.extend(image.topics().map(|t| topic_response(t))),
+        None => topics.extend(image.topics().map(topic_response)),
+        Some(list) if list.is_empty() && version == 0 => {
+            topics.extend(image.topics().map(topic_response))
+        }
         Some(list) => {
             for requested in list {
                 let by_name = requested.name.as_ref().map(|n| n.0.to_string());
@@ -39,11 +45,19 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
                     continue;
                 }
                 let Some(name) = by_name else {
-                    topics.push(error_topic(None, requested.topic_id, ResponseError::UnknownTopicId.code()));
+                    topics.push(error_topic(
+                        None,
+                        requested.topic_id,
+                        ResponseError::UnknownTopicId.code(),
+                    ));
                     continue;
                 };
                 if validate_topic_name(&name).is_err() {
-                    topics.push(error_topic(Some(&name), requested.topic_id, ResponseError::InvalidTopicException.code()));
+                    topics.push(error_topic(
+                        Some(&name),
+                        requested.topic_id,
+                        ResponseError::InvalidTopicException.code(),
+                    ));
                     continue;
                 }
                 if allow_auto_create && broker.config.auto_create_topics_enable {
@@ -61,7 +75,11 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
                         }
                     }
                 }
-                topics.push(error_topic(Some(&name), requested.topic_id, ResponseError::UnknownTopicOrPartition.code()));
+                topics.push(error_topic(
+                    Some(&name),
+                    requested.topic_id,
+                    ResponseError::UnknownTopicOrPartition.code(),
+                ));
             }
         }
     }
@@ -86,13 +104,17 @@ async fn auto_create(broker: &Arc<Broker>, name: &str) -> Result<Arc<MetadataIma
     if image.topic(name).is_some() {
         return Ok(image);
     }
-    let (_, records, _, _) = create_topic_records(&broker.config, &image, name, -1, -1, None, BTreeMap::new())
-        .map_err(|e| e.code)?;
+    let (_, records, _, _) =
+        create_topic_records(&broker.config, &image, name, -1, -1, None, BTreeMap::new())
+            .map_err(|e| e.code)?;
     let next = writer.commit(records).map_err(|e| {
         tracing::error!(error = %e, "metadata commit failed");
         ResponseError::KafkaStorageError.code()
     })?;
-    broker.replicas.reconcile(&next, &broker.config, true).map_err(|e| crate::error::storage_error_code(&e))?;
+    broker
+        .replicas
+        .reconcile(&next, &broker.config, true)
+        .map_err(|e| crate::error::storage_error_code(&e))?;
     tracing::info!(topic = name, "auto-created topic");
     Ok(next)
 }
@@ -126,7 +148,10 @@ fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
         )
 }
 
-pub fn describe_cluster(broker: &Arc<Broker>, _req: DescribeClusterRequest) -> DescribeClusterResponse {
+pub fn describe_cluster(
+    broker: &Arc<Broker>,
+    _req: DescribeClusterRequest,
+) -> DescribeClusterResponse {
     let (host, port) = &broker.advertised;
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))

@@ -21,17 +21,37 @@ use crate::Broker;
 pub async fn handle(broker: &Arc<Broker>, request: Request) -> Option<ResponseKind> {
     let version = request.version();
     Some(match request.body {
-        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(ferrite_protocol::api_versions_body(0)),
-        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata::handle(broker, r, version).await),
-        RequestKind::DescribeCluster(r) => ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r)),
-        RequestKind::Produce(r) => return produce::handle(broker, r, version).map(ResponseKind::Produce),
+        RequestKind::ApiVersions(_) => {
+            ResponseKind::ApiVersions(ferrite_protocol::api_versions_body(0))
+        }
+        RequestKind::Metadata(r) => {
+            ResponseKind::Metadata(metadata::handle(broker, r, version).await)
+        }
+        RequestKind::DescribeCluster(r) => {
+            ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
+        }
+        RequestKind::Produce(r) => {
+            return produce::handle(broker, r, version).map(ResponseKind::Produce)
+        }
         RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::handle(broker, r, version).await),
-        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets::handle(broker, r, version)),
-        RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(admin::create_topics(broker, r, version).await),
-        RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(admin::delete_topics(broker, r, version).await),
-        RequestKind::CreatePartitions(r) => ResponseKind::CreatePartitions(admin::create_partitions(broker, r).await),
-        RequestKind::DeleteRecords(r) => ResponseKind::DeleteRecords(admin::delete_records(broker, r)),
-        RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(configs::describe(broker, r, version)),
+        RequestKind::ListOffsets(r) => {
+            ResponseKind::ListOffsets(list_offsets::handle(broker, r, version))
+        }
+        RequestKind::CreateTopics(r) => {
+            ResponseKind::CreateTopics(admin::create_topics(broker, r, version).await)
+        }
+        RequestKind::DeleteTopics(r) => {
+            ResponseKind::DeleteTopics(admin::delete_topics(broker, r, version).await)
+        }
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(admin::create_partitions(broker, r).await)
+        }
+        RequestKind::DeleteRecords(r) => {
+            ResponseKind::DeleteRecords(admin::delete_records(broker, r))
+        }
+        RequestKind::DescribeConfigs(r) => {
+            ResponseKind::DescribeConfigs(configs::describe(broker, r, version))
+        }
         RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(configs::alter(broker, r).await),
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(configs::incremental_alter(broker, r).await)

@@ -15,7 +15,7 @@ use crate::{now_ms, Broker};
 /// Returns `None` for acks=0, which gets no response.
 pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Option<ProduceResponse> {
     let acks = req.acks;
-    let acks_valid = matches!(acks, 0 | 1 | -1);
+    let acks_valid = matches!(acks, -1..=1);
     let now = now_ms();
     let mut responses = Vec::with_capacity(req.topic_data.len());
     for topic in req.topic_data {
@@ -28,9 +28,15 @@ pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Optio
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1);
             let result = if !acks_valid {
-                Err((ResponseError::InvalidRequiredAcks.code(), format!("acks must be 0, 1 or -1, got {acks}")))
+                Err((
+                    ResponseError::InvalidRequiredAcks.code(),
+                    format!("acks must be 0, 1 or -1, got {acks}"),
+                ))
             } else if req.transactional_id.is_some() {
-                Err((ResponseError::TransactionalIdAuthorizationFailed.code(), "transactions are not supported yet".to_string()))
+                Err((
+                    ResponseError::TransactionalIdAuthorizationFailed.code(),
+                    "transactions are not supported yet".to_string(),
+                ))
             } else {
                 append_partition(broker, &name, pd.index, pd.records.as_deref(), now)
             };
@@ -43,12 +49,18 @@ pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Optio
                 }
                 Err((code, message)) => {
                     tracing::debug!(topic = %name, partition = pd.index, code, %message, "produce rejected");
-                    resp = resp.with_error_code(code).with_error_message(Some(str_bytes(message)));
+                    resp = resp
+                        .with_error_code(code)
+                        .with_error_message(Some(str_bytes(message)));
                 }
             }
             partition_responses.push(resp);
         }
-        responses.push(TopicProduceResponse::default().with_name(topic.name).with_partition_responses(partition_responses));
+        responses.push(
+            TopicProduceResponse::default()
+                .with_name(topic.name)
+                .with_partition_responses(partition_responses),
+        );
     }
     if acks == 0 {
         return None;
@@ -64,7 +76,10 @@ fn append_partition(
     now: i64,
 ) -> Result<ferrite_storage::AppendInfo, (i16, String)> {
     let Some(p) = broker.replicas.get(topic, partition) else {
-        return Err((ResponseError::UnknownTopicOrPartition.code(), format!("{topic}-{partition} is not hosted here")));
+        return Err((
+            ResponseError::UnknownTopicOrPartition.code(),
+            format!("{topic}-{partition} is not hosted here"),
+        ));
     };
     let records = records.unwrap_or_default();
     // Idempotent and transactional batches need producer state (sequence numbers) that
@@ -77,5 +92,6 @@ fn append_partition(
             ));
         }
     }
-    p.append(records, now).map_err(|e| (storage_error_code(&e), e.to_string()))
+    p.append(records, now)
+        .map_err(|e| (storage_error_code(&e), e.to_string()))
 }

@@ -1,5 +1,10 @@
 //! Test harness: a real `ferrite server` process on an ephemeral port, stopped by PID.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,11 +38,17 @@ impl Server {
 
     pub fn start_in(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrite"));
-        cmd.arg("server").arg("--listen").arg(listen).arg("--data-dir").arg(data_dir);
+        cmd.arg("server")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir);
         for e in extra {
             cmd.arg("--set").arg(e);
         }
-        cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn ferrite server");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -57,7 +68,13 @@ impl Server {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
-        Server { child: Some(child), addr, data_dir: data_dir.to_path_buf(), extra: extra.iter().map(|s| s.to_string()).collect(), _tmp: None }
+        Server {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -75,7 +92,10 @@ impl Server {
     /// SIGTERM by PID and wait (bounded) for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
@@ -99,13 +119,16 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         // The old socket may linger briefly; the new process retries through us.
         loop {
-            let s = std::panic::catch_unwind(|| Server::start_in(&self.data_dir, &self.addr, &extra));
+            let s =
+                std::panic::catch_unwind(|| Server::start_in(&self.data_dir, &self.addr, &extra));
             match s {
                 Ok(mut s) => {
                     self.child = s.child.take();
                     return;
                 }
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
                 Err(e) => std::panic::resume_unwind(e),
             }
         }
@@ -149,7 +172,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
