@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
 
+echo "== rustfmt"
+cargo fmt --all --check
+
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
