@@ -43,6 +43,10 @@ pub struct BrokerConfig {
     pub log_defaults: LogConfig,
     /// `log.message.timestamp.type`
     pub message_timestamp_type: TimestampType,
+    /// `offsets.topic.num.partitions`
+    pub offsets_topic_num_partitions: i32,
+    /// `group.*` and `offsets.retention.minutes` settings of the group coordinator.
+    pub group: ferrite_coordinator::GroupConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,8 @@ impl Default for BrokerConfig {
             connections_max_idle_ms: 600_000,
             log_defaults: LogConfig::default(),
             message_timestamp_type: TimestampType::CreateTime,
+            offsets_topic_num_partitions: 50,
+            group: ferrite_coordinator::GroupConfig::default(),
         }
     }
 }
@@ -128,34 +134,6 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
         _ => Err(invalid(key, value, "expected true or false")),
     }
 }
-
-/// Broker config keys accepted by `--set` and the TOML file, besides the flags.
-pub const BROKER_KEYS: &[&str] = &[
-    "node.id",
-    "broker.rack",
-    "listeners",
-    "advertised.listeners",
-    "log.dirs",
-    "log.dir",
-    "auto.create.topics.enable",
-    "num.partitions",
-    "default.replication.factor",
-    "socket.request.max.bytes",
-    "log.retention.check.interval.ms",
-    "connections.max.idle.ms",
-    "log.segment.bytes",
-    "log.roll.ms",
-    "log.roll.hours",
-    "log.retention.ms",
-    "log.retention.minutes",
-    "log.retention.hours",
-    "log.retention.bytes",
-    "message.max.bytes",
-    "log.flush.interval.messages",
-    "log.flush.interval.ms",
-    "log.index.interval.bytes",
-    "log.message.timestamp.type",
-];
 
 impl BrokerConfig {
     /// Applies one `key=value` setting with Kafka's broker config names.
@@ -221,6 +199,26 @@ impl BrokerConfig {
                 self.message_timestamp_type = TimestampType::parse(value)
                     .ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?;
                 d.log_append_time = self.message_timestamp_type == TimestampType::LogAppendTime;
+            }
+            "offsets.topic.num.partitions" => {
+                self.offsets_topic_num_partitions = parse_num(key, value, 1)?
+            }
+            "group.initial.rebalance.delay.ms" => {
+                self.group.initial_rebalance_delay_ms = parse_num(key, value, 0)?
+            }
+            "group.min.session.timeout.ms" => {
+                self.group.min_session_timeout_ms = parse_num(key, value, 1)?
+            }
+            "group.max.session.timeout.ms" => {
+                self.group.max_session_timeout_ms = parse_num(key, value, 1)?
+            }
+            "group.max.size" => self.group.group_members_max = parse_num(key, value, 1)?,
+            "offsets.retention.minutes" => {
+                self.group.offsets_retention_ms =
+                    parse_num::<i64>(key, value, 1)?.saturating_mul(60_000)
+            }
+            "offset.metadata.max.bytes" => {
+                self.group.offset_metadata_bytes_max = parse_num(key, value, 0)?
             }
             _ => return Err(ConfigError::UnknownKey(key.to_string())),
         }

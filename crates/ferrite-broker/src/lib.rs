@@ -5,6 +5,7 @@
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod group_manager;
 pub mod handlers;
 pub mod replica_manager;
 pub mod server;
@@ -53,6 +54,7 @@ pub struct Broker {
     pub cluster_id: String,
     pub controller: Controller,
     pub replicas: ReplicaManager,
+    pub groups: group_manager::GroupManager,
     _lock: File,
 }
 
@@ -101,6 +103,21 @@ impl Broker {
         replica_manager::remove_orphan_dirs(&dir, &image);
         let replicas = ReplicaManager::default();
         replicas.reconcile(&image, &config, clean)?;
+        ensure_offsets_topic(&controller, &replicas, &config).await?;
+        let groups = group_manager::GroupManager::new(
+            ferrite_coordinator::GroupCoordinator::new(
+                config.group.clone(),
+                format!("{:08x}", rand::random::<u32>()),
+            ),
+            config.offsets_topic_num_partitions,
+        );
+        let loaded = groups
+            .load(&replicas)
+            .map_err(|e| StartError::Meta(e.to_string()))?;
+        tracing::info!(
+            records = loaded,
+            "group metadata and committed offsets loaded"
+        );
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -119,6 +136,7 @@ impl Broker {
             cluster_id,
             controller,
             replicas,
+            groups,
             _lock: lock,
         });
         Ok(Running {
@@ -203,6 +221,54 @@ impl Broker {
             }
         }
     }
+}
+
+/// Creates `__consumer_offsets` on first start. Its records must outlive any time or size
+/// retention, so retention is off for it.
+async fn ensure_offsets_topic(
+    controller: &Controller,
+    replicas: &ReplicaManager,
+    config: &BrokerConfig,
+) -> Result<(), StartError> {
+    let mut writer = controller.writer().await;
+    let image = writer.image();
+    if let Some(t) = image.topic(group_manager::OFFSETS_TOPIC) {
+        if t.partitions.len() as i32 != config.offsets_topic_num_partitions {
+            tracing::warn!(
+                existing = t.partitions.len(),
+                configured = config.offsets_topic_num_partitions,
+                "offsets.topic.num.partitions differs from the existing topic; keeping the existing count"
+            );
+        }
+        return Ok(());
+    }
+    let configs = [
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+        ("segment.bytes", "104857600"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (_, records, _, _) = controller::create_topic_records(
+        config,
+        &image,
+        group_manager::OFFSETS_TOPIC,
+        config.offsets_topic_num_partitions,
+        1,
+        None,
+        configs,
+    )
+    .map_err(|e| {
+        StartError::Meta(format!(
+            "cannot create {}: {}",
+            group_manager::OFFSETS_TOPIC,
+            e.message
+        ))
+    })?;
+    let image = writer.commit(records)?;
+    replicas.reconcile(&image, config, true)?;
+    Ok(())
 }
 
 /// `meta.properties` holds the cluster id and node id, as in Kafka; a data directory

@@ -48,7 +48,7 @@ pub async fn serve(
         let request_memory = request_memory.clone();
         tokio::spawn(async move {
             let span = tracing::debug_span!("connection", %peer);
-            if let Err(reason) = serve_connection(broker, stream, request_memory)
+            if let Err(reason) = serve_connection(broker, stream, peer, request_memory)
                 .instrument(span)
                 .await
             {
@@ -76,6 +76,7 @@ enum ConnectionEnd {
 async fn serve_connection(
     broker: Arc<Broker>,
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     request_memory: Arc<Semaphore>,
 ) -> Result<(), ConnectionEnd> {
     let (mut rd, mut wr) = stream.into_split();
@@ -89,7 +90,7 @@ async fn serve_connection(
         }
         let _ = wr.shutdown().await;
     });
-    let result = read_loop(&broker, &mut rd, &tx, &request_memory).await;
+    let result = read_loop(&broker, &mut rd, &tx, peer, &request_memory).await;
     drop(tx);
     let _ = writer.await;
     match result {
@@ -102,6 +103,7 @@ async fn read_loop(
     broker: &Arc<Broker>,
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     tx: &mpsc::Sender<BytesMut>,
+    peer: std::net::SocketAddr,
     request_memory: &Semaphore,
 ) -> Result<(), ConnectionEnd> {
     let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
@@ -164,7 +166,7 @@ async fn read_loop(
         );
         let response = async {
             tracing::trace!(request = ?request.body, "handling");
-            let response = handlers::handle(broker, request).await;
+            let response = handlers::handle(broker, request, peer).await;
             tracing::trace!(?response, "handled");
             response
         }

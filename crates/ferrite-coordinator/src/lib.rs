@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
-use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse};
+use kafka_protocol::messages::{
+    GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
+};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 pub use records::{GroupRecord, GroupValue, MemberValue, OffsetValue};
@@ -101,7 +103,11 @@ struct Member {
 
 impl Member {
     fn metadata_for(&self, protocol: &str) -> Bytes {
-        self.protocols.iter().find(|(n, _)| n == protocol).map(|(_, m)| m.clone()).unwrap_or_default()
+        self.protocols
+            .iter()
+            .find(|(n, _)| n == protocol)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -156,7 +162,9 @@ impl Group {
     }
 
     fn static_member(&self, instance_id: &str) -> Option<&Member> {
-        self.members.values().find(|m| m.group_instance_id.as_deref() == Some(instance_id))
+        self.members
+            .values()
+            .find(|m| m.group_instance_id.as_deref() == Some(instance_id))
     }
 
     /// A protocol every member supports, chosen by vote: each member votes for its most
@@ -173,11 +181,18 @@ impl Group {
         let candidates = candidates?;
         let mut votes: BTreeMap<&str, usize> = BTreeMap::new();
         for m in self.members.values() {
-            if let Some((n, _)) = m.protocols.iter().find(|(n, _)| candidates.contains(n.as_str())) {
+            if let Some((n, _)) = m
+                .protocols
+                .iter()
+                .find(|(n, _)| candidates.contains(n.as_str()))
+            {
                 *votes.entry(n.as_str()).or_default() += 1;
             }
         }
-        votes.into_iter().max_by_key(|(_, v)| *v).map(|(n, _)| n.to_string())
+        votes
+            .into_iter()
+            .max_by_key(|(_, v)| *v)
+            .map(|(n, _)| n.to_string())
     }
 
     fn supports_protocols(&self, protocol_type: &str, protocols: &[(String, Bytes)]) -> bool {
@@ -197,7 +212,11 @@ impl Group {
     }
 
     fn max_rebalance_timeout_ms(&self) -> i64 {
-        self.members.values().map(|m| i64::from(m.rebalance_timeout_ms)).max().unwrap_or(0)
+        self.members
+            .values()
+            .map(|m| i64::from(m.rebalance_timeout_ms))
+            .max()
+            .unwrap_or(0)
     }
 
     fn to_record(&self) -> GroupRecord {
@@ -264,7 +283,11 @@ fn s(v: &str) -> StrBytes {
 }
 
 fn join_error(code: ResponseError, member_id: &str) -> JoinGroupResponse {
-    JoinGroupResponse::default().with_error_code(code.code()).with_generation_id(-1).with_member_id(s(member_id)).with_leader(s(""))
+    JoinGroupResponse::default()
+        .with_error_code(code.code())
+        .with_generation_id(-1)
+        .with_member_id(s(member_id))
+        .with_leader(s(""))
 }
 
 fn sync_error(code: ResponseError) -> SyncGroupResponse {
@@ -275,7 +298,12 @@ impl GroupCoordinator {
     /// `member_id_prefix` makes member ids unique across broker restarts (the broker
     /// passes something random; tests pass a constant).
     pub fn new(config: GroupConfig, member_id_prefix: String) -> Self {
-        GroupCoordinator { config, groups: BTreeMap::new(), member_id_prefix, member_id_counter: 0 }
+        GroupCoordinator {
+            config,
+            groups: BTreeMap::new(),
+            member_id_prefix,
+            member_id_counter: 0,
+        }
     }
 
     pub fn config(&self) -> &GroupConfig {
@@ -284,35 +312,81 @@ impl GroupCoordinator {
 
     fn new_member_id(&mut self, client_id: &str) -> String {
         self.member_id_counter += 1;
-        format!("{client_id}-{}-{}", self.member_id_prefix, self.member_id_counter)
+        format!(
+            "{client_id}-{}-{}",
+            self.member_id_prefix, self.member_id_counter
+        )
     }
 
     // ---- JoinGroup ----------------------------------------------------------------
 
-    pub fn join(&mut self, now: i64, token: Token, version: i16, client: &ClientInfo, req: &JoinGroupRequest) -> (Reply<JoinGroupResponse>, Vec<Effect>) {
+    pub fn join(
+        &mut self,
+        now: i64,
+        token: Token,
+        version: i16,
+        client: &ClientInfo,
+        req: &JoinGroupRequest,
+    ) -> (Reply<JoinGroupResponse>, Vec<Effect>) {
         let group_id = req.group_id.0.as_str();
         let member_id = req.member_id.as_str();
-        let protocols: Vec<(String, Bytes)> = req.protocols.iter().map(|p| (p.name.to_string(), p.metadata.clone())).collect();
+        let protocols: Vec<(String, Bytes)> = req
+            .protocols
+            .iter()
+            .map(|p| (p.name.to_string(), p.metadata.clone()))
+            .collect();
         let protocol_type = req.protocol_type.to_string();
         let instance_id = req.group_instance_id.as_ref().map(|i| i.to_string());
         if group_id.is_empty() {
-            return (Reply::Now(join_error(ResponseError::InvalidGroupId, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(ResponseError::InvalidGroupId, member_id)),
+                vec![],
+            );
         }
-        if req.session_timeout_ms < self.config.min_session_timeout_ms || req.session_timeout_ms > self.config.max_session_timeout_ms {
-            return (Reply::Now(join_error(ResponseError::InvalidSessionTimeout, member_id)), vec![]);
+        if req.session_timeout_ms < self.config.min_session_timeout_ms
+            || req.session_timeout_ms > self.config.max_session_timeout_ms
+        {
+            return (
+                Reply::Now(join_error(ResponseError::InvalidSessionTimeout, member_id)),
+                vec![],
+            );
         }
-        if protocols.iter().map(|(_, m)| m.len()).sum::<usize>() > self.config.member_metadata_bytes_max {
+        if protocols.iter().map(|(_, m)| m.len()).sum::<usize>()
+            > self.config.member_metadata_bytes_max
+        {
             // Kafka has no dedicated code; an oversized group record would fail to be written.
-            return (Reply::Now(join_error(ResponseError::InvalidRequest, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(ResponseError::InvalidRequest, member_id)),
+                vec![],
+            );
         }
-        let group = self.groups.entry(group_id.to_string()).or_insert_with(|| Group::new(group_id, now));
+        let group = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now));
         if group.state == GroupState::Dead {
-            return (Reply::Now(join_error(ResponseError::CoordinatorNotAvailable, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(
+                    ResponseError::CoordinatorNotAvailable,
+                    member_id,
+                )),
+                vec![],
+            );
         }
         if !group.supports_protocols(&protocol_type, &protocols) {
-            return (Reply::Now(join_error(ResponseError::InconsistentGroupProtocol, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(
+                    ResponseError::InconsistentGroupProtocol,
+                    member_id,
+                )),
+                vec![],
+            );
         }
-        let rebalance_timeout_ms = if version == 0 { req.session_timeout_ms } else { req.rebalance_timeout_ms };
+        let rebalance_timeout_ms = if version == 0 {
+            req.session_timeout_ms
+        } else {
+            req.rebalance_timeout_ms
+        };
 
         if member_id.is_empty() {
             // A static member coming back (KIP-345): same instance id, new member id.
@@ -323,11 +397,25 @@ impl GroupCoordinator {
                         self.member_id_counter
                     });
                     let group = self.groups.get_mut(group_id).expect_group();
-                    return Self::rejoin_static(group, now, token, &old, new_id, client, req, protocols, rebalance_timeout_ms);
+                    return Self::rejoin_static(
+                        group,
+                        now,
+                        token,
+                        version,
+                        &old,
+                        new_id,
+                        client,
+                        req,
+                        protocols,
+                        rebalance_timeout_ms,
+                    );
                 }
             }
             if group.members.len() + group.pending_members.len() >= self.config.group_members_max {
-                return (Reply::Now(join_error(ResponseError::GroupMaxSizeReached, member_id)), vec![]);
+                return (
+                    Reply::Now(join_error(ResponseError::GroupMaxSizeReached, member_id)),
+                    vec![],
+                );
             }
             let new_id = match &instance_id {
                 Some(i) => {
@@ -339,38 +427,89 @@ impl GroupCoordinator {
             let group = self.groups.get_mut(group_id).expect_group();
             // KIP-394: v4+ dynamic members first get an id, then join with it.
             if version >= 4 && instance_id.is_none() {
-                group.pending_members.insert(new_id.clone(), now + i64::from(req.session_timeout_ms));
-                return (Reply::Now(join_error(ResponseError::MemberIdRequired, &new_id)), vec![]);
+                group
+                    .pending_members
+                    .insert(new_id.clone(), now + i64::from(req.session_timeout_ms));
+                return (
+                    Reply::Now(join_error(ResponseError::MemberIdRequired, &new_id)),
+                    vec![],
+                );
             }
-            return Self::add_member_and_rebalance(group, now, token, new_id, client, req, protocol_type, protocols, rebalance_timeout_ms, &self.config);
+            return Self::add_member_and_rebalance(
+                group,
+                now,
+                token,
+                new_id,
+                client,
+                req,
+                protocol_type,
+                protocols,
+                rebalance_timeout_ms,
+                &self.config,
+            );
         }
 
         let group = self.groups.get_mut(group_id).expect_group();
         if group.pending_members.remove(member_id).is_some() {
-            return Self::add_member_and_rebalance(group, now, token, member_id.to_string(), client, req, protocol_type, protocols, rebalance_timeout_ms, &self.config);
+            return Self::add_member_and_rebalance(
+                group,
+                now,
+                token,
+                member_id.to_string(),
+                client,
+                req,
+                protocol_type,
+                protocols,
+                rebalance_timeout_ms,
+                &self.config,
+            );
         }
         let Some(member) = group.members.get(member_id) else {
-            return (Reply::Now(join_error(ResponseError::UnknownMemberId, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(ResponseError::UnknownMemberId, member_id)),
+                vec![],
+            );
         };
         if member.group_instance_id != instance_id {
-            return (Reply::Now(join_error(ResponseError::FencedInstanceId, member_id)), vec![]);
+            return (
+                Reply::Now(join_error(ResponseError::FencedInstanceId, member_id)),
+                vec![],
+            );
         }
         let unchanged = member.protocols == protocols;
         let is_leader = group.leader.as_deref() == Some(member_id);
         match group.state {
             GroupState::PreparingRebalance => {
-                Self::update_member(group, now, member_id, token, req, protocols, rebalance_timeout_ms);
+                Self::update_member(
+                    group,
+                    now,
+                    member_id,
+                    token,
+                    req,
+                    protocols,
+                    rebalance_timeout_ms,
+                );
                 let effects = Self::maybe_complete_join(group, now);
                 (Reply::Later, effects)
             }
-            GroupState::CompletingRebalance | GroupState::Stable if unchanged && !(is_leader && group.state == GroupState::Stable) => {
+            GroupState::CompletingRebalance | GroupState::Stable
+                if unchanged && !(is_leader && group.state == GroupState::Stable) =>
+            {
                 // Same metadata: answer with the current generation (a lost response).
                 let m = group.members.get_mut(member_id).expect_member();
                 m.last_heartbeat_ms = now;
                 (Reply::Now(Self::join_response(group, member_id)), vec![])
             }
             _ => {
-                Self::update_member(group, now, member_id, token, req, protocols, rebalance_timeout_ms);
+                Self::update_member(
+                    group,
+                    now,
+                    member_id,
+                    token,
+                    req,
+                    protocols,
+                    rebalance_timeout_ms,
+                );
                 let mut effects = Self::prepare_rebalance(group, now, &self.config);
                 effects.extend(Self::maybe_complete_join(group, now));
                 (Reply::Later, effects)
@@ -383,6 +522,7 @@ impl GroupCoordinator {
         group: &mut Group,
         now: i64,
         token: Token,
+        version: i16,
         old_id: &str,
         new_id: String,
         client: &ClientInfo,
@@ -391,16 +531,25 @@ impl GroupCoordinator {
         rebalance_timeout_ms: i32,
     ) -> (Reply<JoinGroupResponse>, Vec<Effect>) {
         let Some(mut member) = group.members.remove(old_id) else {
-            return (Reply::Now(join_error(ResponseError::UnknownMemberId, "")), vec![]);
+            return (
+                Reply::Now(join_error(ResponseError::UnknownMemberId, "")),
+                vec![],
+            );
         };
         let unchanged = member.protocols == protocols;
         // The old process is fenced: anything it still has in flight fails.
         let mut effects = Vec::new();
         if let Some(t) = member.awaiting_join.take() {
-            effects.push(Effect::JoinDone(t, join_error(ResponseError::FencedInstanceId, old_id)));
+            effects.push(Effect::JoinDone(
+                t,
+                join_error(ResponseError::FencedInstanceId, old_id),
+            ));
         }
         if let Some(t) = member.awaiting_sync.take() {
-            effects.push(Effect::SyncDone(t, sync_error(ResponseError::FencedInstanceId)));
+            effects.push(Effect::SyncDone(
+                t,
+                sync_error(ResponseError::FencedInstanceId),
+            ));
         }
         member.member_id = new_id.clone();
         member.client_id = client.client_id.clone();
@@ -417,7 +566,7 @@ impl GroupCoordinator {
             group.members.insert(new_id.clone(), member);
             effects.push(Effect::Persist(group.to_record()));
             let mut resp = Self::join_response(group, &new_id);
-            if group.leader.as_deref() == Some(new_id.as_str()) {
+            if version >= 9 && group.leader.as_deref() == Some(new_id.as_str()) {
                 // The leader must not reassign (KIP-814, v9+). Older clients run their
                 // assignor anyway; SyncGroup on a stable group ignores the result and
                 // returns the stored assignment.
@@ -473,7 +622,15 @@ impl GroupCoordinator {
         (Reply::Later, effects)
     }
 
-    fn update_member(group: &mut Group, now: i64, member_id: &str, token: Token, req: &JoinGroupRequest, protocols: Vec<(String, Bytes)>, rebalance_timeout_ms: i32) {
+    fn update_member(
+        group: &mut Group,
+        now: i64,
+        member_id: &str,
+        token: Token,
+        req: &JoinGroupRequest,
+        protocols: Vec<(String, Bytes)>,
+        rebalance_timeout_ms: i32,
+    ) {
         if let Some(m) = group.members.get_mut(member_id) {
             m.protocols = protocols;
             m.session_timeout_ms = req.session_timeout_ms;
@@ -493,7 +650,10 @@ impl GroupCoordinator {
         }
         for m in group.members.values_mut() {
             if let Some(t) = m.awaiting_sync.take() {
-                effects.push(Effect::SyncDone(t, sync_error(ResponseError::RebalanceInProgress)));
+                effects.push(Effect::SyncDone(
+                    t,
+                    sync_error(ResponseError::RebalanceInProgress),
+                ));
             }
             if m.awaiting_join.is_none() {
                 m.joined = false;
@@ -514,7 +674,8 @@ impl GroupCoordinator {
         if group.state != GroupState::PreparingRebalance {
             return vec![];
         }
-        let all_joined = group.members.values().all(|m| m.joined) && group.pending_members.is_empty();
+        let all_joined =
+            group.members.values().all(|m| m.joined) && group.pending_members.is_empty();
         let deadline_passed = now >= group.rebalance_deadline_ms;
         if now < group.initial_delay_until_ms && !deadline_passed {
             return vec![];
@@ -523,7 +684,12 @@ impl GroupCoordinator {
             return vec![];
         }
         let mut effects = Vec::new();
-        let dropped: Vec<String> = group.members.values().filter(|m| !m.joined).map(|m| m.member_id.clone()).collect();
+        let dropped: Vec<String> = group
+            .members
+            .values()
+            .filter(|m| !m.joined)
+            .map(|m| m.member_id.clone())
+            .collect();
         for id in dropped {
             tracing::info!(group = %group.id, member = %id, "member did not rejoin in time; removed");
             group.members.remove(&id);
@@ -538,7 +704,11 @@ impl GroupCoordinator {
             return effects;
         }
         group.protocol_name = group.select_protocol();
-        if group.leader.as_ref().is_none_or(|l| !group.members.contains_key(l)) {
+        if group
+            .leader
+            .as_ref()
+            .is_none_or(|l| !group.members.contains_key(l))
+        {
             group.leader = group.members.keys().next().cloned();
         }
         group.transition(GroupState::CompletingRebalance, now);
@@ -585,29 +755,61 @@ impl GroupCoordinator {
 
     // ---- SyncGroup ----------------------------------------------------------------
 
-    pub fn sync(&mut self, now: i64, token: Token, req: &SyncGroupRequest) -> (Reply<SyncGroupResponse>, Vec<Effect>) {
+    pub fn sync(
+        &mut self,
+        now: i64,
+        token: Token,
+        req: &SyncGroupRequest,
+    ) -> (Reply<SyncGroupResponse>, Vec<Effect>) {
         let member_id = req.member_id.as_str();
         let Some(group) = self.groups.get_mut(req.group_id.0.as_str()) else {
-            return (Reply::Now(sync_error(ResponseError::UnknownMemberId)), vec![]);
+            return (
+                Reply::Now(sync_error(ResponseError::UnknownMemberId)),
+                vec![],
+            );
         };
         let Some(member) = group.members.get(member_id) else {
-            return (Reply::Now(sync_error(ResponseError::UnknownMemberId)), vec![]);
+            return (
+                Reply::Now(sync_error(ResponseError::UnknownMemberId)),
+                vec![],
+            );
         };
         if member.group_instance_id.as_deref() != req.group_instance_id.as_deref() {
-            return (Reply::Now(sync_error(ResponseError::FencedInstanceId)), vec![]);
+            return (
+                Reply::Now(sync_error(ResponseError::FencedInstanceId)),
+                vec![],
+            );
         }
         if req.generation_id != group.generation_id {
-            return (Reply::Now(sync_error(ResponseError::IllegalGeneration)), vec![]);
+            return (
+                Reply::Now(sync_error(ResponseError::IllegalGeneration)),
+                vec![],
+            );
         }
         // v5+ checks the protocol type and name against the group's.
-        let type_mismatch = req.protocol_type.as_ref().is_some_and(|t| Some(t.as_str()) != group.protocol_type.as_deref());
-        let name_mismatch = req.protocol_name.as_ref().is_some_and(|n| Some(n.as_str()) != group.protocol_name.as_deref());
+        let type_mismatch = req
+            .protocol_type
+            .as_ref()
+            .is_some_and(|t| Some(t.as_str()) != group.protocol_type.as_deref());
+        let name_mismatch = req
+            .protocol_name
+            .as_ref()
+            .is_some_and(|n| Some(n.as_str()) != group.protocol_name.as_deref());
         if type_mismatch || name_mismatch {
-            return (Reply::Now(sync_error(ResponseError::InconsistentGroupProtocol)), vec![]);
+            return (
+                Reply::Now(sync_error(ResponseError::InconsistentGroupProtocol)),
+                vec![],
+            );
         }
         match group.state {
-            GroupState::Empty | GroupState::Dead => (Reply::Now(sync_error(ResponseError::UnknownMemberId)), vec![]),
-            GroupState::PreparingRebalance => (Reply::Now(sync_error(ResponseError::RebalanceInProgress)), vec![]),
+            GroupState::Empty | GroupState::Dead => (
+                Reply::Now(sync_error(ResponseError::UnknownMemberId)),
+                vec![],
+            ),
+            GroupState::PreparingRebalance => (
+                Reply::Now(sync_error(ResponseError::RebalanceInProgress)),
+                vec![],
+            ),
             GroupState::Stable => {
                 let m = group.members.get_mut(member_id).expect_member();
                 m.last_heartbeat_ms = now;
@@ -635,7 +837,11 @@ impl GroupCoordinator {
                 let ids: Vec<String> = group.members.keys().cloned().collect();
                 for id in ids {
                     let resp = Self::sync_response(group, &id);
-                    if let Some(t) = group.members.get_mut(&id).and_then(|m| m.awaiting_sync.take()) {
+                    if let Some(t) = group
+                        .members
+                        .get_mut(&id)
+                        .and_then(|m| m.awaiting_sync.take())
+                    {
                         effects.push(Effect::SyncDone(t, resp));
                     }
                 }
@@ -648,12 +854,25 @@ impl GroupCoordinator {
         SyncGroupResponse::default()
             .with_protocol_type(group.protocol_type.as_deref().map(s))
             .with_protocol_name(group.protocol_name.as_deref().map(s))
-            .with_assignment(group.members.get(member_id).map(|m| m.assignment.clone()).unwrap_or_default())
+            .with_assignment(
+                group
+                    .members
+                    .get(member_id)
+                    .map(|m| m.assignment.clone())
+                    .unwrap_or_default(),
+            )
     }
 
     // ---- Heartbeat, LeaveGroup ------------------------------------------------------
 
-    pub fn heartbeat(&mut self, now: i64, group_id: &str, member_id: &str, instance_id: Option<&str>, generation_id: i32) -> i16 {
+    pub fn heartbeat(
+        &mut self,
+        now: i64,
+        group_id: &str,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation_id: i32,
+    ) -> i16 {
         let Some(group) = self.groups.get_mut(group_id) else {
             return ResponseError::UnknownMemberId.code();
         };
@@ -676,7 +895,12 @@ impl GroupCoordinator {
 
     /// Removes members (by member id, or by instance id for static members). Returns a
     /// code per member, in order.
-    pub fn leave(&mut self, now: i64, group_id: &str, members: &[(String, Option<String>)]) -> (Result<Vec<i16>, i16>, Vec<Effect>) {
+    pub fn leave(
+        &mut self,
+        now: i64,
+        group_id: &str,
+        members: &[(String, Option<String>)],
+    ) -> (Result<Vec<i16>, i16>, Vec<Effect>) {
         let Some(group) = self.groups.get_mut(group_id) else {
             return (Err(ResponseError::UnknownMemberId.code()), vec![]);
         };
@@ -686,14 +910,19 @@ impl GroupCoordinator {
         for (member_id, instance_id) in members {
             let target = match instance_id {
                 Some(i) => match group.static_member(i) {
-                    Some(m) if member_id.is_empty() || &m.member_id == member_id => Some(m.member_id.clone()),
+                    Some(m) if member_id.is_empty() || &m.member_id == member_id => {
+                        Some(m.member_id.clone())
+                    }
                     Some(_) => {
                         codes.push(ResponseError::FencedInstanceId.code());
                         continue;
                     }
                     None => None,
                 },
-                None => group.members.contains_key(member_id).then(|| member_id.clone()),
+                None => group
+                    .members
+                    .contains_key(member_id)
+                    .then(|| member_id.clone()),
             };
             if group.pending_members.remove(member_id).is_some() {
                 codes.push(0);
@@ -702,10 +931,16 @@ impl GroupCoordinator {
             match target.and_then(|id| group.members.remove(&id)) {
                 Some(mut m) => {
                     if let Some(t) = m.awaiting_join.take() {
-                        effects.push(Effect::JoinDone(t, join_error(ResponseError::UnknownMemberId, &m.member_id)));
+                        effects.push(Effect::JoinDone(
+                            t,
+                            join_error(ResponseError::UnknownMemberId, &m.member_id),
+                        ));
                     }
                     if let Some(t) = m.awaiting_sync.take() {
-                        effects.push(Effect::SyncDone(t, sync_error(ResponseError::UnknownMemberId)));
+                        effects.push(Effect::SyncDone(
+                            t,
+                            sync_error(ResponseError::UnknownMemberId),
+                        ));
                     }
                     removed_any = true;
                     codes.push(0);
@@ -720,7 +955,11 @@ impl GroupCoordinator {
     }
 
     fn after_member_removed(group: &mut Group, now: i64, config: &GroupConfig) -> Vec<Effect> {
-        if group.leader.as_ref().is_some_and(|l| !group.members.contains_key(l)) {
+        if group
+            .leader
+            .as_ref()
+            .is_some_and(|l| !group.members.contains_key(l))
+        {
             group.leader = None;
         }
         match group.state {
@@ -767,10 +1006,17 @@ impl GroupCoordinator {
                 effects.extend(Self::after_member_removed(group, now, &config));
             }
             match group.state {
-                GroupState::PreparingRebalance => effects.extend(Self::maybe_complete_join(group, now)),
+                GroupState::PreparingRebalance => {
+                    effects.extend(Self::maybe_complete_join(group, now))
+                }
                 GroupState::CompletingRebalance if now >= group.rebalance_deadline_ms => {
                     // Members that never sent SyncGroup are dropped and the group rebalances.
-                    let laggards: Vec<String> = group.members.values().filter(|m| !m.synced).map(|m| m.member_id.clone()).collect();
+                    let laggards: Vec<String> = group
+                        .members
+                        .values()
+                        .filter(|m| !m.synced)
+                        .map(|m| m.member_id.clone())
+                        .collect();
                     for id in laggards {
                         group.members.remove(&id);
                     }
@@ -788,21 +1034,34 @@ impl GroupCoordinator {
                 let stale: Vec<(String, i32)> = group
                     .offsets
                     .iter()
-                    .filter(|(_, o)| now - o.commit_timestamp_ms.max(since) > config.offsets_retention_ms)
+                    .filter(|(_, o)| {
+                        now - o.commit_timestamp_ms.max(since) > config.offsets_retention_ms
+                    })
                     .map(|(k, _)| k.clone())
                     .collect();
                 for (topic, partition) in stale {
-                    effects.push(Effect::Persist(GroupRecord::Offset { group: group.id.clone(), topic: topic.clone(), partition, value: None }));
+                    effects.push(Effect::Persist(GroupRecord::Offset {
+                        group: group.id.clone(),
+                        topic: topic.clone(),
+                        partition,
+                        value: None,
+                    }));
                     group.offsets.remove(&(topic, partition));
                 }
-                if group.offsets.is_empty() && group.members.is_empty() && now - since > config.offsets_retention_ms {
+                if group.offsets.is_empty()
+                    && group.members.is_empty()
+                    && now - since > config.offsets_retention_ms
+                {
                     dead.push(group.id.clone());
                 }
             }
         }
         for id in dead {
             self.groups.remove(&id);
-            effects.push(Effect::Persist(GroupRecord::Group { group: id, value: None }));
+            effects.push(Effect::Persist(GroupRecord::Group {
+                group: id,
+                value: None,
+            }));
         }
         effects
     }
@@ -824,7 +1083,10 @@ impl GroupCoordinator {
         if group_id.is_empty() {
             return Err(ResponseError::InvalidGroupId.code());
         }
-        let group = self.groups.entry(group_id.to_string()).or_insert_with(|| Group::new(group_id, now));
+        let group = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now));
         if generation_id < 0 && member_id.is_empty() {
             // A commit from outside the group protocol (assign() users, tools): only
             // allowed while no one is a member.
@@ -839,7 +1101,9 @@ impl GroupCoordinator {
                 return Err(ResponseError::FencedInstanceId.code());
             }
             m.last_heartbeat_ms = now;
-            if group.state == GroupState::PreparingRebalance || group.state == GroupState::CompletingRebalance {
+            if group.state == GroupState::PreparingRebalance
+                || group.state == GroupState::CompletingRebalance
+            {
                 return Err(ResponseError::RebalanceInProgress.code());
             }
             if generation_id != group.generation_id {
@@ -849,14 +1113,22 @@ impl GroupCoordinator {
         Ok(offsets
             .iter()
             .map(|(topic, partition, offset, leader_epoch, metadata)| {
-                if metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
+                if metadata
+                    .as_ref()
+                    .is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max)
+                {
                     return Err(ResponseError::OffsetMetadataTooLarge.code());
                 }
                 Ok(GroupRecord::Offset {
                     group: group_id.to_string(),
                     topic: topic.clone(),
                     partition: *partition,
-                    value: Some(OffsetValue { offset: *offset, leader_epoch: *leader_epoch, metadata: metadata.clone(), commit_timestamp_ms: now }),
+                    value: Some(OffsetValue {
+                        offset: *offset,
+                        leader_epoch: *leader_epoch,
+                        metadata: metadata.clone(),
+                        commit_timestamp_ms: now,
+                    }),
                 })
             })
             .collect())
@@ -865,13 +1137,26 @@ impl GroupCoordinator {
     /// Applies a record read back from `__consumer_offsets` (start-up) or just written.
     pub fn replay(&mut self, record: &GroupRecord, now: i64) {
         match record {
-            GroupRecord::Offset { group, topic, partition, value } => {
-                let g = self.groups.entry(group.clone()).or_insert_with(|| Group::new(group, now));
+            GroupRecord::Offset {
+                group,
+                topic,
+                partition,
+                value,
+            } => {
+                let g = self
+                    .groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(group, now));
                 match value {
                     Some(v) => {
                         g.offsets.insert(
                             (topic.clone(), *partition),
-                            CommittedOffset { offset: v.offset, leader_epoch: v.leader_epoch, metadata: v.metadata.clone(), commit_timestamp_ms: v.commit_timestamp_ms },
+                            CommittedOffset {
+                                offset: v.offset,
+                                leader_epoch: v.leader_epoch,
+                                metadata: v.metadata.clone(),
+                                commit_timestamp_ms: v.commit_timestamp_ms,
+                            },
                         );
                     }
                     None => {
@@ -882,8 +1167,14 @@ impl GroupCoordinator {
             GroupRecord::Group { group, value: None } => {
                 self.groups.remove(group);
             }
-            GroupRecord::Group { group, value: Some(v) } => {
-                let g = self.groups.entry(group.clone()).or_insert_with(|| Group::new(group, now));
+            GroupRecord::Group {
+                group,
+                value: Some(v),
+            } => {
+                let g = self
+                    .groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(group, now));
                 // Membership is live state; this only runs at load, to restore it.
                 g.protocol_type = Some(v.protocol_type.clone()).filter(|t| !t.is_empty());
                 g.protocol_name = v.protocol_name.clone();
@@ -893,7 +1184,10 @@ impl GroupCoordinator {
                     .members
                     .iter()
                     .map(|m| {
-                        let protocols = vec![(v.protocol_name.clone().unwrap_or_default(), Bytes::from(m.subscription.clone()))];
+                        let protocols = vec![(
+                            v.protocol_name.clone().unwrap_or_default(),
+                            Bytes::from(m.subscription.clone()),
+                        )];
                         (
                             m.member_id.clone(),
                             Member {
@@ -914,37 +1208,75 @@ impl GroupCoordinator {
                         )
                     })
                     .collect();
-                let state = if g.members.is_empty() { GroupState::Empty } else { GroupState::Stable };
+                let state = if g.members.is_empty() {
+                    GroupState::Empty
+                } else {
+                    GroupState::Stable
+                };
                 g.state = state;
-                g.state_timestamp_ms = if state == GroupState::Empty { v.state_timestamp_ms } else { now };
+                g.state_timestamp_ms = if state == GroupState::Empty {
+                    v.state_timestamp_ms
+                } else {
+                    now
+                };
             }
         }
     }
 
-    pub fn committed(&self, group_id: &str, topic: &str, partition: i32) -> Option<&CommittedOffset> {
-        self.groups.get(group_id)?.offsets.get(&(topic.to_string(), partition))
+    pub fn committed(
+        &self,
+        group_id: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Option<&CommittedOffset> {
+        self.groups
+            .get(group_id)?
+            .offsets
+            .get(&(topic.to_string(), partition))
     }
 
     /// Every committed offset of a group: `((topic, partition), offset)`.
     pub fn all_committed(&self, group_id: &str) -> Vec<((String, i32), CommittedOffset)> {
-        self.groups.get(group_id).map(|g| g.offsets.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+        self.groups
+            .get(group_id)
+            .map(|g| {
+                g.offsets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Tombstones for an OffsetDelete; `Err` is a group-wide code. `subscribed` says
     /// whether the live group still consumes a topic (GROUP_SUBSCRIBED_TO_TOPIC).
-    pub fn delete_offsets(&self, group_id: &str, partitions: &[(String, i32)], subscribed: impl Fn(&[Bytes], &str) -> bool) -> Result<Vec<Result<GroupRecord, i16>>, i16> {
+    pub fn delete_offsets(
+        &self,
+        group_id: &str,
+        partitions: &[(String, i32)],
+        subscribed: impl Fn(&[Bytes], &str) -> bool,
+    ) -> Result<Vec<Result<GroupRecord, i16>>, i16> {
         let Some(group) = self.groups.get(group_id) else {
             return Err(ResponseError::GroupIdNotFound.code());
         };
         let protocol = group.protocol_name.clone().unwrap_or_default();
-        let subscriptions: Vec<Bytes> = group.members.values().map(|m| m.metadata_for(&protocol)).collect();
+        let subscriptions: Vec<Bytes> = group
+            .members
+            .values()
+            .map(|m| m.metadata_for(&protocol))
+            .collect();
         Ok(partitions
             .iter()
             .map(|(topic, partition)| {
                 if group.state != GroupState::Empty && subscribed(&subscriptions, topic) {
                     return Err(ResponseError::GroupSubscribedToTopic.code());
                 }
-                Ok(GroupRecord::Offset { group: group_id.to_string(), topic: topic.clone(), partition: *partition, value: None })
+                Ok(GroupRecord::Offset {
+                    group: group_id.to_string(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    value: None,
+                })
             })
             .collect())
     }
@@ -960,9 +1292,17 @@ impl GroupCoordinator {
         let mut records: Vec<GroupRecord> = group
             .offsets
             .keys()
-            .map(|(t, p)| GroupRecord::Offset { group: group_id.to_string(), topic: t.clone(), partition: *p, value: None })
+            .map(|(t, p)| GroupRecord::Offset {
+                group: group_id.to_string(),
+                topic: t.clone(),
+                partition: *p,
+                value: None,
+            })
             .collect();
-        records.push(GroupRecord::Group { group: group_id.to_string(), value: None });
+        records.push(GroupRecord::Group {
+            group: group_id.to_string(),
+            value: None,
+        });
         Ok(records)
     }
 
@@ -992,8 +1332,16 @@ impl GroupCoordinator {
                             .with_group_instance_id(m.group_instance_id.as_deref().map(s))
                             .with_client_id(s(&m.client_id))
                             .with_client_host(s(&m.client_host))
-                            .with_member_metadata(if stable { m.metadata_for(&protocol) } else { Bytes::new() })
-                            .with_member_assignment(if stable { m.assignment.clone() } else { Bytes::new() })
+                            .with_member_metadata(if stable {
+                                m.metadata_for(&protocol)
+                            } else {
+                                Bytes::new()
+                            })
+                            .with_member_assignment(if stable {
+                                m.assignment.clone()
+                            } else {
+                                Bytes::new()
+                            })
                     })
                     .collect(),
             )
@@ -1001,7 +1349,16 @@ impl GroupCoordinator {
 
     /// `(group id, protocol type, state)` of every group.
     pub fn list(&self) -> Vec<(String, String, GroupState)> {
-        self.groups.values().map(|g| (g.id.clone(), g.protocol_type.clone().unwrap_or_default(), g.state)).collect()
+        self.groups
+            .values()
+            .map(|g| {
+                (
+                    g.id.clone(),
+                    g.protocol_type.clone().unwrap_or_default(),
+                    g.state,
+                )
+            })
+            .collect()
     }
 
     pub fn state(&self, group_id: &str) -> Option<GroupState> {

@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "t")]
 pub enum GroupRecordKey {
     #[serde(rename = "offset")]
-    Offset { v: u8, group: String, topic: String, partition: i32 },
+    Offset {
+        v: u8,
+        group: String,
+        topic: String,
+        partition: i32,
+    },
     #[serde(rename = "group")]
     Group { v: u8, group: String },
 }
@@ -48,8 +53,16 @@ pub struct GroupValue {
 /// One record: key plus value, `None` being a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupRecord {
-    Offset { group: String, topic: String, partition: i32, value: Option<OffsetValue> },
-    Group { group: String, value: Option<GroupValue> },
+    Offset {
+        group: String,
+        topic: String,
+        partition: i32,
+        value: Option<OffsetValue>,
+    },
+    Group {
+        group: String,
+        value: Option<GroupValue>,
+    },
 }
 
 pub const RECORD_VERSION: u8 = 1;
@@ -70,13 +83,36 @@ impl GroupRecord {
         // Serializing these plain structs cannot fail; an empty key would be a bug caught
         // by the decode round-trip test.
         match self {
-            GroupRecord::Offset { group, topic, partition, value } => {
-                let key = GroupRecordKey::Offset { v: RECORD_VERSION, group: group.clone(), topic: topic.clone(), partition: *partition };
-                (serde_json::to_vec(&key).unwrap_or_default(), value.as_ref().map(|v| serde_json::to_vec(v).unwrap_or_default()))
+            GroupRecord::Offset {
+                group,
+                topic,
+                partition,
+                value,
+            } => {
+                let key = GroupRecordKey::Offset {
+                    v: RECORD_VERSION,
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                (
+                    serde_json::to_vec(&key).unwrap_or_default(),
+                    value
+                        .as_ref()
+                        .map(|v| serde_json::to_vec(v).unwrap_or_default()),
+                )
             }
             GroupRecord::Group { group, value } => {
-                let key = GroupRecordKey::Group { v: RECORD_VERSION, group: group.clone() };
-                (serde_json::to_vec(&key).unwrap_or_default(), value.as_ref().map(|v| serde_json::to_vec(v).unwrap_or_default()))
+                let key = GroupRecordKey::Group {
+                    v: RECORD_VERSION,
+                    group: group.clone(),
+                };
+                (
+                    serde_json::to_vec(&key).unwrap_or_default(),
+                    value
+                        .as_ref()
+                        .map(|v| serde_json::to_vec(v).unwrap_or_default()),
+                )
             }
         }
     }
@@ -84,15 +120,21 @@ impl GroupRecord {
     pub fn decode(key: &[u8], value: Option<&[u8]>) -> Result<GroupRecord, RecordDecodeError> {
         let err = |e: serde_json::Error| RecordDecodeError(e.to_string());
         match serde_json::from_slice::<GroupRecordKey>(key).map_err(err)? {
-            GroupRecordKey::Offset { group, topic, partition, .. } => Ok(GroupRecord::Offset {
+            GroupRecordKey::Offset {
+                group,
+                topic,
+                partition,
+                ..
+            } => Ok(GroupRecord::Offset {
                 group,
                 topic,
                 partition,
                 value: value.map(serde_json::from_slice).transpose().map_err(err)?,
             }),
-            GroupRecordKey::Group { group, .. } => {
-                Ok(GroupRecord::Group { group, value: value.map(serde_json::from_slice).transpose().map_err(err)? })
-            }
+            GroupRecordKey::Group { group, .. } => Ok(GroupRecord::Group {
+                group,
+                value: value.map(serde_json::from_slice).transpose().map_err(err)?,
+            }),
         }
     }
 }
@@ -109,10 +151,23 @@ mod tests {
                 group: "g".into(),
                 topic: "t".into(),
                 partition: 3,
-                value: Some(OffsetValue { offset: 42, leader_epoch: 0, metadata: Some("m".into()), commit_timestamp_ms: 9 }),
+                value: Some(OffsetValue {
+                    offset: 42,
+                    leader_epoch: 0,
+                    metadata: Some("m".into()),
+                    commit_timestamp_ms: 9,
+                }),
             },
-            GroupRecord::Offset { group: "g".into(), topic: "t".into(), partition: 3, value: None },
-            GroupRecord::Group { group: "g".into(), value: None },
+            GroupRecord::Offset {
+                group: "g".into(),
+                topic: "t".into(),
+                partition: 3,
+                value: None,
+            },
+            GroupRecord::Group {
+                group: "g".into(),
+                value: None,
+            },
         ];
         for r in records {
             let (k, v) = r.encode();

@@ -8,7 +8,10 @@ use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 const SESSION: i32 = 10_000;
 
 fn cfg() -> GroupConfig {
-    GroupConfig { initial_rebalance_delay_ms: 0, ..GroupConfig::default() }
+    GroupConfig {
+        initial_rebalance_delay_ms: 0,
+        ..GroupConfig::default()
+    }
 }
 
 fn join_req(member: &str, instance: Option<&str>, meta: &'static [u8]) -> JoinGroupRequest {
@@ -19,25 +22,50 @@ fn join_req(member: &str, instance: Option<&str>, meta: &'static [u8]) -> JoinGr
         .with_member_id(s(member))
         .with_group_instance_id(instance.map(s))
         .with_protocol_type(s("consumer"))
-        .with_protocols(vec![JoinGroupRequestProtocol::default().with_name(s("range")).with_metadata(Bytes::from_static(meta))])
+        .with_protocols(vec![JoinGroupRequestProtocol::default()
+            .with_name(s("range"))
+            .with_metadata(Bytes::from_static(meta))])
 }
 
 fn client() -> ClientInfo {
-    ClientInfo { client_id: "c".into(), client_host: "/127.0.0.1".into() }
+    ClientInfo {
+        client_id: "c".into(),
+        client_host: "/127.0.0.1".into(),
+    }
 }
 
 fn joins(effects: &[Effect]) -> Vec<(Token, JoinGroupResponse)> {
-    effects.iter().filter_map(|e| if let Effect::JoinDone(t, r) = e { Some((*t, r.clone())) } else { None }).collect()
+    effects
+        .iter()
+        .filter_map(|e| {
+            if let Effect::JoinDone(t, r) = e {
+                Some((*t, r.clone()))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn syncs(effects: &[Effect]) -> Vec<(Token, SyncGroupResponse)> {
-    effects.iter().filter_map(|e| if let Effect::SyncDone(t, r) = e { Some((*t, r.clone())) } else { None }).collect()
+    effects
+        .iter()
+        .filter_map(|e| {
+            if let Effect::SyncDone(t, r) = e {
+                Some((*t, r.clone()))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Runs the KIP-394 two-step join for a dynamic member; returns the join effects.
 fn join_dynamic(c: &mut GroupCoordinator, now: i64, token: Token) -> (String, Vec<Effect>) {
     let (r, _) = c.join(now, token, 5, &client(), &join_req("", None, b"m"));
-    let Reply::Now(r) = r else { panic!("first join answers at once") };
+    let Reply::Now(r) = r else {
+        panic!("first join answers at once")
+    };
     assert_eq!(r.error_code, ResponseError::MemberIdRequired.code());
     let id = r.member_id.to_string();
     let (r, effects) = c.join(now, token, 5, &client(), &join_req(&id, None, b"m"));
@@ -45,7 +73,11 @@ fn join_dynamic(c: &mut GroupCoordinator, now: i64, token: Token) -> (String, Ve
     (id, effects)
 }
 
-fn sync_req(member: &str, generation: i32, assignments: Vec<(&str, &'static [u8])>) -> SyncGroupRequest {
+fn sync_req(
+    member: &str,
+    generation: i32,
+    assignments: Vec<(&str, &'static [u8])>,
+) -> SyncGroupRequest {
     SyncGroupRequest::default()
         .with_group_id(GroupId(s("g")))
         .with_member_id(s(member))
@@ -53,7 +85,11 @@ fn sync_req(member: &str, generation: i32, assignments: Vec<(&str, &'static [u8]
         .with_assignments(
             assignments
                 .into_iter()
-                .map(|(m, a)| SyncGroupRequestAssignment::default().with_member_id(s(m)).with_assignment(Bytes::from_static(a)))
+                .map(|(m, a)| {
+                    SyncGroupRequestAssignment::default()
+                        .with_member_id(s(m))
+                        .with_assignment(Bytes::from_static(a))
+                })
                 .collect(),
         )
 }
@@ -71,12 +107,21 @@ fn single_member_joins_syncs_and_is_stable() {
     assert_eq!(c.state("g"), Some(GroupState::CompletingRebalance));
     let (r, effects) = c.sync(1, 2, &sync_req(&id, 1, vec![(&id, b"A")]));
     assert_eq!(r, Reply::Later);
-    assert!(matches!(effects[0], Effect::Persist(GroupRecord::Group { .. })));
+    assert!(matches!(
+        effects[0],
+        Effect::Persist(GroupRecord::Group { .. })
+    ));
     assert_eq!(syncs(&effects)[0].1.assignment.as_ref(), b"A");
     assert_eq!(c.state("g"), Some(GroupState::Stable));
     assert_eq!(c.heartbeat(2, "g", &id, None, 1), 0);
-    assert_eq!(c.heartbeat(2, "g", &id, None, 0), ResponseError::IllegalGeneration.code());
-    assert_eq!(c.heartbeat(2, "g", "nobody", None, 1), ResponseError::UnknownMemberId.code());
+    assert_eq!(
+        c.heartbeat(2, "g", &id, None, 0),
+        ResponseError::IllegalGeneration.code()
+    );
+    assert_eq!(
+        c.heartbeat(2, "g", "nobody", None, 1),
+        ResponseError::UnknownMemberId.code()
+    );
 }
 
 #[test]
@@ -85,9 +130,15 @@ fn second_member_triggers_rebalance_and_both_get_assignments() {
     let (a, _) = join_dynamic(&mut c, 0, 1);
     c.sync(0, 2, &sync_req(&a, 1, vec![(&a, b"all")]));
     let (b, effects) = join_dynamic(&mut c, 10, 3);
-    assert!(joins(&effects).is_empty(), "waits for the existing member to rejoin");
+    assert!(
+        joins(&effects).is_empty(),
+        "waits for the existing member to rejoin"
+    );
     assert_eq!(c.state("g"), Some(GroupState::PreparingRebalance));
-    assert_eq!(c.heartbeat(11, "g", &a, None, 1), ResponseError::RebalanceInProgress.code());
+    assert_eq!(
+        c.heartbeat(11, "g", &a, None, 1),
+        ResponseError::RebalanceInProgress.code()
+    );
     let (_, effects) = c.join(12, 4, 5, &client(), &join_req(&a, None, b"m"));
     let j = joins(&effects);
     assert_eq!(j.len(), 2);
@@ -99,7 +150,15 @@ fn second_member_triggers_rebalance_and_both_get_assignments() {
     let (_, effects) = c.sync(14, 6, &sync_req(&a, 2, vec![(&a, b"p0"), (&b, b"p1")]));
     let s = syncs(&effects);
     assert_eq!(s.len(), 2);
-    assert_eq!(s.iter().find(|(t, _)| *t == 5).unwrap().1.assignment.as_ref(), b"p1");
+    assert_eq!(
+        s.iter()
+            .find(|(t, _)| *t == 5)
+            .unwrap()
+            .1
+            .assignment
+            .as_ref(),
+        b"p1"
+    );
     // A clean leave rebalances the rest.
     let (codes, _) = c.leave(20, "g", &[(b.clone(), None)]);
     assert_eq!(codes.unwrap(), vec![0]);
@@ -116,7 +175,13 @@ fn silent_member_expires_and_group_rebalances() {
     let (b, _) = join_dynamic(&mut c, 0, 3);
     let (_, e) = c.join(0, 4, 5, &client(), &join_req(&a, None, b"m"));
     assert_eq!(joins(&e).len(), 2);
-    let leader = joins(&e).into_iter().find(|(_, r)| !r.members.is_empty()).unwrap().1.member_id.to_string();
+    let leader = joins(&e)
+        .into_iter()
+        .find(|(_, r)| !r.members.is_empty())
+        .unwrap()
+        .1
+        .member_id
+        .to_string();
     let other = if leader == a { b.clone() } else { a.clone() };
     c.sync(1, 5, &sync_req(&other, 2, vec![]));
     c.sync(1, 6, &sync_req(&leader, 2, vec![]));
@@ -126,7 +191,11 @@ fn silent_member_expires_and_group_rebalances() {
         c.heartbeat(t, "g", &a, None, 2);
         c.tick(t);
     }
-    assert_eq!(c.state("g"), Some(GroupState::PreparingRebalance), "b's session expired");
+    assert_eq!(
+        c.state("g"),
+        Some(GroupState::PreparingRebalance),
+        "b's session expired"
+    );
     let (_, e) = c.join(12_500, 7, 5, &client(), &join_req(&a, None, b"m"));
     let j = joins(&e);
     assert_eq!(j.len(), 1);
@@ -140,21 +209,38 @@ fn static_member_restart_keeps_assignment_without_rebalance() {
     assert_eq!(r, Reply::Later, "static members join directly");
     let first = joins(&e)[0].1.member_id.to_string();
     let (r, _) = c.sync(0, 2, &sync_req(&first, 1, vec![(&first, b"mine")]));
-    assert_eq!(r, Reply::Now(sync_error(ResponseError::FencedInstanceId)), "instance id must match");
-    c.sync(0, 2, &sync_req(&first, 1, vec![(&first, b"mine")]).with_group_instance_id(Some(s("i1"))));
+    assert_eq!(
+        r,
+        Reply::Now(sync_error(ResponseError::FencedInstanceId)),
+        "instance id must match"
+    );
+    c.sync(
+        0,
+        2,
+        &sync_req(&first, 1, vec![(&first, b"mine")]).with_group_instance_id(Some(s("i1"))),
+    );
     assert_eq!(c.state("g"), Some(GroupState::Stable));
     // Restart: empty member id, same instance id, same metadata.
     let (r, e) = c.join(5_000, 3, 5, &client(), &join_req("", Some("i1"), b"m"));
-    let Reply::Now(r) = r else { panic!("no rebalance for a static rejoin") };
+    let Reply::Now(r) = r else {
+        panic!("no rebalance for a static rejoin")
+    };
     assert_eq!(r.generation_id, 1);
     assert_ne!(r.member_id.as_str(), first);
     assert!(e.iter().any(|x| matches!(x, Effect::Persist(_))));
     assert_eq!(c.state("g"), Some(GroupState::Stable));
-    let (r, _) = c.sync(5_001, 4, &sync_req(r.member_id.as_str(), 1, vec![]).with_group_instance_id(Some(s("i1"))));
+    let (r, _) = c.sync(
+        5_001,
+        4,
+        &sync_req(r.member_id.as_str(), 1, vec![]).with_group_instance_id(Some(s("i1"))),
+    );
     let Reply::Now(r) = r else { panic!() };
     assert_eq!(r.assignment.as_ref(), b"mine");
     // The old incarnation is fenced.
-    assert_eq!(c.heartbeat(5_002, "g", &first, Some("i1"), 1), ResponseError::UnknownMemberId.code());
+    assert_eq!(
+        c.heartbeat(5_002, "g", &first, Some("i1"), 1),
+        ResponseError::UnknownMemberId.code()
+    );
 }
 
 #[test]
@@ -162,18 +248,36 @@ fn join_validation_errors() {
     let mut c = GroupCoordinator::new(cfg(), "p".into());
     let bad_timeout = join_req("", None, b"m").with_session_timeout_ms(10);
     let (r, _) = c.join(0, 1, 5, &client(), &bad_timeout);
-    assert_eq!(r, Reply::Now(join_error(ResponseError::InvalidSessionTimeout, "")));
+    assert_eq!(
+        r,
+        Reply::Now(join_error(ResponseError::InvalidSessionTimeout, ""))
+    );
     let no_protocols = join_req("", None, b"m").with_protocols(vec![]);
     let (r, _) = c.join(0, 1, 5, &client(), &no_protocols);
-    assert_eq!(r, Reply::Now(join_error(ResponseError::InconsistentGroupProtocol, "")));
+    assert_eq!(
+        r,
+        Reply::Now(join_error(ResponseError::InconsistentGroupProtocol, ""))
+    );
     let (r, _) = c.join(0, 1, 5, &client(), &join_req("ghost", None, b"m"));
-    assert_eq!(r, Reply::Now(join_error(ResponseError::UnknownMemberId, "ghost")));
+    assert_eq!(
+        r,
+        Reply::Now(join_error(ResponseError::UnknownMemberId, "ghost"))
+    );
 }
 
 #[test]
 fn offsets_commit_replay_and_delete() {
     let mut c = GroupCoordinator::new(cfg(), "p".into());
-    let records = c.commit_offsets(5, "g", "", None, -1, &[("t".into(), 0, 42, -1, Some("meta".into()))]).unwrap();
+    let records = c
+        .commit_offsets(
+            5,
+            "g",
+            "",
+            None,
+            -1,
+            &[("t".into(), 0, 42, -1, Some("meta".into()))],
+        )
+        .unwrap();
     let record = records[0].clone().unwrap();
     c.replay(&record, 5);
     let got = c.committed("g", "t", 0).unwrap();
@@ -185,19 +289,39 @@ fn offsets_commit_replay_and_delete() {
     assert_eq!(fresh.committed("g", "t", 0).unwrap().offset, 42);
     // A member-less commit while the group has members is refused.
     let (_id, _) = join_dynamic(&mut c, 10, 1);
-    assert_eq!(c.commit_offsets(11, "g", "", None, -1, &[]).unwrap_err(), ResponseError::UnknownMemberId.code());
-    assert_eq!(c.delete_group("g").unwrap_err(), ResponseError::NonEmptyGroup.code());
-    assert_eq!(c.delete_group("nope").unwrap_err(), ResponseError::GroupIdNotFound.code());
+    assert_eq!(
+        c.commit_offsets(11, "g", "", None, -1, &[]).unwrap_err(),
+        ResponseError::UnknownMemberId.code()
+    );
+    assert_eq!(
+        c.delete_group("g").unwrap_err(),
+        ResponseError::NonEmptyGroup.code()
+    );
+    assert_eq!(
+        c.delete_group("nope").unwrap_err(),
+        ResponseError::GroupIdNotFound.code()
+    );
 }
 
 #[test]
 fn offsets_of_empty_groups_expire() {
-    let mut c = GroupCoordinator::new(GroupConfig { offsets_retention_ms: 1_000, ..cfg() }, "p".into());
-    for r in c.commit_offsets(0, "g", "", None, -1, &[("t".into(), 0, 1, -1, None)]).unwrap() {
+    let mut c = GroupCoordinator::new(
+        GroupConfig {
+            offsets_retention_ms: 1_000,
+            ..cfg()
+        },
+        "p".into(),
+    );
+    for r in c
+        .commit_offsets(0, "g", "", None, -1, &[("t".into(), 0, 1, -1, None)])
+        .unwrap()
+    {
         c.replay(&r.unwrap(), 0);
     }
     assert!(c.tick(500).is_empty());
     let effects = c.tick(2_000);
-    assert!(effects.iter().any(|e| matches!(e, Effect::Persist(GroupRecord::Offset { value: None, .. }))));
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Persist(GroupRecord::Offset { value: None, .. }))));
     assert!(c.committed("g", "t", 0).is_none());
 }

@@ -161,9 +161,11 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     );
     tracing::info!(addr = %running.local_addr, advertised = ?broker.advertised, data_dir = %broker.config.data_dir.display(), "broker ready");
     let background = tokio::spawn(broker.clone().run_background());
+    let group_ticker = tokio::spawn(ferrite_broker::group_manager::run_ticker(broker.clone()));
     ferrite_broker::server::serve(broker.clone(), running.listener, shutdown_signal()).await;
     tracing::info!("shutting down: flushing logs");
     background.abort();
+    group_ticker.abort();
     broker.shutdown()?;
     tracing::info!("clean shutdown complete");
     Ok(())

@@ -194,6 +194,13 @@ pub async fn delete_topics(
                 };
                 result = result.with_error_code(code.code());
             }
+            Some(t) if t.name == crate::group_manager::OFFSETS_TOPIC => {
+                result = result
+                    .with_error_code(ResponseError::InvalidTopicException.code())
+                    .with_error_message(Some(str_bytes(
+                        "the internal offsets topic cannot be deleted",
+                    )));
+            }
             Some(t) => {
                 let topic_id = t.topic_id;
                 let topic = t.name.clone();

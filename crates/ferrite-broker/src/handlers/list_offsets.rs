@@ -20,7 +20,7 @@ const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
 
-pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, _version: i16) -> ListOffsetsResponse {
+pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
     let topics = req
         .topics
         .into_iter()
@@ -45,7 +45,8 @@ pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, _version: i16) -> L
                         Ok(Some((offset, timestamp, epoch))) => resp
                             .with_offset(offset)
                             .with_timestamp(timestamp)
-                            .with_leader_epoch(epoch),
+                            // The leader epoch is only in v4+ (KIP-320).
+                            .with_leader_epoch(if version >= 4 { epoch } else { -1 }),
                         Ok(None) => resp,
                         Err(code) => resp.with_error_code(code),
                     }

@@ -131,7 +131,7 @@ fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.name)))
         .with_topic_id(t.topic_id)
-        .with_is_internal(false)
+        .with_is_internal(t.name == crate::group_manager::OFFSETS_TOPIC)
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
         .with_partitions(
             t.partitions
@@ -156,7 +156,7 @@ pub fn describe_cluster(
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))
         .with_controller_id(BrokerId(broker.config.node_id))
-        .with_endpoint_type(1)
+        .with_endpoint_type(1) // Brokers; also the v0 default, so every version encodes.
         .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
         .with_brokers(vec![DescribeClusterBroker::default()
             .with_broker_id(BrokerId(broker.config.node_id))

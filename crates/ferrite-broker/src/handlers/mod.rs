@@ -5,10 +5,12 @@
 pub mod admin;
 pub mod configs;
 pub mod fetch;
+pub mod groups;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrite_protocol::Request;
@@ -18,7 +20,17 @@ use kafka_protocol::protocol::StrBytes;
 use crate::Broker;
 
 /// Handles one request. `None` means no response is sent (Produce with acks=0).
-pub async fn handle(broker: &Arc<Broker>, request: Request) -> Option<ResponseKind> {
+pub async fn handle(
+    broker: &Arc<Broker>,
+    request: Request,
+    peer: SocketAddr,
+) -> Option<ResponseKind> {
+    let client_id = request
+        .header
+        .client_id
+        .as_ref()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
     let version = request.version();
     Some(match request.body {
         RequestKind::ApiVersions(_) => {
@@ -55,6 +67,33 @@ pub async fn handle(broker: &Arc<Broker>, request: Request) -> Option<ResponseKi
         RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(configs::alter(broker, r).await),
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(configs::incremental_alter(broker, r).await)
+        }
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(groups::find_coordinator(broker, r, version))
+        }
+        RequestKind::JoinGroup(r) => {
+            ResponseKind::JoinGroup(groups::join_group(broker, r, version, &client_id, peer).await)
+        }
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync_group(broker, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(broker, r)),
+        RequestKind::LeaveGroup(r) => {
+            ResponseKind::LeaveGroup(groups::leave_group(broker, r, version))
+        }
+        RequestKind::OffsetCommit(r) => {
+            ResponseKind::OffsetCommit(groups::offset_commit(broker, r))
+        }
+        RequestKind::OffsetFetch(r) => {
+            ResponseKind::OffsetFetch(groups::offset_fetch(broker, r, version))
+        }
+        RequestKind::DescribeGroups(r) => {
+            ResponseKind::DescribeGroups(groups::describe_groups(broker, r))
+        }
+        RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(broker, r)),
+        RequestKind::DeleteGroups(r) => {
+            ResponseKind::DeleteGroups(groups::delete_groups(broker, r))
+        }
+        RequestKind::OffsetDelete(r) => {
+            ResponseKind::OffsetDelete(groups::offset_delete(broker, r))
         }
         other => {
             // decode_request only lets SUPPORTED_APIS through, so this is a programming

@@ -75,6 +75,13 @@ fn append_partition(
     records: Option<&[u8]>,
     now: i64,
 ) -> Result<ferrite_storage::AppendInfo, (i16, String)> {
+    if topic == crate::group_manager::OFFSETS_TOPIC {
+        // Only the group coordinator writes its internal topic.
+        return Err((
+            ResponseError::InvalidTopicException.code(),
+            format!("cannot produce to internal topic {topic}"),
+        ));
+    }
     let Some(p) = broker.replicas.get(topic, partition) else {
         return Err((
             ResponseError::UnknownTopicOrPartition.code(),

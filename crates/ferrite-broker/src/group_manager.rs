@@ -1,0 +1,266 @@
+//! Runtime around the sans-I/O `GroupCoordinator`: one mutex, the pending long-polls,
+//! and the `__consumer_offsets` topic its records go to.
+//!
+//! A group lives in partition `abs(javaHash(group)) % offsets.topic.num.partitions` of
+//! `__consumer_offsets`, as in Kafka, and its coordinator is that partition's leader, so
+//! the multi-broker work moves coordinators with partition leadership.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use ferrite_coordinator::{Effect, GroupCoordinator, GroupRecord, Token};
+use kafka_protocol::messages::{JoinGroupResponse, SyncGroupResponse};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tokio::sync::oneshot;
+
+use crate::replica_manager::ReplicaManager;
+use crate::{now_ms, Broker};
+
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// Kafka's `Utils.abs(groupId.hashCode()) % partitions`, with Java's UTF-16 string hash.
+pub fn partition_for_group(group: &str, partitions: i32) -> i32 {
+    let mut h: i32 = 0;
+    for unit in group.encode_utf16() {
+        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
+    }
+    let abs = if h == i32::MIN { 0 } else { h.abs() };
+    abs % partitions.max(1)
+}
+
+pub enum Waiter {
+    Join(oneshot::Sender<JoinGroupResponse>),
+    Sync(oneshot::Sender<SyncGroupResponse>),
+}
+
+pub struct GroupManagerState {
+    pub coordinator: GroupCoordinator,
+    pending: HashMap<Token, Waiter>,
+}
+
+pub struct GroupManager {
+    state: Mutex<GroupManagerState>,
+    next_token: AtomicU64,
+    partitions: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupLoadError {
+    #[error("{OFFSETS_TOPIC}-{partition}: {reason}")]
+    Load { partition: i32, reason: String },
+}
+
+impl GroupManager {
+    pub fn new(coordinator: GroupCoordinator, partitions: i32) -> Self {
+        GroupManager {
+            state: Mutex::new(GroupManagerState {
+                coordinator,
+                pending: HashMap::new(),
+            }),
+            next_token: AtomicU64::new(1),
+            partitions,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, GroupManagerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    pub fn next_token(&self) -> Token {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Replays every partition of `__consumer_offsets` into the coordinator, reading the
+    /// logs from their start: the same `replay` that applies records as they are written.
+    pub fn load(&self, replicas: &ReplicaManager) -> Result<usize, GroupLoadError> {
+        let mut state = self.lock();
+        let now = now_ms();
+        let mut count = 0usize;
+        for partition in 0..self.partitions {
+            let Some(p) = replicas.get(OFFSETS_TOPIC, partition) else {
+                continue;
+            };
+            let err = |reason: String| GroupLoadError::Load { partition, reason };
+            let (start, end) = {
+                let log = p.log();
+                (log.log_start_offset(), log.log_end_offset())
+            };
+            let mut offset = start;
+            while offset < end {
+                let (_, _, plan) = p.read_plan(offset);
+                let Some(plan) = plan.map_err(|e| err(e.to_string()))? else {
+                    break;
+                };
+                let mut bytes = plan
+                    .read(1024 * 1024, true)
+                    .map_err(|e| err(e.to_string()))?;
+                if bytes.is_empty() {
+                    break;
+                }
+                let sets =
+                    RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| err(e.to_string()))?;
+                let mut last = offset;
+                for set in sets {
+                    for r in set.records {
+                        last = last.max(r.offset);
+                        let Some(key) = r.key else { continue };
+                        match GroupRecord::decode(&key, r.value.as_deref()) {
+                            Ok(rec) => {
+                                state.coordinator.replay(&rec, now);
+                                count += 1;
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition, offset = r.offset, error = %e, "skipping record")
+                            }
+                        }
+                    }
+                }
+                offset = last + 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl GroupManagerState {
+    pub fn register(&mut self, token: Token, waiter: Waiter) {
+        self.pending.insert(token, waiter);
+    }
+
+    pub fn forget(&mut self, token: Token) {
+        self.pending.remove(&token);
+    }
+
+    /// Carries out effects in order: records are appended before any later response is
+    /// released, so a client never sees state that a crash could take back.
+    pub fn apply(&mut self, broker: &Broker, effects: Vec<Effect>) {
+        let now = now_ms();
+        let mut failed = false;
+        for effect in effects {
+            match effect {
+                Effect::Persist(record) => {
+                    if let Err(e) = append_records(broker, std::slice::from_ref(&record), now) {
+                        tracing::error!(group = record.group(), error = %e, "cannot persist group record");
+                        failed = true;
+                    } else if matches!(record, GroupRecord::Offset { .. }) {
+                        self.coordinator.replay(&record, now);
+                    }
+                }
+                Effect::JoinDone(token, mut resp) => {
+                    if failed {
+                        resp = resp.with_error_code(
+                            kafka_protocol::ResponseError::CoordinatorNotAvailable.code(),
+                        );
+                    }
+                    if let Some(Waiter::Join(tx)) = self.pending.remove(&token) {
+                        let _ = tx.send(resp);
+                    }
+                }
+                Effect::SyncDone(token, mut resp) => {
+                    if failed {
+                        resp = resp
+                            .with_error_code(
+                                kafka_protocol::ResponseError::CoordinatorNotAvailable.code(),
+                            )
+                            .with_assignment(Bytes::new());
+                    }
+                    if let Some(Waiter::Sync(tx)) = self.pending.remove(&token) {
+                        let _ = tx.send(resp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends group records to the group's `__consumer_offsets` partition as one batch.
+pub fn append_records(broker: &Broker, records: &[GroupRecord], now: i64) -> Result<(), String> {
+    let Some(first) = records.first() else {
+        return Ok(());
+    };
+    let partition = partition_for_group(first.group(), broker.groups.partitions());
+    let p = broker
+        .replicas
+        .get(OFFSETS_TOPIC, partition)
+        .ok_or_else(|| format!("{OFFSETS_TOPIC}-{partition} is not hosted here"))?;
+    let encoded: Vec<Record> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            debug_assert_eq!(
+                r.group(),
+                first.group(),
+                "one batch holds one group's records"
+            );
+            let (key, value) = r.encode();
+            Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                sequence: -1,
+                timestamp: now,
+                key: Some(Bytes::from(key)),
+                value: value.map(Bytes::from),
+                headers: Default::default(),
+            }
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        encoded.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    p.append(&buf, now).map(|_| ()).map_err(|e| e.to_string())
+}
+
+pub fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// Drives timeouts: session expiry, rebalance deadlines, offset expiry.
+pub async fn run_ticker(broker: Arc<Broker>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let mut state = broker.groups.lock();
+        let effects = state.coordinator.tick(now_ms());
+        if !effects.is_empty() {
+            state.apply(&broker, effects);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn java_hash_partitioning() {
+        // "".hashCode() == 0; "a".hashCode() == 97; "ab" == 3105.
+        assert_eq!(partition_for_group("", 50), 0);
+        assert_eq!(partition_for_group("a", 50), 97 % 50);
+        assert_eq!(partition_for_group("ab", 50), 3105 % 50);
+        // "polygenelubricants".hashCode() == i32::MIN, which Kafka's abs maps to 0.
+        assert_eq!(partition_for_group("polygenelubricants", 50), 0);
+    }
+}

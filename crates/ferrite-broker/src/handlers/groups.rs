@@ -1,0 +1,539 @@
+//! Consumer group APIs over the group coordinator: FindCoordinator, JoinGroup, SyncGroup,
+//! Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch, DescribeGroups, ListGroups,
+//! DeleteGroups, OffsetDelete.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferrite_coordinator::{ClientInfo, GroupRecord, Reply};
+use kafka_protocol::messages::consumer_protocol_subscription::ConsumerProtocolSubscription;
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, StrBytes};
+use kafka_protocol::ResponseError;
+use tokio::sync::oneshot;
+
+use super::str_bytes;
+use crate::group_manager::{append_records, Waiter};
+use crate::{now_ms, Broker};
+
+const KEY_TYPE_GROUP: i8 = 0;
+
+pub fn find_coordinator(
+    broker: &Arc<Broker>,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let (host, port) = &broker.advertised;
+    let answer = |key: &StrBytes| {
+        let mut c = Coordinator::default()
+            .with_key(key.clone())
+            .with_node_id(BrokerId(-1))
+            .with_host(str_bytes(""))
+            .with_port(-1);
+        if req.key_type != KEY_TYPE_GROUP {
+            // Transactions are not implemented: no transaction coordinator exists.
+            c = c
+                .with_error_code(ResponseError::CoordinatorNotAvailable.code())
+                .with_error_message(Some(str_bytes("transactions are not supported yet")));
+        } else if key.is_empty() {
+            c = c
+                .with_error_code(ResponseError::InvalidRequest.code())
+                .with_error_message(Some(str_bytes("empty group id")));
+        } else {
+            c = c
+                .with_node_id(BrokerId(broker.config.node_id))
+                .with_host(str_bytes(host))
+                .with_port(i32::from(*port));
+        }
+        c
+    };
+    // v4+ batches keys (KIP-699); before that one key and top-level fields.
+    if version >= 4 {
+        FindCoordinatorResponse::default()
+            .with_coordinators(req.coordinator_keys.iter().map(answer).collect())
+    } else {
+        let c = answer(&req.key);
+        FindCoordinatorResponse::default()
+            .with_error_code(c.error_code)
+            .with_error_message(c.error_message)
+            .with_node_id(c.node_id)
+            .with_host(c.host)
+            .with_port(c.port)
+    }
+}
+
+/// Upper bound on how long a JoinGroup/SyncGroup long-poll may wait for its rebalance.
+fn long_poll_limit(rebalance_timeout_ms: i32) -> Duration {
+    Duration::from_millis(
+        u64::try_from(rebalance_timeout_ms)
+            .unwrap_or(0)
+            .saturating_add(5_000)
+            .min(30 * 60 * 1000),
+    )
+}
+
+pub async fn join_group(
+    broker: &Arc<Broker>,
+    req: JoinGroupRequest,
+    version: i16,
+    client_id: &str,
+    peer: SocketAddr,
+) -> JoinGroupResponse {
+    let token = broker.groups.next_token();
+    let (tx, rx) = oneshot::channel();
+    let client = ClientInfo {
+        client_id: client_id.to_string(),
+        client_host: format!("/{}", peer.ip()),
+    };
+    let limit = long_poll_limit(req.rebalance_timeout_ms.max(req.session_timeout_ms));
+    {
+        let mut state = broker.groups.lock();
+        state.register(token, Waiter::Join(tx));
+        let (reply, effects) = state
+            .coordinator
+            .join(now_ms(), token, version, &client, &req);
+        state.apply(broker, effects);
+        if let Reply::Now(resp) = reply {
+            state.forget(token);
+            return resp;
+        }
+    }
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(resp)) => resp,
+        _ => {
+            broker.groups.lock().forget(token);
+            JoinGroupResponse::default()
+                .with_error_code(ResponseError::RebalanceInProgress.code())
+                .with_generation_id(-1)
+        }
+    }
+}
+
+pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGroupResponse {
+    let token = broker.groups.next_token();
+    let (tx, rx) = oneshot::channel();
+    {
+        let mut state = broker.groups.lock();
+        state.register(token, Waiter::Sync(tx));
+        let (reply, effects) = state.coordinator.sync(now_ms(), token, &req);
+        state.apply(broker, effects);
+        if let Reply::Now(resp) = reply {
+            state.forget(token);
+            return resp;
+        }
+    }
+    match tokio::time::timeout(long_poll_limit(300_000), rx).await {
+        Ok(Ok(resp)) => resp,
+        _ => {
+            broker.groups.lock().forget(token);
+            SyncGroupResponse::default().with_error_code(ResponseError::RebalanceInProgress.code())
+        }
+    }
+}
+
+pub fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> HeartbeatResponse {
+    let code = broker.groups.lock().coordinator.heartbeat(
+        now_ms(),
+        req.group_id.0.as_str(),
+        req.member_id.as_str(),
+        req.group_instance_id.as_deref(),
+        req.generation_id,
+    );
+    HeartbeatResponse::default().with_error_code(code)
+}
+
+pub fn leave_group(
+    broker: &Arc<Broker>,
+    req: LeaveGroupRequest,
+    version: i16,
+) -> LeaveGroupResponse {
+    // v3+ removes a batch of members (KIP-345); before that the one sender.
+    let members: Vec<(String, Option<String>)> = if version >= 3 {
+        req.members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    m.group_instance_id.as_ref().map(|i| i.to_string()),
+                )
+            })
+            .collect()
+    } else {
+        vec![(req.member_id.to_string(), None)]
+    };
+    let mut state = broker.groups.lock();
+    let (result, effects) = state
+        .coordinator
+        .leave(now_ms(), req.group_id.0.as_str(), &members);
+    state.apply(broker, effects);
+    match result {
+        Err(code) => LeaveGroupResponse::default().with_error_code(code),
+        Ok(codes) => {
+            if version < 3 {
+                return LeaveGroupResponse::default()
+                    .with_error_code(codes.first().copied().unwrap_or(0));
+            }
+            LeaveGroupResponse::default().with_members(
+                members
+                    .iter()
+                    .zip(codes)
+                    .map(|((m, i), code)| {
+                        MemberResponse::default()
+                            .with_member_id(str_bytes(m))
+                            .with_group_instance_id(i.as_deref().map(str_bytes))
+                            .with_error_code(code)
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+pub fn offset_commit(broker: &Arc<Broker>, req: OffsetCommitRequest) -> OffsetCommitResponse {
+    let group = req.group_id.0.to_string();
+    let now = now_ms();
+    // Unknown topics and partitions fail on their own; the rest are committed.
+    let mut wanted = Vec::new();
+    let mut per_partition: Vec<(String, i32, Option<i16>)> = Vec::new();
+    for t in &req.topics {
+        let topic = t.name.0.to_string();
+        for p in &t.partitions {
+            if broker.replicas.get(&topic, p.partition_index).is_none() {
+                per_partition.push((
+                    topic.clone(),
+                    p.partition_index,
+                    Some(ResponseError::UnknownTopicOrPartition.code()),
+                ));
+            } else {
+                per_partition.push((topic.clone(), p.partition_index, None));
+                wanted.push((
+                    topic.clone(),
+                    p.partition_index,
+                    p.committed_offset,
+                    p.committed_leader_epoch,
+                    p.committed_metadata.as_ref().map(|m| m.to_string()),
+                ));
+            }
+        }
+    }
+    let mut state = broker.groups.lock();
+    let result = state.coordinator.commit_offsets(
+        now,
+        &group,
+        req.member_id.as_str(),
+        req.group_instance_id.as_deref(),
+        req.generation_id_or_member_epoch,
+        &wanted,
+    );
+    let mut codes: Vec<i16> = Vec::with_capacity(per_partition.len());
+    match result {
+        Err(code) => codes.extend(per_partition.iter().map(|(_, _, c)| c.unwrap_or(code))),
+        Ok(records) => {
+            let good: Vec<GroupRecord> = records
+                .iter()
+                .filter_map(|r| r.as_ref().ok().cloned())
+                .collect();
+            let write = append_records(broker, &good, now);
+            if write.is_ok() {
+                for r in &good {
+                    state.coordinator.replay(r, now);
+                }
+            } else if let Err(e) = &write {
+                tracing::error!(%group, error = %e, "offset commit write failed");
+            }
+            let mut results = records.into_iter();
+            for (_, _, c) in &per_partition {
+                codes.push(match c {
+                    Some(c) => *c,
+                    None => match results.next() {
+                        Some(Ok(_)) if write.is_ok() => 0,
+                        Some(Ok(_)) => ResponseError::CoordinatorNotAvailable.code(),
+                        Some(Err(code)) => code,
+                        None => ResponseError::UnknownServerError.code(),
+                    },
+                });
+            }
+        }
+    }
+    drop(state);
+    let mut topics: Vec<OffsetCommitResponseTopic> = Vec::new();
+    for ((topic, partition, _), code) in per_partition.into_iter().zip(codes) {
+        let part = OffsetCommitResponsePartition::default()
+            .with_partition_index(partition)
+            .with_error_code(code);
+        match topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
+            Some(t) => t.partitions.push(part),
+            None => topics.push(
+                OffsetCommitResponseTopic::default()
+                    .with_name(super::topic_name(&topic))
+                    .with_partitions(vec![part]),
+            ),
+        }
+    }
+    OffsetCommitResponse::default().with_topics(topics)
+}
+
+/// `(partition, offset, leader_epoch, metadata)`; offset -1 when nothing is committed.
+type FetchedOffset = (i32, i64, i32, Option<String>);
+
+/// `(topic, partition, offset, leader_epoch, metadata)` for the asked partitions, or for
+/// every committed partition when `topics` is null.
+fn fetch_offsets(
+    broker: &Arc<Broker>,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> Vec<(String, Vec<FetchedOffset>)> {
+    let state = broker.groups.lock();
+    let c = &state.coordinator;
+    match topics {
+        Some(topics) => topics
+            .into_iter()
+            .map(|(t, parts)| {
+                let parts = parts
+                    .into_iter()
+                    .map(|p| match c.committed(group, &t, p) {
+                        Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone()),
+                        None => (p, -1, -1, None),
+                    })
+                    .collect();
+                (t, parts)
+            })
+            .collect(),
+        None => {
+            let mut out: Vec<(String, Vec<FetchedOffset>)> = Vec::new();
+            for ((t, p), o) in c.all_committed(group) {
+                let entry = (p, o.offset, o.leader_epoch, o.metadata.clone());
+                match out.iter_mut().find(|(name, _)| *name == t) {
+                    Some((_, v)) => v.push(entry),
+                    None => out.push((t, vec![entry])),
+                }
+            }
+            out
+        }
+    }
+}
+
+pub fn offset_fetch(
+    broker: &Arc<Broker>,
+    req: OffsetFetchRequest,
+    version: i16,
+) -> OffsetFetchResponse {
+    // v8+ asks for several groups at once (KIP-709).
+    if version >= 8 {
+        let groups = req
+            .groups
+            .iter()
+            .map(|g| {
+                let topics = g.topics.as_ref().map(|ts| {
+                    ts.iter()
+                        .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
+                        .collect()
+                });
+                let found = fetch_offsets(broker, g.group_id.0.as_str(), topics);
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(g.group_id.clone())
+                    .with_topics(
+                        found
+                            .into_iter()
+                            .map(|(t, parts)| {
+                                OffsetFetchResponseTopics::default()
+                                    .with_name(super::topic_name(&t))
+                                    .with_partitions(
+                                        parts
+                                            .into_iter()
+                                            .map(|(p, o, e, m)| {
+                                                OffsetFetchResponsePartitions::default()
+                                                    .with_partition_index(p)
+                                                    .with_committed_offset(o)
+                                                    .with_committed_leader_epoch(e)
+                                                    .with_metadata(m.map(|m| str_bytes(&m)))
+                                            })
+                                            .collect(),
+                                    )
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        return OffsetFetchResponse::default().with_groups(groups);
+    }
+    let topics = req.topics.as_ref().map(|ts| {
+        ts.iter()
+            .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
+            .collect()
+    });
+    let found = fetch_offsets(broker, req.group_id.0.as_str(), topics);
+    OffsetFetchResponse::default().with_topics(
+        found
+            .into_iter()
+            .map(|(t, parts)| {
+                OffsetFetchResponseTopic::default()
+                    .with_name(super::topic_name(&t))
+                    .with_partitions(
+                        parts
+                            .into_iter()
+                            .map(|(p, o, e, m)| {
+                                OffsetFetchResponsePartition::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(o)
+                                    .with_committed_leader_epoch(e)
+                                    .with_metadata(m.map(|m| str_bytes(&m)))
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    )
+}
+
+pub fn describe_groups(broker: &Arc<Broker>, req: DescribeGroupsRequest) -> DescribeGroupsResponse {
+    let state = broker.groups.lock();
+    DescribeGroupsResponse::default().with_groups(
+        req.groups
+            .iter()
+            .map(|g| state.coordinator.describe(g.0.as_str()))
+            .collect(),
+    )
+}
+
+pub fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsResponse {
+    let state = broker.groups.lock();
+    let groups = state
+        .coordinator
+        .list()
+        .into_iter()
+        // v4+ filters by state (KIP-518), case-insensitively as Kafka does.
+        .filter(|(_, _, st)| {
+            req.states_filter.is_empty()
+                || req
+                    .states_filter
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case(st.as_str()))
+        })
+        .filter(|_| {
+            req.types_filter.is_empty()
+                || req
+                    .types_filter
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case("classic"))
+        })
+        .map(|(id, protocol_type, st)| {
+            ListedGroup::default()
+                .with_group_id(GroupId(str_bytes(&id)))
+                .with_protocol_type(str_bytes(&protocol_type))
+                .with_group_state(str_bytes(st.as_str()))
+                .with_group_type(str_bytes("classic"))
+        })
+        .collect();
+    ListGroupsResponse::default().with_groups(groups)
+}
+
+pub fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+    let now = now_ms();
+    let mut state = broker.groups.lock();
+    let results = req
+        .groups_names
+        .iter()
+        .map(|g| {
+            let code = match state.coordinator.delete_group(g.0.as_str()) {
+                Err(code) => code,
+                Ok(records) => match append_records(broker, &records, now) {
+                    Ok(()) => {
+                        for r in &records {
+                            state.coordinator.replay(r, now);
+                        }
+                        0
+                    }
+                    Err(e) => {
+                        tracing::error!(group = %g.0.as_str(), error = %e, "delete group write failed");
+                        ResponseError::CoordinatorNotAvailable.code()
+                    }
+                },
+            };
+            DeletableGroupResult::default().with_group_id(g.clone()).with_error_code(code)
+        })
+        .collect();
+    DeleteGroupsResponse::default().with_results(results)
+}
+
+/// Whether any member's consumer subscription names `topic`.
+fn subscribed(subscriptions: &[Bytes], topic: &str) -> bool {
+    subscriptions.iter().any(|raw| {
+        let mut buf = raw.clone();
+        if buf.len() < 2 {
+            return false;
+        }
+        let version = bytes::Buf::get_i16(&mut buf);
+        ConsumerProtocolSubscription::decode(&mut buf, version.clamp(0, 3))
+            .is_ok_and(|s| s.topics.iter().any(|t| t.as_str() == topic))
+    })
+}
+
+pub fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    let now = now_ms();
+    let partitions: Vec<(String, i32)> = req
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.partition_index))
+        })
+        .collect();
+    let mut state = broker.groups.lock();
+    let records =
+        match state
+            .coordinator
+            .delete_offsets(req.group_id.0.as_str(), &partitions, subscribed)
+        {
+            Err(code) => return OffsetDeleteResponse::default().with_error_code(code),
+            Ok(r) => r,
+        };
+    let good: Vec<GroupRecord> = records
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
+    let write = append_records(broker, &good, now);
+    if write.is_ok() {
+        for r in &good {
+            state.coordinator.replay(r, now);
+        }
+    }
+    drop(state);
+    let mut topics: Vec<OffsetDeleteResponseTopic> = Vec::new();
+    for ((topic, partition), r) in partitions.into_iter().zip(records) {
+        let code = match r {
+            Ok(_) if write.is_ok() => 0,
+            Ok(_) => ResponseError::CoordinatorNotAvailable.code(),
+            Err(c) => c,
+        };
+        let part = OffsetDeleteResponsePartition::default()
+            .with_partition_index(partition)
+            .with_error_code(code);
+        match topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
+            Some(t) => t.partitions.push(part),
+            None => topics.push(
+                OffsetDeleteResponseTopic::default()
+                    .with_name(super::topic_name(&topic))
+                    .with_partitions(vec![part]),
+            ),
+        }
+    }
+    OffsetDeleteResponse::default().with_topics(topics)
+}
