@@ -396,16 +396,31 @@ pub struct ConsumeArgs {
     max_messages: Option<u64>,
     #[arg(long, value_enum, default_value = "value")]
     format: Format,
+    /// Consume as a member of this consumer group (subscribe, commit after each message)
+    /// instead of reading the partitions directly.
+    #[arg(long)]
+    group: Option<String>,
+    /// Extra librdkafka consumer property; repeatable (e.g. session.timeout.ms=6000).
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    properties: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
 
 pub async fn consume(args: ConsumeArgs) -> Result<()> {
-    let consumer: BaseConsumer = client_config(&args.common)
-        .set("group.id", "ferrite-cli")
+    let mut config = client_config(&args.common);
+    config
+        .set("group.id", args.group.as_deref().unwrap_or("ferrite-cli"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()?;
+        .set("auto.offset.reset", if args.from_beginning { "earliest" } else { "latest" });
+    for (k, v) in parse_kv(&args.properties)? {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer = config.create()?;
+    if args.group.is_some() {
+        return consume_in_group(consumer, &args);
+    }
     let md = consumer.fetch_metadata(Some(&args.topic), TIMEOUT)?;
     let t = md
         .topics()
@@ -486,5 +501,36 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// Group mode: the group decides the partitions; each message is committed (synchronously)
+/// after it is written out, so a killed process re-delivers at most the one in hand.
+fn consume_in_group(consumer: BaseConsumer, args: &ConsumeArgs) -> Result<()> {
+    use rdkafka::consumer::CommitMode;
+    consumer.subscribe(&[&args.topic])?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut seen = 0u64;
+    loop {
+        if args.max_messages.is_some_and(|m| seen >= m) {
+            break;
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let m = match msg {
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
+            Err(e) => bail!("consume failed: {e}"),
+            Ok(m) => m,
+        };
+        let value = m.payload().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        if args.common.json {
+            writeln!(out, "{}", json!({"partition": m.partition(), "offset": m.offset(), "value": value}))?;
+        } else {
+            writeln!(out, "{}\t{}\t{}", m.partition(), m.offset(), value)?;
+        }
+        out.flush()?;
+        consumer.commit_message(&m, CommitMode::Sync)?;
+        seen += 1;
+    }
     Ok(())
 }

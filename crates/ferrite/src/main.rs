@@ -1,6 +1,7 @@
 //! `ferrite`: the broker (`ferrite server`) and Kafka client subcommands in one binary.
 
 mod client;
+mod group;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Produce(client::ProduceArgs),
     /// Consume a topic to stdout.
     Consume(client::ConsumeArgs),
+    /// List, describe, delete consumer groups and reset their offsets.
+    Group(group::GroupArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             Command::Topic(args) => client::topic(args).await,
             Command::Produce(args) => client::produce(args).await,
             Command::Consume(args) => client::consume(args).await,
+            Command::Group(args) => group::group(args).await,
         }
     });
     match result {

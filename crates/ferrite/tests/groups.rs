@@ -1,0 +1,399 @@
+//! Consumer groups with librdkafka against a real `ferrite server`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::{wait_for, Server, OP_TIMEOUT};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Records rebalance callbacks.
+#[derive(Default)]
+struct Ctx {
+    assigns: AtomicUsize,
+    revokes: AtomicUsize,
+    revoked: Mutex<Vec<BTreeSet<i32>>>,
+}
+impl ClientContext for Ctx {}
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = r {
+            self.revokes.fetch_add(1, Ordering::SeqCst);
+            self.revoked.lock().unwrap().push(tpl.elements().iter().map(|e| e.partition()).collect());
+        }
+    }
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = r {
+            self.assigns.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A group member polling on its own thread, committing after each message.
+struct Member {
+    stop: Arc<AtomicBool>,
+    assignment: Arc<Mutex<BTreeSet<i32>>>,
+    ctx: Arc<Mutex<Option<Arc<Ctx>>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+impl Member {
+    fn start(server: &Server, group: &str, topic: &str, extra: &[(&str, &str)], seen: Seen) -> Member {
+        let stop = Arc::new(AtomicBool::new(false));
+        let assignment = Arc::new(Mutex::new(BTreeSet::new()));
+        let ctx_slot: Arc<Mutex<Option<Arc<Ctx>>>> = Arc::default();
+        let mut cfg = server.config();
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .set_log_level(RDKafkaLogLevel::Error);
+        for (k, v) in extra {
+            cfg.set(*k, *v);
+        }
+        let topic = topic.to_string();
+        let (stop2, assignment2, ctx2) = (stop.clone(), assignment.clone(), ctx_slot.clone());
+        let thread = std::thread::spawn(move || {
+            let consumer: BaseConsumer<Ctx> = cfg.create_with_context(Ctx::default()).unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            while !stop2.load(Ordering::SeqCst) {
+                if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                    let m = m.unwrap();
+                    seen.lock().unwrap().push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+                    consumer.commit_message(&m, CommitMode::Sync).unwrap();
+                }
+                let a: BTreeSet<i32> = consumer.assignment().unwrap().elements().iter().map(|e| e.partition()).collect();
+                *assignment2.lock().unwrap() = a;
+                let mut slot = ctx2.lock().unwrap();
+                if slot.is_none() {
+                    *slot = Some(Arc::new(Ctx::default()));
+                }
+                let c = consumer.context();
+                let mine = slot.as_ref().unwrap();
+                mine.assigns.store(c.assigns.load(Ordering::SeqCst), Ordering::SeqCst);
+                mine.revokes.store(c.revokes.load(Ordering::SeqCst), Ordering::SeqCst);
+                *mine.revoked.lock().unwrap() = c.revoked.lock().unwrap().clone();
+            }
+            consumer.unsubscribe();
+            drop(consumer); // close(): a dynamic member sends LeaveGroup
+        });
+        Member { stop, assignment, ctx: ctx_slot, thread: Some(thread) }
+    }
+
+    fn assignment(&self) -> BTreeSet<i32> {
+        self.assignment.lock().unwrap().clone()
+    }
+
+    fn counters(&self) -> (usize, usize, Vec<BTreeSet<i32>>) {
+        match self.ctx.lock().unwrap().as_ref() {
+            Some(c) => (c.assigns.load(Ordering::SeqCst), c.revokes.load(Ordering::SeqCst), c.revoked.lock().unwrap().clone()),
+            None => (0, 0, vec![]),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until the members' assignments are disjoint, cover `0..partitions` and have
+/// the given sizes (sorted).
+fn wait_balanced(members: &[&Member], partitions: i32, sizes: &[usize]) {
+    wait_for(&format!("assignment sizes {sizes:?}"), GROUP_TIMEOUT, || {
+        let sets: Vec<BTreeSet<i32>> = members.iter().map(|m| m.assignment()).collect();
+        let mut got: Vec<usize> = sets.iter().map(BTreeSet::len).collect();
+        got.sort_unstable();
+        let union: BTreeSet<i32> = sets.iter().flatten().copied().collect();
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        (got == sizes && total == union.len() && union == (0..partitions).collect()).then_some(())
+    });
+}
+
+async fn produce(server: &Server, topic: &str, from: usize, count: usize) {
+    let producer: FutureProducer = server.config().set("linger.ms", "2").create().unwrap();
+    let futures: Vec<_> = (from..from + count)
+        .map(|i| {
+            let p = producer.clone();
+            let topic = topic.to_string();
+            async move {
+                let v = format!("m{i}");
+                let k = format!("k{i}");
+                p.send(FutureRecord::to(&topic).key(&k).payload(&v), OP_TIMEOUT).await.unwrap();
+            }
+        })
+        .collect();
+    futures::future::join_all(futures).await;
+}
+
+fn wait_seen(seen: &Seen, expected: usize) {
+    wait_for(&format!("{expected} distinct messages"), GROUP_TIMEOUT, || {
+        let distinct: BTreeSet<String> = seen.lock().unwrap().iter().cloned().collect();
+        (distinct.len() >= expected).then_some(())
+    });
+}
+
+fn server() -> Server {
+    Server::start(&["group.initial.rebalance.delay.ms=200", "group.min.session.timeout.ms=1000"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_split_partitions_and_survive_join_leave_and_kill() {
+    let server = server();
+    server.create_topic("gt", 6, &[]).await;
+    produce(&server, "gt", 0, 300).await;
+    let seen: Seen = Arc::default();
+    let a = Member::start(&server, "g1", "gt", &[], seen.clone());
+    let b = Member::start(&server, "g1", "gt", &[], seen.clone());
+    let c = Member::start(&server, "g1", "gt", &[], seen.clone());
+    wait_balanced(&[&a, &b, &c], 6, &[2, 2, 2]);
+    wait_seen(&seen, 300);
+
+    // A fourth member joins.
+    let d = Member::start(&server, "g1", "gt", &[], seen.clone());
+    wait_balanced(&[&a, &b, &c, &d], 6, &[1, 1, 2, 2]);
+    produce(&server, "gt", 300, 300).await;
+    wait_seen(&seen, 600);
+
+    // One leaves cleanly.
+    d.stop();
+    wait_balanced(&[&a, &b, &c], 6, &[2, 2, 2]);
+    produce(&server, "gt", 600, 300).await;
+    wait_seen(&seen, 900);
+    // No crash so far, and commits follow processing: exactly once.
+    let all = seen.lock().unwrap().clone();
+    let distinct: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), distinct.len(), "duplicates without any crash");
+
+    // A member in another process is killed: its partitions move after the session timeout.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["consume", "gt", "--group", "g1", "--from-beginning", "--bootstrap-server", &server.addr])
+        .args(["--property", "session.timeout.ms=3000", "--property", "heartbeat.interval.ms=300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let out = child.stdout.take().unwrap();
+        let lines = child_lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    wait_for("the fourth member to take partitions", GROUP_TIMEOUT, || {
+        let held: usize = [&a, &b, &c].iter().map(|m| m.assignment().len()).sum();
+        (held < 6).then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_balanced(&[&a, &b, &c], 6, &[2, 2, 2]);
+    produce(&server, "gt", 900, 300).await;
+    wait_seen(&seen, 1200);
+    a.stop();
+    b.stop();
+    c.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_read_independently_and_offsets_survive_restart() {
+    let mut server = server();
+    server.create_topic("indep", 2, &[]).await;
+    produce(&server, "indep", 0, 100).await;
+    for group in ["ga", "gb"] {
+        let seen: Seen = Arc::default();
+        let m = Member::start(&server, group, "indep", &[], seen.clone());
+        wait_seen(&seen, 100);
+        assert_eq!(seen.lock().unwrap().len(), 100, "{group} reads everything once");
+        m.stop();
+    }
+    // `ferrite group describe` reports committed offsets and lag.
+    produce(&server, "indep", 100, 10).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["group", "describe", "ga", "--json", "--bootstrap-server", &server.addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "Empty");
+    let lag: i64 = v["partitions"].as_array().unwrap().iter().map(|p| p["lag"].as_i64().unwrap()).sum();
+    let rows = v["partitions"].as_array().unwrap();
+    for r in rows {
+        assert_eq!(r["lag"].as_i64().unwrap(), r["log_end_offset"].as_i64().unwrap() - r["committed_offset"].as_i64().unwrap());
+    }
+    assert_eq!(lag, 10);
+
+    // Committed offsets survive kill -9 and a graceful restart.
+    for graceful in [false, true] {
+        if graceful {
+            server.stop();
+        } else {
+            server.kill9();
+        }
+        server.restart();
+        let c: BaseConsumer = server.config().set("group.id", "ga").create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("indep", 0);
+        tpl.add_partition("indep", 1);
+        let committed = c.committed_offsets(tpl, OP_TIMEOUT).unwrap();
+        let sum: i64 = committed.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum();
+        assert_eq!(sum, 100, "graceful={graceful}");
+    }
+    // A restarted consumer resumes after its commits: only the 10 new messages.
+    let seen: Seen = Arc::default();
+    let m = Member::start(&server, "ga", "indep", &[], seen.clone());
+    wait_seen(&seen, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(seen.lock().unwrap().len(), 10);
+    m.stop();
+
+    // reset-offsets: refused while members run, then applied; a restart reads from 0.
+    let seen: Seen = Arc::default();
+    let m = Member::start(&server, "gb", "indep", &[], seen.clone());
+    wait_for("gb to be assigned", GROUP_TIMEOUT, || (m.assignment().len() == 2).then_some(()));
+    let busy = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--execute", "--bootstrap-server", &server.addr])
+        .output()
+        .unwrap();
+    assert!(!busy.status.success(), "reset of a non-empty group must be refused");
+    m.stop();
+    wait_for("gb to become empty", GROUP_TIMEOUT, || {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["group", "describe", "gb", "--json", "--bootstrap-server", &server.addr])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["state"] == "Empty").then_some(())
+    });
+    let dry = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--dry-run", "--json", "--bootstrap-server", &server.addr])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(v["executed"], false);
+    assert!(v["plan"].as_array().unwrap().iter().all(|p| p["new"] == 0));
+    let ok = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--execute", "--bootstrap-server", &server.addr])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let seen: Seen = Arc::default();
+    let m = Member::start(&server, "gb", "indep", &[], seen.clone());
+    wait_seen(&seen, 110);
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_member_restart_does_not_rebalance_others() {
+    let server = server();
+    server.create_topic("st", 4, &[]).await;
+    let seen: Seen = Arc::default();
+    let props = |id: &'static str| [("group.instance.id", id), ("session.timeout.ms", "10000")];
+    let a = Member::start(&server, "gs", "st", &props("static-a"), seen.clone());
+    let b = Member::start(&server, "gs", "st", &props("static-b"), seen.clone());
+    wait_balanced(&[&a, &b], 4, &[2, 2]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_b = b.counters();
+    let a_assignment = a.assignment();
+    // Restart a: static members do not leave the group on close.
+    a.stop();
+    let a2 = Member::start(&server, "gs", "st", &props("static-a"), seen.clone());
+    wait_for("a to get its partitions back", GROUP_TIMEOUT, || (a2.assignment() == a_assignment).then_some(()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(b.counters().0, before_b.0, "b was reassigned");
+    assert_eq!(b.counters().1, before_b.1, "b was revoked");
+    assert_eq!(b.assignment().len(), 2);
+
+    // A second process with the same instance id fences the first.
+    let fenced = Member::start(&server, "gs", "st", &props("static-a"), seen.clone());
+    wait_for("the new instance to take over", GROUP_TIMEOUT, || (fenced.assignment() == a_assignment).then_some(()));
+    drop(a2);
+    fenced.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_sticky_revokes_only_moved_partitions() {
+    let server = server();
+    server.create_topic("coop", 6, &[]).await;
+    let seen: Seen = Arc::default();
+    let coop = [("partition.assignment.strategy", "cooperative-sticky")];
+    let a = Member::start(&server, "gc", "coop", &coop, seen.clone());
+    wait_balanced(&[&a], 6, &[6]);
+    let b = Member::start(&server, "gc", "coop", &coop, seen.clone());
+    wait_balanced(&[&a, &b], 6, &[3, 3]);
+    let (_, _, revoked) = a.counters();
+    // Incremental: a gave up exactly the 3 partitions b took, never all 6.
+    assert!(!revoked.is_empty());
+    assert!(revoked.iter().all(|r| r.len() <= 3), "{revoked:?}");
+    let moved: BTreeSet<i32> = revoked.iter().flatten().copied().collect();
+    assert_eq!(moved, b.assignment());
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_list_and_delete() {
+    let server = server();
+    server.create_topic("gl", 1, &[]).await;
+    produce(&server, "gl", 0, 5).await;
+    let seen: Seen = Arc::default();
+    let m = Member::start(&server, "to-delete", "gl", &[], seen.clone());
+    wait_seen(&seen, 5);
+    let list = |state: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["group", "list", "--json", "--bootstrap-server", &server.addr])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().iter().any(|g| g["group"] == "to-delete" && g["state"] == state)
+    };
+    assert!(list("Stable"));
+    let del = |expect_ok: bool| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["group", "delete", "to-delete", "--bootstrap-server", &server.addr])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.success(), expect_ok, "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    del(false); // NON_EMPTY_GROUP
+    m.stop();
+    wait_for("group to be empty", GROUP_TIMEOUT, || list("Empty").then_some(()));
+    del(true);
+    let committed: HashMap<i32, Offset> = {
+        let c: BaseConsumer = server.config().set("group.id", "to-delete").create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("gl", 0);
+        c.committed_offsets(tpl, OP_TIMEOUT).unwrap().elements().iter().map(|e| (e.partition(), e.offset())).collect()
+    };
+    assert_eq!(committed[&0], Offset::Invalid, "offsets deleted with the group");
+}
