@@ -413,7 +413,14 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
         .set("group.id", args.group.as_deref().unwrap_or("ferrite-cli"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", if args.from_beginning { "earliest" } else { "latest" });
+        .set(
+            "auto.offset.reset",
+            if args.from_beginning {
+                "earliest"
+            } else {
+                "latest"
+            },
+        );
     for (k, v) in parse_kv(&args.properties)? {
         config.set(k, v);
     }
@@ -516,15 +523,24 @@ fn consume_in_group(consumer: BaseConsumer, args: &ConsumeArgs) -> Result<()> {
         if args.max_messages.is_some_and(|m| seen >= m) {
             break;
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let m = match msg {
             Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
             Err(e) => bail!("consume failed: {e}"),
             Ok(m) => m,
         };
-        let value = m.payload().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        let value = m
+            .payload()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
         if args.common.json {
-            writeln!(out, "{}", json!({"partition": m.partition(), "offset": m.offset(), "value": value}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"partition": m.partition(), "offset": m.offset(), "value": value})
+            )?;
         } else {
             writeln!(out, "{}\t{}\t{}", m.partition(), m.offset(), value)?;
         }

@@ -92,7 +92,11 @@ fn assigned_partitions(raw: &[u8]) -> Vec<(String, i32)> {
         Ok(a) => a
             .assigned_partitions
             .iter()
-            .flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.0.to_string(), *p)))
+            .flat_map(|tp| {
+                tp.partitions
+                    .iter()
+                    .map(move |p| (tp.topic.0.to_string(), *p))
+            })
             .collect(),
         Err(_) => vec![],
     }
@@ -107,23 +111,27 @@ struct GroupView {
 
 fn group_view(c: &BaseConsumer, group: &str) -> Result<Option<GroupView>> {
     let list = c.fetch_group_list(Some(group), TIMEOUT)?;
-    Ok(list.groups().iter().find(|g| g.name() == group).map(|g| GroupView {
-        state: g.state().to_string(),
-        protocol: g.protocol().to_string(),
-        protocol_type: g.protocol_type().to_string(),
-        members: g
-            .members()
-            .iter()
-            .map(|m| {
-                (
-                    m.id().to_string(),
-                    m.client_id().to_string(),
-                    m.client_host().to_string(),
-                    m.assignment().map(assigned_partitions).unwrap_or_default(),
-                )
-            })
-            .collect(),
-    }))
+    Ok(list
+        .groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .map(|g| GroupView {
+            state: g.state().to_string(),
+            protocol: g.protocol().to_string(),
+            protocol_type: g.protocol_type().to_string(),
+            members: g
+                .members()
+                .iter()
+                .map(|m| {
+                    (
+                        m.id().to_string(),
+                        m.client_id().to_string(),
+                        m.client_host().to_string(),
+                        m.assignment().map(assigned_partitions).unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        }))
 }
 
 /// Committed offsets of `group` for every partition of `topics`.
@@ -170,10 +178,18 @@ pub async fn group(args: GroupArgs) -> Result<()> {
             let view = group_view(&c, &group)?.ok_or_else(|| anyhow!("group {group} not found"))?;
             // Partitions to report: those assigned now plus those with commits.
             let md = c.fetch_metadata(None, TIMEOUT)?;
-            let topics: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).filter(|t| !t.starts_with("__")).collect();
+            let topics: Vec<String> = md
+                .topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .filter(|t| !t.starts_with("__"))
+                .collect();
             let commits = committed(&c, &topics)?;
-            let owner: BTreeMap<(String, i32), String> =
-                view.members.iter().flat_map(|(id, _, _, parts)| parts.iter().map(move |tp| (tp.clone(), id.clone()))).collect();
+            let owner: BTreeMap<(String, i32), String> = view
+                .members
+                .iter()
+                .flat_map(|(id, _, _, parts)| parts.iter().map(move |tp| (tp.clone(), id.clone())))
+                .collect();
             let mut rows = Vec::new();
             for (topic, partition, offset) in commits {
                 let assigned = owner.get(&(topic.clone(), partition)).cloned();
@@ -198,31 +214,67 @@ pub async fn group(args: GroupArgs) -> Result<()> {
                     json!({"group": group, "state": view.state, "protocol_type": view.protocol_type, "protocol": view.protocol, "members": members, "partitions": rows})
                 );
             } else {
-                println!("group {group} state {} protocol {} ({})", view.state, view.protocol, view.protocol_type);
+                println!(
+                    "group {group} state {} protocol {} ({})",
+                    view.state, view.protocol, view.protocol_type
+                );
                 for m in &members {
-                    println!("  member {} client {} host {} partitions {}", m["member_id"], m["client_id"], m["host"], m["partitions"]);
+                    println!(
+                        "  member {} client {} host {} partitions {}",
+                        m["member_id"], m["client_id"], m["host"], m["partitions"]
+                    );
                 }
                 println!("  TOPIC\tPARTITION\tCOMMITTED\tLOG-END\tLAG");
                 for r in &rows {
-                    println!("  {}\t{}\t{}\t{}\t{}", r["topic"].as_str().unwrap_or(""), r["partition"], r["committed_offset"], r["log_end_offset"], r["lag"]);
+                    println!(
+                        "  {}\t{}\t{}\t{}\t{}",
+                        r["topic"].as_str().unwrap_or(""),
+                        r["partition"],
+                        r["committed_offset"],
+                        r["log_end_offset"],
+                        r["lag"]
+                    );
                 }
             }
         }
         GroupCommand::Delete { group, common } => {
             let mut cfg = rdkafka::config::ClientConfig::new();
-            cfg.set("bootstrap.servers", &common.bootstrap_server).set("log_level", "3");
+            cfg.set("bootstrap.servers", &common.bootstrap_server)
+                .set("log_level", "3");
             let admin: AdminClient<DefaultClientContext> = cfg.create()?;
             let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
             for r in admin.delete_groups(&[&group], &opts).await? {
                 r.map_err(|(g, code)| anyhow!("cannot delete group {g}: {code}"))?;
             }
-            println!("{}", if common.json { json!({"deleted": group}).to_string() } else { format!("deleted group {group}") });
+            println!(
+                "{}",
+                if common.json {
+                    json!({"deleted": group}).to_string()
+                } else {
+                    format!("deleted group {group}")
+                }
+            );
         }
-        GroupCommand::ResetOffsets { group, topic, to_earliest, to_latest, to_offset, to_datetime, shift_by, dry_run: _, execute, common } => {
+        GroupCommand::ResetOffsets {
+            group,
+            topic,
+            to_earliest,
+            to_latest,
+            to_offset,
+            to_datetime,
+            shift_by,
+            dry_run: _,
+            execute,
+            common,
+        } => {
             let c = consumer(&common, &group)?;
             if let Some(view) = group_view(&c, &group)? {
                 if !view.members.is_empty() || (view.state != "Empty" && view.state != "Dead") {
-                    bail!("group {group} is {} with {} member(s); stop its consumers first", view.state, view.members.len());
+                    bail!(
+                        "group {group} is {} with {} member(s); stop its consumers first",
+                        view.state,
+                        view.members.len()
+                    );
                 }
             }
             let commits = committed(&c, std::slice::from_ref(&topic))?;
@@ -264,11 +316,24 @@ pub async fn group(args: GroupArgs) -> Result<()> {
             }
             let rows: Vec<_> = plan.iter().map(|(t, p, cur, new)| json!({"topic": t, "partition": p, "current": cur, "new": new})).collect();
             if common.json {
-                println!("{}", json!({"group": group, "executed": execute, "plan": rows}));
+                println!(
+                    "{}",
+                    json!({"group": group, "executed": execute, "plan": rows})
+                );
             } else {
-                println!("{} for group {group}:", if execute { "reset offsets" } else { "plan (dry run; add --execute to apply)" });
+                println!(
+                    "{} for group {group}:",
+                    if execute {
+                        "reset offsets"
+                    } else {
+                        "plan (dry run; add --execute to apply)"
+                    }
+                );
                 for (t, p, cur, new) in &plan {
-                    println!("  {t}-{p}: {} -> {new}", cur.map_or("none".to_string(), |c| c.to_string()));
+                    println!(
+                        "  {t}-{p}: {} -> {new}",
+                        cur.map_or("none".to_string(), |c| c.to_string())
+                    );
                 }
             }
         }
@@ -284,7 +349,10 @@ fn parse_datetime(s: &str) -> Result<i64> {
     let bad = || anyhow!("cannot parse `{s}`: use milliseconds or YYYY-MM-DDTHH:MM:SS[.mmm]Z");
     let s2 = s.strip_suffix('Z').ok_or_else(bad)?;
     let (date, time) = s2.split_once('T').ok_or_else(bad)?;
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_>>()?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
     let (hms, millis) = match time.split_once('.') {
         Some((a, b)) => {
             let digits: String = b.chars().chain(std::iter::repeat('0')).take(3).collect();
@@ -292,8 +360,13 @@ fn parse_datetime(s: &str) -> Result<i64> {
         }
         None => (time, 0),
     };
-    let t: Vec<i64> = hms.split(':').map(|x| x.parse().map_err(|_| bad())).collect::<Result<_>>()?;
-    let (&[y, m, day], &[hh, mm, ss]) = (d.as_slice(), t.as_slice()) else { return Err(bad()) };
+    let t: Vec<i64> = hms
+        .split(':')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    let (&[y, m, day], &[hh, mm, ss]) = (d.as_slice(), t.as_slice()) else {
+        return Err(bad());
+    };
     // Days from civil (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };
     let era = if y >= 0 { y } else { y - 399 } / 400;
@@ -313,7 +386,10 @@ mod tests {
     fn datetimes() {
         assert_eq!(parse_datetime("0").ok(), Some(0));
         assert_eq!(parse_datetime("1970-01-01T00:00:00Z").ok(), Some(0));
-        assert_eq!(parse_datetime("2026-11-22T10:00:00.5Z").ok(), Some(1795341600500));
+        assert_eq!(
+            parse_datetime("2026-11-22T10:00:00.5Z").ok(),
+            Some(1795341600500)
+        );
         assert!(parse_datetime("yesterday").is_err());
     }
 }

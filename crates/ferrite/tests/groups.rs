@@ -32,7 +32,10 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = r {
             self.revokes.fetch_add(1, Ordering::SeqCst);
-            self.revoked.lock().unwrap().push(tpl.elements().iter().map(|e| e.partition()).collect());
+            self.revoked
+                .lock()
+                .unwrap()
+                .push(tpl.elements().iter().map(|e| e.partition()).collect());
         }
     }
     fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
@@ -53,7 +56,13 @@ struct Member {
 type Seen = Arc<Mutex<Vec<String>>>;
 
 impl Member {
-    fn start(server: &Server, group: &str, topic: &str, extra: &[(&str, &str)], seen: Seen) -> Member {
+    fn start(
+        server: &Server,
+        group: &str,
+        topic: &str,
+        extra: &[(&str, &str)],
+        seen: Seen,
+    ) -> Member {
         let stop = Arc::new(AtomicBool::new(false));
         let assignment = Arc::new(Mutex::new(BTreeSet::new()));
         let ctx_slot: Arc<Mutex<Option<Arc<Ctx>>>> = Arc::default();
@@ -75,10 +84,18 @@ impl Member {
             while !stop2.load(Ordering::SeqCst) {
                 if let Some(m) = consumer.poll(Duration::from_millis(100)) {
                     let m = m.unwrap();
-                    seen.lock().unwrap().push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+                    seen.lock()
+                        .unwrap()
+                        .push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
                     consumer.commit_message(&m, CommitMode::Sync).unwrap();
                 }
-                let a: BTreeSet<i32> = consumer.assignment().unwrap().elements().iter().map(|e| e.partition()).collect();
+                let a: BTreeSet<i32> = consumer
+                    .assignment()
+                    .unwrap()
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
                 *assignment2.lock().unwrap() = a;
                 let mut slot = ctx2.lock().unwrap();
                 if slot.is_none() {
@@ -86,14 +103,21 @@ impl Member {
                 }
                 let c = consumer.context();
                 let mine = slot.as_ref().unwrap();
-                mine.assigns.store(c.assigns.load(Ordering::SeqCst), Ordering::SeqCst);
-                mine.revokes.store(c.revokes.load(Ordering::SeqCst), Ordering::SeqCst);
+                mine.assigns
+                    .store(c.assigns.load(Ordering::SeqCst), Ordering::SeqCst);
+                mine.revokes
+                    .store(c.revokes.load(Ordering::SeqCst), Ordering::SeqCst);
                 *mine.revoked.lock().unwrap() = c.revoked.lock().unwrap().clone();
             }
             consumer.unsubscribe();
             drop(consumer); // close(): a dynamic member sends LeaveGroup
         });
-        Member { stop, assignment, ctx: ctx_slot, thread: Some(thread) }
+        Member {
+            stop,
+            assignment,
+            ctx: ctx_slot,
+            thread: Some(thread),
+        }
     }
 
     fn assignment(&self) -> BTreeSet<i32> {
@@ -102,7 +126,11 @@ impl Member {
 
     fn counters(&self) -> (usize, usize, Vec<BTreeSet<i32>>) {
         match self.ctx.lock().unwrap().as_ref() {
-            Some(c) => (c.assigns.load(Ordering::SeqCst), c.revokes.load(Ordering::SeqCst), c.revoked.lock().unwrap().clone()),
+            Some(c) => (
+                c.assigns.load(Ordering::SeqCst),
+                c.revokes.load(Ordering::SeqCst),
+                c.revoked.lock().unwrap().clone(),
+            ),
             None => (0, 0, vec![]),
         }
     }
@@ -127,14 +155,19 @@ impl Drop for Member {
 /// Waits until the members' assignments are disjoint, cover `0..partitions` and have
 /// the given sizes (sorted).
 fn wait_balanced(members: &[&Member], partitions: i32, sizes: &[usize]) {
-    wait_for(&format!("assignment sizes {sizes:?}"), GROUP_TIMEOUT, || {
-        let sets: Vec<BTreeSet<i32>> = members.iter().map(|m| m.assignment()).collect();
-        let mut got: Vec<usize> = sets.iter().map(BTreeSet::len).collect();
-        got.sort_unstable();
-        let union: BTreeSet<i32> = sets.iter().flatten().copied().collect();
-        let total: usize = sets.iter().map(BTreeSet::len).sum();
-        (got == sizes && total == union.len() && union == (0..partitions).collect()).then_some(())
-    });
+    wait_for(
+        &format!("assignment sizes {sizes:?}"),
+        GROUP_TIMEOUT,
+        || {
+            let sets: Vec<BTreeSet<i32>> = members.iter().map(|m| m.assignment()).collect();
+            let mut got: Vec<usize> = sets.iter().map(BTreeSet::len).collect();
+            got.sort_unstable();
+            let union: BTreeSet<i32> = sets.iter().flatten().copied().collect();
+            let total: usize = sets.iter().map(BTreeSet::len).sum();
+            (got == sizes && total == union.len() && union == (0..partitions).collect())
+                .then_some(())
+        },
+    );
 }
 
 async fn produce(server: &Server, topic: &str, from: usize, count: usize) {
@@ -146,7 +179,9 @@ async fn produce(server: &Server, topic: &str, from: usize, count: usize) {
             async move {
                 let v = format!("m{i}");
                 let k = format!("k{i}");
-                p.send(FutureRecord::to(&topic).key(&k).payload(&v), OP_TIMEOUT).await.unwrap();
+                p.send(FutureRecord::to(&topic).key(&k).payload(&v), OP_TIMEOUT)
+                    .await
+                    .unwrap();
             }
         })
         .collect();
@@ -154,14 +189,21 @@ async fn produce(server: &Server, topic: &str, from: usize, count: usize) {
 }
 
 fn wait_seen(seen: &Seen, expected: usize) {
-    wait_for(&format!("{expected} distinct messages"), GROUP_TIMEOUT, || {
-        let distinct: BTreeSet<String> = seen.lock().unwrap().iter().cloned().collect();
-        (distinct.len() >= expected).then_some(())
-    });
+    wait_for(
+        &format!("{expected} distinct messages"),
+        GROUP_TIMEOUT,
+        || {
+            let distinct: BTreeSet<String> = seen.lock().unwrap().iter().cloned().collect();
+            (distinct.len() >= expected).then_some(())
+        },
+    );
 }
 
 fn server() -> Server {
-    Server::start(&["group.initial.rebalance.delay.ms=200", "group.min.session.timeout.ms=1000"])
+    Server::start(&[
+        "group.initial.rebalance.delay.ms=200",
+        "group.min.session.timeout.ms=1000",
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,8 +236,21 @@ async fn members_split_partitions_and_survive_join_leave_and_kill() {
 
     // A member in another process is killed: its partitions move after the session timeout.
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["consume", "gt", "--group", "g1", "--from-beginning", "--bootstrap-server", &server.addr])
-        .args(["--property", "session.timeout.ms=3000", "--property", "heartbeat.interval.ms=300"])
+        .args([
+            "consume",
+            "gt",
+            "--group",
+            "g1",
+            "--from-beginning",
+            "--bootstrap-server",
+            &server.addr,
+        ])
+        .args([
+            "--property",
+            "session.timeout.ms=3000",
+            "--property",
+            "heartbeat.interval.ms=300",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -210,10 +265,14 @@ async fn members_split_partitions_and_survive_join_leave_and_kill() {
             }
         });
     }
-    wait_for("the fourth member to take partitions", GROUP_TIMEOUT, || {
-        let held: usize = [&a, &b, &c].iter().map(|m| m.assignment().len()).sum();
-        (held < 6).then_some(())
-    });
+    wait_for(
+        "the fourth member to take partitions",
+        GROUP_TIMEOUT,
+        || {
+            let held: usize = [&a, &b, &c].iter().map(|m| m.assignment().len()).sum();
+            (held < 6).then_some(())
+        },
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     wait_balanced(&[&a, &b, &c], 6, &[2, 2, 2]);
@@ -233,22 +292,45 @@ async fn two_groups_read_independently_and_offsets_survive_restart() {
         let seen: Seen = Arc::default();
         let m = Member::start(&server, group, "indep", &[], seen.clone());
         wait_seen(&seen, 100);
-        assert_eq!(seen.lock().unwrap().len(), 100, "{group} reads everything once");
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            100,
+            "{group} reads everything once"
+        );
         m.stop();
     }
     // `ferrite group describe` reports committed offsets and lag.
     produce(&server, "indep", 100, 10).await;
     let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["group", "describe", "ga", "--json", "--bootstrap-server", &server.addr])
+        .args([
+            "group",
+            "describe",
+            "ga",
+            "--json",
+            "--bootstrap-server",
+            &server.addr,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "Empty");
-    let lag: i64 = v["partitions"].as_array().unwrap().iter().map(|p| p["lag"].as_i64().unwrap()).sum();
+    let lag: i64 = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_i64().unwrap())
+        .sum();
     let rows = v["partitions"].as_array().unwrap();
     for r in rows {
-        assert_eq!(r["lag"].as_i64().unwrap(), r["log_end_offset"].as_i64().unwrap() - r["committed_offset"].as_i64().unwrap());
+        assert_eq!(
+            r["lag"].as_i64().unwrap(),
+            r["log_end_offset"].as_i64().unwrap() - r["committed_offset"].as_i64().unwrap()
+        );
     }
     assert_eq!(lag, 10);
 
@@ -265,7 +347,17 @@ async fn two_groups_read_independently_and_offsets_survive_restart() {
         tpl.add_partition("indep", 0);
         tpl.add_partition("indep", 1);
         let committed = c.committed_offsets(tpl, OP_TIMEOUT).unwrap();
-        let sum: i64 = committed.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum();
+        let sum: i64 = committed
+            .elements()
+            .iter()
+            .map(|e| {
+                if let Offset::Offset(o) = e.offset() {
+                    o
+                } else {
+                    0
+                }
+            })
+            .sum();
         assert_eq!(sum, 100, "graceful={graceful}");
     }
     // A restarted consumer resumes after its commits: only the 10 new messages.
@@ -279,33 +371,80 @@ async fn two_groups_read_independently_and_offsets_survive_restart() {
     // reset-offsets: refused while members run, then applied; a restart reads from 0.
     let seen: Seen = Arc::default();
     let m = Member::start(&server, "gb", "indep", &[], seen.clone());
-    wait_for("gb to be assigned", GROUP_TIMEOUT, || (m.assignment().len() == 2).then_some(()));
+    wait_for("gb to be assigned", GROUP_TIMEOUT, || {
+        (m.assignment().len() == 2).then_some(())
+    });
     let busy = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--execute", "--bootstrap-server", &server.addr])
+        .args([
+            "group",
+            "reset-offsets",
+            "gb",
+            "--topic",
+            "indep",
+            "--to-earliest",
+            "--execute",
+            "--bootstrap-server",
+            &server.addr,
+        ])
         .output()
         .unwrap();
-    assert!(!busy.status.success(), "reset of a non-empty group must be refused");
+    assert!(
+        !busy.status.success(),
+        "reset of a non-empty group must be refused"
+    );
     m.stop();
     wait_for("gb to become empty", GROUP_TIMEOUT, || {
         let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-            .args(["group", "describe", "gb", "--json", "--bootstrap-server", &server.addr])
+            .args([
+                "group",
+                "describe",
+                "gb",
+                "--json",
+                "--bootstrap-server",
+                &server.addr,
+            ])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         (v["state"] == "Empty").then_some(())
     });
     let dry = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--dry-run", "--json", "--bootstrap-server", &server.addr])
+        .args([
+            "group",
+            "reset-offsets",
+            "gb",
+            "--topic",
+            "indep",
+            "--to-earliest",
+            "--dry-run",
+            "--json",
+            "--bootstrap-server",
+            &server.addr,
+        ])
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
     assert_eq!(v["executed"], false);
     assert!(v["plan"].as_array().unwrap().iter().all(|p| p["new"] == 0));
     let ok = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .args(["group", "reset-offsets", "gb", "--topic", "indep", "--to-earliest", "--execute", "--bootstrap-server", &server.addr])
+        .args([
+            "group",
+            "reset-offsets",
+            "gb",
+            "--topic",
+            "indep",
+            "--to-earliest",
+            "--execute",
+            "--bootstrap-server",
+            &server.addr,
+        ])
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let seen: Seen = Arc::default();
     let m = Member::start(&server, "gb", "indep", &[], seen.clone());
     wait_seen(&seen, 110);
@@ -327,7 +466,9 @@ async fn static_member_restart_does_not_rebalance_others() {
     // Restart a: static members do not leave the group on close.
     a.stop();
     let a2 = Member::start(&server, "gs", "st", &props("static-a"), seen.clone());
-    wait_for("a to get its partitions back", GROUP_TIMEOUT, || (a2.assignment() == a_assignment).then_some(()));
+    wait_for("a to get its partitions back", GROUP_TIMEOUT, || {
+        (a2.assignment() == a_assignment).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(b.counters().0, before_b.0, "b was reassigned");
     assert_eq!(b.counters().1, before_b.1, "b was revoked");
@@ -335,7 +476,9 @@ async fn static_member_restart_does_not_rebalance_others() {
 
     // A second process with the same instance id fences the first.
     let fenced = Member::start(&server, "gs", "st", &props("static-a"), seen.clone());
-    wait_for("the new instance to take over", GROUP_TIMEOUT, || (fenced.assignment() == a_assignment).then_some(()));
+    wait_for("the new instance to take over", GROUP_TIMEOUT, || {
+        (fenced.assignment() == a_assignment).then_some(())
+    });
     drop(a2);
     fenced.stop();
     b.stop();
@@ -371,29 +514,249 @@ async fn group_list_and_delete() {
     wait_seen(&seen, 5);
     let list = |state: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-            .args(["group", "list", "--json", "--bootstrap-server", &server.addr])
+            .args([
+                "group",
+                "list",
+                "--json",
+                "--bootstrap-server",
+                &server.addr,
+            ])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array().unwrap().iter().any(|g| g["group"] == "to-delete" && g["state"] == state)
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["group"] == "to-delete" && g["state"] == state)
     };
     assert!(list("Stable"));
     let del = |expect_ok: bool| {
         let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-            .args(["group", "delete", "to-delete", "--bootstrap-server", &server.addr])
+            .args([
+                "group",
+                "delete",
+                "to-delete",
+                "--bootstrap-server",
+                &server.addr,
+            ])
             .output()
             .unwrap();
-        assert_eq!(out.status.success(), expect_ok, "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.success(),
+            expect_ok,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     del(false); // NON_EMPTY_GROUP
     m.stop();
-    wait_for("group to be empty", GROUP_TIMEOUT, || list("Empty").then_some(()));
+    wait_for("group to be empty", GROUP_TIMEOUT, || {
+        list("Empty").then_some(())
+    });
     del(true);
     let committed: HashMap<i32, Offset> = {
-        let c: BaseConsumer = server.config().set("group.id", "to-delete").create().unwrap();
+        let c: BaseConsumer = server
+            .config()
+            .set("group.id", "to-delete")
+            .create()
+            .unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition("gl", 0);
-        c.committed_offsets(tpl, OP_TIMEOUT).unwrap().elements().iter().map(|e| (e.partition(), e.offset())).collect()
+        c.committed_offsets(tpl, OP_TIMEOUT)
+            .unwrap()
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset()))
+            .collect()
     };
-    assert_eq!(committed[&0], Offset::Invalid, "offsets deleted with the group");
+    assert_eq!(
+        committed[&0],
+        Offset::Invalid,
+        "offsets deleted with the group"
+    );
+}
+
+/// Sends one request over a raw socket and decodes the response, for inputs that real
+/// clients refuse to send.
+fn raw<Req: kafka_protocol::protocol::Encodable, Resp: kafka_protocol::protocol::Decodable>(
+    addr: &str,
+    key: kafka_protocol::messages::ApiKey,
+    version: i16,
+    body: &Req,
+) -> Resp {
+    use bytes::{Buf, BufMut, BytesMut};
+    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+    use std::io::{Read, Write};
+    let mut buf = BytesMut::new();
+    buf.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(7)
+        .with_client_id(Some(StrBytes::from_static_str("raw")))
+        .encode(&mut buf, key.request_header_version(version))
+        .unwrap();
+    body.encode(&mut buf, version).unwrap();
+    let len = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&buf).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut resp = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut resp).unwrap();
+    let mut resp = bytes::Bytes::from(resp);
+    let header = ResponseHeader::decode(&mut resp, key.response_header_version(version)).unwrap();
+    assert_eq!(header.correlation_id, 7);
+    let out = Resp::decode(&mut resp, version).unwrap();
+    assert_eq!(resp.remaining(), 0);
+    out
+}
+
+use ferrite_protocol::kafka_protocol;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_requests_get_kafka_errors() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::ResponseError;
+    let server = server();
+    server.create_topic("known", 2, &[]).await;
+    let s = |v: &str| StrBytes::from_string(v.to_string());
+    let join = |session: i32, protocols: Vec<JoinGroupRequestProtocol>| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(s("bad")))
+            .with_session_timeout_ms(session)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(s(""))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(protocols)
+    };
+    let proto = |meta: Vec<u8>| {
+        JoinGroupRequestProtocol::default()
+            .with_name(s("range"))
+            .with_metadata(meta.into())
+    };
+    let r: JoinGroupResponse = raw(&server.addr, ApiKey::JoinGroup, 5, &join(10_000, vec![]));
+    assert_eq!(
+        r.error_code,
+        ResponseError::InconsistentGroupProtocol.code()
+    );
+    let r: JoinGroupResponse = raw(
+        &server.addr,
+        ApiKey::JoinGroup,
+        5,
+        &join(10, vec![proto(vec![])]),
+    );
+    assert_eq!(r.error_code, ResponseError::InvalidSessionTimeout.code());
+    let r: JoinGroupResponse = raw(
+        &server.addr,
+        ApiKey::JoinGroup,
+        5,
+        &join(999_999_999, vec![proto(vec![])]),
+    );
+    assert_eq!(r.error_code, ResponseError::InvalidSessionTimeout.code());
+    let r: JoinGroupResponse = raw(
+        &server.addr,
+        ApiKey::JoinGroup,
+        5,
+        &join(10_000, vec![proto(vec![0u8; 2 * 1024 * 1024])]),
+    );
+    assert_eq!(r.error_code, ResponseError::InvalidRequest.code());
+    // KIP-394: a new dynamic member first gets MEMBER_ID_REQUIRED and an id.
+    let r: JoinGroupResponse = raw(
+        &server.addr,
+        ApiKey::JoinGroup,
+        5,
+        &join(10_000, vec![proto(vec![])]),
+    );
+    assert_eq!(r.error_code, ResponseError::MemberIdRequired.code());
+    assert!(!r.member_id.is_empty());
+    let hb: HeartbeatResponse = raw(
+        &server.addr,
+        ApiKey::Heartbeat,
+        4,
+        &HeartbeatRequest::default()
+            .with_group_id(GroupId(s("bad")))
+            .with_member_id(s("ghost"))
+            .with_generation_id(1),
+    );
+    assert_eq!(hb.error_code, ResponseError::UnknownMemberId.code());
+
+    // A commit naming an unknown topic and partition fails for those only.
+    let part = |p: i32| {
+        OffsetCommitRequestPartition::default()
+            .with_partition_index(p)
+            .with_committed_offset(5)
+    };
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(s("committer")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_member_id(s(""))
+        .with_topics(vec![
+            OffsetCommitRequestTopic::default()
+                .with_name(TopicName(s("known")))
+                .with_partitions(vec![part(0), part(7)]),
+            OffsetCommitRequestTopic::default()
+                .with_name(TopicName(s("unknown")))
+                .with_partitions(vec![part(0)]),
+        ]);
+    let r: OffsetCommitResponse = raw(&server.addr, ApiKey::OffsetCommit, 8, &commit);
+    let codes: Vec<(String, i32, i16)> = r
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.partition_index, p.error_code))
+        })
+        .collect();
+    let unknown = ResponseError::UnknownTopicOrPartition.code();
+    assert_eq!(
+        codes,
+        vec![
+            ("known".into(), 0, 0),
+            ("known".into(), 7, unknown),
+            ("unknown".into(), 0, unknown)
+        ]
+    );
+    let fetch: OffsetFetchResponse = raw(
+        &server.addr,
+        ApiKey::OffsetFetch,
+        7,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(s("committer")))
+            .with_topics(None),
+    );
+    assert_eq!(fetch.topics.len(), 1);
+    assert_eq!(fetch.topics[0].partitions[0].committed_offset, 5);
+    // Deleting a group that does not exist.
+    let del: DeleteGroupsResponse = raw(
+        &server.addr,
+        ApiKey::DeleteGroups,
+        2,
+        &DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s("nope"))]),
+    );
+    assert_eq!(
+        del.results[0].error_code,
+        ResponseError::GroupIdNotFound.code()
+    );
+    // Clients may not write the internal topic.
+    let md: MetadataResponse = raw(
+        &server.addr,
+        ApiKey::Metadata,
+        12,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(md
+        .topics
+        .iter()
+        .any(|t| t.is_internal
+            && t.name.as_ref().map(|n| n.0.as_str()) == Some("__consumer_offsets")));
 }
