@@ -102,11 +102,14 @@ fn assigned_partitions(raw: &[u8]) -> Vec<(String, i32)> {
     }
 }
 
+/// `(member id, client id, host, assigned partitions)`
+type MemberView = (String, String, String, Vec<(String, i32)>);
+
 struct GroupView {
     state: String,
     protocol: String,
     protocol_type: String,
-    members: Vec<(String, String, String, Vec<(String, i32)>)>,
+    members: Vec<MemberView>,
 }
 
 fn group_view(c: &BaseConsumer, group: &str) -> Result<Option<GroupView>> {
