@@ -45,6 +45,8 @@ pub struct BrokerConfig {
     pub message_timestamp_type: TimestampType,
     /// `offsets.topic.num.partitions`
     pub offsets_topic_num_partitions: i32,
+    /// `offsets.topic.segment.bytes`: small, so that compaction has closed segments to work on.
+    pub offsets_topic_segment_bytes: i64,
     /// `group.*` and `offsets.retention.minutes` settings of the group coordinator.
     pub group: ferrite_coordinator::GroupConfig,
 }
@@ -88,6 +90,7 @@ impl Default for BrokerConfig {
             log_defaults: LogConfig::default(),
             message_timestamp_type: TimestampType::CreateTime,
             offsets_topic_num_partitions: 50,
+            offsets_topic_segment_bytes: 100 * 1024 * 1024,
             group: ferrite_coordinator::GroupConfig::default(),
         }
     }
@@ -202,6 +205,9 @@ impl BrokerConfig {
             }
             "offsets.topic.num.partitions" => {
                 self.offsets_topic_num_partitions = parse_num(key, value, 1)?
+            }
+            "offsets.topic.segment.bytes" => {
+                self.offsets_topic_segment_bytes = parse_num(key, value, limits::SEGMENT_BYTES_MIN)?
             }
             "group.initial.rebalance.delay.ms" => {
                 self.group.initial_rebalance_delay_ms = parse_num(key, value, 0)?

@@ -18,7 +18,7 @@ use kafka_protocol::records::{
 };
 use tokio::sync::oneshot;
 
-use crate::replica_manager::ReplicaManager;
+use crate::replica_manager::{Partition, ReplicaManager};
 use crate::{now_ms, Broker};
 
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
@@ -230,6 +230,91 @@ pub fn append_records(broker: &Broker, records: &[GroupRecord], now: i64) -> Res
     )
     .map_err(|e| e.to_string())?;
     p.append(&buf, now).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// How long a tombstone stays after it is the latest record for its key, so that a
+/// reader that saw the old value also sees the delete (Kafka's delete.retention.ms).
+const TOMBSTONE_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Compacts one `__consumer_offsets` partition: a batch survives if it holds the latest
+/// record of some key (and that record is not an old tombstone). The latest offsets are
+/// computed first without the log lock; a record written meanwhile is only in the active
+/// segment, which compaction never touches, so nothing newer can be lost.
+pub fn compact_offsets_partition(p: &Partition) {
+    let (start, end, closed_bytes) = {
+        let log = p.log();
+        (
+            log.log_start_offset(),
+            log.log_end_offset(),
+            log.closed_bytes(),
+        )
+    };
+    if closed_bytes == 0
+        || closed_bytes
+            == p.compacted_closed_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return;
+    }
+    let mut latest: HashMap<Bytes, (i64, bool, i64)> = HashMap::new();
+    let mut offset = start;
+    while offset < end {
+        let (_, _, plan) = p.read_plan(offset);
+        let Ok(Some(plan)) = plan else { break };
+        let Ok(mut bytes) = plan.read(1024 * 1024, true) else {
+            return;
+        };
+        if bytes.is_empty() {
+            break;
+        }
+        let Ok(sets) = RecordBatchDecoder::decode_all(&mut bytes) else {
+            return;
+        };
+        let mut last = offset;
+        for set in sets {
+            for r in set.records {
+                last = last.max(r.offset);
+                if let Some(k) = r.key {
+                    latest.insert(k, (r.offset, r.value.is_none(), r.timestamp));
+                }
+            }
+        }
+        offset = last + 1;
+    }
+    let now = now_ms();
+    let keep = |batch: &[u8]| {
+        let mut b = Bytes::copy_from_slice(batch);
+        let Ok(set) = RecordBatchDecoder::decode(&mut b) else {
+            return true;
+        };
+        set.records.iter().any(|r| {
+            let Some(k) = &r.key else { return false };
+            match latest.get(k) {
+                Some((o, tombstone, ts)) if *o == r.offset => {
+                    !*tombstone || now - ts < TOMBSTONE_RETENTION_MS
+                }
+                Some(_) => false,
+                // Not seen by the first pass: keep, to be safe.
+                None => true,
+            }
+        })
+    };
+    let mut log = p.log();
+    let result = log.compact(keep);
+    p.compacted_closed_bytes
+        .store(log.closed_bytes(), std::sync::atomic::Ordering::Relaxed);
+    drop(log);
+    match result {
+        Ok(r) if r.segments > 0 => tracing::info!(
+            partition = p.index,
+            segments = r.segments,
+            bytes_before = r.bytes_before,
+            bytes_after = r.bytes_after,
+            "compacted offsets partition"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(partition = p.index, error = %e, "compaction failed"),
+    }
 }
 
 pub fn str_bytes(s: &str) -> StrBytes {

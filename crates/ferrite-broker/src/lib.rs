@@ -214,6 +214,9 @@ impl Broker {
                     }
                 }
             }
+            if retention_due && &*p.topic == group_manager::OFFSETS_TOPIC {
+                group_manager::compact_offsets_partition(&p);
+            }
             if let Some(offset) = synced_to {
                 if let Err(e) = p.log().mark_synced(offset) {
                     tracing::error!(topic = %p.topic, partition = p.index, error = %e, "checkpoint write failed");
@@ -243,12 +246,15 @@ async fn ensure_offsets_topic(
         return Ok(());
     }
     let configs = [
-        ("retention.ms", "-1"),
-        ("retention.bytes", "-1"),
-        ("segment.bytes", "104857600"),
+        ("retention.ms", "-1".to_string()),
+        ("retention.bytes", "-1".to_string()),
+        (
+            "segment.bytes",
+            config.offsets_topic_segment_bytes.to_string(),
+        ),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .map(|(k, v)| (k.to_string(), v))
     .collect();
     let (_, records, _, _) = controller::create_topic_records(
         config,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ferrite_metadata::MetadataImage;
@@ -25,6 +25,8 @@ pub struct Partition {
     leader_epoch: AtomicI32,
     /// The high watermark, published after every append for long-polling fetches.
     high_watermark_tx: watch::Sender<i64>,
+    /// Closed-segment bytes after the last compaction pass; no new pass until they grow.
+    pub compacted_closed_bytes: AtomicU64,
 }
 
 impl Partition {
@@ -149,6 +151,7 @@ impl ReplicaManager {
                         log: Mutex::new(log),
                         leader_epoch: AtomicI32::new(epoch),
                         high_watermark_tx: tx,
+                        compacted_closed_bytes: AtomicU64::new(0),
                     };
                     map.insert(key, Arc::new(partition));
                 }

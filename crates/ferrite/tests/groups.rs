@@ -760,3 +760,54 @@ async fn bad_group_requests_get_kafka_errors() {
         .any(|t| t.is_internal
             && t.name.as_ref().map(|n| n.0.as_str()) == Some("__consumer_offsets")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_offsets_is_compacted_and_survives_restart() {
+    let mut server = Server::start(&[
+        "offsets.topic.num.partitions=1",
+        "offsets.topic.segment.bytes=4096",
+        "log.retention.check.interval.ms=200",
+    ]);
+    server.create_topic("cmp", 1, &[]).await;
+    produce(&server, "cmp", 0, 10).await;
+    let c: BaseConsumer = server
+        .config()
+        .set("group.id", "compactme")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let commits = 600;
+    for i in 0..commits {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("cmp", 0, Offset::Offset(i % 10))
+            .unwrap();
+        c.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let dir = server.data_dir.join("__consumer_offsets-0");
+    let log_bytes = || -> u64 {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    // ~600 commits of ~150 bytes each were written; compaction keeps the latest per key.
+    wait_for("compaction of __consumer_offsets", GROUP_TIMEOUT, || {
+        (log_bytes() < 16 * 1024).then_some(())
+    });
+    server.kill9();
+    server.restart();
+    let c: BaseConsumer = server
+        .config()
+        .set("group.id", "compactme")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("cmp", 0);
+    let got = c.committed_offsets(tpl, OP_TIMEOUT).unwrap();
+    assert_eq!(
+        got.elements()[0].offset(),
+        Offset::Offset((commits - 1) % 10)
+    );
+}
