@@ -404,10 +404,20 @@ pub fn offset_fetch(
 
 pub fn describe_groups(broker: &Arc<Broker>, req: DescribeGroupsRequest) -> DescribeGroupsResponse {
     let state = broker.groups.lock();
+    let operations = if req.include_authorized_operations {
+        super::metadata::GROUP_OPERATIONS
+    } else {
+        super::metadata::AUTHORIZED_OPERATIONS_OMITTED
+    };
     DescribeGroupsResponse::default().with_groups(
         req.groups
             .iter()
-            .map(|g| state.coordinator.describe(g.0.as_str()))
+            .map(|g| {
+                state
+                    .coordinator
+                    .describe(g.0.as_str())
+                    .with_authorized_operations(operations)
+            })
             .collect(),
     )
 }

@@ -19,7 +19,24 @@ use crate::controller::create_topic_records;
 use crate::Broker;
 
 /// Kafka's "authorized operations not requested" sentinel.
-const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+pub const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+
+/// Bit fields of AclOperation codes (KIP-430). There is no authorizer, so, as in Kafka
+/// without one, every operation a resource type supports is allowed.
+const fn ops(codes: &[u32]) -> i32 {
+    let mut bits = 0u32;
+    let mut i = 0;
+    while i < codes.len() {
+        bits |= 1 << codes[i];
+        i += 1;
+    }
+    bits as i32
+}
+// READ 3, WRITE 4, CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8, CLUSTER_ACTION 9,
+// DESCRIBE_CONFIGS 10, ALTER_CONFIGS 11, IDEMPOTENT_WRITE 12.
+pub const TOPIC_OPERATIONS: i32 = ops(&[3, 4, 5, 6, 7, 8, 10, 11]);
+pub const CLUSTER_OPERATIONS: i32 = ops(&[5, 7, 8, 9, 10, 11, 12]);
+pub const GROUP_OPERATIONS: i32 = ops(&[3, 6, 8]);
 
 pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) -> MetadataResponse {
     let mut image = broker.controller.image();
@@ -83,6 +100,18 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
             }
         }
     }
+    if req.include_topic_authorized_operations {
+        for t in topics.iter_mut().filter(|t| t.error_code == 0) {
+            t.topic_authorized_operations = TOPIC_OPERATIONS;
+        }
+    }
+    // v8-10 carry cluster operations here; v11+ moved them to DescribeCluster (KIP-700).
+    let cluster_operations =
+        if req.include_cluster_authorized_operations && (8..=10).contains(&version) {
+            CLUSTER_OPERATIONS
+        } else {
+            AUTHORIZED_OPERATIONS_OMITTED
+        };
     let (host, port) = &broker.advertised;
     MetadataResponse::default()
         .with_brokers(vec![MetadataResponseBroker::default()
@@ -92,7 +121,7 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
             .with_rack(broker.config.rack.clone().map(str_bytes))])
         .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
         .with_controller_id(BrokerId(broker.config.node_id))
-        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_cluster_authorized_operations(cluster_operations)
         .with_topics(topics)
 }
 
@@ -150,14 +179,19 @@ fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
 
 pub fn describe_cluster(
     broker: &Arc<Broker>,
-    _req: DescribeClusterRequest,
+    req: DescribeClusterRequest,
 ) -> DescribeClusterResponse {
+    let operations = if req.include_cluster_authorized_operations {
+        CLUSTER_OPERATIONS
+    } else {
+        AUTHORIZED_OPERATIONS_OMITTED
+    };
     let (host, port) = &broker.advertised;
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))
         .with_controller_id(BrokerId(broker.config.node_id))
         .with_endpoint_type(1) // Brokers; also the v0 default, so every version encodes.
-        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_cluster_authorized_operations(operations)
         .with_brokers(vec![DescribeClusterBroker::default()
             .with_broker_id(BrokerId(broker.config.node_id))
             .with_host(str_bytes(host.clone()))
