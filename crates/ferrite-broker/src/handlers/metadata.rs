@@ -23,6 +23,7 @@ pub const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
 
 /// Bit fields of AclOperation codes (KIP-430). There is no authorizer, so, as in Kafka
 /// without one, every operation a resource type supports is allowed.
+#[allow(clippy::indexing_slicing)] // Const evaluation: `i < codes.len()` bounds it.
 const fn ops(codes: &[u32]) -> i32 {
     let mut bits = 0u32;
     let mut i = 0;
