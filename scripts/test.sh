@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 
+echo "== fuzz targets build (runs need nightly; the same properties run as proptests above)"
+cargo check --manifest-path fuzz/Cargo.toml
+
 echo "== python + kcat suites"
 export FERRITE_BIN="$PWD/target/debug/ferrite"
 python3 -m pytest -q -p no:cacheprovider tests/python
