@@ -27,21 +27,21 @@ const META_PROPERTIES_FILE: &str = "meta.properties";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data directory {path} is not usable: {source}")]
+    #[error("data directory {path} is not usable")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("data directory {0} is in use by another ferrite process")]
     DataDirLocked(PathBuf),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("metadata log: {0}")]
+    #[error("metadata log")]
     Metadata(#[from] ferrite_metadata::MetadataLogError),
-    #[error("storage: {0}")]
+    #[error("storage")]
     Storage(#[from] ferrite_storage::StorageError),
     #[error("{0}")]
     Meta(String),

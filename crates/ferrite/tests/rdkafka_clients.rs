@@ -636,3 +636,55 @@ async fn garbage_on_the_wire_does_not_hurt_the_broker() {
     });
     assert_eq!(m, b"alive");
 }
+
+#[test]
+fn start_up_failures_are_one_clear_line() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .arg("server")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr.lines().last().unwrap_or_default().to_string()
+    };
+    let server = Server::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other");
+    let line = run(&[
+        "--listen",
+        &server.addr,
+        "--data-dir",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        line.starts_with("ferrite: cannot listen on") && line.contains("in use"),
+        "{line}"
+    );
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let line = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        line.starts_with("ferrite: data directory") && line.contains("not usable"),
+        "{line}"
+    );
+    let line = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        server.data_dir.to_str().unwrap(),
+    ]);
+    assert!(line.contains("in use by another ferrite process"), "{line}");
+    let line = run(&["--set", "no.such.key=1"]);
+    assert!(
+        line.contains("unknown or unsupported config `no.such.key`"),
+        "{line}"
+    );
+}
