@@ -12,6 +12,7 @@ pub fn storage_error_code(e: &StorageError) -> i16 {
         StorageError::CorruptBatch(_) => ResponseError::CorruptMessage,
         StorageError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         StorageError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+        StorageError::ProducerStateUnsupported(_) => ResponseError::InvalidRecord,
         // The disk is full or failing: Kafka answers KAFKA_STORAGE_ERROR so the client
         // retries (elsewhere, once replication exists) instead of treating it as fatal.
         StorageError::Io { .. }

@@ -190,15 +190,24 @@ impl<'a> Iterator for BatchIter<'a> {
         if rest.is_empty() {
             return None;
         }
+        // After an error the iterator is finished (fused), so that a caller that keeps
+        // pulling, or `flatten`s, cannot spin on the same bad bytes.
         let header = match BatchHeader::parse(rest) {
             Ok(h) => h,
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                self.pos = self.buf.len();
+                return Some(Err(e));
+            }
         };
         let total = match header.total_bytes() {
             Ok(t) => t,
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                self.pos = self.buf.len();
+                return Some(Err(e));
+            }
         };
         let Some(batch) = rest.get(..total) else {
+            self.pos = self.buf.len();
             return Some(Err(BatchError::Truncated {
                 have: rest.len(),
                 need: total,
@@ -337,14 +346,21 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn iterator_is_fused_after_an_error() {
+        let mut it = BatchIter::new(&[0u8; 10]);
+        assert!(matches!(it.next(), Some(Err(_))));
+        assert!(it.next().is_none());
+    }
+
     proptest! {
-        // No input may panic the validator or the iterator (the fuzz target runs the same).
+        // No input may panic the validator or the iterator (the fuzz target runs the same),
+        // and the iterator always ends.
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = validate_producer_batch(&data);
-            for item in BatchIter::new(&data) {
-                if item.is_err() { break; }
-            }
+            let steps = BatchIter::new(&data).take(data.len() + 2).count();
+            prop_assert!(steps <= data.len() / HEADER_BYTES + 1);
         }
     }
 }

@@ -282,6 +282,11 @@ impl PartitionLog {
                 });
             }
             let header = validate_producer_batch(batch)?;
+            // Accepting an idempotent batch without sequence checks would promise
+            // deduplication that does not happen; refuse it instead.
+            if header.producer_id >= 0 {
+                return Err(StorageError::ProducerStateUnsupported(header.producer_id));
+            }
             record_count += i64::from(header.last_offset_delta) + 1;
         }
         assert_eq!(iter.position(), records.len());

@@ -688,3 +688,45 @@ fn start_up_failures_are_one_clear_line() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_batches_are_corrupt_message_and_append_nothing() {
+    use ferrite_protocol::kafka_protocol::messages::produce_request::{
+        PartitionProduceData, TopicProduceData,
+    };
+    use ferrite_protocol::kafka_protocol::messages::{
+        ApiKey, ProduceRequest, ProduceResponse, TopicName,
+    };
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    let server = Server::start(&[]);
+    server.create_topic("corrupt", 1, &[]).await;
+    let produce = |records: Vec<u8>| -> i16 {
+        let req = ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(5000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_static_str("corrupt")))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(records.into()))])]);
+        let resp: ProduceResponse = common::raw(&server.addr, ApiKey::Produce, 9, &req);
+        resp.responses[0].partition_responses[0].error_code
+    };
+    let corrupt = ferrite_protocol::kafka_protocol::ResponseError::CorruptMessage.code();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for len in [0usize, 1, 12, 60, 61, 200, 5000] {
+        let junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        assert_eq!(produce(junk), corrupt, "{len} random bytes");
+    }
+    // A valid-looking header with a wrong CRC.
+    let mut bad = vec![0u8; 70];
+    bad[8..12].copy_from_slice(&58i32.to_be_bytes());
+    bad[16] = 2;
+    assert_eq!(produce(bad), corrupt);
+    let c = consumer(&server);
+    assert_eq!(
+        c.fetch_watermarks("corrupt", 0, OP_TIMEOUT).unwrap(),
+        (0, 0),
+        "nothing appended"
+    );
+}

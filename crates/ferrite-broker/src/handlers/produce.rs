@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use ferrite_storage::BatchIter;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
@@ -89,16 +88,6 @@ fn append_partition(
         ));
     };
     let records = records.unwrap_or_default();
-    // Idempotent and transactional batches need producer state (sequence numbers) that
-    // this broker does not keep yet: refuse them rather than accept without dedup.
-    for (_, header, _) in BatchIter::new(records).flatten() {
-        if header.producer_id >= 0 {
-            return Err((
-                ResponseError::InvalidRecord.code(),
-                "idempotent and transactional producers are not supported yet; set enable.idempotence=false".to_string(),
-            ));
-        }
-    }
     p.append(records, now)
         .map_err(|e| (storage_error_code(&e), e.to_string()))
 }
