@@ -14,6 +14,9 @@ pub mod limits {
     pub const CONNECTIONS_MAX: usize = 10_000;
     /// Partitions one CreateTopics or CreatePartitions request may create per topic.
     pub const TOPIC_PARTITIONS_CREATED_MAX: i32 = 10_000;
+    /// Bytes one Fetch response may carry, whatever the client asks (Kafka's broker
+    /// `fetch.max.bytes`); a single batch larger than this is still returned (KIP-74).
+    pub const FETCH_RESPONSE_BYTES_MAX: usize = 55 * 1024 * 1024;
     /// Longest long-poll a Fetch may ask for.
     pub const FETCH_WAIT_MS_MAX: i32 = 60_000;
     /// Bytes of request bodies held by all connections at once; must be at least
