@@ -80,7 +80,8 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
     let max_bytes = usize::try_from(req.max_bytes)
         .ok()
         .filter(|b| *b > 0)
-        .unwrap_or(usize::MAX);
+        .unwrap_or(usize::MAX)
+        .min(limits::FETCH_RESPONSE_BYTES_MAX);
     loop {
         // Subscribe before reading so that an append between the read and the wait wakes us.
         let mut watchers: Vec<watch::Receiver<i64>> = wanted
