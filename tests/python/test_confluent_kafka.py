@@ -253,3 +253,22 @@ def test_kill_9_keeps_acknowledged_messages(broker):
     p2.produce("crash", value=b"after", partition=0, on_delivery=lambda err, msg: offsets.append(msg.offset()))
     p2.flush(10)
     assert offsets == [ends[0]], "appends continue right after the recovered tail"
+
+
+@pytest.mark.parametrize("assignor", ["range", "roundrobin", "cooperative-sticky"])
+def test_librdkafka_assignors_balance(broker, assignor):
+    create(broker, "assign", 4)
+    members = [consumer(broker, **{"group.id": f"a-{assignor}", "partition.assignment.strategy": assignor,
+                                   "session.timeout.ms": 6000, "heartbeat.interval.ms": 500}) for _ in range(2)]
+    for m in members:
+        m.subscribe(["assign"])
+
+    def balanced():
+        for m in members:
+            m.poll(0.05)
+        sets = [set(tp.partition for tp in m.assignment()) for m in members]
+        return all(len(s) == 2 for s in sets) and sets[0].isdisjoint(sets[1])
+
+    wait_until(f"{assignor}: 2 + 2 partitions", balanced)
+    for m in members:
+        m.close()

@@ -112,3 +112,28 @@ def test_group_members_and_committed_offsets(broker):
     offsets = admin.list_consumer_group_offsets("kpg")
     assert sum(o.offset for o in offsets.values()) == 200
     admin.close()
+
+
+@pytest.mark.parametrize("assignor", ["range", "roundrobin", "sticky"])
+def test_every_client_assignor_balances(broker, assignor):
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+    from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+    from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+    strategy = {"range": RangePartitionAssignor, "roundrobin": RoundRobinPartitionAssignor,
+                "sticky": StickyPartitionAssignor}[assignor]
+    admin = KafkaAdminClient(bootstrap_servers=broker.addr)
+    admin.create_topics([NewTopic("kp-assign", 4, 1)])
+    consumers = [KafkaConsumer("kp-assign", bootstrap_servers=broker.addr, group_id=f"kpa-{assignor}",
+                               partition_assignment_strategy=[strategy], session_timeout_ms=6000,
+                               heartbeat_interval_ms=500) for _ in range(2)]
+
+    def balanced():
+        for c in consumers:
+            c.poll(timeout_ms=100)
+        sets = [set(tp.partition for tp in c.assignment()) for c in consumers]
+        return all(len(s) == 2 for s in sets) and sets[0].isdisjoint(sets[1])
+
+    wait_until(f"{assignor}: 2 + 2 partitions", balanced)
+    for c in consumers:
+        c.close()
+    admin.close()

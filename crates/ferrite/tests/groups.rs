@@ -698,6 +698,58 @@ async fn bad_group_requests_get_kafka_errors() {
     );
     assert_eq!(fetch.topics.len(), 1);
     assert_eq!(fetch.topics[0].partitions[0].committed_offset, 5);
+    let fetch_v8: OffsetFetchResponse = raw(
+        &server.addr,
+        ApiKey::OffsetFetch,
+        8,
+        &OffsetFetchRequest::default().with_groups(vec![
+            kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestGroup::default()
+                .with_group_id(GroupId(s("committer")))
+                .with_topics(None),
+            kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestGroup::default()
+                .with_group_id(GroupId(s("other")))
+                .with_topics(None),
+        ]),
+    );
+    assert_eq!(fetch_v8.groups.len(), 2, "KIP-709 batched OffsetFetch");
+    assert_eq!(
+        fetch_v8.groups[0].topics[0].partitions[0].committed_offset,
+        5
+    );
+    // OffsetDelete on an empty group removes the commit.
+    use kafka_protocol::messages::offset_delete_request::{
+        OffsetDeleteRequestPartition, OffsetDeleteRequestTopic,
+    };
+    let od: OffsetDeleteResponse = raw(
+        &server.addr,
+        ApiKey::OffsetDelete,
+        0,
+        &OffsetDeleteRequest::default()
+            .with_group_id(GroupId(s("committer")))
+            .with_topics(vec![OffsetDeleteRequestTopic::default()
+                .with_name(TopicName(s("known")))
+                .with_partitions(vec![
+                    OffsetDeleteRequestPartition::default().with_partition_index(0)
+                ])]),
+    );
+    assert_eq!(od.error_code, 0);
+    assert_eq!(od.topics[0].partitions[0].error_code, 0);
+    let fetch: OffsetFetchResponse = raw(
+        &server.addr,
+        ApiKey::OffsetFetch,
+        7,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(s("committer")))
+            .with_topics(None),
+    );
+    assert!(fetch.topics.is_empty(), "{fetch:?}");
+    let od: OffsetDeleteResponse = raw(
+        &server.addr,
+        ApiKey::OffsetDelete,
+        0,
+        &OffsetDeleteRequest::default().with_group_id(GroupId(s("no-such-group"))),
+    );
+    assert_eq!(od.error_code, ResponseError::GroupIdNotFound.code());
     // Deleting a group that does not exist.
     let del: DeleteGroupsResponse = raw(
         &server.addr,
