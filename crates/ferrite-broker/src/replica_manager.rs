@@ -96,7 +96,9 @@ impl ReplicaManager {
     ) -> Result<(), StorageError> {
         let mut wanted: HashMap<TopicPartition, (Uuid, i32, LogConfig)> = HashMap::new();
         for topic in image.topics() {
-            let log_config = config.log_config(&topic.configs);
+            let mut log_config = config.log_config(&topic.configs);
+            // The offsets topic is the one compacted log (see group_manager).
+            log_config.compacted = topic.name == crate::group_manager::OFFSETS_TOPIC;
             let name: Arc<str> = Arc::from(topic.name.as_str());
             for p in topic.partitions.values() {
                 if p.replicas.contains(&config.node_id) {

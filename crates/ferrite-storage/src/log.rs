@@ -47,6 +47,9 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// `message.timestamp.type=LogAppendTime`
     pub log_append_time: bool,
+    /// The log is compacted, so its offsets may have gaps (recovery then only requires
+    /// them to increase).
+    pub compacted: bool,
 }
 
 impl Default for LogConfig {
@@ -61,6 +64,7 @@ impl Default for LogConfig {
             flush_ms: -1,
             index_interval_bytes: 4096,
             log_append_time: false,
+            compacted: false,
         }
     }
 }
@@ -165,8 +169,13 @@ impl PartitionLog {
             let is_last = i + 1 == count;
             let next_base = bases.get(i + 1).map(|(b, _)| *b);
             let recover = !clean && (is_last || next_base.is_none_or(|n| n > recovery_point));
-            let (seg, outcome) =
-                Segment::open(path.clone(), *base, recover, config.index_interval_bytes)?;
+            let (seg, outcome) = Segment::open(
+                path.clone(),
+                *base,
+                recover,
+                config.index_interval_bytes,
+                !config.compacted,
+            )?;
             if recover {
                 report.recovered_segments += 1;
             }
@@ -564,6 +573,11 @@ impl PartitionLog {
     /// fsynced `.cleaned` file, so a crash leaves either the old or the new segment.
     /// The active segment is never touched.
     pub fn compact(&mut self, mut keep: impl FnMut(&[u8]) -> bool) -> Result<CompactReport> {
+        // Gaps in a log not marked compacted would be truncated as damage at recovery.
+        assert!(
+            self.config.compacted,
+            "compact() on a log not configured as compacted"
+        );
         let mut report = CompactReport::default();
         let active_base = self.active().base_offset;
         let bases: Vec<i64> = self
@@ -626,7 +640,7 @@ impl PartitionLog {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| StorageError::io(&self.dir, e))?;
-            let (mut new_seg, outcome) = Segment::open(log_path, base, true, interval)?;
+            let (mut new_seg, outcome) = Segment::open(log_path, base, true, interval, false)?;
             assert_eq!(
                 outcome.truncated_bytes, 0,
                 "a freshly written compacted segment must scan clean"
@@ -970,7 +984,15 @@ mod tests {
     #[test]
     fn compaction_keeps_chosen_batches_and_their_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        let (mut log, _) = PartitionLog::open(
+            dir.path(),
+            LogConfig {
+                compacted: true,
+                ..cfg()
+            },
+            true,
+        )
+        .unwrap();
         for i in 0..200 {
             log.append(&make_batch(1, i, &[(i % 256) as u8; 64]), 0, 0)
                 .unwrap();
@@ -1003,7 +1025,15 @@ mod tests {
         // Survives a restart, clean or not.
         drop(log);
         for clean in [false, true] {
-            let (log, _) = PartitionLog::open(dir.path(), cfg(), clean).unwrap();
+            let (log, _) = PartitionLog::open(
+                dir.path(),
+                LogConfig {
+                    compacted: true,
+                    ..cfg()
+                },
+                clean,
+            )
+            .unwrap();
             assert_eq!(log.log_end_offset(), leo);
             let first = log.read_plan(0).unwrap().unwrap().read(1, true).unwrap();
             assert_eq!(offsets_in(&first), vec![0]);

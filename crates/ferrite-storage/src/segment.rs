@@ -94,6 +94,7 @@ impl Segment {
         base_offset: i64,
         recover: bool,
         index_interval_bytes: u64,
+        dense: bool,
     ) -> Result<(Segment, RecoveryOutcome)> {
         let file = OpenOptions::new()
             .read(true)
@@ -122,7 +123,7 @@ impl Segment {
                 seg.time_index = time_index;
             }
         }
-        let outcome = seg.scan_tail(recover, index_interval_bytes)?;
+        let outcome = seg.scan_tail(recover, index_interval_bytes, dense)?;
         Ok((seg, outcome))
     }
 
@@ -188,7 +189,14 @@ impl Segment {
 
     /// Walks the batches after the last index entry (all of them when recovering),
     /// rebuilding the in-memory state. Returns how much was cut off.
-    fn scan_tail(&mut self, recover: bool, index_interval_bytes: u64) -> Result<RecoveryOutcome> {
+    /// `dense`: offsets must follow each other exactly (every log but a compacted one), so
+    /// that a damaged `baseOffset`, which the CRC does not cover, is caught.
+    fn scan_tail(
+        &mut self,
+        recover: bool,
+        index_interval_bytes: u64,
+        dense: bool,
+    ) -> Result<RecoveryOutcome> {
         let (mut pos, start_offset) = match (recover, self.index.last()) {
             (false, Some(e)) => (
                 u64::from(e.position),
@@ -238,6 +246,16 @@ impl Segment {
             };
             if (recover || !first) && header.base_offset < self.next_offset {
                 return self.cut_at(pos, recover, "offsets go backwards".to_string());
+            }
+            if (recover || !first) && dense && header.base_offset != self.next_offset {
+                return self.cut_at(
+                    pos,
+                    recover,
+                    format!(
+                        "offset gap: expected {}, found {}",
+                        self.next_offset, header.base_offset
+                    ),
+                );
             }
             first = false;
             self.note_batch(pos, &header, index_interval_bytes);
