@@ -137,3 +137,23 @@ def test_every_client_assignor_balances(broker, assignor):
     for c in consumers:
         c.close()
     admin.close()
+
+
+def test_describe_cluster_and_configs(broker):
+    admin = KafkaAdminClient(bootstrap_servers=broker.addr)
+    cluster = admin.describe_cluster()
+    assert len(cluster["brokers"]) == 1
+    assert cluster["controller_id"] == cluster["brokers"][0]["node_id"]
+    assert cluster["cluster_id"]
+    from kafka.admin import ConfigResource, ConfigResourceType
+    admin.create_topics([NewTopic("kp-cfg", 1, 1, topic_configs={"retention.bytes": "1048576"})])
+    res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "kp-cfg")])
+    entries = {c[0]: c[1] for c in res[0].resources[0][4]}
+    assert entries["retention.bytes"] == "1048576"
+    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, "kp-cfg", configs={"retention.ms": "5000"})])
+    res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "kp-cfg")])
+    entries = {c[0]: c[1] for c in res[0].resources[0][4]}
+    assert entries["retention.ms"] == "5000"
+    # AlterConfigs replaces the whole set: retention.bytes is back to its default.
+    assert entries["retention.bytes"] == "-1"
+    admin.close()
