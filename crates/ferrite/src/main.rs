@@ -1,5 +1,6 @@
 //! `ferrite`: the broker (`ferrite server`) and Kafka client subcommands in one binary.
 
+mod bench;
 mod client;
 mod group;
 
@@ -35,6 +36,8 @@ enum Command {
     Consume(client::ConsumeArgs),
     /// List, describe, delete consumer groups and reset their offsets.
     Group(group::GroupArgs),
+    /// Load generators: produce, consume and end-to-end, with HDR latency histograms.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => client::produce(args).await,
             Command::Consume(args) => client::consume(args).await,
             Command::Group(args) => group::group(args).await,
+            Command::Bench(args) => bench::bench(args).await,
         }
     });
     match result {

@@ -1,0 +1,655 @@
+//! `ferrite bench produce|consume|e2e`: load generation and measurement with librdkafka,
+//! so the numbers are what users' clients see.
+//!
+//! Latency with `--rate` is measured from each message's *scheduled* send time, so a
+//! stall in the client or broker shows up in the histogram instead of silently delaying
+//! the next sends (no coordinated omission).
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde_json::json;
+
+/// Longest any bench run may take, whatever its flags say.
+const RUN_SECONDS_MAX: u64 = 3600;
+/// Bytes at the start of each payload holding its send time (µs since the epoch).
+const STAMP_BYTES: usize = 8;
+/// Highest latency the histograms track (60 s, in µs).
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Produce messages and report throughput and delivery latency.
+    Produce(Load),
+    /// Consume a topic from the beginning and report throughput.
+    Consume(Load),
+    /// Produce at a fixed rate while consuming; report end-to-end latency.
+    E2e(Load),
+}
+
+#[derive(Args, Clone)]
+struct Load {
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    bootstrap_server: String,
+    #[arg(long, default_value = "ferrite-bench")]
+    topic: String,
+    /// Partitions of the topic when it has to be created.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Bytes per message value.
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Messages to send (or read); default 1,000,000 unless --duration is given.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Seconds to run.
+    #[arg(long)]
+    duration: Option<u64>,
+    #[arg(long, default_value = "1")]
+    acks: String,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// Producer batch.size in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    batch_size: u64,
+    /// none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// none, random, or fixed:N (N distinct keys).
+    #[arg(long, default_value = "none")]
+    keys: String,
+    /// Producer instances, each on its own thread.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Target messages per second over all producers (fixed rate).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Consume as this consumer group (subscribe) instead of assigning partitions.
+    #[arg(long)]
+    group: Option<String>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG of the latency percentiles and throughput over time.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<String>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).map_err(|e| anyhow!("histogram: {e}"))
+}
+
+/// Delivery reports: latency from the time each message was due to its acknowledgement.
+struct Delivery {
+    histogram: Mutex<Histogram<u64>>,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Delivery {}
+impl ProducerContext for Delivery {
+    /// The scheduled send time, µs since the epoch.
+    type DeliveryOpaque = Box<u64>;
+    fn delivery(&self, result: &DeliveryResult<'_>, due_us: Box<u64>) {
+        match result {
+            Ok(_) => {
+                let latency = now_us().saturating_sub(*due_us).clamp(1, LATENCY_US_MAX);
+                if let Ok(mut h) = self.histogram.lock() {
+                    let _ = h.record(latency);
+                }
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                if let Ok(mut f) = self.first_error.lock() {
+                    f.get_or_insert_with(|| e.to_string());
+                }
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Progress {
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+impl Progress {
+    /// Reports the rate once a second (a bar on a terminal, lines otherwise) and keeps
+    /// the per-second counts for the plot.
+    fn start(label: &'static str, total: Option<u64>) -> Progress {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (done.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let b = match total {
+                    Some(t) => indicatif::ProgressBar::new(t),
+                    None => indicatif::ProgressBar::new_spinner(),
+                };
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("{prefix} {bar:40} {pos}/{len} {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b.set_prefix(label);
+                b
+            });
+            let mut per_second = Vec::new();
+            let mut last = 0;
+            let mut tick = Instant::now();
+            while !s.load(Ordering::Relaxed) && per_second.len() < RUN_SECONDS_MAX as usize {
+                std::thread::sleep(Duration::from_millis(50));
+                if tick.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                tick = Instant::now();
+                let now = d.load(Ordering::Relaxed);
+                per_second.push(now - last);
+                match &bar {
+                    Some(b) => {
+                        b.set_position(now);
+                        b.set_message(format!("{} msgs/s", now - last));
+                    }
+                    None => eprintln!("{label}: {now} messages, {} msgs/s", now - last),
+                }
+                last = now;
+            }
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            per_second
+        });
+        Progress {
+            done,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+fn client(load: &Load) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &load.bootstrap_server)
+        .set("log_level", "3");
+    c
+}
+
+/// Creates the topic unless it exists.
+async fn ensure_topic(load: &Load) -> Result<i32> {
+    let consumer: BaseConsumer = client(load).create()?;
+    let md = consumer.fetch_metadata(Some(&load.topic), Duration::from_secs(10))?;
+    if let Some(t) = md
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+    {
+        return Ok(t.partitions().len() as i32);
+    }
+    let admin: AdminClient<DefaultClientContext> = client(load).create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin
+        .create_topics(
+            [&NewTopic::new(
+                &load.topic,
+                load.partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &opts,
+        )
+        .await?
+    {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => bail!("cannot create {t}: {code}"),
+        }
+    }
+    Ok(load.partitions)
+}
+
+fn key_for(keys: &str, i: u64, rng: &mut u64) -> Result<Option<String>> {
+    Ok(match keys {
+        "none" => None,
+        "random" => {
+            // xorshift: cheap, and keys only need to spread.
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            Some(format!("{:016x}", *rng))
+        }
+        fixed => {
+            let n: u64 = fixed
+                .strip_prefix("fixed:")
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| anyhow!("--keys must be none, random or fixed:N"))?;
+            Some(format!("key-{}", i % n))
+        }
+    })
+}
+
+struct Outcome {
+    messages: u64,
+    bytes: u64,
+    seconds: f64,
+    latency: Option<Histogram<u64>>,
+    per_second: Vec<u64>,
+}
+
+/// Runs the producers; returns when all have sent their share and it is acknowledged.
+fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
+    let total = load.count.unwrap_or(if load.duration.is_some() {
+        u64::MAX
+    } else {
+        1_000_000
+    });
+    if load.message_size < STAMP_BYTES {
+        bail!("--message-size must be at least {STAMP_BYTES} bytes");
+    }
+    let progress = Progress::start("produce", (total != u64::MAX).then_some(total));
+    let producers = u64::from(load.producers.max(1));
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for id in 0..producers {
+        let mut cfg = client(load);
+        cfg.set("acks", &load.acks)
+            .set("linger.ms", load.linger_ms.to_string())
+            .set("batch.size", load.batch_size.to_string())
+            .set("compression.type", &load.compression)
+            .set("enable.idempotence", "false")
+            .set("partitioner", "murmur2_random")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576");
+        let producer: BaseProducer<Delivery> = cfg.create_with_context(Delivery {
+            histogram: Mutex::new(histogram()?),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+        })?;
+        let share = total / producers + u64::from(id < total % producers);
+        let rate = load.rate.map(|r| (r as f64 / producers as f64).max(1e-3));
+        let (topic, keys, size, done) = (
+            load.topic.clone(),
+            load.keys.clone(),
+            load.message_size,
+            progress.done.clone(),
+        );
+        threads.push(std::thread::spawn(
+            move || -> Result<(u64, Histogram<u64>)> {
+                let mut payload = vec![b'x'; size];
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (id + 1);
+                let t0 = Instant::now();
+                let t0_us = now_us();
+                let mut sent = 0u64;
+                while sent < share && Instant::now() < stop_at {
+                    let due_us = match rate {
+                        Some(r) => {
+                            let due = Duration::from_secs_f64(sent as f64 / r);
+                            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                                if due > t0.elapsed() {
+                                    continue;
+                                }
+                            }
+                            t0_us + due.as_micros() as u64
+                        }
+                        None => now_us(),
+                    };
+                    if let Some(stamp) = payload.get_mut(..STAMP_BYTES) {
+                        stamp.copy_from_slice(&due_us.to_be_bytes());
+                    }
+                    let key = key_for(&keys, sent, &mut rng)?;
+                    let mut record =
+                        BaseRecord::with_opaque_to(&topic, Box::new(due_us)).payload(&payload[..]);
+                    if let Some(k) = &key {
+                        record = record.key(k.as_bytes());
+                    }
+                    loop {
+                        match producer.send(record) {
+                            Ok(()) => break,
+                            Err((
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                r,
+                            )) => {
+                                record = r;
+                                producer.poll(Duration::from_millis(1));
+                            }
+                            Err((e, _)) => return Err(e.into()),
+                        }
+                    }
+                    sent += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    producer.poll(Duration::ZERO);
+                }
+                producer.flush(Duration::from_secs(120))?;
+                let ctx = producer.context();
+                if ctx.failed.load(Ordering::Relaxed) > 0 {
+                    let first = ctx
+                        .first_error
+                        .lock()
+                        .ok()
+                        .and_then(|f| f.clone())
+                        .unwrap_or_default();
+                    bail!(
+                        "{} deliveries failed; first: {first}",
+                        ctx.failed.load(Ordering::Relaxed)
+                    );
+                }
+                let h = ctx
+                    .histogram
+                    .lock()
+                    .map(|h| h.clone())
+                    .map_err(|_| anyhow!("histogram lock"))?;
+                Ok((ctx.delivered.load(Ordering::Relaxed), h))
+            },
+        ));
+    }
+    let mut latency = histogram()?;
+    let mut messages = 0;
+    for t in threads {
+        let (n, h) = t
+            .join()
+            .map_err(|_| anyhow!("producer thread panicked"))??;
+        messages += n;
+        latency.add(&h).map_err(|e| anyhow!("histogram: {e}"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let per_second = progress.finish();
+    Ok(Outcome {
+        messages,
+        bytes: messages * load.message_size as u64,
+        seconds,
+        latency: Some(latency),
+        per_second,
+    })
+}
+
+/// Reads until `count` messages (or everything present at the start) or the deadline.
+/// With `e2e`, records the latency from each message's embedded send time.
+fn consume(
+    load: &Load,
+    partitions: i32,
+    stop_at: Instant,
+    from_end: bool,
+    target: Option<u64>,
+) -> Result<Outcome> {
+    let mut cfg = client(load);
+    cfg.set("group.id", load.group.as_deref().unwrap_or("ferrite-bench"))
+        .set(
+            "enable.auto.commit",
+            if load.group.is_some() {
+                "true"
+            } else {
+                "false"
+            },
+        )
+        .set(
+            "auto.offset.reset",
+            if from_end { "latest" } else { "earliest" },
+        )
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "10485760");
+    let consumer: BaseConsumer = cfg.create()?;
+    let mut available = 0u64;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(&load.topic, p, Duration::from_secs(10))?;
+        available += (high - low).max(0) as u64;
+    }
+    let goal = target.or(load.count).unwrap_or(available);
+    if load.group.is_some() {
+        consumer.subscribe(&[&load.topic])?;
+    } else {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(
+                &load.topic,
+                p,
+                if from_end {
+                    Offset::End
+                } else {
+                    Offset::Beginning
+                },
+            )?;
+        }
+        consumer.assign(&tpl)?;
+    }
+    let progress = Progress::start("consume", Some(goal));
+    let mut latency = if from_end { Some(histogram()?) } else { None };
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    let mut started: Option<Instant> = None;
+    while messages < goal && Instant::now() < stop_at {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.context("consume")?;
+        let payload = m.payload().unwrap_or_default();
+        started.get_or_insert_with(Instant::now);
+        if let (Some(h), Some(stamp)) = (latency.as_mut(), payload.get(..STAMP_BYTES)) {
+            let mut b = [0u8; STAMP_BYTES];
+            b.copy_from_slice(stamp);
+            let _ = h.record(
+                now_us()
+                    .saturating_sub(u64::from_be_bytes(b))
+                    .clamp(1, LATENCY_US_MAX),
+            );
+        }
+        messages += 1;
+        bytes += payload.len() as u64;
+        progress.done.fetch_add(1, Ordering::Relaxed);
+    }
+    let seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    Ok(Outcome {
+        messages,
+        bytes,
+        seconds,
+        latency,
+        per_second: progress.finish(),
+    })
+}
+
+pub async fn bench(args: BenchArgs) -> Result<()> {
+    let (kind, load) = match &args.command {
+        BenchCommand::Produce(l) => ("produce", l.clone()),
+        BenchCommand::Consume(l) => ("consume", l.clone()),
+        BenchCommand::E2e(l) => ("e2e", l.clone()),
+    };
+    let run_seconds = load
+        .duration
+        .unwrap_or(RUN_SECONDS_MAX)
+        .min(RUN_SECONDS_MAX);
+    let stop_at = Instant::now() + Duration::from_secs(run_seconds);
+    let partitions = ensure_topic(&load).await?;
+    let outcome = match kind {
+        "produce" => produce(&load, stop_at)?,
+        "consume" => consume(&load, partitions, stop_at, false, None)?,
+        _ => {
+            if load.rate.is_none() {
+                bail!("bench e2e needs --rate (messages per second)");
+            }
+            let count = load
+                .count
+                .unwrap_or_else(|| load.rate.unwrap_or(1) * load.duration.unwrap_or(10));
+            let consumer_load = load.clone();
+            let consumer = std::thread::spawn(move || {
+                consume(
+                    &consumer_load,
+                    partitions,
+                    stop_at + Duration::from_secs(30),
+                    true,
+                    Some(count),
+                )
+            });
+            // Let the consumer get its assignment at the end of the log first.
+            std::thread::sleep(Duration::from_secs(2));
+            let producer_load = Load {
+                count: Some(count),
+                ..load.clone()
+            };
+            let produced = produce(&producer_load, stop_at)?;
+            let consumed = consumer
+                .join()
+                .map_err(|_| anyhow!("consumer thread panicked"))??;
+            if consumed.messages < produced.messages {
+                bail!(
+                    "e2e: produced {} but consumed {}",
+                    produced.messages,
+                    consumed.messages
+                );
+            }
+            Outcome {
+                seconds: produced.seconds,
+                ..consumed
+            }
+        }
+    };
+    report(kind, &load, &outcome)
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |us: u64| us as f64 / 1000.0;
+    json!({
+        "p50": ms(h.value_at_quantile(0.50)), "p90": ms(h.value_at_quantile(0.90)),
+        "p99": ms(h.value_at_quantile(0.99)), "p999": ms(h.value_at_quantile(0.999)),
+        "p9999": ms(h.value_at_quantile(0.9999)), "max": ms(h.max()),
+    })
+}
+
+fn report(kind: &str, load: &Load, o: &Outcome) -> Result<()> {
+    let secs = o.seconds.max(1e-9);
+    let latency = o.latency.as_ref().filter(|h| !h.is_empty());
+    let summary = json!({
+        "workload": kind, "topic": load.topic, "messages": o.messages, "bytes": o.bytes,
+        "seconds": o.seconds, "msgs_per_sec": o.messages as f64 / secs, "mb_per_sec": o.bytes as f64 / 1e6 / secs,
+        "latency_ms": latency.map(percentiles), "latency_samples": latency.map_or(0, |h| h.len()),
+        "message_size": load.message_size, "acks": load.acks, "rate": load.rate,
+    });
+    if let Some(path) = &load.plot {
+        std::fs::write(path, svg(kind, latency, &o.per_second))
+            .with_context(|| format!("cannot write {path}"))?;
+    }
+    if load.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{kind}: {} messages, {} bytes in {:.2} s: {:.0} msgs/s, {:.1} MB/s",
+            o.messages,
+            o.bytes,
+            o.seconds,
+            o.messages as f64 / secs,
+            o.bytes as f64 / 1e6 / secs
+        );
+        if let Some(l) = summary.get("latency_ms").filter(|l| !l.is_null()) {
+            println!(
+                "latency ms: p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
+                l["p50"], l["p90"], l["p99"], l["p999"], l["p9999"], l["max"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A small hand-written SVG: latency by percentile (log scale of 1/(1-q)) on the left,
+/// messages per second over time on the right.
+fn svg(kind: &str, latency: Option<&Histogram<u64>>, per_second: &[u64]) -> String {
+    let (w, h, pad) = (480.0, 300.0, 40.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        2.0 * w,
+        h
+    );
+    out.push_str(&format!(
+        "<text x=\"10\" y=\"15\">ferrite bench {kind}</text>\n"
+    ));
+    let polyline = |points: &[(f64, f64)], x0: f64| -> String {
+        let (max_x, max_y) = points
+            .iter()
+            .fold((1e-9f64, 1e-9f64), |(a, b), (x, y)| (a.max(*x), b.max(*y)));
+        let pts: Vec<String> = points
+            .iter()
+            .map(|(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x0 + pad + x / max_x * (w - 2.0 * pad),
+                    h - pad - y / max_y * (h - 2.0 * pad)
+                )
+            })
+            .collect();
+        format!(
+            "<rect x=\"{}\" y=\"{pad}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#999\"/>\n<polyline fill=\"none\" stroke=\"#c33\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\">max {:.3}</text>\n",
+            x0 + pad,
+            w - 2.0 * pad,
+            h - 2.0 * pad,
+            pts.join(" "),
+            x0 + pad + 4.0,
+            pad + 12.0,
+            max_y
+        )
+    };
+    if let Some(hist) = latency {
+        let points: Vec<(f64, f64)> = (0..=50)
+            .map(|i| {
+                let q = 1.0 - 10f64.powf(-(i as f64) / 10.0);
+                (
+                    (1.0 / (1.0 - q).max(1e-5)).log10(),
+                    hist.value_at_quantile(q.min(0.99999)) as f64 / 1000.0,
+                )
+            })
+            .collect();
+        out.push_str(&polyline(&points, 0.0));
+        out.push_str(&format!(
+            "<text x=\"{pad}\" y=\"{}\">latency ms by percentile (x: 0, 90, 99, 99.9, 99.99 ...)</text>\n",
+            h - 10.0
+        ));
+    }
+    let rate: Vec<(f64, f64)> = per_second
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as f64, *n as f64))
+        .collect();
+    if !rate.is_empty() {
+        out.push_str(&polyline(&rate, w));
+        out.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\">messages per second over time (s)</text>\n",
+            w + pad,
+            h - 10.0
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}

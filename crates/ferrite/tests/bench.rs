@@ -1,0 +1,122 @@
+//! `ferrite bench` against a real server: its counts match what moved and its histogram
+//! holds every message. Behaviour only; speed is for BENCHMARKS.md.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+
+fn bench(server: &Server, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .arg("bench")
+        .args(args)
+        .args(["--bootstrap-server", &server.addr, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_counts_bytes_and_latency_samples_match() {
+    let server = Server::start(&[]);
+    let p = bench(
+        &server,
+        &[
+            "produce",
+            "--topic",
+            "b",
+            "--count",
+            "20000",
+            "--message-size",
+            "200",
+            "--keys",
+            "random",
+            "--producers",
+            "2",
+        ],
+    );
+    assert_eq!(p["messages"], 20000);
+    assert_eq!(p["bytes"], 20000 * 200);
+    assert_eq!(
+        p["latency_samples"], 20000,
+        "every delivery is in the histogram"
+    );
+    for q in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+        assert!(p["latency_ms"][q].as_f64().unwrap() > 0.0, "{q}");
+    }
+    let c = bench(&server, &["consume", "--topic", "b"]);
+    assert_eq!(c["messages"], 20000);
+    assert_eq!(c["bytes"], 20000 * 200);
+    assert!(c["latency_ms"].is_null());
+    // The broker agrees on the count.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args([
+            "topic",
+            "describe",
+            "b",
+            "--json",
+            "--bootstrap-server",
+            &server.addr,
+        ])
+        .output()
+        .unwrap();
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stored: i64 = d["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["log_end_offset"].as_i64().unwrap())
+        .sum();
+    assert_eq!(stored, 20000);
+
+    // A fixed rate: latency from the schedule, every message counted.
+    let tmp = tempfile::tempdir().unwrap();
+    let svg = tmp.path().join("p.svg");
+    let r = bench(
+        &server,
+        &[
+            "produce",
+            "--topic",
+            "r",
+            "--count",
+            "600",
+            "--rate",
+            "600",
+            "--linger-ms",
+            "0",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r["latency_samples"], 600);
+    assert!(
+        r["seconds"].as_f64().unwrap() >= 0.9,
+        "600 msgs at 600/s take about a second"
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    // End to end.
+    let e = bench(
+        &server,
+        &[
+            "e2e",
+            "--topic",
+            "e",
+            "--count",
+            "500",
+            "--rate",
+            "500",
+            "--linger-ms",
+            "0",
+        ],
+    );
+    assert_eq!(e["messages"], 500);
+    assert_eq!(e["latency_samples"], 500);
+}
