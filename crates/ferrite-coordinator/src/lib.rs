@@ -402,6 +402,7 @@ impl GroupCoordinator {
                         now,
                         token,
                         version,
+                        &self.config,
                         &old,
                         new_id,
                         client,
@@ -510,8 +511,7 @@ impl GroupCoordinator {
                     protocols,
                     rebalance_timeout_ms,
                 );
-                let mut effects = Self::prepare_rebalance(group, now, &self.config);
-                effects.extend(Self::maybe_complete_join(group, now));
+                let effects = Self::rebalance(group, now, &self.config);
                 (Reply::Later, effects)
             }
         }
@@ -523,6 +523,7 @@ impl GroupCoordinator {
         now: i64,
         token: Token,
         version: i16,
+        config: &GroupConfig,
         old_id: &str,
         new_id: String,
         client: &ClientInfo,
@@ -578,8 +579,7 @@ impl GroupCoordinator {
         member.awaiting_join = Some(token);
         member.joined = true;
         group.members.insert(new_id, member);
-        effects.extend(Self::prepare_rebalance(group, now, &GroupConfig::default()));
-        effects.extend(Self::maybe_complete_join(group, now));
+        effects.extend(Self::rebalance(group, now, config));
         (Reply::Later, effects)
     }
 
@@ -617,8 +617,7 @@ impl GroupCoordinator {
                 synced: false,
             },
         );
-        let mut effects = Self::prepare_rebalance(group, now, config);
-        effects.extend(Self::maybe_complete_join(group, now));
+        let effects = Self::rebalance(group, now, config);
         (Reply::Later, effects)
     }
 
@@ -665,6 +664,13 @@ impl GroupCoordinator {
         }
         group.rebalance_deadline_ms = now + group.max_rebalance_timeout_ms();
         group.transition(GroupState::PreparingRebalance, now);
+        effects
+    }
+
+    /// Starts (or continues) a rebalance and completes it at once if nobody is missing.
+    fn rebalance(group: &mut Group, now: i64, config: &GroupConfig) -> Vec<Effect> {
+        let mut effects = Self::prepare_rebalance(group, now, config);
+        effects.extend(Self::maybe_complete_join(group, now));
         effects
     }
 
@@ -970,9 +976,7 @@ impl GroupCoordinator {
                     group.transition(GroupState::Empty, now);
                     vec![Effect::Persist(group.to_record())]
                 } else {
-                    let mut e = Self::prepare_rebalance(group, now, config);
-                    e.extend(Self::maybe_complete_join(group, now));
-                    e
+                    Self::rebalance(group, now, config)
                 }
             }
             GroupState::PreparingRebalance => Self::maybe_complete_join(group, now),
