@@ -26,6 +26,8 @@ use serde_json::json;
 
 /// Longest any bench run may take, whatever its flags say.
 const RUN_SECONDS_MAX: u64 = 3600;
+/// A consumer that receives nothing for this long stops with what it has.
+const CONSUME_IDLE: Duration = Duration::from_secs(10);
 /// Bytes at the start of each payload holding its send time (µs since the epoch).
 const STAMP_BYTES: usize = 8;
 /// Highest latency the histograms track (60 s, in µs).
@@ -65,6 +67,10 @@ struct Load {
     /// Seconds to run.
     #[arg(long)]
     duration: Option<u64>,
+    /// Overall bound in seconds: the run stops (and reports what it did) after this,
+    /// whatever --count says.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
     #[arg(long, default_value = "1")]
     acks: String,
     #[arg(long, default_value_t = 5)]
@@ -114,14 +120,31 @@ struct Delivery {
     first_error: Mutex<Option<String>>,
 }
 
+/// Messages that share one clock reading in throughput runs (the clock is a measurable
+/// part of the client's cost on a VM).
+const CLOCK_REUSE: u32 = 32;
+
+impl Delivery {
+    fn new() -> Result<Delivery> {
+        Ok(Delivery {
+            histogram: Mutex::new(histogram()?),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+        })
+    }
+}
+
 impl ClientContext for Delivery {}
 impl ProducerContext for Delivery {
-    /// The scheduled send time, µs since the epoch.
-    type DeliveryOpaque = Box<u64>;
-    fn delivery(&self, result: &DeliveryResult<'_>, due_us: Box<u64>) {
+    /// The scheduled send time, µs since the epoch (no allocation per message).
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, due_us: usize) {
         match result {
             Ok(_) => {
-                let latency = now_us().saturating_sub(*due_us).clamp(1, LATENCY_US_MAX);
+                let latency = now_us()
+                    .saturating_sub(due_us as u64)
+                    .clamp(1, LATENCY_US_MAX);
                 if let Ok(mut h) = self.histogram.lock() {
                     let _ = h.record(latency);
                 }
@@ -144,14 +167,15 @@ struct Progress {
 }
 
 impl Progress {
-    /// Reports the rate once a second (a bar on a terminal, lines otherwise) and keeps
-    /// the per-second counts for the plot.
+    /// Reports the rate once a second and keeps the per-second counts for the plot: a
+    /// live bar (drawn on stderr) when stdout is a terminal, plain lines on stderr
+    /// otherwise.
     fn start(label: &'static str, total: Option<u64>) -> Progress {
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (done.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = std::io::stdout().is_terminal().then(|| {
                 let b = match total {
                     Some(t) => indicatif::ProgressBar::new(t),
                     None => indicatif::ProgressBar::new_spinner(),
@@ -161,6 +185,7 @@ impl Progress {
                         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                 );
                 b.set_prefix(label);
+                b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 b
             });
             let mut per_second = Vec::new();
@@ -243,25 +268,60 @@ async fn ensure_topic(load: &Load) -> Result<i32> {
     Ok(load.partitions)
 }
 
-fn key_for(keys: &str, i: u64, rng: &mut u64) -> Result<Option<String>> {
-    Ok(match keys {
-        "none" => None,
-        "random" => {
-            // xorshift: cheap, and keys only need to spread.
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            Some(format!("{:016x}", *rng))
+/// How message keys are chosen (`--keys`).
+#[derive(Clone)]
+enum Keys {
+    None,
+    /// A fresh random 16-hex-digit key per message.
+    Random,
+    /// `key-0` .. `key-{N-1}` in turn.
+    Fixed(Arc<Vec<String>>),
+}
+
+impl Keys {
+    fn parse(s: &str) -> Result<Keys> {
+        Ok(match s {
+            "none" => Keys::None,
+            "random" => Keys::Random,
+            fixed => {
+                let n: usize = fixed
+                    .strip_prefix("fixed:")
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| (1..=10_000_000).contains(n))
+                    .ok_or_else(|| {
+                        anyhow!("--keys must be none, random or fixed:N (1 <= N <= 10000000)")
+                    })?;
+                Keys::Fixed(Arc::new((0..n).map(|i| format!("key-{i}")).collect()))
+            }
+        })
+    }
+}
+
+/// Cheap keys: xorshift for random ones (they only need to spread over partitions).
+struct KeyGen {
+    keys: Keys,
+    rng: u64,
+    buf: String,
+}
+
+impl KeyGen {
+    fn next(&mut self, i: u64) -> Option<&[u8]> {
+        match &self.keys {
+            Keys::None => None,
+            Keys::Random => {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.buf.clear();
+                use std::fmt::Write;
+                let _ = write!(self.buf, "{:016x}", self.rng);
+                Some(self.buf.as_bytes())
+            }
+            Keys::Fixed(keys) => keys
+                .get((i % keys.len().max(1) as u64) as usize)
+                .map(|k| k.as_bytes()),
         }
-        fixed => {
-            let n: u64 = fixed
-                .strip_prefix("fixed:")
-                .and_then(|n| n.parse().ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| anyhow!("--keys must be none, random or fixed:N"))?;
-            Some(format!("key-{}", i % n))
-        }
-    })
+    }
 }
 
 struct Outcome {
@@ -282,6 +342,7 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
     if load.message_size < STAMP_BYTES {
         bail!("--message-size must be at least {STAMP_BYTES} bytes");
     }
+    let keys = Keys::parse(&load.keys)?;
     let progress = Progress::start("produce", (total != u64::MAX).then_some(total));
     let producers = u64::from(load.producers.max(1));
     let started = Instant::now();
@@ -296,49 +357,63 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
             .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576");
-        let producer: BaseProducer<Delivery> = cfg.create_with_context(Delivery {
-            histogram: Mutex::new(histogram()?),
-            delivered: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            first_error: Mutex::new(None),
-        })?;
+        let producer: BaseProducer<Delivery> = cfg.create_with_context(Delivery::new()?)?;
         let share = total / producers + u64::from(id < total % producers);
         let rate = load.rate.map(|r| (r as f64 / producers as f64).max(1e-3));
-        let (topic, keys, size, done) = (
-            load.topic.clone(),
-            load.keys.clone(),
-            load.message_size,
-            progress.done.clone(),
-        );
+        let mut keys = KeyGen {
+            keys: keys.clone(),
+            rng: 0x9e37_79b9_7f4a_7c15u64 ^ (id + 1),
+            buf: String::with_capacity(16),
+        };
+        let (topic, size, done) = (load.topic.clone(), load.message_size, progress.done.clone());
         threads.push(std::thread::spawn(
             move || -> Result<(u64, Histogram<u64>)> {
                 let mut payload = vec![b'x'; size];
-                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (id + 1);
                 let t0 = Instant::now();
                 let t0_us = now_us();
                 let mut sent = 0u64;
-                while sent < share && Instant::now() < stop_at {
+                // Throughput runs read the clock once per CLOCK_REUSE messages (and
+                // after any wait): the enqueue time is then late by at most the time to
+                // enqueue that many messages, microseconds.
+                let mut clock_us = t0_us;
+                let mut clock_uses = u32::MAX;
+                while sent < share {
                     let due_us = match rate {
                         Some(r) => {
                             let due = Duration::from_secs_f64(sent as f64 / r);
-                            if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                            let elapsed = t0.elapsed();
+                            if t0 + elapsed >= stop_at {
+                                break;
+                            }
+                            if let Some(wait) = due.checked_sub(elapsed) {
+                                // Wait by polling, so that delivery reports are taken
+                                // (and timed) as they arrive.
+                                producer.poll(wait.min(Duration::from_millis(100)));
                                 if due > t0.elapsed() {
                                     continue;
                                 }
                             }
                             t0_us + due.as_micros() as u64
                         }
-                        None => now_us(),
+                        None => {
+                            if clock_uses >= CLOCK_REUSE {
+                                if Instant::now() >= stop_at {
+                                    break;
+                                }
+                                clock_us = now_us();
+                                clock_uses = 0;
+                            }
+                            clock_uses += 1;
+                            clock_us
+                        }
                     };
                     if let Some(stamp) = payload.get_mut(..STAMP_BYTES) {
                         stamp.copy_from_slice(&due_us.to_be_bytes());
                     }
-                    let key = key_for(&keys, sent, &mut rng)?;
                     let mut record =
-                        BaseRecord::with_opaque_to(&topic, Box::new(due_us)).payload(&payload[..]);
-                    if let Some(k) = &key {
-                        record = record.key(k.as_bytes());
+                        BaseRecord::with_opaque_to(&topic, due_us as usize).payload(&payload[..]);
+                    if let Some(k) = keys.next(sent) {
+                        record = record.key(k);
                     }
                     loop {
                         match producer.send(record) {
@@ -347,17 +422,34 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
                                 KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                                 r,
                             )) => {
+                                if Instant::now() >= stop_at {
+                                    bail!("producer queue still full at the time limit");
+                                }
                                 record = r;
                                 producer.poll(Duration::from_millis(1));
+                                clock_uses = u32::MAX;
                             }
                             Err((e, _)) => return Err(e.into()),
                         }
                     }
                     sent += 1;
-                    done.fetch_add(1, Ordering::Relaxed);
-                    producer.poll(Duration::ZERO);
+                    if rate.is_some() || sent.is_multiple_of(u64::from(CLOCK_REUSE)) {
+                        done.fetch_add(
+                            if rate.is_some() {
+                                1
+                            } else {
+                                u64::from(CLOCK_REUSE)
+                            },
+                            Ordering::Relaxed,
+                        );
+                        producer.poll(Duration::ZERO);
+                    }
                 }
-                producer.flush(Duration::from_secs(120))?;
+                if rate.is_none() {
+                    done.fetch_add(sent % u64::from(CLOCK_REUSE), Ordering::Relaxed);
+                }
+                let left = stop_at.saturating_duration_since(Instant::now());
+                producer.flush(left.max(Duration::from_secs(30)))?;
                 let ctx = producer.context();
                 if ctx.failed.load(Ordering::Relaxed) > 0 {
                     let first = ctx
@@ -400,15 +492,16 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
     })
 }
 
-/// Reads until `count` messages (or everything present at the start) or the deadline.
-/// With `e2e`, records the latency from each message's embedded send time.
-fn consume(
-    load: &Load,
-    partitions: i32,
-    stop_at: Instant,
-    from_end: bool,
-    target: Option<u64>,
-) -> Result<Outcome> {
+/// Where a bench consumer starts.
+enum Start {
+    /// Every partition from its first offset (`bench consume`).
+    Beginning,
+    /// These offsets, one per partition: the log ends taken before an e2e run starts
+    /// producing, so that no message of the run can be missed.
+    At(Vec<i64>),
+}
+
+fn consumer(load: &Load) -> Result<BaseConsumer> {
     let mut cfg = client(load);
     cfg.set("group.id", load.group.as_deref().unwrap_or("ferrite-bench"))
         .set(
@@ -419,60 +512,119 @@ fn consume(
                 "false"
             },
         )
-        .set(
-            "auto.offset.reset",
-            if from_end { "latest" } else { "earliest" },
-        )
+        .set("auto.offset.reset", "earliest")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760");
-    let consumer: BaseConsumer = cfg.create()?;
+    Ok(cfg.create()?)
+}
+
+/// The high watermark of every partition.
+fn log_ends(load: &Load, partitions: i32) -> Result<Vec<i64>> {
+    let c = consumer(load)?;
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = c.fetch_watermarks(&load.topic, p, Duration::from_secs(10))?;
+            Ok(high)
+        })
+        .collect()
+}
+
+/// Reads until `target` (else `--count`, else everything present at the start)
+/// messages (`target` may be lowered while running: e2e sets it to what was produced), the deadline, or `CONSUME_IDLE` without a message. With `Start::At` (e2e),
+/// records the latency from each message's embedded (scheduled) send time. Sends on
+/// `ready` once the partitions are assigned.
+fn consume(
+    load: &Load,
+    partitions: i32,
+    stop_at: Instant,
+    start: Start,
+    target: Option<Arc<AtomicU64>>,
+    ready: Option<std::sync::mpsc::Sender<()>>,
+) -> Result<Outcome> {
+    let consumer = consumer(load)?;
+    let e2e = matches!(start, Start::At(_));
     let mut available = 0u64;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(&load.topic, p, Duration::from_secs(10))?;
-        available += (high - low).max(0) as u64;
-    }
-    let goal = target.or(load.count).unwrap_or(available);
-    if load.group.is_some() {
-        consumer.subscribe(&[&load.topic])?;
-    } else {
-        let mut tpl = TopicPartitionList::new();
+    if target.is_none() && load.count.is_none() {
         for p in 0..partitions {
-            tpl.add_partition_offset(
-                &load.topic,
-                p,
-                if from_end {
-                    Offset::End
-                } else {
-                    Offset::Beginning
-                },
-            )?;
+            let (low, high) = consumer.fetch_watermarks(&load.topic, p, Duration::from_secs(10))?;
+            available += (high - low).max(0) as u64;
         }
-        consumer.assign(&tpl)?;
     }
-    let progress = Progress::start("consume", Some(goal));
-    let mut latency = if from_end { Some(histogram()?) } else { None };
+    let goal = target.unwrap_or_else(|| Arc::new(AtomicU64::new(load.count.unwrap_or(available))));
+    match (&load.group, &start) {
+        // A group member starts from the group's committed offsets (or the beginning).
+        (Some(_), Start::Beginning) => consumer.subscribe(&[&load.topic])?,
+        _ => {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                let offset = match &start {
+                    Start::Beginning => Offset::Beginning,
+                    Start::At(ends) => Offset::Offset(
+                        ends.get(p as usize)
+                            .copied()
+                            .ok_or_else(|| anyhow!("no log end for partition {p}"))?,
+                    ),
+                };
+                tpl.add_partition_offset(&load.topic, p, offset)?;
+            }
+            consumer.assign(&tpl)?;
+        }
+    }
+    let progress = Progress::start(
+        if e2e { "e2e" } else { "consume" },
+        Some(goal.load(Ordering::Relaxed)),
+    );
+    let mut latency = if e2e { Some(histogram()?) } else { None };
     let (mut messages, mut bytes) = (0u64, 0u64);
     let mut started: Option<Instant> = None;
-    while messages < goal && Instant::now() < stop_at {
-        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+    let mut idle_since: Option<Instant> = None;
+    let mut ready = ready;
+    // The clock is read only when a poll comes back empty, every 1024 messages, and
+    // (e2e) per message for its latency.
+    while messages < goal.load(Ordering::Relaxed) {
+        if messages.is_multiple_of(1024) && Instant::now() >= stop_at {
+            break;
+        }
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(());
+        }
+        let Some(m) = polled else {
+            let now = Instant::now();
+            if now >= stop_at {
+                break;
+            }
+            if now.duration_since(*idle_since.get_or_insert(now)) > CONSUME_IDLE {
+                eprintln!(
+                    "consume: nothing for {} s; stopping at {messages} of {} messages",
+                    CONSUME_IDLE.as_secs(),
+                    goal.load(Ordering::Relaxed)
+                );
+                break;
+            }
             continue;
         };
         let m = m.context("consume")?;
+        idle_since = None;
         let payload = m.payload().unwrap_or_default();
         started.get_or_insert_with(Instant::now);
         if let (Some(h), Some(stamp)) = (latency.as_mut(), payload.get(..STAMP_BYTES)) {
+            let received_us = now_us();
             let mut b = [0u8; STAMP_BYTES];
             b.copy_from_slice(stamp);
             let _ = h.record(
-                now_us()
+                received_us
                     .saturating_sub(u64::from_be_bytes(b))
                     .clamp(1, LATENCY_US_MAX),
             );
         }
         messages += 1;
         bytes += payload.len() as u64;
-        progress.done.fetch_add(1, Ordering::Relaxed);
+        if messages.is_multiple_of(64) {
+            progress.done.fetch_add(64, Ordering::Relaxed);
+        }
     }
+    progress.done.fetch_add(messages % 64, Ordering::Relaxed);
     let seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
     Ok(Outcome {
         messages,
@@ -492,36 +644,49 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let run_seconds = load
         .duration
         .unwrap_or(RUN_SECONDS_MAX)
+        .min(load.timeout)
         .min(RUN_SECONDS_MAX);
+    let deadline = Instant::now() + Duration::from_secs(load.timeout.min(RUN_SECONDS_MAX));
     let stop_at = Instant::now() + Duration::from_secs(run_seconds);
     let partitions = ensure_topic(&load).await?;
     let outcome = match kind {
         "produce" => produce(&load, stop_at)?,
-        "consume" => consume(&load, partitions, stop_at, false, None)?,
+        "consume" => consume(&load, partitions, stop_at, Start::Beginning, None, None)?,
         _ => {
-            if load.rate.is_none() {
+            let Some(rate) = load.rate else {
                 bail!("bench e2e needs --rate (messages per second)");
-            }
+            };
             let count = load
                 .count
-                .unwrap_or_else(|| load.rate.unwrap_or(1) * load.duration.unwrap_or(10));
+                .unwrap_or_else(|| rate.saturating_mul(load.duration.unwrap_or(10)));
+            // Start offsets are taken before anything is produced, and the producer
+            // starts only once the consumer has its assignment.
+            let ends = log_ends(&load, partitions)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let goal = Arc::new(AtomicU64::new(count));
+            let consumer_goal = goal.clone();
             let consumer_load = load.clone();
             let consumer = std::thread::spawn(move || {
                 consume(
                     &consumer_load,
                     partitions,
-                    stop_at + Duration::from_secs(30),
-                    true,
-                    Some(count),
+                    deadline,
+                    Start::At(ends),
+                    Some(consumer_goal),
+                    Some(tx),
                 )
             });
-            // Let the consumer get its assignment at the end of the log first.
-            std::thread::sleep(Duration::from_secs(2));
+            rx.recv_timeout(Duration::from_secs(30))
+                .map_err(|_| anyhow!("e2e: the consumer did not start"))?;
+            // Let it connect and issue its first fetches.
+            std::thread::sleep(Duration::from_millis(500));
             let producer_load = Load {
                 count: Some(count),
                 ..load.clone()
             };
             let produced = produce(&producer_load, stop_at)?;
+            // A --duration run may have produced less than planned.
+            goal.store(produced.messages, Ordering::Relaxed);
             let consumed = consumer
                 .join()
                 .map_err(|_| anyhow!("consumer thread panicked"))??;
@@ -557,7 +722,8 @@ fn report(kind: &str, load: &Load, o: &Outcome) -> Result<()> {
         "workload": kind, "topic": load.topic, "messages": o.messages, "bytes": o.bytes,
         "seconds": o.seconds, "msgs_per_sec": o.messages as f64 / secs, "mb_per_sec": o.bytes as f64 / 1e6 / secs,
         "latency_ms": latency.map(percentiles), "latency_samples": latency.map_or(0, |h| h.len()),
-        "message_size": load.message_size, "acks": load.acks, "rate": load.rate,
+        "message_size": if kind == "consume" { o.bytes.checked_div(o.messages) } else { Some(load.message_size as u64) },
+        "acks": load.acks, "rate": load.rate, "producers": load.producers,
     });
     if let Some(path) = &load.plot {
         std::fs::write(path, svg(kind, latency, &o.per_second))

@@ -95,7 +95,12 @@ fn bench_counts_bytes_and_latency_samples_match() {
             svg.to_str().unwrap(),
         ],
     );
+    assert_eq!(r["messages"], 600);
     assert_eq!(r["latency_samples"], 600);
+    for q in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+        assert!(r["latency_ms"][q].as_f64().unwrap() > 0.0, "{q}");
+    }
+    assert!(r["latency_ms"]["p50"].as_f64().unwrap() <= r["latency_ms"]["max"].as_f64().unwrap());
     assert!(
         r["seconds"].as_f64().unwrap() >= 0.9,
         "600 msgs at 600/s take about a second"
@@ -118,5 +123,71 @@ fn bench_counts_bytes_and_latency_samples_match() {
         ],
     );
     assert_eq!(e["messages"], 500);
+    assert_eq!(e["bytes"], 500 * 1024);
     assert_eq!(e["latency_samples"], 500);
+    assert!(e["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+}
+
+fn bench_fails(server: &Server, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .arg("bench")
+        .args(args)
+        .args(["--bootstrap-server", &server.addr, "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bench_group_keys_duration_and_bad_flags() {
+    let server = Server::start(&["group.initial.rebalance.delay.ms=0"]);
+    let p = bench(
+        &server,
+        &[
+            "produce",
+            "--topic",
+            "g",
+            "--partitions",
+            "3",
+            "--count",
+            "3000",
+            "--message-size",
+            "100",
+            "--keys",
+            "fixed:10",
+            "--acks",
+            "all",
+            "--compression",
+            "lz4",
+        ],
+    );
+    assert_eq!(p["messages"], 3000);
+    assert_eq!(p["latency_samples"], 3000);
+    // As a group member (subscribe), from the beginning.
+    let c = bench(&server, &["consume", "--topic", "g", "--group", "bench-g"]);
+    assert_eq!(c["messages"], 3000);
+    assert_eq!(c["bytes"], 3000 * 100);
+    // --duration bounds a run that --count alone would not.
+    let d = bench(
+        &server,
+        &[
+            "produce",
+            "--topic",
+            "d",
+            "--duration",
+            "1",
+            "--rate",
+            "200",
+            "--count",
+            "1000000",
+        ],
+    );
+    let n = d["messages"].as_u64().unwrap();
+    assert!((100..=300).contains(&n), "{n} messages in 1 s at 200/s");
+    assert_eq!(d["latency_samples"], n);
+    assert!(
+        bench_fails(&server, &["produce", "--topic", "x", "--keys", "some"]).contains("--keys")
+    );
+    assert!(bench_fails(&server, &["e2e", "--topic", "x", "--count", "10"]).contains("--rate"));
 }
