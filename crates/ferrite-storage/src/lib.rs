@@ -9,4 +9,6 @@ pub mod segment;
 
 pub use batch::{validate_batch, validate_producer_batch, BatchHeader, BatchIter};
 pub use error::{BatchError, StorageError};
-pub use log::{AppendInfo, CompactReport, LogConfig, OpenReport, PartitionLog, ReadPlan};
+pub use log::{
+    AppendInfo, CompactReport, FileRegion, LogConfig, OpenReport, PartitionLog, ReadPlan,
+};

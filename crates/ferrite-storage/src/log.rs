@@ -721,7 +721,106 @@ fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
     })
 }
 
+/// Where whole batches lie in one segment file: what a zero-copy fetch hands to
+/// `sendfile(2)`. The file handle keeps the bytes readable even if retention or
+/// compaction unlinks the segment meanwhile.
+#[derive(Debug, Clone)]
+pub struct FileRegion {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub position: u64,
+    pub len: u64,
+}
+
+impl FileRegion {
+    /// Copies the region into memory: the path for transports that cannot splice
+    /// (and for tests comparing both paths).
+    pub fn read(&self) -> Result<Bytes> {
+        let len = usize::try_from(self.len).map_err(|_| StorageError::Corruption {
+            path: self.path.clone(),
+            position: self.position,
+            reason: "region larger than memory".into(),
+        })?;
+        let mut buf = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut buf, self.position)
+            .map_err(|e| StorageError::io(&self.path, e))?;
+        Ok(Bytes::from(buf))
+    }
+}
+
+/// Bytes read at a time while walking batch headers to locate a region.
+const LOCATE_WINDOW_BYTES: usize = 8 * 1024;
+
 impl ReadPlan {
+    /// The same batches [`ReadPlan::read`] returns, located by reading only their
+    /// headers: nothing of the records is copied into user space.
+    pub fn locate(&self, max_bytes: usize, min_one_batch: bool) -> Result<Option<FileRegion>> {
+        let corrupt = |position: u64, reason: String| StorageError::Corruption {
+            path: self.path.clone(),
+            position,
+            reason,
+        };
+        let mut window = vec![0u8; LOCATE_WINDOW_BYTES];
+        let (mut window_at, mut window_len) = (0u64, 0usize);
+        let mut pos = self.start_position;
+        let mut first: Option<u64> = None;
+        let mut end = pos;
+        while pos < self.end_position {
+            if self.end_position - pos < HEADER_BYTES as u64 {
+                return Err(corrupt(
+                    pos,
+                    "partial batch header at the segment end".into(),
+                ));
+            }
+            let in_window =
+                pos >= window_at && pos + HEADER_BYTES as u64 <= window_at + window_len as u64;
+            if !in_window {
+                window_len = (self.end_position - pos).min(LOCATE_WINDOW_BYTES as u64) as usize;
+                let buf = window.get_mut(..window_len).unwrap_or_default();
+                self.file
+                    .read_exact_at(buf, pos)
+                    .map_err(|e| StorageError::io(&self.path, e))?;
+                window_at = pos;
+            }
+            let at = (pos - window_at) as usize;
+            let header = BatchHeader::parse(window.get(at..window_len).unwrap_or_default())
+                .map_err(|e| corrupt(pos, e.to_string()))?;
+            let total = header.total_bytes()? as u64;
+            if pos + total > self.end_position {
+                return Err(corrupt(pos, "batch runs past the segment".into()));
+            }
+            match first {
+                None if header.last_offset() < self.fetch_offset => {}
+                None => {
+                    if total > max_bytes as u64 && !min_one_batch {
+                        return Ok(None);
+                    }
+                    first = Some(pos);
+                    end = pos + total;
+                }
+                Some(start) => {
+                    if end + total - start > max_bytes as u64 {
+                        break;
+                    }
+                    end += total;
+                }
+            }
+            pos += total;
+            if let Some(start) = first {
+                if end - start >= max_bytes as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(first.map(|start| FileRegion {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            position: start,
+            len: end - start,
+        }))
+    }
+
     /// Copies whole batches starting with the one holding the plan's fetch offset, up to
     /// `max_bytes`; with `min_one_batch` the first batch is returned even when larger
     /// (Kafka's KIP-74 rule, so that a consumer can always make progress).
@@ -862,6 +961,41 @@ mod tests {
             .map(|b| b.unwrap().1)
             .flat_map(|h| h.base_offset..=h.last_offset())
             .collect()
+    }
+
+    /// Zero-copy fetch sends `locate`'s region; it must be exactly what `read` copies.
+    #[test]
+    fn locate_matches_read_for_every_offset_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..120 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let value = vec![b'v'; (rng % 700) as usize];
+            let records = 1 + (rng % 4) as i32;
+            log.append(&make_batch(records, 1000 + i, &value), 1, 0)
+                .unwrap();
+        }
+        let leo = log.log_end_offset();
+        for fetch_offset in 0..leo {
+            let plan = log.read_plan(fetch_offset).unwrap().unwrap();
+            for max_bytes in [0, 1, 61, 200, 700, 1500, 4096, usize::MAX] {
+                for min_one in [false, true] {
+                    let copied = plan.read(max_bytes, min_one).unwrap();
+                    let located = plan
+                        .locate(max_bytes, min_one)
+                        .unwrap()
+                        .map(|r| r.read().unwrap())
+                        .unwrap_or_default();
+                    assert_eq!(
+                        copied, located,
+                        "fetch_offset {fetch_offset} max_bytes {max_bytes} min_one {min_one}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
