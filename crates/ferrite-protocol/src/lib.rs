@@ -9,6 +9,11 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable};
 
+mod splice;
+pub use splice::{
+    encode_fetch_response_spliced, records_placeholder, FramePart, RECORDS_PLACEHOLDER_BYTES,
+};
+
 /// Bytes of the length prefix in front of every request and response.
 pub const FRAME_PREFIX_BYTES: usize = 4;
 /// Kafka's `socket.request.max.bytes` default.
