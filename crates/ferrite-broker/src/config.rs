@@ -10,6 +10,13 @@ use ferrite_storage::LogConfig;
 pub mod limits {
     /// Responses queued for one connection's writer before its reader stops reading.
     pub const CONNECTION_RESPONSES_QUEUED_MAX: usize = 32;
+    /// Requests of one connection being handled at once (pipelined reads such as
+    /// Fetch overlap; writes wait for everything before them). Further requests stay
+    /// unread in the socket: backpressure to the client.
+    pub const CONNECTION_REQUESTS_IN_FLIGHT_MAX: usize = 16;
+    /// Bytes one `sendfile` call may move, so that one large region does not hold the
+    /// writer for long.
+    pub const SENDFILE_CHUNK_BYTES_MAX: usize = 1024 * 1024;
     /// Open client connections; further connections wait in the accept backlog.
     pub const CONNECTIONS_MAX: usize = 10_000;
     /// Partitions one CreateTopics or CreatePartitions request may create per topic.
@@ -52,6 +59,9 @@ pub struct BrokerConfig {
     pub offsets_topic_segment_bytes: i64,
     /// `group.*` and `offsets.retention.minutes` settings of the group coordinator.
     pub group: ferrite_coordinator::GroupConfig,
+    /// `fetch.zero.copy.enable` (Ferrite's own): Fetch writes records from the segment
+    /// files with `sendfile` instead of copying them through memory.
+    pub fetch_zero_copy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +105,7 @@ impl Default for BrokerConfig {
             offsets_topic_num_partitions: 50,
             offsets_topic_segment_bytes: 100 * 1024 * 1024,
             group: ferrite_coordinator::GroupConfig::default(),
+            fetch_zero_copy: true,
         }
     }
 }
@@ -162,6 +173,7 @@ impl BrokerConfig {
                 );
             }
             "log.dirs" | "log.dir" => self.data_dir = PathBuf::from(value),
+            "fetch.zero.copy.enable" => self.fetch_zero_copy = parse_bool(key, value)?,
             "auto.create.topics.enable" => self.auto_create_topics_enable = parse_bool(key, value)?,
             "num.partitions" => self.num_partitions = parse_num(key, value, 1)?,
             "default.replication.factor" => {

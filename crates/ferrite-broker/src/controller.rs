@@ -133,6 +133,21 @@ pub fn create_topic_records(
             format!("topic `{name}` already exists"),
         ));
     }
+    // As Kafka: '.' and '_' map to the same metric names, so names differing only there
+    // collide.
+    let metric_name = |n: &str| n.replace('.', "_");
+    if let Some(other) = image
+        .topics()
+        .find(|t| metric_name(&t.name) == metric_name(name))
+    {
+        return Err(AdminError::new(
+            ResponseError::InvalidTopicException,
+            format!(
+                "topic `{name}` collides with existing topic `{}`",
+                other.name
+            ),
+        ));
+    }
     let brokers = [BrokerSlot {
         node_id: config.node_id,
         rack: config.rack.clone(),

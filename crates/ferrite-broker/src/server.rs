@@ -1,21 +1,31 @@
-//! Sockets: the accept loop and one task pair per connection.
+//! Sockets: the accept loop and, per connection, a reader, a request processor and a
+//! writer joined by bounded queues.
 //!
-//! Requests on one connection are handled one at a time, in order, as Kafka does: a
-//! client that pipelines produce requests relies on that for ordering. Reading the next
-//! request overlaps with writing the previous response, through a bounded queue.
+//! Pipelined requests are answered in the order they arrived. Reads that commute
+//! (Fetch, ListOffsets, Describe*, ...) are handled concurrently, up to
+//! `CONNECTION_REQUESTS_IN_FLIGHT_MAX`, so that one long-polling Fetch does not hold up
+//! the ones behind it. Every other request (Produce, admin, group changes) waits until
+//! everything before it has finished and finishes before anything after it starts, as
+//! in Kafka, where a client that pipelines produce requests relies on that ordering.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ferrite_protocol::{decode_request, frame_length, ProtocolError, FRAME_PREFIX_BYTES};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ferrite_protocol::{
+    decode_request, frame_length, FramePart, ProtocolError, Request, FRAME_PREFIX_BYTES,
+};
+use ferrite_storage::FileRegion;
+use futures::stream::{FuturesOrdered, StreamExt};
+use kafka_protocol::messages::ApiKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::config::limits;
-use crate::handlers;
+use crate::handlers::{self, Reply};
 use crate::Broker;
 
 /// Accepts connections until `shutdown` resolves.
@@ -73,40 +83,132 @@ enum ConnectionEnd {
     WriterGone,
 }
 
+/// A response on its way to the socket.
+enum Outgoing {
+    Frame(BytesMut),
+    /// A zero-copy Fetch: encoded pieces with file regions between them.
+    Spliced {
+        parts: Vec<FramePart>,
+        regions: Vec<FileRegion>,
+    },
+}
+
+/// A request frame read off the socket, holding its share of the request memory budget
+/// until it has been handled.
+struct Frame {
+    body: Bytes,
+    _memory: OwnedSemaphorePermit,
+}
+
 async fn serve_connection(
     broker: Arc<Broker>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
     request_memory: Arc<Semaphore>,
 ) -> Result<(), ConnectionEnd> {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<BytesMut>(limits::CONNECTION_RESPONSES_QUEUED_MAX);
-    let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
-            if let Err(e) = wr.write_all(&buf).await {
-                tracing::debug!(error = %e, "write failed");
-                return;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    let result = read_loop(&broker, &mut rd, &tx, peer, &request_memory).await;
-    drop(tx);
+    let (mut rd, wr) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(limits::CONNECTION_RESPONSES_QUEUED_MAX);
+    let writer = tokio::spawn(write_loop(wr, out_rx));
+    let (in_tx, in_rx) = mpsc::channel::<Frame>(limits::CONNECTION_REQUESTS_IN_FLIGHT_MAX);
+    let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
+    let request_bytes_max = broker.config.request_bytes_max;
+    let reader = async {
+        let result = tokio::select! {
+            r = read_loop(&mut rd, &in_tx, idle, request_bytes_max, request_memory) => r,
+            // The processor stopped (a request it could not decode): stop reading.
+            _ = in_tx.closed() => Ok(()),
+        };
+        drop(in_tx);
+        result
+    };
+    let processor = process_loop(&broker, in_rx, &out_tx, peer);
+    let (read_result, process_result) = tokio::join!(reader, processor);
+    drop(out_tx);
     let _ = writer.await;
-    match result {
+    match process_result.and(read_result) {
         Err(ConnectionEnd::Closed) => Ok(()),
         other => other,
     }
 }
 
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let written = match out {
+            Outgoing::Frame(buf) => wr.write_all(&buf).await,
+            Outgoing::Spliced { parts, regions } => write_spliced(&mut wr, parts, &regions).await,
+        };
+        if let Err(e) = written {
+            // A short region means the frame can no longer be completed: the connection
+            // ends and the client retries the fetch.
+            tracing::info!(error = %e, "write failed; closing the connection");
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn write_spliced(
+    wr: &mut OwnedWriteHalf,
+    parts: Vec<FramePart>,
+    regions: &[FileRegion],
+) -> std::io::Result<()> {
+    for part in parts {
+        match part {
+            FramePart::Bytes(b) => wr.write_all(&b).await?,
+            FramePart::Records { index, len } => {
+                let region = regions
+                    .get(index)
+                    .filter(|r| r.len == len)
+                    .ok_or_else(|| std::io::Error::other("spliced frame without its region"))?;
+                send_region(wr.as_ref(), region).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file region to the socket with `sendfile(2)`: the bytes go from the page
+/// cache to the socket without a copy through this process.
+async fn send_region(sock: &TcpStream, region: &FileRegion) -> std::io::Result<()> {
+    let mut offset = region.position;
+    let end = region.position.saturating_add(region.len);
+    while offset < end {
+        sock.writable().await?;
+        let count = usize::try_from(end - offset)
+            .unwrap_or(usize::MAX)
+            .min(limits::SENDFILE_CHUNK_BYTES_MAX);
+        let sent = sock.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(sock, &*region.file, Some(&mut offset), count)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{} ends before byte {} of a fetched region",
+                        region.path.display(),
+                        offset
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads request frames into `tx` until the client closes, goes idle or sends a frame
+/// that cannot be framed.
 async fn read_loop(
-    broker: &Arc<Broker>,
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    tx: &mpsc::Sender<BytesMut>,
-    peer: std::net::SocketAddr,
-    request_memory: &Semaphore,
+    rd: &mut OwnedReadHalf,
+    tx: &mpsc::Sender<Frame>,
+    idle: Duration,
+    request_bytes_max: usize,
+    request_memory: Arc<Semaphore>,
 ) -> Result<(), ConnectionEnd> {
-    let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
     loop {
         let mut prefix = [0u8; FRAME_PREFIX_BYTES];
         match tokio::time::timeout(idle, rd.read_exact(&mut prefix)).await {
@@ -117,13 +219,14 @@ async fn read_loop(
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
-        let len = frame_length(prefix, broker.config.request_bytes_max)?;
+        let len = frame_length(prefix, request_bytes_max)?;
         // Memory for request bodies is a broker-wide budget (Kafka's queued.max.request.bytes):
         // a client announcing a large frame waits here instead of growing the heap.
         let permits =
             u32::try_from(len.min(limits::REQUEST_BYTES_IN_FLIGHT_MAX)).unwrap_or(u32::MAX);
-        let _memory = request_memory
-            .acquire_many(permits)
+        let memory = request_memory
+            .clone()
+            .acquire_many_owned(permits)
             .await
             .map_err(|_| ConnectionEnd::WriterGone)?;
         let mut body = BytesMut::zeroed(len);
@@ -135,46 +238,146 @@ async fn read_loop(
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}
         }
-        let frame: Bytes = body.freeze();
-        let request = match decode_request(frame) {
-            Ok(r) => r,
-            Err(ProtocolError::UnsupportedVersion {
-                api_key: kafka_protocol::messages::ApiKey::ApiVersions,
-                correlation_id,
-                version,
-            }) => {
-                // KIP-511: answer with our versions so the client can retry with one we know.
-                tracing::info!(
-                    version,
-                    "ApiVersions version not supported; answering UNSUPPORTED_VERSION"
-                );
-                let resp = ferrite_protocol::unsupported_api_versions_response(correlation_id)?;
-                tx.send(resp).await.map_err(|_| ConnectionEnd::WriterGone)?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let frame = Frame {
+            body: body.freeze(),
+            _memory: memory,
         };
-        let api_key = request.api_key;
-        let version = request.version();
-        let correlation_id = request.header.correlation_id;
-        let span = tracing::info_span!(
-            "request",
-            api = ?api_key,
-            version,
-            correlation_id,
-            client_id = request.header.client_id.as_deref().unwrap_or(""),
-        );
-        let response = async {
-            tracing::trace!(request = ?request.body, "handling");
-            let response = handlers::handle(broker, request, peer).await;
-            tracing::trace!(?response, "handled");
-            response
-        }
-        .instrument(span)
-        .await;
-        if let Some(body) = response {
-            let buf = ferrite_protocol::encode_response(api_key, version, correlation_id, &body)?;
-            tx.send(buf).await.map_err(|_| ConnectionEnd::WriterGone)?;
+        if tx.send(frame).await.is_err() {
+            return Ok(());
         }
     }
+}
+
+/// Requests that only read state, so that running them concurrently with each other is
+/// the same as running them in order.
+fn commutes(api_key: ApiKey) -> bool {
+    matches!(
+        api_key,
+        ApiKey::Fetch
+            | ApiKey::ListOffsets
+            | ApiKey::ApiVersions
+            | ApiKey::DescribeConfigs
+            | ApiKey::DescribeCluster
+            | ApiKey::DescribeGroups
+            | ApiKey::ListGroups
+            | ApiKey::OffsetFetch
+            | ApiKey::FindCoordinator
+    )
+}
+
+type Handled<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<Outgoing>, ConnectionEnd>> + Send + 'a>,
+>;
+
+async fn process_loop(
+    broker: &Arc<Broker>,
+    mut rx: mpsc::Receiver<Frame>,
+    tx: &mpsc::Sender<Outgoing>,
+    peer: std::net::SocketAddr,
+) -> Result<(), ConnectionEnd> {
+    let mut in_flight: FuturesOrdered<Handled<'_>> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                send(tx, done?).await?;
+            }
+            frame = rx.recv(), if in_flight.len() < limits::CONNECTION_REQUESTS_IN_FLIGHT_MAX => {
+                let Some(frame) = frame else { break };
+                let request = match decode_request(frame.body.clone()) {
+                    Ok(r) => r,
+                    Err(ProtocolError::UnsupportedVersion {
+                        api_key: ApiKey::ApiVersions,
+                        correlation_id,
+                        version,
+                    }) => {
+                        // KIP-511: answer with our versions so the client can retry with one
+                        // we know.
+                        tracing::info!(
+                            version,
+                            "ApiVersions version not supported; answering UNSUPPORTED_VERSION"
+                        );
+                        let resp =
+                            ferrite_protocol::unsupported_api_versions_response(correlation_id)?;
+                        in_flight.push_back(Box::pin(async move { Ok(Some(Outgoing::Frame(resp))) }));
+                        continue;
+                    }
+                    Err(e) => {
+                        // Answer what came before, then close.
+                        while let Some(done) = in_flight.next().await {
+                            send(tx, done?).await?;
+                        }
+                        return Err(e.into());
+                    }
+                };
+                if commutes(request.api_key) {
+                    in_flight.push_back(Box::pin(handle(broker, request, peer, frame)));
+                } else {
+                    while let Some(done) = in_flight.next().await {
+                        send(tx, done?).await?;
+                    }
+                    send(tx, handle(broker, request, peer, frame).await?).await?;
+                }
+            }
+            else => break,
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        send(tx, done?).await?;
+    }
+    Ok(())
+}
+
+async fn send(tx: &mpsc::Sender<Outgoing>, out: Option<Outgoing>) -> Result<(), ConnectionEnd> {
+    match out {
+        Some(out) => tx.send(out).await.map_err(|_| ConnectionEnd::WriterGone),
+        None => Ok(()),
+    }
+}
+
+/// Handles one request in its span and encodes the answer.
+async fn handle(
+    broker: &Arc<Broker>,
+    request: Request,
+    peer: std::net::SocketAddr,
+    frame: Frame,
+) -> Result<Option<Outgoing>, ConnectionEnd> {
+    let api_key = request.api_key;
+    let version = request.version();
+    let correlation_id = request.header.correlation_id;
+    let span = tracing::info_span!(
+        "request",
+        api = ?api_key,
+        version,
+        correlation_id,
+        client_id = request.header.client_id.as_deref().unwrap_or(""),
+    );
+    let reply = async {
+        tracing::trace!(request = ?request.body, "handling");
+        let reply = handlers::handle(broker, request, peer).await;
+        // The request's bytes (produce records included) are no longer needed.
+        drop(frame);
+        reply
+    }
+    .instrument(span)
+    .await;
+    Ok(match reply {
+        None => None,
+        Some(Reply::Body(body)) => Some(Outgoing::Frame(ferrite_protocol::encode_response(
+            api_key,
+            version,
+            correlation_id,
+            &body,
+        )?)),
+        Some(Reply::SplicedFetch(body, regions)) => {
+            let lens: Vec<u64> = regions.iter().map(|r| r.len).collect();
+            let parts = ferrite_protocol::encode_fetch_response_spliced(
+                version,
+                correlation_id,
+                &body,
+                &lens,
+            )?;
+            Some(Outgoing::Spliced { parts, regions })
+        }
+    })
 }

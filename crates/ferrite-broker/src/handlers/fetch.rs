@@ -1,5 +1,10 @@
 //! Fetch: whole batches straight from the segment files, long-polled until `min_bytes`
 //! arrive or `max_wait_ms` passes. Woken by appends (watch channels), not by timers.
+//!
+//! With `fetch.zero.copy.enable` (the default) the records are not read at all here:
+//! each partition's batches are located by their headers and the response carries
+//! file regions that the connection writes with `sendfile`. Otherwise they are copied
+//! once into memory.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +22,7 @@ use crate::config::limits;
 use crate::error::storage_error_code;
 use crate::replica_manager::Partition;
 use crate::Broker;
+use ferrite_storage::FileRegion;
 
 struct Wanted {
     topic: TopicName,
@@ -24,7 +30,13 @@ struct Wanted {
     partitions: Vec<(FetchPartition, Option<Arc<Partition>>, i16)>,
 }
 
-pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> FetchResponse {
+/// The response, and the file regions its placeholders stand for (empty when copying).
+pub async fn handle(
+    broker: &Arc<Broker>,
+    req: FetchRequest,
+    version: i16,
+) -> (FetchResponse, Vec<FileRegion>) {
+    let zero_copy = broker.config.fetch_zero_copy;
     let image = broker.controller.image();
     // Resolve every requested partition once; v13+ names topics by id (KIP-516).
     let mut wanted = Vec::with_capacity(req.topics.len());
@@ -95,33 +107,46 @@ pub async fn handle(broker: &Arc<Broker>, req: FetchRequest, version: i16) -> Fe
         for w in &mut watchers {
             w.borrow_and_update();
         }
-        let (responses, bytes, errors) = read_all(&wanted, max_bytes, version);
+        let read = read_all(&wanted, max_bytes, version, zero_copy);
         let now = tokio::time::Instant::now();
-        if bytes >= min_bytes || errors || now >= deadline || watchers.is_empty() {
-            return FetchResponse::default()
-                .with_session_id(0)
-                .with_responses(responses);
+        if read.bytes >= min_bytes || read.errors || now >= deadline || watchers.is_empty() {
+            return read.into_response();
         }
         let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let (responses, _, _) = read_all(&wanted, max_bytes, version);
-            return FetchResponse::default()
-                .with_session_id(0)
-                .with_responses(responses);
+            return read_all(&wanted, max_bytes, version, zero_copy).into_response();
         }
     }
 }
 
-/// Reads every partition once. Returns the responses, the bytes of records in them, and
-/// whether any partition had an error (which ends the long poll, as in Kafka).
-fn read_all(
-    wanted: &[Wanted],
-    max_bytes: usize,
-    version: i16,
-) -> (Vec<FetchableTopicResponse>, usize, bool) {
+/// One pass over the requested partitions.
+struct Read {
+    responses: Vec<FetchableTopicResponse>,
+    /// File regions the responses' placeholders stand for (zero-copy only).
+    regions: Vec<FileRegion>,
+    /// Bytes of records in the responses.
+    bytes: usize,
+    /// Whether any partition had an error (which ends the long poll, as in Kafka).
+    errors: bool,
+}
+
+impl Read {
+    fn into_response(self) -> (FetchResponse, Vec<FileRegion>) {
+        (
+            FetchResponse::default()
+                .with_session_id(0)
+                .with_responses(self.responses),
+            self.regions,
+        )
+    }
+}
+
+/// Reads (or, zero-copy, locates) every partition's batches once.
+fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16, zero_copy: bool) -> Read {
     let mut remaining = max_bytes;
     let mut total = 0usize;
     let mut errors = false;
+    let mut regions = Vec::new();
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
         let mut partitions = Vec::with_capacity(w.partitions.len());
@@ -154,14 +179,32 @@ fn read_all(
             // the limits, so that a consumer can always make progress.
             let min_one = total == 0;
             let read = plan.and_then(|plan| match plan {
-                Some(plan) if limit > 0 || min_one => plan.read(limit, min_one),
-                _ => Ok(Bytes::new()),
+                Some(plan) if limit > 0 || min_one => {
+                    if zero_copy {
+                        plan.locate(limit, min_one).map(Records::Region)
+                    } else {
+                        plan.read(limit, min_one).map(Records::Copied)
+                    }
+                }
+                _ => Ok(Records::Copied(Bytes::new())),
             });
             match read {
-                Ok(bytes) => {
-                    total += bytes.len();
-                    remaining = remaining.saturating_sub(bytes.len());
-                    pd = pd.with_records(Some(bytes));
+                Ok(records) => {
+                    let (len, records) = match records {
+                        Records::Copied(bytes) => (bytes.len(), bytes),
+                        Records::Region(None) => (0, Bytes::new()),
+                        Records::Region(Some(region)) => {
+                            let placeholder = u32::try_from(regions.len())
+                                .map(ferrite_protocol::records_placeholder)
+                                .unwrap_or_default();
+                            let len = usize::try_from(region.len).unwrap_or(usize::MAX);
+                            regions.push(region);
+                            (len, placeholder)
+                        }
+                    };
+                    total = total.saturating_add(len);
+                    remaining = remaining.saturating_sub(len);
+                    pd = pd.with_records(Some(records));
                 }
                 Err(e) => {
                     errors = true;
@@ -180,7 +223,17 @@ fn read_all(
                 .with_partitions(partitions),
         );
     }
-    (out, total, errors)
+    Read {
+        responses: out,
+        regions,
+        bytes: total,
+        errors,
+    }
+}
+
+enum Records {
+    Copied(Bytes),
+    Region(Option<FileRegion>),
 }
 
 /// KIP-320 leader epoch fencing: -1 means the client did not say.

@@ -83,7 +83,13 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
                         Ok(next) => {
                             image = next;
                             if let Some(t) = image.topic(&name) {
-                                topics.push(topic_response(t));
+                                // As Kafka: the request that triggers the creation hears
+                                // LEADER_NOT_AVAILABLE and the client asks again.
+                                topics.push(error_topic(
+                                    Some(&name),
+                                    t.topic_id,
+                                    ResponseError::LeaderNotAvailable.code(),
+                                ));
                                 continue;
                             }
                         }

@@ -14,17 +14,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrite_protocol::Request;
+use ferrite_storage::FileRegion;
 use kafka_protocol::messages::{RequestKind, ResponseKind, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use crate::Broker;
 
+/// What a handler answers.
+pub enum Reply {
+    Body(ResponseKind),
+    /// A Fetch response whose records are still in segment files: the `i`-th region is
+    /// what `ferrite_protocol::records_placeholder(i)` stands for in the body. The
+    /// connection writes it with `sendfile` (zero-copy fetch).
+    SplicedFetch(ResponseKind, Vec<FileRegion>),
+}
+
 /// Handles one request. `None` means no response is sent (Produce with acks=0).
-pub async fn handle(
-    broker: &Arc<Broker>,
-    request: Request,
-    peer: SocketAddr,
-) -> Option<ResponseKind> {
+pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) -> Option<Reply> {
     let client_id = request
         .header
         .client_id
@@ -32,7 +38,7 @@ pub async fn handle(
         .map(|c| c.to_string())
         .unwrap_or_default();
     let version = request.version();
-    Some(match request.body {
+    Some(Reply::Body(match request.body {
         RequestKind::ApiVersions(_) => {
             ResponseKind::ApiVersions(ferrite_protocol::api_versions_body(0))
         }
@@ -43,9 +49,18 @@ pub async fn handle(
             ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
         }
         RequestKind::Produce(r) => {
-            return produce::handle(broker, r, version).map(ResponseKind::Produce)
+            return produce::handle(broker, r, version)
+                .map(|r| Reply::Body(ResponseKind::Produce(r)))
         }
-        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch::handle(broker, r, version).await),
+        RequestKind::Fetch(r) => {
+            let (body, regions) = fetch::handle(broker, r, version).await;
+            let body = ResponseKind::Fetch(body);
+            return Some(if regions.is_empty() {
+                Reply::Body(body)
+            } else {
+                Reply::SplicedFetch(body, regions)
+            });
+        }
         RequestKind::ListOffsets(r) => {
             ResponseKind::ListOffsets(list_offsets::handle(broker, r, version))
         }
@@ -102,7 +117,7 @@ pub async fn handle(
             tracing::error!(request = ?std::mem::discriminant(&other), "no handler for a supported API");
             return None;
         }
-    })
+    }))
 }
 
 pub(crate) fn topic_name(s: &str) -> TopicName {
