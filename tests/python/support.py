@@ -1,0 +1,174 @@
+"""Shared helpers: bounded waits, Kafka's murmur2, client factories, and an on-disk batch reader."""
+import glob
+import os
+import struct
+import time
+
+# Recent enough that default time retention (7 days) keeps records stamped with it, and
+# far enough in the past to be distinguishable from "now".
+BASE_TS = (int(time.time() * 1000) - 3_600_000) // 1000 * 1000
+
+CODEC_IDS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+
+
+def wait_until(what, predicate, timeout_s=60, interval_s=0.1):
+    """Polls predicate() until it returns something truthy (and returns that), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# --- Kafka's murmur2 (the Java client's Utils.murmur2), written from its description ------
+def murmur2(data: bytes) -> int:
+    """Signed 32-bit murmur2 with Kafka's seed 0x9747b28c."""
+    m, r = 0x5BD1E995, 24
+    length = len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    tail = length % 4
+    base = length - tail
+    if tail >= 3:
+        h ^= data[base + 2] << 16
+    if tail >= 2:
+        h ^= data[base + 1] << 8
+    if tail >= 1:
+        h ^= data[base]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The Java client's (and librdkafka's murmur2_random) partition for a non-null key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+MURMUR2_VECTORS = {
+    "21": -973932308,
+    "foobar": -790332482,
+    "a-little-bit-long-string": -985981536,
+    "a-little-bit-longer-string": -1486304829,
+    "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    "abc": 479470107,
+}
+
+
+# --- confluent-kafka ------------------------------------------------------------------------
+def ck_admin(b, **conf):
+    from confluent_kafka.admin import AdminClient
+    return AdminClient({"bootstrap.servers": b.addr, **conf})
+
+
+def ck_create(b, name, partitions=1, config=None, rf=1):
+    from confluent_kafka.admin import NewTopic
+    a = ck_admin(b)  # the client must outlive the future
+    fs = a.create_topics([NewTopic(name, partitions, rf, config=config or {})], operation_timeout=30,
+                         request_timeout=30)
+    fs[name].result(timeout=30)
+
+
+def ck_producer(b, **extra):
+    from confluent_kafka import Producer
+    conf = {"bootstrap.servers": b.addr, "enable.idempotence": False, "linger.ms": 5,
+            "message.timeout.ms": 30_000}
+    conf.update(extra)
+    return Producer(conf)
+
+
+def ck_consumer(b, **extra):
+    """A consumer for manual assign(): no commits, no group needed."""
+    from confluent_kafka import Consumer
+    conf = {"bootstrap.servers": b.addr, "group.id": "ferrite-tests", "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "auto.offset.reset": "earliest", "enable.partition.eof": False}
+    conf.update(extra)
+    return Consumer(conf)
+
+
+def ck_produce_all(p, topic, messages, timeout_s=120):
+    """messages: iterable of produce() kwargs. Returns [(err, partition, offset, kwargs)] in delivery order."""
+    results = []
+
+    def on_delivery(err, msg, kw):
+        results.append((err, msg.partition(), msg.offset(), kw))
+
+    deadline = time.monotonic() + timeout_s
+    for kw in messages:
+        # produce() takes no None timestamp/headers/partition: leave them out for the defaults.
+        kw = {k: v for k, v in kw.items() if v is not None or k in ("key", "value")}
+        while True:
+            try:
+                p.produce(topic, on_delivery=lambda err, msg, kw=kw: on_delivery(err, msg, kw), **kw)
+                break
+            except BufferError:
+                assert time.monotonic() < deadline, "producer queue stayed full"
+                p.poll(0.05)
+        p.poll(0)
+    left = p.flush(max(1.0, deadline - time.monotonic()))
+    assert left == 0, f"{left} messages still undelivered after {timeout_s}s"
+    return results
+
+
+def ck_consume(c, count, timeout_s=120, allow_errors=False):
+    """Consumes exactly `count` messages (fails on timeout or on a consumer error)."""
+    out = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count:
+        assert time.monotonic() < deadline, f"consumed only {len(out)} of {count} within {timeout_s}s"
+        for m in c.consume(num_messages=min(10_000, count - len(out)), timeout=0.5):
+            if m.error() is not None:
+                if allow_errors:
+                    continue
+                raise AssertionError(f"consumer error: {m.error()}")
+            out.append(m)
+    return out
+
+
+def ck_assert_nothing_more(c, wait_s=1.0):
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for m in c.consume(num_messages=100, timeout=0.2):
+            assert m.error() is not None, f"unexpected extra message at {m.partition()}/{m.offset()}"
+
+
+def watermarks(c, topic, partition=0):
+    from confluent_kafka import TopicPartition
+    return c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)
+
+
+# --- files on disk ---------------------------------------------------------------------------
+def segment_files(partition_dir, ext="log"):
+    return sorted(glob.glob(os.path.join(partition_dir, f"*.{ext}")))
+
+
+def read_batches(path):
+    """Record batch v2 headers in a .log file: [(base_offset, last_offset, attributes, record_count)].
+
+    Stops at the first incomplete batch (a torn tail)."""
+    out = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + 61 <= len(data):
+        base_offset, batch_len = struct.unpack_from(">qi", data, pos)
+        if batch_len < 49 or pos + 12 + batch_len > len(data):
+            break
+        magic = data[pos + 16]
+        assert magic == 2, f"{path}@{pos}: magic {magic}"
+        attributes, last_delta = struct.unpack_from(">hi", data, pos + 21)
+        (count,) = struct.unpack_from(">i", data, pos + 57)
+        out.append((base_offset, base_offset + last_delta, attributes, count))
+        pos += 12 + batch_len
+    return out
