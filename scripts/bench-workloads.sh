@@ -3,6 +3,7 @@
 # workload starts a fresh broker in a temporary directory (stopped by PID) and prints
 # the bench JSON plus the broker's CPU seconds and peak RSS from /proc.
 #   bash scripts/bench-workloads.sh [W1 W2 W3 W4 W6]
+# Extra broker settings: BENCH_SERVER_SET="fetch.zero.copy.enable=false" (space-separated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$PWD/target/release/ferrite
@@ -14,7 +15,8 @@ trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 start() {
   rm -rf "$work/data" "$work/out"
   local t0; t0=$(date +%s%N)
-  "$bin" server --listen 127.0.0.1:0 --data-dir "$work/data" --log-level warn "$@" > "$work/out" 2>/dev/null &
+  local set=(); for kv in ${BENCH_SERVER_SET:-}; do set+=(--set "$kv"); done
+  "$bin" server --listen 127.0.0.1:0 --data-dir "$work/data" --log-level warn "${set[@]}" "$@" > "$work/out" 2>/dev/null &
   pid=$!
   for _ in $(seq 1 600); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.005; done
   ready_ms=$(( ($(date +%s%N) - t0) / 1000000 ))

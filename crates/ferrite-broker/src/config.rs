@@ -14,6 +14,10 @@ pub mod limits {
     /// Fetch overlap; writes wait for everything before them). Further requests stay
     /// unread in the socket: backpressure to the client.
     pub const CONNECTION_REQUESTS_IN_FLIGHT_MAX: usize = 16;
+    /// Record bytes below which a Fetch response is copied even with zero-copy on: for
+    /// small responses the spliced frame's extra writes cost more latency than the copy
+    /// (measured: end-to-end p90 0.2 ms copied against 2 ms spliced at 1 KiB batches).
+    pub const FETCH_ZERO_COPY_BYTES_MIN: usize = 64 * 1024;
     /// Bytes one `sendfile` call may move, so that one large region does not hold the
     /// writer for long.
     pub const SENDFILE_CHUNK_BYTES_MAX: usize = 1024 * 1024;

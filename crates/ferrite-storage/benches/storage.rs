@@ -176,6 +176,19 @@ fn read(c: &mut Criterion) {
             black_box(bytes)
         })
     });
+    // The zero-copy fetch path: the same 1 MiB located by batch headers only.
+    let mut offset = 0i64;
+    g.bench_function("read_plan_locate_1MiB_sequential", |b| {
+        b.iter(|| {
+            let plan = log.read_plan(offset).unwrap().unwrap();
+            let region = plan.locate(read_bytes, true).unwrap().unwrap();
+            offset += (region.len as usize / BATCH_BYTES) as i64 * 16;
+            if offset >= end {
+                offset = 0;
+            }
+            black_box(region)
+        })
+    });
     // Random offsets: the index lookup finds the batch, then one batch is read.
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     g.throughput(Throughput::Elements(1));
