@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$PWD/target/release/ferrite
+# The broker binary may differ from the client one, to compare brokers under one client.
+server_bin=${BENCH_SERVER_BIN:-$bin}
 [ -x "$bin" ] || cargo build --release -p ferrite >/dev/null
 work=$(mktemp -d)
 pid=
@@ -16,7 +18,7 @@ start() {
   rm -rf "$work/data" "$work/out"
   local t0; t0=$(date +%s%N)
   local set=(); for kv in ${BENCH_SERVER_SET:-}; do set+=(--set "$kv"); done
-  "$bin" server --listen 127.0.0.1:0 --data-dir "$work/data" --log-level warn "${set[@]}" "$@" > "$work/out" 2>/dev/null &
+  "$server_bin" server --listen 127.0.0.1:0 --data-dir "$work/data" --log-level warn "${set[@]}" "$@" > "$work/out" 2>/dev/null &
   pid=$!
   for _ in $(seq 1 600); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.005; done
   ready_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
@@ -25,7 +27,7 @@ start() {
 restart() {
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local t0; t0=$(date +%s%N)
-  "$bin" server --listen "$addr" --data-dir "$work/data" --log-level warn > "$work/out" 2>/dev/null &
+  "$server_bin" server --listen "$addr" --data-dir "$work/data" --log-level warn > "$work/out" 2>/dev/null &
   pid=$!
   for _ in $(seq 1 6000); do grep -q "listening on" "$work/out" 2>/dev/null && break; sleep 0.005; done
   ready_ms=$(( ($(date +%s%N) - t0) / 1000000 ))

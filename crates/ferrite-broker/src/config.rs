@@ -14,6 +14,9 @@ pub mod limits {
     /// Fetch overlap; writes wait for everything before them). Further requests stay
     /// unread in the socket: backpressure to the client.
     pub const CONNECTION_REQUESTS_IN_FLIGHT_MAX: usize = 16;
+    /// Bytes read from a connection at a time while no frame length is known yet (a
+    /// frame's body is then read up to its announced length, no further).
+    pub const CONNECTION_READ_BYTES: usize = 64 * 1024;
     /// Record bytes below which a Fetch response is copied even with zero-copy on: for
     /// small responses the spliced frame's extra writes cost more latency than the copy
     /// (measured: end-to-end p90 0.2 ms copied against 2 ms spliced at 1 KiB batches).
