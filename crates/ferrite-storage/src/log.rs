@@ -766,6 +766,7 @@ impl ReadPlan {
         let mut pos = self.start_position;
         let mut first: Option<u64> = None;
         let mut end = pos;
+        let mut last_batch_bytes = 0u64;
         while pos < self.end_position {
             if self.end_position - pos < HEADER_BYTES as u64 {
                 return Err(corrupt(
@@ -776,7 +777,14 @@ impl ReadPlan {
             let in_window =
                 pos >= window_at && pos + HEADER_BYTES as u64 <= window_at + window_len as u64;
             if !in_window {
-                window_len = (self.end_position - pos).min(LOCATE_WINDOW_BYTES as u64) as usize;
+                // After a large batch the next header is far away: read just the header
+                // rather than a window of record bytes that will be skipped.
+                let read_bytes = if last_batch_bytes > LOCATE_WINDOW_BYTES as u64 / 2 {
+                    HEADER_BYTES
+                } else {
+                    LOCATE_WINDOW_BYTES
+                };
+                window_len = (self.end_position - pos).min(read_bytes as u64) as usize;
                 let buf = window.get_mut(..window_len).unwrap_or_default();
                 self.file
                     .read_exact_at(buf, pos)
@@ -790,6 +798,7 @@ impl ReadPlan {
             if pos + total > self.end_position {
                 return Err(corrupt(pos, "batch runs past the segment".into()));
             }
+            last_batch_bytes = total;
             match first {
                 None if header.last_offset() < self.fetch_offset => {}
                 None => {
@@ -967,13 +976,20 @@ mod tests {
     #[test]
     fn locate_matches_read_for_every_offset_and_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        let config = LogConfig {
+            segment_bytes: 64 * 1024,
+            ..cfg()
+        };
+        let (mut log, _) = PartitionLog::open(dir.path(), config, true).unwrap();
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         for i in 0..120 {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            let value = vec![b'v'; (rng % 700) as usize];
+            // Mostly small batches (several headers per locate window), some larger than
+            // half a window (header-only reads).
+            let size = if rng % 5 == 0 { rng % 9000 } else { rng % 700 };
+            let value = vec![b'v'; size as usize];
             let records = 1 + (rng % 4) as i32;
             log.append(&make_batch(records, 1000 + i, &value), 1, 0)
                 .unwrap();
@@ -981,7 +997,7 @@ mod tests {
         let leo = log.log_end_offset();
         for fetch_offset in 0..leo {
             let plan = log.read_plan(fetch_offset).unwrap().unwrap();
-            for max_bytes in [0, 1, 61, 200, 700, 1500, 4096, usize::MAX] {
+            for max_bytes in [0, 1, 61, 200, 700, 1500, 4096, 20_000, usize::MAX] {
                 for min_one in [false, true] {
                     let copied = plan.read(max_bytes, min_one).unwrap();
                     let located = plan
