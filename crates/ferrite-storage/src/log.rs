@@ -988,7 +988,11 @@ mod tests {
             rng ^= rng << 17;
             // Mostly small batches (several headers per locate window), some larger than
             // half a window (header-only reads).
-            let size = if rng.is_multiple_of(5) { rng % 9000 } else { rng % 700 };
+            let size = if rng.is_multiple_of(5) {
+                rng % 9000
+            } else {
+                rng % 700
+            };
             let value = vec![b'v'; size as usize];
             let records = 1 + (rng % 4) as i32;
             log.append(&make_batch(records, 1000 + i, &value), 1, 0)
