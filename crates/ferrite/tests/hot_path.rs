@@ -314,8 +314,10 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Broker memory a fast producer may cause, well under what it sends.
-const PRODUCE_RSS_BYTES_MAX: u64 = 160 * 1024 * 1024;
+/// Broker memory a fast producer may cause, well under what it sends. librdkafka keeps
+/// up to 1,000,000 requests in flight per connection by default, so only the broker's
+/// own bounds (one frame read ahead, in-flight limit, request memory budget) hold this.
+const PRODUCE_RSS_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// Producers that outrun the disk (every append fsynced) see their requests wait in the
 /// socket; the broker's RSS stays bounded while several times that bound goes through.
