@@ -730,3 +730,110 @@ async fn malformed_batches_are_corrupt_message_and_append_nothing() {
         "nothing appended"
     );
 }
+
+fn push_varint(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+/// A zstd batch of a few KiB holding one record whose value is 1 GiB of zeros (a
+/// "compression bomb"): the broker stores it (it never decompresses on produce), and a
+/// ListOffsets by timestamp, the one path that decodes a batch, stays within a bounded
+/// amount of memory and still answers (with the batch's base offset, as Kafka's index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_bomb_does_not_blow_up_list_offsets() {
+    use ferrite_protocol::kafka_protocol::messages::list_offsets_request::{
+        ListOffsetsPartition, ListOffsetsTopic,
+    };
+    use ferrite_protocol::kafka_protocol::messages::produce_request::{
+        PartitionProduceData, TopicProduceData,
+    };
+    use ferrite_protocol::kafka_protocol::messages::{
+        ApiKey, BrokerId, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest, ProduceResponse,
+        TopicName,
+    };
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    use std::io::Write as _;
+
+    let value_bytes: i64 = 1 << 30;
+    let timestamp = 1_700_000_000_000i64;
+    // The record: attributes, timestamp delta, offset delta, null key, value, no headers.
+    let mut head = vec![0u8];
+    push_varint(&mut head, 0);
+    push_varint(&mut head, 0);
+    push_varint(&mut head, -1);
+    push_varint(&mut head, value_bytes);
+    let mut record_len = Vec::new();
+    push_varint(&mut record_len, head.len() as i64 + value_bytes + 1);
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    enc.write_all(&record_len).unwrap();
+    enc.write_all(&head).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(value_bytes >> 20) {
+        enc.write_all(&zeros).unwrap();
+    }
+    enc.write_all(&[0]).unwrap(); // header count 0
+    let compressed = enc.finish().unwrap();
+    assert!(compressed.len() < 1 << 20, "{} bytes", compressed.len());
+
+    // The v2 batch header around it; CRC-32C covers attributes onwards.
+    let mut after_crc = Vec::new();
+    after_crc.extend_from_slice(&4i16.to_be_bytes()); // attributes: zstd
+    after_crc.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    after_crc.extend_from_slice(&timestamp.to_be_bytes());
+    after_crc.extend_from_slice(&timestamp.to_be_bytes());
+    after_crc.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
+    after_crc.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
+    after_crc.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    after_crc.extend_from_slice(&1i32.to_be_bytes()); // record count
+    after_crc.extend_from_slice(&compressed);
+    let mut batch = Vec::new();
+    batch.extend_from_slice(&0i64.to_be_bytes());
+    batch.extend_from_slice(&((4 + 1 + 4 + after_crc.len()) as i32).to_be_bytes());
+    batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend_from_slice(&crc32c::crc32c(&after_crc).to_be_bytes());
+    batch.extend_from_slice(&after_crc);
+
+    let server = Server::start(&[]);
+    server.create_topic("bomb", 1, &[]).await;
+    let produce = ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_static_str("bomb")))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(batch.into()))])]);
+    let resp: ProduceResponse = common::raw(&server.addr, ApiKey::Produce, 9, &produce);
+    assert_eq!(resp.responses[0].partition_responses[0].error_code, 0);
+
+    let list = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(StrBytes::from_static_str("bomb")))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(0)
+                .with_timestamp(timestamp)])]);
+    let resp: ListOffsetsResponse = common::raw(&server.addr, ApiKey::ListOffsets, 7, &list);
+    let p = &resp.topics[0].partitions[0];
+    assert_eq!((p.error_code, p.offset), (0, 0));
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    println!("broker peak RSS {} MiB", peak_kib >> 10);
+    assert!(
+        peak_kib < 256 * 1024,
+        "broker peak RSS {} MiB decoding a 1 GiB bomb",
+        peak_kib >> 10
+    );
+}

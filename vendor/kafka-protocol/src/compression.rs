@@ -7,6 +7,23 @@ use crate::protocol::buf::{ByteBuf, ByteBufMut};
 use anyhow::Result;
 
 #[cfg(feature = "gzip")]
+/// Ferrite patch: the most bytes one batch may decompress to. Without a bound, a small
+/// crafted batch (a "compression bomb") made the decoder allocate without limit.
+pub const DECOMPRESSED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Ferrite patch: reads `r` to the end, failing once it yields more than
+/// [`DECOMPRESSED_BYTES_MAX`] bytes.
+#[allow(dead_code)]
+pub(crate) fn read_bounded<R: std::io::Read>(r: R) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    r.take(DECOMPRESSED_BYTES_MAX as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > DECOMPRESSED_BYTES_MAX {
+        anyhow::bail!("batch decompresses to more than {DECOMPRESSED_BYTES_MAX} bytes");
+    }
+    Ok(out)
+}
+
 mod gzip;
 #[cfg(feature = "lz4")]
 mod lz4;

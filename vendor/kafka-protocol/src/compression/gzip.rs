@@ -39,14 +39,12 @@ impl<B: ByteBuf> Decompressor<B> for Gzip {
     where
         F: FnOnce(&mut Self::Buf) -> Result<R>,
     {
-        let mut tmp = BytesMut::new();
-
-        // Decompress directly from the input buffer
-        let mut d = GzDecoder::new((&mut tmp).writer());
-        d.write_all(&buf.copy_to_bytes(buf.remaining()))
+        use bytes::Buf;
+        // Ferrite patch: bounded output (see `DECOMPRESSED_BYTES_MAX`).
+        let compressed = buf.copy_to_bytes(buf.remaining());
+        let tmp = super::read_bounded(flate2::read::GzDecoder::new(compressed.reader()))
             .context("Failed to decompress gzip")?;
-        d.finish().context("Failed to decompress gzip")?;
 
-        f(&mut tmp.into())
+        f(&mut BytesMut::from(&tmp[..]).into())
     }
 }
