@@ -303,17 +303,6 @@ impl Pipeline {
     }
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// Broker memory a fast producer may cause, well under what it sends. librdkafka keeps
 /// up to 1,000,000 requests in flight per connection by default, so only the broker's
 /// own bounds (one frame read ahead, in-flight limit, request memory budget) hold this.
@@ -369,7 +358,7 @@ async fn fast_producers_meet_backpressure_not_broker_memory_growth() {
         let mut peak = 0u64;
         while handles.iter().any(|h| !h.is_finished()) {
             assert!(Instant::now() < deadline, "produce did not finish in time");
-            peak = peak.max(rss_bytes(pid));
+            peak = peak.max(common::proc_status_bytes(pid, "VmRSS"));
             std::thread::sleep(Duration::from_millis(50));
         }
         for h in handles {

@@ -823,13 +823,7 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
     let p = &resp.topics[0].partitions[0];
     assert_eq!((p.error_code, p.offset), (0, 0));
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let peak_kib = common::proc_status_bytes(server.pid(), "VmHWM") >> 10;
     println!("broker peak RSS {} MiB", peak_kib >> 10);
     assert!(
         peak_kib < 256 * 1024,

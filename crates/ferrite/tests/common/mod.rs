@@ -220,3 +220,15 @@ pub fn raw<Req: kafka_protocol::protocol::Encodable, Resp: kafka_protocol::proto
     assert_eq!(resp.remaining(), 0);
     out
 }
+
+/// A `/proc/<pid>/status` memory figure (`VmRSS`, `VmHWM`, ...) in bytes.
+pub fn proc_status_bytes(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"));
+    kib * 1024
+}
