@@ -156,4 +156,8 @@ def test_describe_cluster_and_configs(broker):
     assert entries["retention.ms"] == "5000"
     # AlterConfigs replaces the whole set: retention.bytes is back to its default.
     assert entries["retention.bytes"] == "-1"
+    # Broker configs, read-only, include the fetch path's mode (zero-copy by default).
+    res = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, "0")])
+    entries = {c[0]: (c[1], c[2]) for c in res[0].resources[0][4]}
+    assert entries["fetch.zero.copy.enable"] == ("true", True)
     admin.close()

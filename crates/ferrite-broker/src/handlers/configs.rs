@@ -127,6 +127,7 @@ pub fn describe(
                             "message.max.bytes",
                             c.log_defaults.max_message_bytes.to_string(),
                         ),
+                        ("fetch.zero.copy.enable", c.fetch_zero_copy.to_string()),
                     ];
                     let configs = pairs
                         .into_iter()
