@@ -330,3 +330,37 @@ def test_create_partitions_replication_and_delete(broker):
     a.delete_topics(["life"], operation_timeout=30)["life"].result(timeout=30)
     broker.restart()
     assert "life" not in topics(ck_admin(broker))
+
+
+def test_metadata_auto_creation_answers_leader_not_available_first(broker):
+    """As Kafka: the Metadata request that creates a topic hears LEADER_NOT_AVAILABLE (5),
+    the next one sees the topic (num.partitions=1); without allow_auto_topic_creation the
+    answer is UNKNOWN_TOPIC_OR_PARTITION (3) and nothing is created. Sent with
+    kafka-python's protocol client (librdkafka retries the first answer away)."""
+    from kafka import KafkaClient
+    from kafka.protocol.metadata import MetadataRequest
+
+    client = KafkaClient(bootstrap_servers=broker.addr)
+    try:
+        def connected():
+            n = client.least_loaded_node()
+            if n is not None and client.ready(n):
+                return (n,)  # node 0 is falsy
+            client.poll(timeout_ms=100)
+            return None
+
+        (node,) = wait_until("a broker connection", connected, timeout_s=20)
+
+        def topic_error(name, auto):
+            future = client.send(node, MetadataRequest[4](topics=[name], allow_auto_topic_creation=auto))
+            client.poll(future=future, timeout_ms=10_000)
+            assert future.succeeded(), future.exception
+            (t,) = [t for t in future.value.topics if t[1] == name]
+            return t[0], len(t[3])
+
+        assert topic_error("not-asked", False) == (3, 0)
+        assert topic_error("fresh", True) == (5, 0)
+        assert topic_error("fresh", True) == (0, 1)
+        assert topic_error("not-asked", False) == (3, 0)
+    finally:
+        client.close()

@@ -591,15 +591,13 @@ impl PartitionLog {
             let Some(seg) = self.segments.get(&base) else {
                 continue;
             };
-            let size = usize::try_from(seg.size).map_err(|_| StorageError::Corruption {
+            let raw = FileRegion {
+                file: seg.file.clone(),
                 path: seg.log_path.clone(),
-                position: seg.size,
-                reason: "segment larger than memory".into(),
-            })?;
-            let mut raw = vec![0u8; size];
-            seg.file
-                .read_exact_at(&mut raw, 0)
-                .map_err(|e| StorageError::io(&seg.log_path, e))?;
+                position: 0,
+                len: seg.size,
+            }
+            .read()?;
             let mut kept = Vec::with_capacity(raw.len());
             for item in BatchIter::new(&raw) {
                 let (at, _, batch) = item.map_err(|e| StorageError::Corruption {

@@ -8,13 +8,18 @@ use std::process::Command;
 
 use common::Server;
 
-fn bench(server: &Server, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+/// Runs `ferrite bench ARGS --bootstrap-server .. --json`.
+fn run_bench(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrite"))
         .arg("bench")
         .args(args)
         .args(["--bootstrap-server", &server.addr, "--json"])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn bench(server: &Server, args: &[&str]) -> serde_json::Value {
+    let out = run_bench(server, args);
     assert!(
         out.status.success(),
         "{}",
@@ -129,12 +134,7 @@ fn bench_counts_bytes_and_latency_samples_match() {
 }
 
 fn bench_fails(server: &Server, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
-        .arg("bench")
-        .args(args)
-        .args(["--bootstrap-server", &server.addr, "--json"])
-        .output()
-        .unwrap();
+    let out = run_bench(server, args);
     assert!(!out.status.success(), "{args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

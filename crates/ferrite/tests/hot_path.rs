@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use common::{Server, OP_TIMEOUT};
 use ferrite_protocol::kafka_protocol;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
@@ -18,38 +18,14 @@ use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListO
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, CreateTopicsRequest, FetchRequest, FetchResponse,
-    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, RequestHeader,
-    ResponseHeader, TopicName,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ResponseHeader,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 fn topic_name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_string()))
-}
-
-fn encode<Req: Encodable>(key: ApiKey, version: i16, correlation_id: i32, body: &Req) -> BytesMut {
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("hot-path-test")))
-        .encode(&mut buf, key.request_header_version(version))
-        .unwrap();
-    body.encode(&mut buf, version).unwrap();
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf
-}
-
-fn read_frame(s: &mut TcpStream) -> Bytes {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut frame = vec![0u8; i32::from_be_bytes(len) as usize];
-    s.read_exact(&mut frame).unwrap();
-    Bytes::from(frame)
 }
 
 fn connect(addr: &str) -> TcpStream {
@@ -162,9 +138,14 @@ async fn zero_copy_fetch_returns_the_bytes_the_copying_path_returns() {
             .enumerate()
             .map(|(i, (version, offset, max))| {
                 let req = fetch_request(topic, topic_id, 3, *offset, *max);
-                s.write_all(&encode(ApiKey::Fetch, *version, i as i32, &req))
-                    .unwrap();
-                read_frame(&mut s)
+                s.write_all(&common::encode_request(
+                    ApiKey::Fetch,
+                    *version,
+                    i as i32,
+                    &req,
+                ))
+                .unwrap();
+                common::read_frame(&mut s)
             })
             .collect()
     };
@@ -255,7 +236,7 @@ async fn pipelined_requests_are_answered_in_order() {
     s.write_all(&out).unwrap();
 
     for (i, (key, version)) in expected.iter().enumerate() {
-        let (correlation_id, mut body) = header(read_frame(&mut s), *key, *version);
+        let (correlation_id, mut body) = header(common::read_frame(&mut s), *key, *version);
         assert_eq!(
             correlation_id, i as i32,
             "answers come back in request order"
@@ -298,7 +279,7 @@ impl Pipeline {
     fn push<Req: Encodable>(&mut self, key: ApiKey, version: i16, body: &Req) {
         let correlation_id = self.expected.len() as i32;
         self.out
-            .extend_from_slice(&encode(key, version, correlation_id, body));
+            .extend_from_slice(&common::encode_request(key, version, correlation_id, body));
         self.expected.push((key, version));
     }
 }

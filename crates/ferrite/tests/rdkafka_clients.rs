@@ -691,27 +691,9 @@ fn start_up_failures_are_one_clear_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_batches_are_corrupt_message_and_append_nothing() {
-    use ferrite_protocol::kafka_protocol::messages::produce_request::{
-        PartitionProduceData, TopicProduceData,
-    };
-    use ferrite_protocol::kafka_protocol::messages::{
-        ApiKey, ProduceRequest, ProduceResponse, TopicName,
-    };
-    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
     let server = Server::start(&[]);
     server.create_topic("corrupt", 1, &[]).await;
-    let produce = |records: Vec<u8>| -> i16 {
-        let req = ProduceRequest::default()
-            .with_acks(1)
-            .with_timeout_ms(5000)
-            .with_topic_data(vec![TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_static_str("corrupt")))
-                .with_partition_data(vec![PartitionProduceData::default()
-                    .with_index(0)
-                    .with_records(Some(records.into()))])]);
-        let resp: ProduceResponse = common::raw(&server.addr, ApiKey::Produce, 9, &req);
-        resp.responses[0].partition_responses[0].error_code
-    };
+    let produce = |records: Vec<u8>| raw_produce(&server, "corrupt", records);
     let corrupt = ferrite_protocol::kafka_protocol::ResponseError::CorruptMessage.code();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for len in [0usize, 1, 12, 60, 61, 200, 5000] {
@@ -729,6 +711,28 @@ async fn malformed_batches_are_corrupt_message_and_append_nothing() {
         (0, 0),
         "nothing appended"
     );
+}
+
+/// Produces `records` (bytes a real client would refuse to send) to partition 0 of
+/// `topic` with a raw Produce v9, acks=1; returns the partition's error code.
+fn raw_produce(server: &Server, topic: &str, records: Vec<u8>) -> i16 {
+    use ferrite_protocol::kafka_protocol::messages::produce_request::{
+        PartitionProduceData, TopicProduceData,
+    };
+    use ferrite_protocol::kafka_protocol::messages::{
+        ApiKey, ProduceRequest, ProduceResponse, TopicName,
+    };
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    let req = ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(records.into()))])]);
+    let resp: ProduceResponse = common::raw(&server.addr, ApiKey::Produce, 9, &req);
+    resp.responses[0].partition_responses[0].error_code
 }
 
 fn push_varint(out: &mut Vec<u8>, v: i64) {
@@ -749,12 +753,8 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
     use ferrite_protocol::kafka_protocol::messages::list_offsets_request::{
         ListOffsetsPartition, ListOffsetsTopic,
     };
-    use ferrite_protocol::kafka_protocol::messages::produce_request::{
-        PartitionProduceData, TopicProduceData,
-    };
     use ferrite_protocol::kafka_protocol::messages::{
-        ApiKey, BrokerId, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest, ProduceResponse,
-        TopicName,
+        ApiKey, BrokerId, ListOffsetsRequest, ListOffsetsResponse, TopicName,
     };
     use ferrite_protocol::kafka_protocol::protocol::StrBytes;
     use std::io::Write as _;
@@ -801,16 +801,7 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
 
     let server = Server::start(&[]);
     server.create_topic("bomb", 1, &[]).await;
-    let produce = ProduceRequest::default()
-        .with_acks(1)
-        .with_timeout_ms(5000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(StrBytes::from_static_str("bomb")))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(0)
-                .with_records(Some(batch.into()))])]);
-    let resp: ProduceResponse = common::raw(&server.addr, ApiKey::Produce, 9, &produce);
-    assert_eq!(resp.responses[0].partition_responses[0].error_code, 0);
+    assert_eq!(raw_produce(&server, "bomb", batch), 0);
 
     let list = ListOffsetsRequest::default()
         .with_replica_id(BrokerId(-1))

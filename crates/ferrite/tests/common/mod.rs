@@ -182,6 +182,41 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 use ferrite_protocol::kafka_protocol;
 
+/// One request frame: length prefix, header (client id "raw"), body.
+pub fn encode_request<Req: kafka_protocol::protocol::Encodable>(
+    key: kafka_protocol::messages::ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &Req,
+) -> bytes::BytesMut {
+    use bytes::{BufMut, BytesMut};
+    use kafka_protocol::messages::RequestHeader;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+    let mut buf = BytesMut::new();
+    buf.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("raw")))
+        .encode(&mut buf, key.request_header_version(version))
+        .unwrap();
+    body.encode(&mut buf, version).unwrap();
+    let len = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// Reads one response frame (without its length prefix).
+pub fn read_frame(s: &mut std::net::TcpStream) -> bytes::Bytes {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut frame).unwrap();
+    bytes::Bytes::from(frame)
+}
+
 /// Sends one request over a raw socket and decodes the response, for inputs that real
 /// clients refuse to send.
 pub fn raw<Req: kafka_protocol::protocol::Encodable, Resp: kafka_protocol::protocol::Decodable>(
@@ -190,30 +225,15 @@ pub fn raw<Req: kafka_protocol::protocol::Encodable, Resp: kafka_protocol::proto
     version: i16,
     body: &Req,
 ) -> Resp {
-    use bytes::{Buf, BufMut, BytesMut};
-    use kafka_protocol::messages::{RequestHeader, ResponseHeader};
-    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-    use std::io::{Read, Write};
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(7)
-        .with_client_id(Some(StrBytes::from_static_str("raw")))
-        .encode(&mut buf, key.request_header_version(version))
-        .unwrap();
-    body.encode(&mut buf, version).unwrap();
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
+    use bytes::Buf;
+    use kafka_protocol::messages::ResponseHeader;
+    use kafka_protocol::protocol::Decodable;
+    use std::io::Write;
+    let buf = encode_request(key, version, 7, body);
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(&buf).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut resp = vec![0u8; i32::from_be_bytes(len) as usize];
-    s.read_exact(&mut resp).unwrap();
-    let mut resp = bytes::Bytes::from(resp);
+    let mut resp = read_frame(&mut s);
     let header = ResponseHeader::decode(&mut resp, key.response_header_version(version)).unwrap();
     assert_eq!(header.correlation_id, 7);
     let out = Resp::decode(&mut resp, version).unwrap();
