@@ -13,7 +13,9 @@ cargo fmt --all --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== cargo test"
+# Property tests draw from a fixed seed (.cargo/config.toml) so a run is reproducible;
+# the seed is printed here so a failure can be replayed with PROPTEST_RNG_SEED=<seed>.
+echo "== cargo test (PROPTEST_RNG_SEED=${PROPTEST_RNG_SEED:-20261123, from .cargo/config.toml})"
 cargo test --workspace --locked
 
 echo "== fuzz targets build (runs need nightly; the same properties run as proptests above)"

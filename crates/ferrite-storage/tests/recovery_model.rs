@@ -177,7 +177,8 @@ proptest! {
         let mut pos = 0usize;
         for (b, c, f) in batches.iter().copied().filter(|(b, _, _)| *b >= seg_base) {
             let Some(h) = bytes.get(pos..).and_then(|r| BatchHeader::parse(r).ok()) else { break };
-            let total = h.total_bytes().unwrap();
+            // A flipped length byte makes the header itself invalid: the tail starts here.
+            let Ok(total) = h.total_bytes() else { break };
             let Some(whole) = bytes.get(pos..pos + total) else { break };
             if ferrite_storage::validate_batch(whole).is_err() || h.base_offset != b {
                 break;
