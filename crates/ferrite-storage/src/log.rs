@@ -596,6 +596,7 @@ impl PartitionLog {
                 path: seg.log_path.clone(),
                 position: 0,
                 len: seg.size,
+                prefetched: None,
             }
             .read()?;
             let mut kept = Vec::with_capacity(raw.len());
@@ -728,12 +729,19 @@ pub struct FileRegion {
     pub path: PathBuf,
     pub position: u64,
     pub len: u64,
+    /// The region's bytes when locating it already read them all (small batches fit in
+    /// the header window), so that copying it needs no second read. Segment bytes below
+    /// the log end are never rewritten in place, so these equal the file's.
+    pub prefetched: Option<Bytes>,
 }
 
 impl FileRegion {
     /// Copies the region into memory: the path for transports that cannot splice
     /// (and for tests comparing both paths).
     pub fn read(&self) -> Result<Bytes> {
+        if let Some(bytes) = &self.prefetched {
+            return Ok(bytes.clone());
+        }
         let len = usize::try_from(self.len).map_err(|_| StorageError::Corruption {
             path: self.path.clone(),
             position: self.position,
@@ -820,11 +828,22 @@ impl ReadPlan {
                 }
             }
         }
-        Ok(first.map(|start| FileRegion {
-            file: self.file.clone(),
-            path: self.path.clone(),
-            position: start,
-            len: end - start,
+        Ok(first.map(|start| {
+            let window_end = window_at + window_len as u64;
+            let prefetched = (start >= window_at && end <= window_end)
+                .then(|| {
+                    let from = usize::try_from(start - window_at).ok()?;
+                    let to = usize::try_from(end - window_at).ok()?;
+                    window.get(from..to).map(Bytes::copy_from_slice)
+                })
+                .flatten();
+            FileRegion {
+                file: self.file.clone(),
+                path: self.path.clone(),
+                position: start,
+                len: end - start,
+                prefetched,
+            }
         }))
     }
 
@@ -997,23 +1016,34 @@ mod tests {
                 .unwrap();
         }
         let leo = log.log_end_offset();
+        let mut prefetched = 0;
         for fetch_offset in 0..leo {
             let plan = log.read_plan(fetch_offset).unwrap().unwrap();
             for max_bytes in [0, 1, 61, 200, 700, 1500, 4096, 20_000, usize::MAX] {
                 for min_one in [false, true] {
                     let copied = plan.read(max_bytes, min_one).unwrap();
-                    let located = plan
-                        .locate(max_bytes, min_one)
-                        .unwrap()
+                    let region = plan.locate(max_bytes, min_one).unwrap();
+                    let located = region
+                        .clone()
                         .map(|r| r.read().unwrap())
                         .unwrap_or_default();
                     assert_eq!(
                         copied, located,
                         "fetch_offset {fetch_offset} max_bytes {max_bytes} min_one {min_one}"
                     );
+                    // The bytes handed over from the locate window equal the file's.
+                    if let Some(mut r) = region.filter(|r| r.prefetched.is_some()) {
+                        prefetched += 1;
+                        r.prefetched = None;
+                        assert_eq!(r.read().unwrap(), copied, "fetch_offset {fetch_offset}");
+                    }
                 }
             }
         }
+        assert!(
+            prefetched > 0,
+            "no small region was handed over from its window"
+        );
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl Read {
     fn into_response(mut self) -> (FetchResponse, Vec<FileRegion>) {
         let regions = if self.bytes < limits::FETCH_ZERO_COPY_BYTES_MIN {
             // Small: copy. A spliced frame costs extra writes, which for a few KiB cost
-            // more latency than the copy saves.
+            // more latency than the copy saves. A region that fit in `locate`'s window is
+            // not read again (`FileRegion::prefetched`).
             for (region, t, p) in std::mem::take(&mut self.regions) {
                 let Some(pd) = self
                     .responses
