@@ -16,6 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
@@ -164,10 +165,7 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 .first()
                 .ok_or_else(|| anyhow!("no metadata for {name}"))?;
             if let Some(e) = t.error() {
-                bail!(
-                    "topic {name}: {:?}",
-                    rdkafka::types::RDKafkaErrorCode::from(e)
-                );
+                bail!("topic {name}: {:?}", RDKafkaErrorCode::from(e));
             }
             let mut partitions = Vec::new();
             for p in t.partitions() {
@@ -308,6 +306,29 @@ pub struct ProduceArgs {
     common: Common,
 }
 
+/// Pause between Metadata requests while an auto-created topic's leaders are not known.
+const LEADER_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The partition count of `topic` as a producer sees it. A producer's Metadata request
+/// may auto-create the topic, and the request that creates it hears LEADER_NOT_AVAILABLE
+/// (as from Kafka): librdkafka's own topic query and ours race to be that request, so
+/// ask again until the leaders are known or `TIMEOUT` passes.
+async fn producer_partitions(producer: &FutureProducer, topic: &str) -> Result<i32> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let md = producer.client().fetch_metadata(Some(topic), TIMEOUT)?;
+        let t = md.topics().first();
+        let error = t.and_then(|t| t.error()).map(RDKafkaErrorCode::from);
+        if error != Some(RDKafkaErrorCode::LeaderNotAvailable) {
+            return Ok(t.map_or(0, |t| t.partitions().len()) as i32);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("topic {topic}: leaders not available after {TIMEOUT:?}");
+        }
+        tokio::time::sleep(LEADER_RETRY_BACKOFF).await;
+    }
+}
+
 pub async fn produce(args: ProduceArgs) -> Result<()> {
     let producer: FutureProducer = client_config(&args.common)
         .set("acks", &args.acks)
@@ -315,10 +336,7 @@ pub async fn produce(args: ProduceArgs) -> Result<()> {
         .set("enable.idempotence", "false")
         .set("linger.ms", "5")
         .create()?;
-    let md = producer
-        .client()
-        .fetch_metadata(Some(&args.topic), TIMEOUT)?;
-    let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    let partitions = producer_partitions(&producer, &args.topic).await?;
     if partitions == 0 {
         bail!("topic {} has no partitions (does it exist?)", args.topic);
     }
