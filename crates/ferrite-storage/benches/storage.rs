@@ -10,82 +10,36 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ferrite_storage::batch::HEADER_BYTES;
+use ferrite_storage::test_support::{batch_around, record};
 use ferrite_storage::{validate_producer_batch, LogConfig, PartitionLog};
 
 /// Size of the batches the benchmarks use, as a producer with batch.size=16384 sends.
 const BATCH_BYTES: usize = 16 * 1024;
-/// Offset of each v2 header field (Kafka's DefaultRecordBatch).
-const BATCH_LENGTH_AT: usize = 8;
-const MAGIC_AT: usize = 16;
-const CRC_AT: usize = 17;
-const ATTRIBUTES_AT: usize = 21;
-const LAST_OFFSET_DELTA_AT: usize = 23;
-const BASE_TIMESTAMP_AT: usize = 27;
-const MAX_TIMESTAMP_AT: usize = 35;
-const PRODUCER_ID_AT: usize = 43;
-const PRODUCER_EPOCH_AT: usize = 51;
-const BASE_SEQUENCE_AT: usize = 53;
-const RECORD_COUNT_AT: usize = 57;
-const HEADER_BYTES: usize = 61;
-
-fn push_varint(out: &mut Vec<u8>, v: i64) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
-/// One record: length, attributes, timestamp delta, offset delta, null key, value, no
-/// headers.
-fn record(offset_delta: i64, value_len: usize) -> Vec<u8> {
-    let mut rec = vec![0u8];
-    push_varint(&mut rec, 0);
-    push_varint(&mut rec, offset_delta);
-    push_varint(&mut rec, -1);
-    push_varint(&mut rec, value_len as i64);
-    rec.extend((0..value_len).map(|j| (j % 251) as u8));
-    push_varint(&mut rec, 0);
-    let mut out = Vec::with_capacity(rec.len() + 2);
-    push_varint(&mut out, rec.len() as i64);
-    out.extend_from_slice(&rec);
-    out
-}
-
 /// A magic-2, uncompressed, non-idempotent batch of exactly `BATCH_BYTES` bytes: 16
 /// records of ~1 KiB values (the last one sized to fill) and a correct CRC-32C.
 fn batch_16k(timestamp: i64) -> Vec<u8> {
     let count = 16i32;
-    let mut out = vec![0u8; HEADER_BYTES];
+    let value = |len: usize| (0..len).map(|j| (j % 251) as u8).collect::<Vec<u8>>();
+    let mut records = Vec::new();
     for i in 0..count - 1 {
-        out.extend_from_slice(&record(i64::from(i), 1000));
+        records.extend_from_slice(&record(i64::from(i), &value(1000)));
     }
-    let room = BATCH_BYTES - out.len();
+    let room = BATCH_BYTES - HEADER_BYTES - records.len();
     let mut value_len = room - 9;
-    let mut last = record(i64::from(count - 1), value_len);
+    let mut last = record(i64::from(count - 1), &value(value_len));
     for _ in 0..8 {
         match last.len().cmp(&room) {
             std::cmp::Ordering::Equal => break,
             std::cmp::Ordering::Less => value_len += room - last.len(),
             std::cmp::Ordering::Greater => value_len -= last.len() - room,
         }
-        last = record(i64::from(count - 1), value_len);
+        last = record(i64::from(count - 1), &value(value_len));
     }
     assert_eq!(last.len(), room);
-    out.extend_from_slice(&last);
-    let batch_length = (out.len() - 12) as i32;
-    out[BATCH_LENGTH_AT..BATCH_LENGTH_AT + 4].copy_from_slice(&batch_length.to_be_bytes());
-    out[MAGIC_AT] = 2;
-    out[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4].copy_from_slice(&(count - 1).to_be_bytes());
-    out[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&timestamp.to_be_bytes());
-    out[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&timestamp.to_be_bytes());
-    out[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&(-1i64).to_be_bytes());
-    out[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2].copy_from_slice(&(-1i16).to_be_bytes());
-    out[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&(-1i32).to_be_bytes());
-    out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&count.to_be_bytes());
-    let crc = crc32c::crc32c(&out[ATTRIBUTES_AT..]);
-    out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    records.extend_from_slice(&last);
+    let out = batch_around(0, count, timestamp, timestamp, &records);
+    assert_eq!(out.len(), BATCH_BYTES);
     out
 }
 

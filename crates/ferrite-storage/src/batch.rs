@@ -242,61 +242,10 @@ pub fn stamp_log_append_time(batch: &mut [u8], now_ms: i64) {
 }
 
 #[cfg(test)]
-#[allow(clippy::indexing_slicing)]
-pub(crate) mod test_support {
-    use super::*;
-
-    /// Builds a syntactically valid v2 batch with `count` tiny uncompressed records.
-    /// Records are encoded just enough for storage (which never looks inside them).
-    pub fn make_batch(count: i32, base_timestamp: i64, payload: &[u8]) -> Vec<u8> {
-        let mut records = Vec::new();
-        for i in 0..count {
-            // length varint, attributes, ts delta, offset delta, key len -1, value, headers 0
-            let mut rec = vec![0u8];
-            push_varint(&mut rec, 0);
-            push_varint(&mut rec, i64::from(i));
-            push_varint(&mut rec, -1);
-            push_varint(&mut rec, payload.len() as i64);
-            rec.extend_from_slice(payload);
-            push_varint(&mut rec, 0);
-            push_varint(&mut records, rec.len() as i64);
-            records.extend_from_slice(&rec);
-        }
-        let mut b = vec![0u8; HEADER_BYTES];
-        b.extend_from_slice(&records);
-        let batch_length = (b.len() - LOG_OVERHEAD_BYTES) as i32;
-        b[BATCH_LENGTH_AT..BATCH_LENGTH_AT + 4].copy_from_slice(&batch_length.to_be_bytes());
-        b[MAGIC_AT] = 2;
-        b[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4]
-            .copy_from_slice(&(count - 1).to_be_bytes());
-        b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&base_timestamp.to_be_bytes());
-        b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8]
-            .copy_from_slice(&(base_timestamp + i64::from(count) - 1).to_be_bytes());
-        b[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&(-1i64).to_be_bytes());
-        b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&count.to_be_bytes());
-        let crc = compute_crc(&b);
-        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        b
-    }
-
-    fn push_varint(out: &mut Vec<u8>, v: i64) {
-        let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        loop {
-            if z < 0x80 {
-                out.push(z as u8);
-                return;
-            }
-            out.push((z as u8 & 0x7f) | 0x80);
-            z >>= 7;
-        }
-    }
-}
-
-#[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::test_support::make_batch;
     use super::*;
+    use crate::test_support::make_batch;
     use proptest::prelude::*;
 
     #[test]

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod error;
 pub mod log;
 pub mod segment;
+pub mod test_support;
 
 pub use batch::{validate_batch, validate_producer_batch, BatchHeader, BatchIter};
 pub use error::{BatchError, StorageError};

@@ -971,8 +971,8 @@ impl ReadPlan {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::batch::test_support::make_batch;
     use crate::batch::validate_batch;
+    use crate::test_support::make_batch;
 
     fn cfg() -> LogConfig {
         LogConfig {

@@ -4,44 +4,13 @@
 
 use std::path::Path;
 
+use ferrite_storage::test_support::make_batch;
 use ferrite_storage::{BatchHeader, BatchIter, LogConfig, PartitionLog};
 use proptest::prelude::*;
 
 /// A valid v2 batch of `count` records whose payload bytes all equal `fill`.
 fn batch(count: i32, timestamp: i64, fill: u8, payload_len: usize) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, v: i64) {
-        let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        while z >= 0x80 {
-            out.push((z as u8 & 0x7f) | 0x80);
-            z >>= 7;
-        }
-        out.push(z as u8);
-    }
-    let mut records = Vec::new();
-    for i in 0..count {
-        let mut r = vec![0u8];
-        varint(&mut r, 0);
-        varint(&mut r, i64::from(i));
-        varint(&mut r, -1);
-        varint(&mut r, payload_len as i64);
-        r.extend(std::iter::repeat_n(fill, payload_len));
-        varint(&mut r, 0);
-        varint(&mut records, r.len() as i64);
-        records.extend(r);
-    }
-    let mut b = vec![0u8; 61];
-    b.extend(records);
-    let len = (b.len() - 12) as i32;
-    b[8..12].copy_from_slice(&len.to_be_bytes());
-    b[16] = 2;
-    b[23..27].copy_from_slice(&(count - 1).to_be_bytes());
-    b[27..35].copy_from_slice(&timestamp.to_be_bytes());
-    b[35..43].copy_from_slice(&timestamp.to_be_bytes());
-    b[43..51].copy_from_slice(&(-1i64).to_be_bytes());
-    b[57..61].copy_from_slice(&count.to_be_bytes());
-    let crc = crc32c::crc32c(&b[21..]);
-    b[17..21].copy_from_slice(&crc.to_be_bytes());
-    b
+    make_batch(count, timestamp, &vec![fill; payload_len])
 }
 
 fn config() -> LogConfig {

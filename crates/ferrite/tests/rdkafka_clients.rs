@@ -735,15 +735,6 @@ fn raw_produce(server: &Server, topic: &str, records: Vec<u8>) -> i16 {
     resp.responses[0].partition_responses[0].error_code
 }
 
-fn push_varint(out: &mut Vec<u8>, v: i64) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8 & 0x7f) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
 /// A zstd batch of a few KiB holding one record whose value is 1 GiB of zeros (a
 /// "compression bomb"): the broker stores it (it never decompresses on produce), and a
 /// ListOffsets by timestamp, the one path that decodes a batch, stays within a bounded
@@ -757,6 +748,7 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
         ApiKey, BrokerId, ListOffsetsRequest, ListOffsetsResponse, TopicName,
     };
     use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    use ferrite_storage::test_support::{batch_around, push_varint};
     use std::io::Write as _;
 
     let value_bytes: i64 = 1 << 30;
@@ -780,24 +772,8 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
     let compressed = enc.finish().unwrap();
     assert!(compressed.len() < 1 << 20, "{} bytes", compressed.len());
 
-    // The v2 batch header around it; CRC-32C covers attributes onwards.
-    let mut after_crc = Vec::new();
-    after_crc.extend_from_slice(&4i16.to_be_bytes()); // attributes: zstd
-    after_crc.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
-    after_crc.extend_from_slice(&timestamp.to_be_bytes());
-    after_crc.extend_from_slice(&timestamp.to_be_bytes());
-    after_crc.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
-    after_crc.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
-    after_crc.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
-    after_crc.extend_from_slice(&1i32.to_be_bytes()); // record count
-    after_crc.extend_from_slice(&compressed);
-    let mut batch = Vec::new();
-    batch.extend_from_slice(&0i64.to_be_bytes());
-    batch.extend_from_slice(&((4 + 1 + 4 + after_crc.len()) as i32).to_be_bytes());
-    batch.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
-    batch.push(2); // magic
-    batch.extend_from_slice(&crc32c::crc32c(&after_crc).to_be_bytes());
-    batch.extend_from_slice(&after_crc);
+    // The v2 batch header around it; attributes 4: zstd.
+    let batch = batch_around(4, 1, timestamp, timestamp, &compressed);
 
     let server = Server::start(&[]);
     server.create_topic("bomb", 1, &[]).await;
