@@ -22,6 +22,7 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 fn topic_name(s: &str) -> TopicName {
@@ -47,26 +48,37 @@ fn produce_messages(server: &Server, topic: &str, partitions: i32, count: usize)
         .set("batch.size", "20000")
         .create()
         .unwrap();
+    let deadline = Instant::now() + OP_TIMEOUT;
     for i in 0..count {
         // Sizes vary so that batches and their boundaries vary.
         let value = vec![b'a' + (i % 26) as u8; 1 + (i * 37) % 900];
         let key = format!("k{i}");
         let partition = (i % partitions as usize) as i32;
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(&key)
             .payload(&value)
             .partition(partition);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
+        send_until(&producer, record, deadline);
+    }
+    producer.flush(OP_TIMEOUT).unwrap();
+}
+
+/// Sends `record`, waiting while librdkafka's queue is full, but not past `deadline`.
+fn send_until<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+    deadline: Instant,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((e, r)) => {
+                assert!(Instant::now() < deadline, "producer stuck: {e}");
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
-    producer.flush(OP_TIMEOUT).unwrap();
 }
 
 fn fetch_request(
@@ -318,19 +330,10 @@ async fn fast_producers_meet_backpressure_not_broker_memory_growth() {
                     let producer: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
                     let payload = vec![b'x'; message_bytes];
                     for _ in 0..per_producer {
-                        let mut record = BaseRecord::<(), _>::to(topic)
+                        let record = BaseRecord::<(), _>::to(topic)
                             .payload(&payload)
                             .partition(id);
-                        loop {
-                            match producer.send(record) {
-                                Ok(()) => break,
-                                Err((_, r)) => {
-                                    assert!(Instant::now() < deadline, "producer stuck");
-                                    record = r;
-                                    std::thread::sleep(Duration::from_millis(5));
-                                }
-                            }
-                        }
+                        send_until(&producer, record, deadline);
                     }
                     producer.flush(Duration::from_secs(120)).unwrap();
                 })
