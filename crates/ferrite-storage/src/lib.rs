@@ -4,12 +4,17 @@
 
 pub mod batch;
 pub mod error;
+pub mod leader_epoch;
 pub mod log;
 pub mod segment;
 pub mod test_support;
 
 pub use batch::{validate_batch, validate_producer_batch, BatchHeader, BatchIter};
 pub use error::{BatchError, StorageError};
+pub use leader_epoch::{
+    read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
+    LEADER_EPOCH_CHECKPOINT_FILE,
+};
 pub use log::{
     AppendInfo, CompactReport, FileRegion, LogConfig, OpenReport, PartitionLog, ReadPlan,
 };
