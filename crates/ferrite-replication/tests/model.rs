@@ -110,6 +110,9 @@ struct Model {
     waiting: BTreeMap<u64, Vec<(i64, u64)>>,
     acknowledged: BTreeMap<i64, u64>,
     committed: Vec<Rec>,
+    /// KRaft's controller refuses ISR members with a stale broker epoch (KIP-903); a
+    /// test turns it off to show the leader's own check suffices.
+    controller_checks_broker_epochs: bool,
 }
 
 impl Model {
@@ -147,6 +150,7 @@ impl Model {
             waiting: BTreeMap::new(),
             acknowledged: BTreeMap::new(),
             committed: Vec::new(),
+            controller_checks_broker_epochs: true,
         };
         m.elect(Some(0));
         // Fresh replicas have nothing to truncate.
@@ -438,7 +442,9 @@ impl Model {
             && p.new_isr.iter().all(|m| {
                 let i = Self::idx(m.broker_id);
                 !self.fenced[i]
-                    && (m.broker_epoch == -1 || m.broker_epoch == self.replicas[i].broker_epoch)
+                    && (!self.controller_checks_broker_epochs
+                        || m.broker_epoch == -1
+                        || m.broker_epoch == self.replicas[i].broker_epoch)
             });
         let leader = self.replicas[Self::idx(from)].leader.as_mut();
         if !ok {
@@ -587,7 +593,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     #[test]
     fn replicas_never_diverge_and_never_lose_committed_records(
@@ -718,5 +724,55 @@ fn below_min_isr_nothing_is_committed() {
     assert_eq!(m.committed.len(), before, "HW advanced below min.insync.replicas");
     m.apply(&Op::Produce { count: 1, acks_all: true });
     assert!(m.waiting.is_empty(), "acks=all refused before the append");
+    m.converge();
+}
+
+/// Leader 1 commits offsets 0..2 with ISR {1, 2}; broker 3, outside the ISR, has offset 0
+/// only. Leadership moves to 2, whose own high watermark lags at 0. Broker 3 fetches
+/// from offset 1, at or above that high watermark: joining the ISR then would make an ISR
+/// member that lacks committed offset 1. It must wait for the epoch start (KAFKA-7128).
+#[test]
+fn kafka_7128_follower_joins_only_from_the_epoch_start() {
+    let mut m = Model::new(3, 1);
+    m.apply(&Op::Produce { count: 2, acks_all: false });
+    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Tick { ms: LAG_MS + 1 });
+    m.apply(&Op::Controller);
+    assert_eq!(m.isr, vec![1, 2]);
+    assert_eq!(m.committed.len(), 2);
+    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: false });
+    m.apply(&Op::MoveLeader { node: 1 });
+    assert_eq!(m.replicas[1].leader.as_ref().unwrap().high_watermark(), 0, "the trap: a lagging HW");
+    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: false }); // OffsetForLeaderEpoch
+    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: true });
+    m.apply(&Op::Tick { ms: 1 });
+    m.apply(&Op::Controller);
+    assert_eq!(m.isr, vec![1, 2], "broker 3 joined below the epoch start");
+    m.converge();
+}
+
+/// Broker 3 fetched offsets 0..2 (the leader recorded it), then crashed losing its
+/// unflushed log and came back with a new broker epoch. Until it fetches again the leader
+/// still believes it holds offset 2: only the broker epoch (KIP-903) stops the leader
+/// from proposing it as in sync, even with a controller that does not check.
+#[test]
+fn kip_903_a_wiped_broker_does_not_rejoin_on_an_old_fetch() {
+    let mut m = Model::new(3, 1);
+    m.controller_checks_broker_epochs = false;
+    m.apply(&Op::Produce { count: 2, acks_all: false });
+    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Tick { ms: LAG_MS + 1 });
+    m.apply(&Op::Controller);
+    assert_eq!(m.isr, vec![1, 2]);
+    m.apply(&Op::Fetch { node: 2, records_max: 5, response_lost: false });
+    m.apply(&Op::Fetch { node: 2, records_max: 5, response_lost: true });
+    m.apply(&Op::Crash { node: 2, lose_unflushed: true });
+    m.apply(&Op::Restart { node: 2 });
+    assert!(m.replicas[2].log.is_empty());
+    m.apply(&Op::Tick { ms: 1 });
+    m.apply(&Op::Controller);
+    assert_eq!(m.isr, vec![1, 2], "a wiped broker rejoined the ISR");
     m.converge();
 }
