@@ -517,10 +517,22 @@ impl PartitionLeader {
             && f.broker_epoch == broker.broker_epoch
     }
 
-    /// The controller answered the in-flight AlterPartition: `Ok` with the committed
-    /// partition state, or an error (the change was refused; the next
-    /// [`Self::isr_proposal`] reconsiders).
-    pub fn on_alter_partition_response<E>(&mut self, result: Result<PartitionState, E>) {
+    /// The controller answered `proposal`: `Ok` with the committed partition state, or
+    /// an error (the change was refused; the next [`Self::isr_proposal`] reconsiders).
+    /// An answer to a proposal that is no longer the one in flight (a metadata update
+    /// superseded it and a newer one was sent) is ignored, as Kafka does: clearing the
+    /// newer one would let the high watermark stop waiting for the members it adds.
+    pub fn on_alter_partition_response<E>(
+        &mut self,
+        proposal: &AlterPartitionProposal,
+        result: Result<PartitionState, E>,
+    ) {
+        if self.in_flight.as_ref() != Some(proposal) {
+            if let Ok(state) = result {
+                self.update_partition_state(state);
+            }
+            return;
+        }
         self.in_flight = None;
         if let Ok(state) = result {
             self.update_partition_state(state);
@@ -823,7 +835,7 @@ mod tests {
         assert_eq!(p.new_isr[0].broker_epoch, 100);
         // One in flight at a time.
         assert_eq!(l.isr_proposal(LAG_MS + 2, live), None);
-        l.on_alter_partition_response::<()>(Ok(state(&[1, 2], 8)));
+        l.on_alter_partition_response::<()>(&p, Ok(state(&[1, 2], 8)));
         assert_eq!(l.isr(), &[1, 2]);
         assert!(l.alter_partition_in_flight().is_none());
     }
@@ -898,8 +910,8 @@ mod tests {
     fn a_refused_alter_partition_can_be_proposed_again() {
         let mut l = leader(&[1, 2], 1, 30, 30);
         let _ = read(&mut l, fetch(3, 30), 1);
-        assert!(l.isr_proposal(2, live).is_some());
-        l.on_alter_partition_response(Err("INVALID_UPDATE_VERSION"));
+        let p = l.isr_proposal(2, live).unwrap();
+        l.on_alter_partition_response(&p, Err("INVALID_UPDATE_VERSION"));
         assert_eq!(l.isr(), &[1, 2]);
         assert!(l.isr_proposal(3, live).is_some());
     }
@@ -908,13 +920,21 @@ mod tests {
     fn a_metadata_update_supersedes_the_in_flight_change() {
         let mut l = leader(&[1, 2, 3], 1, 30, 30);
         l.on_append(31);
-        let _ = l.isr_proposal(LAG_MS + 1, live).unwrap();
+        let stale = l.isr_proposal(LAG_MS + 1, live).unwrap();
         // The controller fenced broker 3 meanwhile (partition epoch 8).
         l.update_partition_state(state(&[1, 2], 8));
         assert!(l.alter_partition_in_flight().is_none());
         // An old state is ignored.
         l.update_partition_state(state(&[1, 2, 3], 6));
         assert_eq!(l.isr(), &[1, 2]);
+        // A new proposal goes out; the refusal of the stale one must not clear it.
+        let _ = read(&mut l, fetch(2, 31), 1);
+        let _ = read(&mut l, fetch(3, 31), 1);
+        let current = l.isr_proposal(LAG_MS + 2, live).unwrap();
+        assert_ne!(current, stale);
+        l.on_alter_partition_response(&stale, Err("INVALID_UPDATE_VERSION"));
+        assert_eq!(l.alter_partition_in_flight(), Some(&current));
+        assert!(l.maximal_isr().contains(&3));
     }
 
     #[test]

@@ -450,7 +450,7 @@ impl Model {
         if !ok {
             if let Some(l) = leader {
                 if l.leader_epoch() == p.leader_epoch {
-                    l.on_alter_partition_response(Err(()));
+                    l.on_alter_partition_response(&p, Err(()));
                 }
             }
             return;
@@ -459,7 +459,7 @@ impl Model {
         self.partition_epoch += 1;
         let state = self.state();
         if let Some(l) = self.replicas[Self::idx(from)].leader.as_mut() {
-            l.on_alter_partition_response::<()>(Ok(state));
+            l.on_alter_partition_response::<()>(&p, Ok(state));
         }
     }
 
