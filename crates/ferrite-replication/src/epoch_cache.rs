@@ -95,7 +95,10 @@ impl LeaderEpochCache {
     /// epoch again at a later offset is no change. An epoch older than the latest is the
     /// leader's log going backwards in epochs, refused (a peer's data may not panic us).
     pub fn assign(&mut self, epoch: i32, start_offset: i64) -> Result<bool, ReplicationError> {
-        assert!(epoch >= 0 && start_offset >= 0, "assign({epoch}, {start_offset})");
+        assert!(
+            epoch >= 0 && start_offset >= 0,
+            "assign({epoch}, {start_offset})"
+        );
         if let Some(&(latest, latest_start)) = self.entries.last() {
             if epoch < latest {
                 return Err(ReplicationError::EpochRegression {
@@ -175,6 +178,7 @@ impl LeaderEpochCache {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

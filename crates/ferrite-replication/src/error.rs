@@ -29,7 +29,9 @@ pub enum ReplicationError {
     UnknownLeaderEpoch { request: i32, current: i32 },
     /// NOT_LEADER_OR_FOLLOWER (6): the fetching broker is not a replica, or leadership
     /// moved while a produce waited.
-    #[error("broker {0} is not a replica of this partition, or this broker is no longer its leader")]
+    #[error(
+        "broker {0} is not a replica of this partition, or this broker is no longer its leader"
+    )]
     NotLeaderOrFollower(i32),
     /// OFFSET_OUT_OF_RANGE (1): a follower fetched beyond the leader's log end.
     #[error("fetch offset {fetch_offset} is beyond the log end offset {log_end_offset}")]
@@ -58,6 +60,8 @@ pub enum ReplicationError {
     #[error("{0} produces already wait for the high watermark of this partition")]
     TooManyPendingProduces(usize),
     /// A leader-epoch checkpoint whose entries are not strictly increasing.
-    #[error("leader epoch history is not strictly increasing at epoch {epoch} offset {start_offset}")]
+    #[error(
+        "leader epoch history is not strictly increasing at epoch {epoch} offset {start_offset}"
+    )]
     InvalidEpochHistory { epoch: i32, start_offset: i64 },
 }

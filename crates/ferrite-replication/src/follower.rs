@@ -15,7 +15,9 @@
 //! partly shares makes logs diverge after back-to-back leader changes (KAFKA-6361,
 //! fixed by KIP-279, which this implements).
 
-use crate::epoch_cache::{EpochEndOffset, LeaderEpochCache, UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
+use crate::epoch_cache::{
+    EpochEndOffset, LeaderEpochCache, UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET,
+};
 
 /// Where to truncate, and whether the follower may fetch from there (`complete`) or
 /// must ask the leader again about its (now lower) latest epoch.
@@ -41,7 +43,10 @@ pub fn follower_truncation(
     high_watermark: i64,
     leader: EpochEndOffset,
 ) -> Truncation {
-    assert!(high_watermark <= log_end_offset, "follower HW {high_watermark} above its LEO {log_end_offset}");
+    assert!(
+        high_watermark <= log_end_offset,
+        "follower HW {high_watermark} above its LEO {log_end_offset}"
+    );
     if leader.end_offset == UNDEFINED_EPOCH_OFFSET {
         return Truncation {
             offset: high_watermark.max(0),
@@ -82,6 +87,7 @@ pub fn follower_high_watermark(leader_high_watermark: i64, log_end_offset: i64) 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -102,12 +108,18 @@ mod tests {
         let c = cache(&[(0, 0), (1, 5)]);
         assert_eq!(
             follower_truncation(&c, 10, 4, eo(1, 8)),
-            Truncation { offset: 8, complete: true }
+            Truncation {
+                offset: 8,
+                complete: true
+            }
         );
         // The leader's epoch went further than ours: nothing to cut.
         assert_eq!(
             follower_truncation(&c, 10, 4, eo(1, 15)),
-            Truncation { offset: 10, complete: true }
+            Truncation {
+                offset: 10,
+                complete: true
+            }
         );
     }
 
@@ -119,14 +131,20 @@ mod tests {
         // The leader answered epoch 1 for our epoch 2: we know epoch 1, ending at 8.
         assert_eq!(
             follower_truncation(&c, 10, 5, eo(1, 10)),
-            Truncation { offset: 8, complete: true }
+            Truncation {
+                offset: 8,
+                complete: true
+            }
         );
         // The leader answers epoch 2, which we never had: cut at the end of our epoch 1
         // (where our epoch 4 starts) and ask again about epoch 1.
         let c = cache(&[(1, 3), (4, 8)]);
         assert_eq!(
             follower_truncation(&c, 10, 2, eo(2, 9)),
-            Truncation { offset: 8, complete: false }
+            Truncation {
+                offset: 8,
+                complete: false
+            }
         );
     }
 
@@ -136,12 +154,18 @@ mod tests {
         // The leader has no epochs: our high watermark is the safe point.
         assert_eq!(
             follower_truncation(&c, 10, 4, EpochEndOffset::UNDEFINED),
-            Truncation { offset: 4, complete: true }
+            Truncation {
+                offset: 4,
+                complete: true
+            }
         );
         // An empty cache (wiped replica) trusts the leader's end offset.
         assert_eq!(
             follower_truncation(&LeaderEpochCache::new(), 6, 0, eo(3, 4)),
-            Truncation { offset: 4, complete: true }
+            Truncation {
+                offset: 4,
+                complete: true
+            }
         );
     }
 

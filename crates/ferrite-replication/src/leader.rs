@@ -160,7 +160,10 @@ impl PartitionLeader {
         now_ms: u64,
     ) -> Self {
         assert!(state.replicas.contains(&local_broker_id));
-        assert!(state.isr.contains(&local_broker_id), "only an ISR member may lead (clean election)");
+        assert!(
+            state.isr.contains(&local_broker_id),
+            "only an ISR member may lead (clean election)"
+        );
         assert!(0 <= high_watermark && high_watermark <= log_end_offset);
         let followers = state
             .replicas
@@ -261,7 +264,10 @@ impl PartitionLeader {
 
     /// The leader appended: its log now ends at `log_end_offset`.
     pub fn on_append(&mut self, log_end_offset: i64) {
-        assert!(log_end_offset >= self.log_end_offset, "the leader's log never shrinks while it leads");
+        assert!(
+            log_end_offset >= self.log_end_offset,
+            "the leader's log never shrinks while it leads"
+        );
         self.log_end_offset = log_end_offset;
         self.maybe_advance_high_watermark();
     }
@@ -356,7 +362,10 @@ impl PartitionLeader {
         required_offset: i64,
         deadline_ms: u64,
     ) -> Result<(), ReplicationError> {
-        assert!(required_offset <= self.log_end_offset, "a produce waits only for what was appended");
+        assert!(
+            required_offset <= self.log_end_offset,
+            "a produce waits only for what was appended"
+        );
         if self.pending.len() >= PENDING_PRODUCES_MAX {
             return Err(ReplicationError::TooManyPendingProduces(self.pending.len()));
         }
@@ -458,7 +467,12 @@ impl PartitionLeader {
             .filter(|&id| id != self.local_broker_id && !self.is_caught_up(id, now_ms))
             .collect();
         let new_isr: Vec<BrokerId> = if !lagging.is_empty() {
-            self.state.isr.iter().copied().filter(|id| !lagging.contains(id)).collect()
+            self.state
+                .isr
+                .iter()
+                .copied()
+                .filter(|id| !lagging.contains(id))
+                .collect()
         } else {
             let joining: Vec<BrokerId> = self
                 .followers
@@ -481,12 +495,17 @@ impl PartitionLeader {
                     broker_epoch: if broker_id == self.local_broker_id {
                         self.local_broker_epoch
                     } else {
-                        self.followers.get(&broker_id).map_or(-1, |f| f.broker_epoch)
+                        self.followers
+                            .get(&broker_id)
+                            .map_or(-1, |f| f.broker_epoch)
                     },
                 })
                 .collect(),
         };
-        assert!(proposal.new_isr.iter().any(|m| m.broker_id == self.local_broker_id));
+        assert!(proposal
+            .new_isr
+            .iter()
+            .any(|m| m.broker_id == self.local_broker_id));
         self.in_flight = Some(proposal.clone());
         Some(proposal)
     }
@@ -495,11 +514,16 @@ impl PartitionLeader {
     fn is_caught_up(&self, id: BrokerId, now_ms: u64) -> bool {
         self.followers.get(&id).is_some_and(|f| {
             f.log_end_offset == self.log_end_offset
-                || now_ms.saturating_sub(f.last_caught_up_time_ms) <= self.config.replica_lag_time_max_ms
+                || now_ms.saturating_sub(f.last_caught_up_time_ms)
+                    <= self.config.replica_lag_time_max_ms
         })
     }
 
-    fn may_join_isr(&self, id: BrokerId, brokers: &impl Fn(BrokerId) -> Option<BrokerState>) -> bool {
+    fn may_join_isr(
+        &self,
+        id: BrokerId,
+        brokers: &impl Fn(BrokerId) -> Option<BrokerState>,
+    ) -> bool {
         let Some(f) = self.followers.get(&id) else {
             return false;
         };
@@ -544,11 +568,17 @@ impl PartitionLeader {
     /// older or equal partition epoch is ignored. A change of leader epoch is not an
     /// update: the broker resigns this leader and builds the next role.
     pub fn update_partition_state(&mut self, state: PartitionState) {
-        assert_eq!(state.leader_epoch, self.state.leader_epoch, "a new leader epoch needs a new PartitionLeader");
+        assert_eq!(
+            state.leader_epoch, self.state.leader_epoch,
+            "a new leader epoch needs a new PartitionLeader"
+        );
         if state.partition_epoch <= self.state.partition_epoch {
             return;
         }
-        assert!(state.isr.contains(&self.local_broker_id), "the leader is always in its ISR");
+        assert!(
+            state.isr.contains(&self.local_broker_id),
+            "the leader is always in its ISR"
+        );
         if self
             .in_flight
             .as_ref()
@@ -575,6 +605,7 @@ impl PartitionLeader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -691,7 +722,10 @@ mod tests {
         let _ = read(&mut l, fetch(2, 25), 10);
         assert_eq!(
             l.poll_produces(10),
-            vec![ProduceCompletion { token: 1, result: Ok(()) }]
+            vec![ProduceCompletion {
+                token: 1,
+                result: Ok(())
+            }]
         );
         assert_eq!(l.pending_produces(), 1);
         assert_eq!(l.next_produce_deadline_ms(), Some(1_000));
@@ -707,7 +741,9 @@ mod tests {
             l.poll_produces(1_000),
             vec![ProduceCompletion {
                 token: 9,
-                result: Err(ReplicationError::RequestTimedOut { required_offset: 25 })
+                result: Err(ReplicationError::RequestTimedOut {
+                    required_offset: 25
+                })
             }]
         );
     }
@@ -760,12 +796,18 @@ mod tests {
         f.current_leader_epoch = 4;
         assert_eq!(
             l.on_follower_fetch(f, &epochs(), 1),
-            Err(ReplicationError::FencedLeaderEpoch { request: 4, current: 5 })
+            Err(ReplicationError::FencedLeaderEpoch {
+                request: 4,
+                current: 5
+            })
         );
         f.current_leader_epoch = 6;
         assert_eq!(
             l.on_follower_fetch(f, &epochs(), 1),
-            Err(ReplicationError::UnknownLeaderEpoch { request: 6, current: 5 })
+            Err(ReplicationError::UnknownLeaderEpoch {
+                request: 6,
+                current: 5
+            })
         );
         // A stale fetch updated nothing.
         assert_eq!(l.follower_log_end_offset(2), Some(-1));
@@ -868,7 +910,7 @@ mod tests {
     #[test]
     fn expands_only_at_the_high_watermark_and_the_epoch_start() {
         // New leader at LEO 30 (epoch start 30) with a lagging HW 20 (KAFKA-7128).
-        let mut l = leader(&[1], 1, 30, 20);
+        let l = leader(&[1], 1, 30, 20);
         assert_eq!(l.high_watermark(), 30, "alone in the ISR with min.isr 1");
         let mut l = leader(&[1, 2], 1, 30, 20);
         let _ = read(&mut l, fetch(3, 25), 1);
@@ -880,9 +922,18 @@ mod tests {
         assert_eq!(
             p.new_isr,
             vec![
-                IsrMember { broker_id: 1, broker_epoch: 100 },
-                IsrMember { broker_id: 2, broker_epoch: -1 },
-                IsrMember { broker_id: 3, broker_epoch: 203 },
+                IsrMember {
+                    broker_id: 1,
+                    broker_epoch: 100
+                },
+                IsrMember {
+                    broker_id: 2,
+                    broker_epoch: -1
+                },
+                IsrMember {
+                    broker_id: 3,
+                    broker_epoch: 203
+                },
             ]
         );
         // While the expansion is in flight the high watermark waits for 3 as well.
@@ -894,13 +945,34 @@ mod tests {
         let mut l = leader(&[1, 2], 1, 30, 30);
         let _ = read(&mut l, fetch(2, 30), 1);
         let _ = read(&mut l, fetch(3, 30), 1);
-        let fenced = |id| live(id).map(|b| BrokerState { fenced: id == 3, ..b });
+        let fenced = |id| {
+            live(id).map(|b| BrokerState {
+                fenced: id == 3,
+                ..b
+            })
+        };
         assert_eq!(l.isr_proposal(2, fenced), None);
-        let shutting = |id| live(id).map(|b| BrokerState { in_controlled_shutdown: id == 3, ..b });
+        let shutting = |id| {
+            live(id).map(|b| BrokerState {
+                in_controlled_shutdown: id == 3,
+                ..b
+            })
+        };
         assert_eq!(l.isr_proposal(2, shutting), None);
         // KIP-903: broker 3 re-registered (wiped disk) with epoch 999; its fetches came
         // from epoch 203.
-        let reregistered = |id| live(id).map(|b| if id == 3 { BrokerState { broker_epoch: 999, ..b } } else { b });
+        let reregistered = |id| {
+            live(id).map(|b| {
+                if id == 3 {
+                    BrokerState {
+                        broker_epoch: 999,
+                        ..b
+                    }
+                } else {
+                    b
+                }
+            })
+        };
         assert_eq!(l.isr_proposal(2, reregistered), None);
         assert_eq!(l.isr_proposal(2, |_| None), None);
         assert!(l.isr_proposal(2, live).is_some());
@@ -960,7 +1032,9 @@ mod tests {
         }
         assert_eq!(
             l.add_pending_produce(u64::MAX, 20, 10),
-            Err(ReplicationError::TooManyPendingProduces(PENDING_PRODUCES_MAX))
+            Err(ReplicationError::TooManyPendingProduces(
+                PENDING_PRODUCES_MAX
+            ))
         );
     }
 }

@@ -24,9 +24,8 @@ pub use epoch_cache::{EpochEndOffset, LeaderEpochCache, UNDEFINED_EPOCH, UNDEFIN
 pub use error::ReplicationError;
 pub use follower::{follower_high_watermark, follower_truncation, Truncation};
 pub use leader::{
-    AlterPartitionProposal, BrokerState, FetchOutcome, FollowerFetch, IsrMember,
-    PartitionLeader, PartitionState, ProduceCompletion, ReplicationConfig,
-    PENDING_PRODUCES_MAX,
+    AlterPartitionProposal, BrokerState, FetchOutcome, FollowerFetch, IsrMember, PartitionLeader,
+    PartitionState, ProduceCompletion, ReplicationConfig, PENDING_PRODUCES_MAX,
 };
 
 /// A broker's id (`node.id`).

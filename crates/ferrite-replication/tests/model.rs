@@ -20,6 +20,8 @@
 //! unflushed tail never hits the last ISR member (with min.insync.replicas 2 and RF 3 that
 //! is "any one broker"); the model turns such a crash into a kill -9 (page cache kept).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::collections::BTreeMap;
 
 use ferrite_replication::{
@@ -82,14 +84,32 @@ impl Replica {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Produce { count: u8, acks_all: bool },
-    Fetch { node: usize, records_max: u8, response_lost: bool },
-    Flush { node: usize },
-    Crash { node: usize, lose_unflushed: bool },
-    Restart { node: usize },
-    Tick { ms: u64 },
+    Produce {
+        count: u8,
+        acks_all: bool,
+    },
+    Fetch {
+        node: usize,
+        records_max: u8,
+        response_lost: bool,
+    },
+    Flush {
+        node: usize,
+    },
+    Crash {
+        node: usize,
+        lose_unflushed: bool,
+    },
+    Restart {
+        node: usize,
+    },
+    Tick {
+        ms: u64,
+    },
     Controller,
-    MoveLeader { node: usize },
+    MoveLeader {
+        node: usize,
+    },
 }
 
 struct Model {
@@ -326,7 +346,10 @@ impl Model {
         if self.replicas[f].truncating {
             // The OffsetForLeaderEpoch path (a restarted or new follower).
             for _ in 0..TRUNCATION_ROUNDS_MAX {
-                let requested = self.replicas[f].cache.latest_epoch().unwrap_or(UNDEFINED_EPOCH);
+                let requested = self.replicas[f]
+                    .cache
+                    .latest_epoch()
+                    .unwrap_or(UNDEFINED_EPOCH);
                 let leader = &self.replicas[li];
                 let l = leader.leader.as_ref().unwrap();
                 l.validate_leader_epoch(epoch).unwrap();
@@ -349,7 +372,11 @@ impl Model {
                 replica_epoch: r.broker_epoch,
                 current_leader_epoch: epoch,
                 fetch_offset: r.leo(),
-                last_fetched_epoch: if r.log.is_empty() { None } else { r.cache.latest_epoch() },
+                last_fetched_epoch: if r.log.is_empty() {
+                    None
+                } else {
+                    r.cache.latest_epoch()
+                },
             }
         };
         let (leader_cache, leader_log) = {
@@ -466,7 +493,9 @@ impl Model {
     fn poll_produces(&mut self) {
         let Some(i) = self.leader else { return };
         let now = self.now_ms;
-        let Some(l) = self.replicas[i].leader.as_mut() else { return };
+        let Some(l) = self.replicas[i].leader.as_mut() else {
+            return;
+        };
         for c in l.poll_produces(now) {
             let records = self.waiting.remove(&c.token).unwrap();
             if c.result.is_ok() {
@@ -493,7 +522,11 @@ impl Model {
             r.last_leader_hw = Some((l.leader_epoch(), hw));
             let hw = hw as usize;
             let common = hw.min(self.committed.len());
-            assert_eq!(r.log[..common], self.committed[..common], "committed records changed");
+            assert_eq!(
+                r.log[..common],
+                self.committed[..common],
+                "committed records changed"
+            );
             if hw > self.committed.len() {
                 self.committed = r.log[..hw].to_vec();
             }
@@ -503,19 +536,37 @@ impl Model {
             let hw = r.high_watermark as usize;
             assert!(hw <= r.log.len());
             if r.leader.is_none() {
-                assert!(hw <= self.committed.len(), "follower HW beyond anything committed");
-                assert_eq!(r.log[..hw], self.committed[..hw], "follower HW over uncommitted data");
+                assert!(
+                    hw <= self.committed.len(),
+                    "follower HW beyond anything committed"
+                );
+                assert_eq!(
+                    r.log[..hw],
+                    self.committed[..hw],
+                    "follower HW over uncommitted data"
+                );
             }
         }
         // Every ISR member holds the committed prefix.
         for &id in &self.isr {
             let r = &self.replicas[Self::idx(id)];
             let c = self.committed.len();
-            assert!(r.log.len() >= c, "ISR member {id} lacks committed records: {} < {c}", r.log.len());
-            assert_eq!(r.log[..c], self.committed[..], "ISR member {id} diverges in committed records");
+            assert!(
+                r.log.len() >= c,
+                "ISR member {id} lacks committed records: {} < {c}",
+                r.log.len()
+            );
+            assert_eq!(
+                r.log[..c],
+                self.committed[..],
+                "ISR member {id} diverges in committed records"
+            );
         }
         for (&offset, &value) in &self.acknowledged {
-            let rec = self.committed.get(offset as usize).expect("acknowledged but not committed");
+            let rec = self
+                .committed
+                .get(offset as usize)
+                .expect("acknowledged but not committed");
             assert_eq!(rec.value, value);
         }
         // Log matching: same epoch at the same offset implies identical prefixes.
@@ -527,8 +578,11 @@ impl Model {
                 let len = a.log.len().min(b.log.len());
                 if let Some(o) = (0..len).rev().find(|&o| a.log[o].epoch == b.log[o].epoch) {
                     assert_eq!(
-                        a.log[..=o], b.log[..=o],
-                        "replicas {} and {} diverge below offset {o}", a.id, b.id
+                        a.log[..=o],
+                        b.log[..=o],
+                        "replicas {} and {} diverge below offset {o}",
+                        a.id,
+                        b.id
                     );
                 }
             }
@@ -573,7 +627,10 @@ impl Model {
         }
         assert_eq!(self.isr.len(), n, "not every replica rejoined the ISR");
         for (&offset, &value) in &self.acknowledged {
-            assert_eq!(leader_log[offset as usize].value, value, "acknowledged record lost");
+            assert_eq!(
+                leader_log[offset as usize].value, value,
+                "acknowledged record lost"
+            );
         }
         assert_eq!(leader_log[..self.committed.len()], self.committed[..]);
     }
@@ -615,25 +672,57 @@ proptest! {
 #[test]
 fn kafka_1211_restarted_follower_keeps_committed_records() {
     let mut m = Model::new(2, 1);
-    m.apply(&Op::Produce { count: 2, acks_all: true });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Produce {
+        count: 2,
+        acks_all: true,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
     // The follower's next fetch tells the leader it has both; the leader commits and
     // acknowledges, but the response with the new high watermark is lost.
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: true });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: true,
+    });
     assert_eq!(m.acknowledged.len(), 2);
-    assert_eq!(m.replicas[1].high_watermark, 0, "the trap: the follower's HW lags");
-    m.apply(&Op::Crash { node: 1, lose_unflushed: false });
+    assert_eq!(
+        m.replicas[1].high_watermark, 0,
+        "the trap: the follower's HW lags"
+    );
+    m.apply(&Op::Crash {
+        node: 1,
+        lose_unflushed: false,
+    });
     m.apply(&Op::Restart { node: 1 });
     // The restarted follower asks OffsetForLeaderEpoch (truncating to its HW would
     // leave offset 0 only).
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
-    assert_eq!(m.replicas[1].log.len(), 2, "truncation by epoch kept both records");
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
+    assert_eq!(
+        m.replicas[1].log.len(),
+        2,
+        "truncation by epoch kept both records"
+    );
     // It fetches again and rejoins the ISR; then the leader dies and it takes over.
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
     m.apply(&Op::Tick { ms: 1 });
     m.apply(&Op::Controller);
     assert_eq!(m.isr, vec![1, 2]);
-    m.apply(&Op::Crash { node: 0, lose_unflushed: false });
+    m.apply(&Op::Crash {
+        node: 0,
+        lose_unflushed: false,
+    });
     assert_eq!(m.leader, Some(1));
     m.converge();
 }
@@ -644,18 +733,49 @@ fn kafka_1211_restarted_follower_keeps_committed_records() {
 #[test]
 fn kip_101_divergent_offset_after_double_crash_is_truncated() {
     let mut m = Model::new(2, 1);
-    m.apply(&Op::Produce { count: 1, acks_all: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
-    m.apply(&Op::Produce { count: 1, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: false,
+    });
     // Leader 1 has offsets 0 and 1, follower 2 only 0 (committed: 0).
-    m.apply(&Op::Crash { node: 0, lose_unflushed: false });
+    m.apply(&Op::Crash {
+        node: 0,
+        lose_unflushed: false,
+    });
     assert_eq!(m.leader, Some(1));
-    m.apply(&Op::Produce { count: 1, acks_all: false });
-    assert_ne!(m.replicas[0].log[1], m.replicas[1].log[1], "the trap: offset 1 differs");
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: false,
+    });
+    assert_ne!(
+        m.replicas[0].log[1], m.replicas[1].log[1],
+        "the trap: offset 1 differs"
+    );
     m.apply(&Op::Restart { node: 0 });
-    m.apply(&Op::Fetch { node: 0, records_max: 5, response_lost: false });
-    assert_eq!(m.replicas[0].log.len(), 1, "truncated to the end of the common epoch");
+    m.apply(&Op::Fetch {
+        node: 0,
+        records_max: 5,
+        response_lost: false,
+    });
+    assert_eq!(
+        m.replicas[0].log.len(),
+        1,
+        "truncated to the end of the common epoch"
+    );
     m.converge();
 }
 
@@ -667,19 +787,47 @@ fn kip_101_divergent_offset_after_double_crash_is_truncated() {
 #[test]
 fn kafka_6361_back_to_back_leader_changes_do_not_diverge() {
     let mut m = Model::new(3, 1);
-    m.apply(&Op::Produce { count: 4, acks_all: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 2, response_lost: false });
+    m.apply(&Op::Produce {
+        count: 4,
+        acks_all: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 2,
+        response_lost: false,
+    });
     m.apply(&Op::MoveLeader { node: 1 });
-    m.apply(&Op::Produce { count: 2, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 2,
+        acks_all: false,
+    });
     m.apply(&Op::MoveLeader { node: 0 });
-    m.apply(&Op::Produce { count: 1, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: false,
+    });
     assert_eq!(m.replicas[1].log.len(), 4);
     assert_eq!(m.replicas[1].log[2].epoch, 1);
-    assert_eq!(m.replicas[0].log[2].epoch, 0, "the trap: same offsets, other epochs");
+    assert_eq!(
+        m.replicas[0].log[2].epoch, 0,
+        "the trap: same offsets, other epochs"
+    );
     // Node 2 was told it is a follower again; its first exchange truncates.
-    m.apply(&Op::Fetch { node: 1, records_max: 10, response_lost: false });
-    assert_eq!(m.replicas[1].log.len(), 2, "truncated to the end of the common epoch 0");
-    m.apply(&Op::Fetch { node: 1, records_max: 10, response_lost: false });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 10,
+        response_lost: false,
+    });
+    assert_eq!(
+        m.replicas[1].log.len(),
+        2,
+        "truncated to the end of the common epoch 0"
+    );
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 10,
+        response_lost: false,
+    });
     assert_eq!(m.replicas[1].log, m.replicas[0].log);
     m.converge();
 }
@@ -689,16 +837,37 @@ fn kafka_6361_back_to_back_leader_changes_do_not_diverge() {
 #[test]
 fn kafka_6361_through_diverging_epoch() {
     let mut m = Model::new(3, 1);
-    m.apply(&Op::Produce { count: 4, acks_all: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 2, response_lost: false });
+    m.apply(&Op::Produce {
+        count: 4,
+        acks_all: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 2,
+        response_lost: false,
+    });
     m.apply(&Op::MoveLeader { node: 1 });
-    m.apply(&Op::Produce { count: 2, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 2,
+        acks_all: false,
+    });
     m.apply(&Op::MoveLeader { node: 0 });
-    m.apply(&Op::Produce { count: 1, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: false,
+    });
     m.replicas[1].truncating = false;
-    m.apply(&Op::Fetch { node: 1, records_max: 10, response_lost: false });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 10,
+        response_lost: false,
+    });
     assert_eq!(m.replicas[1].log.len(), 2);
-    m.apply(&Op::Fetch { node: 1, records_max: 10, response_lost: false });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 10,
+        response_lost: false,
+    });
     assert_eq!(m.replicas[1].log, m.replicas[0].log);
     m.converge();
 }
@@ -709,20 +878,47 @@ fn kafka_6361_through_diverging_epoch() {
 #[test]
 fn below_min_isr_nothing_is_committed() {
     let mut m = Model::new(3, 2);
-    m.apply(&Op::Produce { count: 1, acks_all: true });
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: true,
+    });
     for node in [1, 2] {
-        m.apply(&Op::Fetch { node, records_max: 5, response_lost: false });
-        m.apply(&Op::Fetch { node, records_max: 5, response_lost: false });
+        m.apply(&Op::Fetch {
+            node,
+            records_max: 5,
+            response_lost: false,
+        });
+        m.apply(&Op::Fetch {
+            node,
+            records_max: 5,
+            response_lost: false,
+        });
     }
     assert_eq!(m.acknowledged.len(), 1);
-    m.apply(&Op::Crash { node: 1, lose_unflushed: true });
-    m.apply(&Op::Crash { node: 2, lose_unflushed: true });
+    m.apply(&Op::Crash {
+        node: 1,
+        lose_unflushed: true,
+    });
+    m.apply(&Op::Crash {
+        node: 2,
+        lose_unflushed: true,
+    });
     assert_eq!(m.isr, vec![1]);
     let before = m.committed.len();
-    m.apply(&Op::Produce { count: 3, acks_all: false });
+    m.apply(&Op::Produce {
+        count: 3,
+        acks_all: false,
+    });
     m.apply(&Op::Tick { ms: 1 });
-    assert_eq!(m.committed.len(), before, "HW advanced below min.insync.replicas");
-    m.apply(&Op::Produce { count: 1, acks_all: true });
+    assert_eq!(
+        m.committed.len(),
+        before,
+        "HW advanced below min.insync.replicas"
+    );
+    m.apply(&Op::Produce {
+        count: 1,
+        acks_all: true,
+    });
     assert!(m.waiting.is_empty(), "acks=all refused before the append");
     m.converge();
 }
@@ -734,18 +930,45 @@ fn below_min_isr_nothing_is_committed() {
 #[test]
 fn kafka_7128_follower_joins_only_from_the_epoch_start() {
     let mut m = Model::new(3, 1);
-    m.apply(&Op::Produce { count: 2, acks_all: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Produce {
+        count: 2,
+        acks_all: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
     m.apply(&Op::Tick { ms: LAG_MS + 1 });
     m.apply(&Op::Controller);
     assert_eq!(m.isr, vec![1, 2]);
     assert_eq!(m.committed.len(), 2);
-    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: false });
+    m.apply(&Op::Fetch {
+        node: 2,
+        records_max: 1,
+        response_lost: false,
+    });
     m.apply(&Op::MoveLeader { node: 1 });
-    assert_eq!(m.replicas[1].leader.as_ref().unwrap().high_watermark(), 0, "the trap: a lagging HW");
-    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: false }); // OffsetForLeaderEpoch
-    m.apply(&Op::Fetch { node: 2, records_max: 1, response_lost: true });
+    assert_eq!(
+        m.replicas[1].leader.as_ref().unwrap().high_watermark(),
+        0,
+        "the trap: a lagging HW"
+    );
+    m.apply(&Op::Fetch {
+        node: 2,
+        records_max: 1,
+        response_lost: false,
+    }); // OffsetForLeaderEpoch
+    m.apply(&Op::Fetch {
+        node: 2,
+        records_max: 1,
+        response_lost: true,
+    });
     m.apply(&Op::Tick { ms: 1 });
     m.apply(&Op::Controller);
     assert_eq!(m.isr, vec![1, 2], "broker 3 joined below the epoch start");
@@ -760,15 +983,37 @@ fn kafka_7128_follower_joins_only_from_the_epoch_start() {
 fn kip_903_a_wiped_broker_does_not_rejoin_on_an_old_fetch() {
     let mut m = Model::new(3, 1);
     m.controller_checks_broker_epochs = false;
-    m.apply(&Op::Produce { count: 2, acks_all: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
-    m.apply(&Op::Fetch { node: 1, records_max: 5, response_lost: false });
+    m.apply(&Op::Produce {
+        count: 2,
+        acks_all: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 1,
+        records_max: 5,
+        response_lost: false,
+    });
     m.apply(&Op::Tick { ms: LAG_MS + 1 });
     m.apply(&Op::Controller);
     assert_eq!(m.isr, vec![1, 2]);
-    m.apply(&Op::Fetch { node: 2, records_max: 5, response_lost: false });
-    m.apply(&Op::Fetch { node: 2, records_max: 5, response_lost: true });
-    m.apply(&Op::Crash { node: 2, lose_unflushed: true });
+    m.apply(&Op::Fetch {
+        node: 2,
+        records_max: 5,
+        response_lost: false,
+    });
+    m.apply(&Op::Fetch {
+        node: 2,
+        records_max: 5,
+        response_lost: true,
+    });
+    m.apply(&Op::Crash {
+        node: 2,
+        lose_unflushed: true,
+    });
     m.apply(&Op::Restart { node: 2 });
     assert!(m.replicas[2].log.is_empty());
     m.apply(&Op::Tick { ms: 1 });

@@ -50,7 +50,10 @@ pub fn read_leader_epoch_checkpoint(dir: &Path) -> Result<Vec<EpochEntry>> {
         Err(e) => return Err(StorageError::io(path, e)),
     };
     if len > CHECKPOINT_BYTES_MAX {
-        return Err(corrupt(path, format!("{len} bytes is more than any valid file")));
+        return Err(corrupt(
+            path,
+            format!("{len} bytes is more than any valid file"),
+        ));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| StorageError::io(&path, e))?;
     parse(&text).map_err(|reason| corrupt(path, reason))
@@ -103,21 +106,27 @@ fn parse(text: &str) -> std::result::Result<Vec<EpochEntry>, String> {
         .and_then(|l| l.trim().parse().ok())
         .ok_or("missing or bad entry count")?;
     if count > LEADER_EPOCH_ENTRIES_MAX {
-        return Err(format!("entry count {count} exceeds {LEADER_EPOCH_ENTRIES_MAX}"));
+        return Err(format!(
+            "entry count {count} exceeds {LEADER_EPOCH_ENTRIES_MAX}"
+        ));
     }
     let mut entries: Vec<EpochEntry> = Vec::with_capacity(count);
     for i in 0..count {
-        let line = lines.next().ok_or(format!("entry {i} of {count} missing"))?;
+        let line = lines
+            .next()
+            .ok_or(format!("entry {i} of {count} missing"))?;
         let mut fields = line.split_whitespace();
         let entry = match (fields.next(), fields.next(), fields.next()) {
-            (Some(epoch), Some(start), None) => epoch
-                .parse()
-                .ok()
-                .zip(start.parse().ok())
-                .map(|(epoch, start_offset)| EpochEntry {
-                    epoch,
-                    start_offset,
-                }),
+            (Some(epoch), Some(start), None) => {
+                epoch
+                    .parse()
+                    .ok()
+                    .zip(start.parse().ok())
+                    .map(|(epoch, start_offset)| EpochEntry {
+                        epoch,
+                        start_offset,
+                    })
+            }
             _ => None,
         }
         .ok_or(format!("bad entry line {line:?}"))?;
@@ -146,6 +155,7 @@ fn corrupt(path: PathBuf, reason: String) -> StorageError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -180,7 +190,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0), e(1, 10), e(2, 20)]).unwrap();
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0)]).unwrap();
-        assert_eq!(read_leader_epoch_checkpoint(dir.path()).unwrap(), vec![e(0, 0)]);
+        assert_eq!(
+            read_leader_epoch_checkpoint(dir.path()).unwrap(),
+            vec![e(0, 0)]
+        );
     }
 
     #[test]
@@ -215,7 +228,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0)]).unwrap();
         std::fs::write(dir.path().join("leader-epoch-checkpoint.tmp"), "garbage").unwrap();
-        assert_eq!(read_leader_epoch_checkpoint(dir.path()).unwrap(), vec![e(0, 0)]);
+        assert_eq!(
+            read_leader_epoch_checkpoint(dir.path()).unwrap(),
+            vec![e(0, 0)]
+        );
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0), e(1, 3)]).unwrap();
         assert_eq!(read_leader_epoch_checkpoint(dir.path()).unwrap().len(), 2);
     }
