@@ -530,6 +530,15 @@ impl Model {
             if hw > self.committed.len() {
                 self.committed = r.log[..hw].to_vec();
             }
+            // KIP-207: "latest" answered to a client never goes below what was already
+            // committed (and so possibly consumed), even right after a leader change.
+            if let Ok(latest) = l.list_offsets_latest() {
+                assert!(
+                    latest as usize >= self.committed.len(),
+                    "ListOffsets latest {latest} below the committed {}",
+                    self.committed.len()
+                );
+            }
             // KIP-966: a new commit happens only with a large enough ISR.
         }
         for r in &self.replicas {

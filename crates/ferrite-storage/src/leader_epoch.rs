@@ -224,6 +224,21 @@ mod tests {
     }
 
     #[test]
+    fn opening_the_partition_log_deletes_a_leftover_temporary_file_and_keeps_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        write_leader_epoch_checkpoint(dir.path(), &[e(0, 0), e(2, 7)]).unwrap();
+        let tmp = dir.path().join("leader-epoch-checkpoint.tmp");
+        std::fs::write(&tmp, "0\n1\n9 9\n").unwrap();
+        let (_log, _report) =
+            crate::PartitionLog::open(dir.path(), crate::LogConfig::default(), false).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(
+            read_leader_epoch_checkpoint(dir.path()).unwrap(),
+            vec![e(0, 0), e(2, 7)]
+        );
+    }
+
+    #[test]
     fn a_leftover_temporary_file_does_not_matter() {
         let dir = tempfile::tempdir().unwrap();
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0)]).unwrap();
