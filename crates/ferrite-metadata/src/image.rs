@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use uuid::Uuid;
 
-use crate::records::MetadataRecord;
+use crate::records::{BrokerEndpoint, MetadataRecord, NO_LEADER_CHANGE};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionImage {
@@ -25,10 +25,32 @@ pub struct TopicImage {
     pub configs: BTreeMap<String, String>,
 }
 
+/// A registered broker (KRaft's `BrokerRegistration`), as the records say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerRegistration {
+    pub broker_id: i32,
+    pub incarnation_id: Uuid,
+    /// The offset of the metadata log entry that registered this incarnation.
+    pub broker_epoch: i64,
+    pub endpoints: Vec<BrokerEndpoint>,
+    pub rack: Option<String>,
+    pub fenced: bool,
+    pub in_controlled_shutdown: bool,
+}
+
+impl BrokerRegistration {
+    /// Unfenced and not shutting down: may lead partitions and join ISRs (Kafka's
+    /// `ClusterControlManager.isActive`).
+    pub fn is_active(&self) -> bool {
+        !self.fenced && !self.in_controlled_shutdown
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataImage {
     topics: BTreeMap<String, TopicImage>,
     names_by_id: HashMap<Uuid, String>,
+    brokers: BTreeMap<i32, BrokerRegistration>,
     /// Number of record batches applied; bumps on every change.
     pub version: u64,
 }
@@ -44,6 +66,20 @@ impl MetadataImage {
 
     pub fn topics(&self) -> impl Iterator<Item = &TopicImage> {
         self.topics.values()
+    }
+
+    /// Registered brokers by id, fenced or not.
+    pub fn brokers(&self) -> impl Iterator<Item = &BrokerRegistration> {
+        self.brokers.values()
+    }
+
+    pub fn broker(&self, broker_id: i32) -> Option<&BrokerRegistration> {
+        self.brokers.get(&broker_id)
+    }
+
+    pub fn partition(&self, topic_id: &Uuid, partition: i32) -> Option<&PartitionImage> {
+        self.topic_by_id(topic_id)
+            .and_then(|t| t.partitions.get(&partition))
     }
 
     /// Folds one record into the image. Records are facts already validated by the
@@ -110,6 +146,88 @@ impl MetadataImage {
                     self.topics.remove(&name);
                 }
             }
+            MetadataRecord::RegisterBroker {
+                broker_id,
+                incarnation_id,
+                broker_epoch,
+                endpoints,
+                rack,
+                fenced,
+            } => {
+                self.brokers.insert(
+                    *broker_id,
+                    BrokerRegistration {
+                        broker_id: *broker_id,
+                        incarnation_id: *incarnation_id,
+                        broker_epoch: *broker_epoch,
+                        endpoints: endpoints.clone(),
+                        rack: rack.clone(),
+                        fenced: *fenced,
+                        in_controlled_shutdown: false,
+                    },
+                );
+            }
+            MetadataRecord::BrokerRegistrationChange {
+                broker_id,
+                broker_epoch,
+                fenced,
+                in_controlled_shutdown,
+            } => match self.brokers.get_mut(broker_id) {
+                Some(b) if b.broker_epoch == *broker_epoch => {
+                    if let Some(f) = fenced {
+                        b.fenced = *f;
+                    }
+                    if let Some(s) = in_controlled_shutdown {
+                        b.in_controlled_shutdown = *s;
+                    }
+                }
+                _ => tracing::warn!(
+                    broker_id,
+                    broker_epoch,
+                    "registration change for an unknown broker or epoch skipped"
+                ),
+            },
+            MetadataRecord::UnregisterBroker {
+                broker_id,
+                broker_epoch,
+            } => {
+                if self
+                    .brokers
+                    .get(broker_id)
+                    .is_some_and(|b| b.broker_epoch == *broker_epoch)
+                {
+                    self.brokers.remove(broker_id);
+                } else {
+                    tracing::warn!(
+                        broker_id,
+                        broker_epoch,
+                        "unregistration of an unknown broker or epoch skipped"
+                    );
+                }
+            }
+            MetadataRecord::PartitionChange {
+                topic_id,
+                partition,
+                leader,
+                isr,
+            } => match self
+                .topic_mut(topic_id)
+                .and_then(|t| t.partitions.get_mut(partition))
+            {
+                Some(p) => {
+                    if *leader != NO_LEADER_CHANGE {
+                        p.leader = *leader;
+                        p.leader_epoch += 1;
+                    }
+                    if let Some(isr) = isr {
+                        p.isr = isr.clone();
+                    }
+                    p.partition_epoch += 1;
+                }
+                None => {
+                    tracing::warn!(%topic_id, partition, "partition change for unknown partition skipped")
+                }
+            },
         }
     }
 
@@ -168,5 +286,165 @@ mod tests {
         img.apply_all(&[MetadataRecord::RemoveTopic { topic_id: id }]);
         assert!(img.topic("t").is_none());
         assert!(img.topic_by_id(&id).is_none());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod cluster_tests {
+    use super::*;
+    use crate::records::NO_LEADER;
+
+    fn register(id: i32, epoch: i64) -> MetadataRecord {
+        MetadataRecord::RegisterBroker {
+            broker_id: id,
+            incarnation_id: Uuid::from_u64_pair(7, id as u64),
+            broker_epoch: epoch,
+            endpoints: vec![BrokerEndpoint {
+                name: "PLAINTEXT".into(),
+                host: "127.0.0.1".into(),
+                port: 9092,
+                security_protocol: 0,
+            }],
+            rack: Some("r1".into()),
+            fenced: true,
+        }
+    }
+
+    #[test]
+    fn broker_lifecycle_records() {
+        let mut img = MetadataImage::default();
+        img.apply_all(&[register(1, 5)]);
+        let b = img.broker(1).unwrap();
+        assert!(b.fenced && !b.is_active());
+        assert_eq!(b.broker_epoch, 5);
+        img.apply_all(&[MetadataRecord::BrokerRegistrationChange {
+            broker_id: 1,
+            broker_epoch: 5,
+            fenced: Some(false),
+            in_controlled_shutdown: None,
+        }]);
+        assert!(img.broker(1).unwrap().is_active());
+        // A change for another epoch (an older registration) does not apply.
+        img.apply_all(&[MetadataRecord::BrokerRegistrationChange {
+            broker_id: 1,
+            broker_epoch: 4,
+            fenced: Some(true),
+            in_controlled_shutdown: None,
+        }]);
+        assert!(img.broker(1).unwrap().is_active());
+        img.apply_all(&[MetadataRecord::BrokerRegistrationChange {
+            broker_id: 1,
+            broker_epoch: 5,
+            fenced: None,
+            in_controlled_shutdown: Some(true),
+        }]);
+        let b = img.broker(1).unwrap();
+        assert!(!b.fenced && b.in_controlled_shutdown && !b.is_active());
+        // Re-registration replaces the old one and clears controlled shutdown.
+        img.apply_all(&[register(1, 9)]);
+        let b = img.broker(1).unwrap();
+        assert!(b.fenced && !b.in_controlled_shutdown && b.broker_epoch == 9);
+        img.apply_all(&[MetadataRecord::UnregisterBroker {
+            broker_id: 1,
+            broker_epoch: 5,
+        }]);
+        assert!(img.broker(1).is_some(), "stale epoch does not unregister");
+        img.apply_all(&[MetadataRecord::UnregisterBroker {
+            broker_id: 1,
+            broker_epoch: 9,
+        }]);
+        assert!(img.broker(1).is_none());
+    }
+
+    #[test]
+    fn partition_change_is_a_delta_that_bumps_epochs() {
+        let id = Uuid::from_u64_pair(1, 2);
+        let mut img = MetadataImage::default();
+        img.apply_all(&[
+            MetadataRecord::Topic {
+                name: "t".into(),
+                topic_id: id,
+            },
+            MetadataRecord::Partition {
+                topic_id: id,
+                partition: 0,
+                replicas: vec![1, 2, 3],
+                isr: vec![1, 2, 3],
+                leader: 1,
+                leader_epoch: 0,
+                partition_epoch: 0,
+            },
+        ]);
+        // ISR-only change: partition epoch bumps, leader epoch does not.
+        img.apply_all(&[MetadataRecord::PartitionChange {
+            topic_id: id,
+            partition: 0,
+            leader: NO_LEADER_CHANGE,
+            isr: Some(vec![1, 2]),
+        }]);
+        let p = img.partition(&id, 0).unwrap();
+        assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 0, 1));
+        assert_eq!(p.isr, vec![1, 2]);
+        // Leader change with the ISR unchanged.
+        img.apply_all(&[MetadataRecord::PartitionChange {
+            topic_id: id,
+            partition: 0,
+            leader: NO_LEADER,
+            isr: None,
+        }]);
+        let p = img.partition(&id, 0).unwrap();
+        assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (-1, 1, 2));
+        assert_eq!(p.isr, vec![1, 2]);
+        // A change for an unknown partition is skipped, not a crash.
+        img.apply_all(&[MetadataRecord::PartitionChange {
+            topic_id: id,
+            partition: 9,
+            leader: 1,
+            isr: None,
+        }]);
+        assert!(img.partition(&id, 9).is_none());
+    }
+
+    #[test]
+    fn json_encoding_of_existing_records_is_unchanged() {
+        // Old metadata logs hold exactly these encodings; they must keep decoding.
+        let id = Uuid::from_u64_pair(0, 1);
+        let old = r#"[{"type":"Topic","name":"t","topic_id":"00000000-0000-0000-0000-000000000001"},{"type":"Partition","topic_id":"00000000-0000-0000-0000-000000000001","partition":0,"replicas":[0],"isr":[0],"leader":0,"leader_epoch":0,"partition_epoch":0},{"type":"TopicConfig","topic_id":"00000000-0000-0000-0000-000000000001","key":"retention.ms","value":"5"},{"type":"RemoveTopic","topic_id":"00000000-0000-0000-0000-000000000001"}]"#;
+        let records: Vec<MetadataRecord> = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            records.first(),
+            Some(&MetadataRecord::Topic {
+                name: "t".into(),
+                topic_id: id
+            })
+        );
+        assert_eq!(serde_json::to_string(&records).unwrap(), old);
+    }
+
+    #[test]
+    fn cluster_records_round_trip_json() {
+        let records = vec![
+            register(3, 11),
+            MetadataRecord::BrokerRegistrationChange {
+                broker_id: 3,
+                broker_epoch: 11,
+                fenced: Some(false),
+                in_controlled_shutdown: None,
+            },
+            MetadataRecord::PartitionChange {
+                topic_id: Uuid::from_u64_pair(4, 4),
+                partition: 2,
+                leader: NO_LEADER_CHANGE,
+                isr: Some(vec![3]),
+            },
+            MetadataRecord::UnregisterBroker {
+                broker_id: 3,
+                broker_epoch: 11,
+            },
+        ];
+        let json = serde_json::to_string(&records).unwrap();
+        let back: Vec<MetadataRecord> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, records);
     }
 }

@@ -11,7 +11,7 @@ pub mod log;
 pub mod placement;
 pub mod records;
 
-pub use image::{MetadataImage, PartitionImage, TopicImage};
+pub use image::{BrokerRegistration, MetadataImage, PartitionImage, TopicImage};
 pub use log::{MetadataLog, MetadataLogError};
 pub use placement::{assign_replicas, BrokerSlot, PlacementError};
-pub use records::MetadataRecord;
+pub use records::{BrokerEndpoint, MetadataRecord, NO_LEADER, NO_LEADER_CHANGE};
