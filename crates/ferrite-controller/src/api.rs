@@ -185,7 +185,9 @@ pub struct ElectionResult {
 pub enum Event {
     RegisterBroker(BrokerRegistration),
     Heartbeat(BrokerHeartbeat),
-    UnregisterBroker { broker_id: i32 },
+    UnregisterBroker {
+        broker_id: i32,
+    },
     AlterPartition(AlterPartition),
     CreateTopics(CreateTopics),
     CreatePartitions(CreatePartitions),

@@ -349,7 +349,10 @@ impl Controller {
             .brokers()
             .filter(|b| !b.fenced)
             .filter_map(|b| {
-                let last = self.sessions.get(&b.broker_id).map_or(i64::MIN, |s| s.last_contact_ms);
+                let last = self
+                    .sessions
+                    .get(&b.broker_id)
+                    .map_or(i64::MIN, |s| s.last_contact_ms);
                 (now_ms > last.saturating_add(timeout)).then_some((last, b.broker_id))
             })
             .collect();
@@ -666,7 +669,11 @@ impl Controller {
         })?;
         let topic_id = topic.topic_id;
         let current = topic.partitions.len() as i32;
-        let rf = topic.partitions.values().next().map_or(1, |p| p.replicas.len());
+        let rf = topic
+            .partitions
+            .values()
+            .next()
+            .map_or(1, |p| p.replicas.len());
         if t.count == current {
             return Err(ControllerError::InvalidPartitions(format!(
                 "topic already has {current} partitions"
@@ -787,7 +794,9 @@ impl Controller {
     /// usable but does not lead (auto.leader.rebalance.enable). Returns how many.
     fn rebalance_leaders(&mut self, records: &mut Vec<MetadataRecord>) -> usize {
         let candidates: Vec<(Uuid, i32)> = self.partitions_where(|p| {
-            p.replicas.first().is_some_and(|&b| b != p.leader && p.isr.contains(&b))
+            p.replicas
+                .first()
+                .is_some_and(|&b| b != p.leader && p.isr.contains(&b))
         });
         let mut elected = 0;
         for (topic_id, partition) in candidates {
@@ -913,7 +922,9 @@ impl Controller {
         unfenced
             && self.sessions.get(&broker_id).is_some_and(|s| {
                 s.heard_from
-                    && now_ms <= s.last_contact_ms.saturating_add(self.config.broker_session_timeout_ms)
+                    && now_ms
+                        <= s.last_contact_ms
+                            .saturating_add(self.config.broker_session_timeout_ms)
             })
     }
 
@@ -924,7 +935,11 @@ impl Controller {
         self.image
             .brokers()
             .filter(|b| b.is_active())
-            .map(|b| self.sessions.get(&b.broker_id).map_or(-1, |s| s.metadata_offset))
+            .map(|b| {
+                self.sessions
+                    .get(&b.broker_id)
+                    .map_or(-1, |s| s.metadata_offset)
+            })
             .min()
             .unwrap_or(i64::MAX)
     }
@@ -960,15 +975,20 @@ impl Controller {
         // Kafka starts the round-robin at a random broker so that the leaders of many
         // topics spread over the brokers.
         let start = (self.next_random() % usable.len() as u64) as usize;
-        assign_replicas(usable, first_partition, partitions, replication_factor, start).map_err(
-            |e| match e {
-                PlacementError::NoPartitions(_) => ControllerError::InvalidPartitions(e.to_string()),
-                PlacementError::ReplicationFactorTooLarge { .. }
-                | PlacementError::ReplicationFactorTooSmall(_) => {
-                    ControllerError::InvalidReplicationFactor(e.to_string())
-                }
-            },
+        assign_replicas(
+            usable,
+            first_partition,
+            partitions,
+            replication_factor,
+            start,
         )
+        .map_err(|e| match e {
+            PlacementError::NoPartitions(_) => ControllerError::InvalidPartitions(e.to_string()),
+            PlacementError::ReplicationFactorTooLarge { .. }
+            | PlacementError::ReplicationFactorTooSmall(_) => {
+                ControllerError::InvalidReplicationFactor(e.to_string())
+            }
+        })
     }
 
     /// Kafka's manual-assignment checks; `rf` is the topic's replication factor when

@@ -2,7 +2,9 @@
 //! given the partition, a target ISR and which brokers may lead, the one
 //! `PartitionChange` record that gets there, or none when nothing changes.
 
-use ferrite_metadata::{MetadataImage, MetadataRecord, PartitionImage, NO_LEADER, NO_LEADER_CHANGE};
+use ferrite_metadata::{
+    MetadataImage, MetadataRecord, PartitionImage, NO_LEADER, NO_LEADER_CHANGE,
+};
 use uuid::Uuid;
 
 /// How a leader may be chosen.
@@ -71,7 +73,11 @@ pub fn partition_change(
     } else {
         (NO_LEADER, target)
     };
-    let leader_field = if leader != p.leader { leader } else { NO_LEADER_CHANGE };
+    let leader_field = if leader != p.leader {
+        leader
+    } else {
+        NO_LEADER_CHANGE
+    };
     let isr_field = (isr != p.isr).then_some(isr);
     if leader_field == NO_LEADER_CHANGE && isr_field.is_none() {
         return None;

@@ -114,8 +114,14 @@ mod tests {
             (E::InvalidTopic(m()), K::InvalidTopicException),
             (E::TopicAlreadyExists(m()), K::TopicAlreadyExists),
             (E::InvalidPartitions(m()), K::InvalidPartitions),
-            (E::InvalidReplicationFactor(m()), K::InvalidReplicationFactor),
-            (E::InvalidReplicaAssignment(m()), K::InvalidReplicaAssignment),
+            (
+                E::InvalidReplicationFactor(m()),
+                K::InvalidReplicationFactor,
+            ),
+            (
+                E::InvalidReplicaAssignment(m()),
+                K::InvalidReplicaAssignment,
+            ),
             (E::NotController(m()), K::NotController),
             (E::InvalidRequest(m()), K::InvalidRequest),
             (E::FencedLeaderEpoch(m()), K::FencedLeaderEpoch),

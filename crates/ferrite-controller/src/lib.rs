@@ -24,6 +24,6 @@ pub use controller::{validate_topic_name, Controller};
 pub use error::ControllerError;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod tests;

@@ -17,14 +17,39 @@ const BROKERS: i32 = 5;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Register { broker: i32, new_incarnation: bool },
-    Heartbeat { broker: i32, caught_up: bool, want_fence: bool, want_shut_down: bool },
-    Advance { ms: i64 },
-    Alter { pick: usize, members: u8, tamper: u8 },
-    Create { partitions: i32, rf: i16, unclean: bool },
-    AddPartitions { pick: usize, add: i32 },
-    Elect { unclean: bool },
-    Unregister { broker: i32 },
+    Register {
+        broker: i32,
+        new_incarnation: bool,
+    },
+    Heartbeat {
+        broker: i32,
+        caught_up: bool,
+        want_fence: bool,
+        want_shut_down: bool,
+    },
+    Advance {
+        ms: i64,
+    },
+    Alter {
+        pick: usize,
+        members: u8,
+        tamper: u8,
+    },
+    Create {
+        partitions: i32,
+        rf: i16,
+        unclean: bool,
+    },
+    AddPartitions {
+        pick: usize,
+        add: i32,
+    },
+    Elect {
+        unclean: bool,
+    },
+    Unregister {
+        broker: i32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,15 +75,26 @@ impl Run {
     fn apply(&mut self, op: &Op) {
         let h = &mut self.h;
         match *op {
-            Op::Register { broker, new_incarnation } => {
+            Op::Register {
+                broker,
+                new_incarnation,
+            } => {
                 let inc = if new_incarnation || !h.incarnations.contains_key(&broker) {
-                    *h.incarnations.entry(broker).and_modify(|i| *i += 1).or_insert(1)
+                    *h.incarnations
+                        .entry(broker)
+                        .and_modify(|i| *i += 1)
+                        .or_insert(1)
                 } else {
                     h.incarnations[&broker]
                 };
                 let _ = h.register_as(broker, inc);
             }
-            Op::Heartbeat { broker, caught_up, want_fence, want_shut_down } => {
+            Op::Heartbeat {
+                broker,
+                caught_up,
+                want_fence,
+                want_shut_down,
+            } => {
                 let Some(epoch) = h.c.image().broker(broker).map(|b| b.broker_epoch) else {
                     let hb = BrokerHeartbeat {
                         broker_id: broker,
@@ -67,18 +103,29 @@ impl Run {
                         want_fence,
                         want_shut_down,
                     };
-                    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(hb)) else { panic!() };
+                    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(hb)) else {
+                        panic!()
+                    };
                     assert_eq!(r.unwrap_err().code(), 77);
                     return;
                 };
-                let offset = if caught_up { h.c.next_offset() - 1 } else { epoch - 1 };
+                let offset = if caught_up {
+                    h.c.next_offset() - 1
+                } else {
+                    epoch - 1
+                };
                 let was_fenced = h.c.image().broker(broker).unwrap().fenced;
-                let r = h.heartbeat_at(broker, offset, want_fence, want_shut_down).unwrap();
+                let r = h
+                    .heartbeat_at(broker, offset, want_fence, want_shut_down)
+                    .unwrap();
                 let b = h.c.image().broker(broker).unwrap();
                 assert_eq!(r.is_fenced, b.fenced, "reply and image agree: {r:?} {b:?}");
                 assert_eq!(r.is_caught_up, offset >= epoch);
                 if was_fenced && !r.is_fenced {
-                    assert!(r.is_caught_up && !want_fence, "only a caught-up broker is unfenced");
+                    assert!(
+                        r.is_caught_up && !want_fence,
+                        "only a caught-up broker is unfenced"
+                    );
                 }
                 if r.should_shut_down {
                     assert!(b.fenced);
@@ -86,7 +133,11 @@ impl Run {
                 }
             }
             Op::Advance { ms } => h.tick(ms),
-            Op::Alter { pick, members, tamper } => {
+            Op::Alter {
+                pick,
+                members,
+                tamper,
+            } => {
                 let parts = all_partitions(h.c.image());
                 if parts.is_empty() {
                     return;
@@ -117,7 +168,11 @@ impl Run {
                 }
                 let _ = h.alter(req);
             }
-            Op::Create { partitions, rf, unclean } => {
+            Op::Create {
+                partitions,
+                rf,
+                unclean,
+            } => {
                 self.topics += 1;
                 let configs: &[(&str, &str)] = if unclean {
                     &[("unclean.leader.election.enable", "true")]
@@ -127,7 +182,11 @@ impl Run {
                 let name = format!("t{}", self.topics);
                 let usable = h.c.image().brokers().filter(|b| b.is_active()).count();
                 let r = h.create(&name, partitions, rf, configs);
-                assert_eq!(r.is_ok(), rf as usize <= usable, "{r:?} with {usable} usable");
+                assert_eq!(
+                    r.is_ok(),
+                    rf as usize <= usable,
+                    "{r:?} with {usable} usable"
+                );
             }
             Op::AddPartitions { pick, add } => {
                 let names: Vec<String> = h.c.image().topics().map(|t| t.name.clone()).collect();
@@ -137,12 +196,20 @@ impl Run {
                 let name = names[pick % names.len()].clone();
                 let count = h.c.image().topic(&name).unwrap().partitions.len() as i32 + add;
                 let _ = h.run(Event::CreatePartitions(CreatePartitions {
-                    topics: vec![CreatePartitionsTopic { name, count, assignments: None }],
+                    topics: vec![CreatePartitionsTopic {
+                        name,
+                        count,
+                        assignments: None,
+                    }],
                     validate_only: false,
                 }));
             }
             Op::Elect { unclean } => {
-                let t = if unclean { ElectionType::Unclean } else { ElectionType::Preferred };
+                let t = if unclean {
+                    ElectionType::Unclean
+                } else {
+                    ElectionType::Preferred
+                };
                 h.elect(t, None);
             }
             Op::Unregister { broker } => {
@@ -160,7 +227,9 @@ fn all_partitions(image: &MetadataImage) -> Vec<(String, i32)> {
 }
 
 fn leads_anything(image: &MetadataImage, broker: i32) -> bool {
-    image.topics().any(|t| t.partitions.values().any(|p| p.leader == broker))
+    image
+        .topics()
+        .any(|t| t.partitions.values().any(|p| p.leader == broker))
 }
 
 type Epochs = BTreeMap<(Uuid, i32), (i32, i32, i32, Vec<i32>)>;
@@ -170,7 +239,10 @@ fn epochs(image: &MetadataImage) -> Epochs {
         .topics()
         .flat_map(|t| {
             t.partitions.values().map(move |p| {
-                ((t.topic_id, p.partition), (p.leader, p.leader_epoch, p.partition_epoch, p.isr.clone()))
+                (
+                    (t.topic_id, p.partition),
+                    (p.leader, p.leader_epoch, p.partition_epoch, p.isr.clone()),
+                )
             })
         })
         .collect()
@@ -186,11 +258,24 @@ fn check_image(image: &MetadataImage) -> Result<(), TestCaseError> {
             dedup.sort_unstable();
             dedup.dedup();
             prop_assert_eq!(dedup.len(), p.isr.len(), "ISR without duplicates: {}", at);
-            prop_assert!(p.isr.iter().all(|b| p.replicas.contains(b)), "ISR ⊆ replicas: {}", at);
-            prop_assert!(p.leader == -1 || p.isr.contains(&p.leader), "leader ∈ ISR ∪ {{-1}}: {}", at);
+            prop_assert!(
+                p.isr.iter().all(|b| p.replicas.contains(b)),
+                "ISR ⊆ replicas: {}",
+                at
+            );
+            prop_assert!(
+                p.leader == -1 || p.isr.contains(&p.leader),
+                "leader ∈ ISR ∪ {{-1}}: {}",
+                at
+            );
             if p.leader >= 0 {
                 let b = image.broker(p.leader);
-                prop_assert!(b.is_some_and(|b| b.is_active()), "only an active broker leads: {} {:?}", at, b);
+                prop_assert!(
+                    b.is_some_and(|b| b.is_active()),
+                    "only an active broker leads: {} {:?}",
+                    at,
+                    b
+                );
             }
         }
     }
@@ -206,10 +291,19 @@ fn check_entry(
 ) -> Result<(), TestCaseError> {
     let mut image = before.clone();
     for r in entry {
-        if let MetadataRecord::PartitionChange { topic_id, partition, leader, .. } = r {
+        if let MetadataRecord::PartitionChange {
+            topic_id,
+            partition,
+            leader,
+            ..
+        } = r
+        {
             let pre = image.partition(topic_id, *partition).cloned();
             let unclean_topic = image.topic_by_id(topic_id).is_some_and(|t| {
-                t.configs.get("unclean.leader.election.enable").map(String::as_str) == Some("true")
+                t.configs
+                    .get("unclean.leader.election.enable")
+                    .map(String::as_str)
+                    == Some("true")
             });
             image.apply(r);
             let (Some(pre), Some(post)) = (pre, image.partition(topic_id, *partition)) else {

@@ -68,7 +68,11 @@ impl Harness {
     }
 
     pub fn register(&mut self, id: i32) -> Result<i64, ControllerError> {
-        let inc = *self.incarnations.entry(id).and_modify(|i| *i += 1).or_insert(1);
+        let inc = *self
+            .incarnations
+            .entry(id)
+            .and_modify(|i| *i += 1)
+            .or_insert(1);
         self.register_as(id, inc)
     }
 
@@ -85,9 +89,15 @@ impl Harness {
     }
 
     /// A heartbeat from a broker that has applied everything committed so far.
-    pub fn heartbeat(&mut self, id: i32, want_fence: bool, want_shut_down: bool) -> BrokerHeartbeatReply {
+    pub fn heartbeat(
+        &mut self,
+        id: i32,
+        want_fence: bool,
+        want_shut_down: bool,
+    ) -> BrokerHeartbeatReply {
         let offset = self.c.next_offset() - 1;
-        self.heartbeat_at(id, offset, want_fence, want_shut_down).unwrap()
+        self.heartbeat_at(id, offset, want_fence, want_shut_down)
+            .unwrap()
     }
 
     pub fn heartbeat_at(
@@ -157,7 +167,10 @@ impl Harness {
         self.run(Event::Tick);
     }
 
-    pub fn alter(&mut self, req: AlterPartition) -> Result<Vec<AlterPartitionResult>, ControllerError> {
+    pub fn alter(
+        &mut self,
+        req: AlterPartition,
+    ) -> Result<Vec<AlterPartitionResult>, ControllerError> {
         match self.run(Event::AlterPartition(req)) {
             Reply::AlterPartition(r) => r,
             other => panic!("{other:?}"),
@@ -195,7 +208,11 @@ impl Harness {
         r.remove(0).result
     }
 
-    pub fn elect(&mut self, election_type: ElectionType, partitions: Option<Vec<(String, Vec<i32>)>>) -> Vec<ElectionResult> {
+    pub fn elect(
+        &mut self,
+        election_type: ElectionType,
+        partitions: Option<Vec<(String, Vec<i32>)>>,
+    ) -> Vec<ElectionResult> {
         match self.run(Event::ElectLeaders(ElectLeaders {
             election_type,
             partitions,
@@ -215,7 +232,11 @@ fn registration_starts_fenced_with_the_entry_offset_as_epoch() {
     let mut h = Harness::default();
     let e0 = h.register(0).unwrap();
     let e1 = h.register(1).unwrap();
-    assert_eq!((e0, e1), (0, 1), "broker epoch = offset of the registration entry");
+    assert_eq!(
+        (e0, e1),
+        (0, 1),
+        "broker epoch = offset of the registration entry"
+    );
     let b = h.c.image().broker(1).unwrap();
     assert!(b.fenced);
     assert_eq!(b.endpoints[0].port, 9001);
@@ -254,9 +275,12 @@ fn heartbeat_with_a_stale_epoch_or_unknown_broker_is_refused() {
         want_fence: false,
         want_shut_down: false,
     };
-    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(hb)) else { panic!() };
+    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(hb)) else {
+        panic!()
+    };
     assert_eq!(code(r), 77);
-    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(BrokerHeartbeat { broker_id: 5, ..hb })) else {
+    let Reply::Heartbeat(r) = h.run(Event::Heartbeat(BrokerHeartbeat { broker_id: 5, ..hb }))
+    else {
         panic!()
     };
     assert_eq!(code(r), 77);
@@ -302,7 +326,13 @@ fn a_new_controller_gives_sessions_a_grace_period_but_no_veto() {
     h.create("t", 2, 2, &[]).unwrap();
     // Fail over: a controller built from the committed image at a later time.
     let image = h.replayed();
-    h.c = Controller::new(ControllerConfig::default(), image, h.log.len() as i64, 100_000, 7);
+    h.c = Controller::new(
+        ControllerConfig::default(),
+        image,
+        h.log.len() as i64,
+        100_000,
+        7,
+    );
     h.now = 100_000;
     // Nobody is fenced at once, though nobody has heartbeated to this controller.
     h.tick(9_000);
@@ -321,7 +351,9 @@ fn missed_heartbeats_fence_after_the_session_timeout_and_leadership_moves() {
     let mut h = Harness::default();
     h.start(&[0, 1, 2]);
     h.create("t", 6, 3, &[]).unwrap();
-    let led_by_0: Vec<i32> = (0..6).filter(|&p| h.partition("t", p).leader == 0).collect();
+    let led_by_0: Vec<i32> = (0..6)
+        .filter(|&p| h.partition("t", p).leader == 0)
+        .collect();
     assert!(!led_by_0.is_empty());
     let before: Vec<PartitionImage> = (0..6).map(|p| h.partition("t", p)).collect();
     h.now += 4_000;
@@ -345,7 +377,10 @@ fn missed_heartbeats_fence_after_the_session_timeout_and_leadership_moves() {
             assert_eq!(new.leader, expected);
             assert_eq!(new.leader_epoch, old.leader_epoch + 1);
         } else {
-            assert_eq!((new.leader, new.leader_epoch), (old.leader, old.leader_epoch));
+            assert_eq!(
+                (new.leader, new.leader_epoch),
+                (old.leader, old.leader_epoch)
+            );
         }
     }
     assert_eq!(h.replayed(), *h.c.image());
@@ -383,7 +418,10 @@ fn an_out_of_sync_replica_leads_only_when_unclean_election_is_enabled() {
             num_partitions: -1,
             replication_factor: -1,
             assignments: Some(vec![vec![0, 1]]),
-            configs: cfg.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            configs: cfg
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
         .unwrap();
         // The leader drops 1 from the ISR, then dies.
@@ -409,7 +447,10 @@ fn controlled_shutdown_moves_leadership_then_lets_the_broker_go() {
     h.create("solo", 1, 1, &[]).unwrap();
     let victim = h.partition("t", 0).leader;
     let r = h.heartbeat(victim, false, true);
-    assert!(r.in_controlled_shutdown && !r.should_shut_down && !r.is_fenced, "{r:?}");
+    assert!(
+        r.in_controlled_shutdown && !r.should_shut_down && !r.is_fenced,
+        "{r:?}"
+    );
     let b = h.c.image().broker(victim).unwrap();
     assert!(b.in_controlled_shutdown && !b.fenced);
     for p in 0..3 {
@@ -471,10 +512,13 @@ fn alter_partition_checks_in_kafkas_order() {
     assert_eq!(one(&mut h, with(&|d| d.leader_epoch += 1)), 41);
     assert_eq!(one(&mut h, with(&|d| d.partition_epoch += 1)), 41);
     assert_eq!(
-        one(&mut h, with(&|d| {
-            d.leader_epoch -= 1;
-            d.partition_epoch -= 1;
-        })),
+        one(
+            &mut h,
+            with(&|d| {
+                d.leader_epoch -= 1;
+                d.partition_epoch -= 1;
+            })
+        ),
         74,
         "an older leader epoch is fenced before the partition epoch is looked at"
     );
@@ -484,18 +528,37 @@ fn alter_partition_checks_in_kafkas_order() {
     assert_eq!(one(&mut h, not_leader), 42);
     assert_eq!(one(&mut h, with(&|d| d.partition_epoch -= 1)), 95);
     assert_eq!(
-        one(&mut h, with(&|d| d.new_isr.push(IsrMember { broker_id: 9, broker_epoch: -1 }))),
+        one(
+            &mut h,
+            with(&|d| d.new_isr.push(IsrMember {
+                broker_id: 9,
+                broker_epoch: -1
+            }))
+        ),
         42,
         "not a replica"
     );
     assert_eq!(
-        one(&mut h, with(&|d| d.new_isr.push(IsrMember { broker_id: 1, broker_epoch: -1 }))),
+        one(
+            &mut h,
+            with(&|d| d.new_isr.push(IsrMember {
+                broker_id: 1,
+                broker_epoch: -1
+            }))
+        ),
         42,
         "duplicate"
     );
-    assert_eq!(one(&mut h, with(&|d| {
-        d.new_isr.remove(0);
-    })), 42, "without the leader");
+    assert_eq!(
+        one(
+            &mut h,
+            with(&|d| {
+                d.new_isr.remove(0);
+            })
+        ),
+        42,
+        "without the leader"
+    );
     assert_eq!(
         one(&mut h, with(&|d| d.new_isr[1].broker_epoch += 5)),
         107,
@@ -565,13 +628,24 @@ fn placement_uses_usable_brokers_rack_aware() {
     assert_eq!(code(h.create("nopart", 0, 1, &[])), 37);
     assert_eq!(code(h.create("t", 1, 1, &[])), 36);
     h.create("a.b", 1, 1, &[]).unwrap();
-    assert_eq!(code(h.create("a_b", 1, 1, &[])), 17, "collides with a.b in metric names");
+    assert_eq!(
+        code(h.create("a_b", 1, 1, &[])),
+        17,
+        "collides with a.b in metric names"
+    );
     assert_eq!(code(h.create("a/b", 1, 1, &[])), 17);
     assert_eq!(h.c.config().default_replication_factor, 1);
-    let d = h.create("defaults", -1, -1, &[("retention.ms", "5")]).unwrap();
+    let d = h
+        .create("defaults", -1, -1, &[("retention.ms", "5")])
+        .unwrap();
     assert_eq!((d.num_partitions, d.replication_factor), (1, 1));
     assert_eq!(
-        h.c.image().topic("defaults").unwrap().configs.get("retention.ms").map(String::as_str),
+        h.c.image()
+            .topic("defaults")
+            .unwrap()
+            .configs
+            .get("retention.ms")
+            .map(String::as_str),
         Some("5")
     );
 }
@@ -602,15 +676,40 @@ fn manual_assignments_are_validated() {
         assignments: Some(a),
         configs: BTreeMap::new(),
     };
-    assert_eq!(code(h.create_topic(topic(vec![vec![0, 9]], -1))), 39, "unregistered");
-    assert_eq!(code(h.create_topic(topic(vec![vec![0, 0]], -1))), 39, "duplicate");
-    assert_eq!(code(h.create_topic(topic(vec![vec![0, 1], vec![2]], -1))), 39, "uneven");
-    assert_eq!(code(h.create_topic(topic(vec![vec![0]], 3))), 42, "both given");
-    assert_eq!(code(h.create_topic(topic(vec![vec![3]], -1))), 39, "only fenced replicas");
-    let t = h.create_topic(topic(vec![vec![2, 3], vec![1, 0]], -1)).unwrap();
+    assert_eq!(
+        code(h.create_topic(topic(vec![vec![0, 9]], -1))),
+        39,
+        "unregistered"
+    );
+    assert_eq!(
+        code(h.create_topic(topic(vec![vec![0, 0]], -1))),
+        39,
+        "duplicate"
+    );
+    assert_eq!(
+        code(h.create_topic(topic(vec![vec![0, 1], vec![2]], -1))),
+        39,
+        "uneven"
+    );
+    assert_eq!(
+        code(h.create_topic(topic(vec![vec![0]], 3))),
+        42,
+        "both given"
+    );
+    assert_eq!(
+        code(h.create_topic(topic(vec![vec![3]], -1))),
+        39,
+        "only fenced replicas"
+    );
+    let t = h
+        .create_topic(topic(vec![vec![2, 3], vec![1, 0]], -1))
+        .unwrap();
     assert_eq!((t.num_partitions, t.replication_factor), (2, 2));
     let p = h.partition("m", 0);
-    assert_eq!((p.replicas.clone(), p.isr.clone(), p.leader), (vec![2, 3], vec![2], 2));
+    assert_eq!(
+        (p.replicas.clone(), p.isr.clone(), p.leader),
+        (vec![2, 3], vec![2], 2)
+    );
 }
 
 #[test]
@@ -667,7 +766,11 @@ fn create_partitions_keeps_the_replication_factor() {
     assert_eq!(code(result(&mut h, req(2, None))), 37);
     assert_eq!(code(result(&mut h, req(1, None))), 37);
     assert_eq!(code(result(&mut h, req(4, Some(vec![vec![0, 1]])))), 39);
-    assert_eq!(code(result(&mut h, req(3, Some(vec![vec![0]])))), 39, "wrong rf");
+    assert_eq!(
+        code(result(&mut h, req(3, Some(vec![vec![0]])))),
+        39,
+        "wrong rf"
+    );
     result(&mut h, req(3, Some(vec![vec![2, 0]]))).unwrap();
     result(&mut h, req(6, None)).unwrap();
     let topic = h.c.image().topic("t").unwrap();
