@@ -107,8 +107,8 @@ pub struct AlterPartitionResult {
 }
 
 /// One topic of a CreateTopics request. `num_partitions` and `replication_factor` are
-/// -1 for the defaults; `assignments` (partition `i` gets `assignments[i]`) excludes
-/// both. `configs` are already validated by the broker.
+/// -1 for the defaults; `assignments` (partition `i` gets `assignments[i]`; `None` or
+/// empty when not given, as the protocol's empty array) excludes both. `configs` are already validated by the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatableTopic {
     pub name: String,
