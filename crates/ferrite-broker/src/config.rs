@@ -167,13 +167,32 @@ impl BrokerConfig {
             "node.id" => self.node_id = parse_num(key, value, 0)?,
             "broker.rack" => self.rack = Some(value.to_string()).filter(|r| !r.is_empty()),
             "listeners" => {
-                let addr = value.rsplit("://").next().unwrap_or(value);
-                self.listen = addr
-                    .parse()
-                    .map_err(|_| invalid(key, value, "expected HOST:PORT"))?;
+                let addr = client_listener(value);
+                let (host, port) =
+                    parse_listen(addr).ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?;
+                self.listen = match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, port),
+                    Err(_) => {
+                        // A host name (localhost): bind what it resolves to, IPv4 first,
+                        // and advertise the name itself, as Kafka does.
+                        let mut addrs: Vec<SocketAddr> =
+                            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                                .map_err(|e| invalid(key, value, &format!("cannot resolve: {e}")))?
+                                .collect();
+                        addrs.sort_by_key(|a| !a.is_ipv4());
+                        let first = addrs
+                            .first()
+                            .copied()
+                            .ok_or_else(|| invalid(key, value, "resolves to no address"))?;
+                        if self.advertised_listener.is_none() && port != 0 {
+                            self.advertised_listener = Some((host, port));
+                        }
+                        first
+                    }
+                };
             }
             "advertised.listeners" => {
-                let addr = value.rsplit("://").next().unwrap_or(value);
+                let addr = client_listener(value);
                 self.advertised_listener = Some(
                     parse_host_port(addr)
                         .ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?,
@@ -299,6 +318,25 @@ impl BrokerConfig {
             }
             _ => return None,
         })
+    }
+}
+
+/// The address of the client listener in a Kafka `listeners` value: the first entry that
+/// is not the KRaft controller's (`PLAINTEXT://:9092,CONTROLLER://:9093` gives `:9092`).
+fn client_listener(value: &str) -> &str {
+    let entries = || value.split(',').map(str::trim).filter(|e| !e.is_empty());
+    let entry = entries()
+        .find(|e| !e.to_ascii_uppercase().starts_with("CONTROLLER://"))
+        .or_else(|| entries().next())
+        .unwrap_or(value);
+    entry.rsplit("://").next().unwrap_or(entry)
+}
+
+/// `HOST:PORT` to bind; an empty host (`:9092`, Kafka's "every interface") is 0.0.0.0.
+fn parse_listen(s: &str) -> Option<(String, u16)> {
+    match s.strip_prefix(':') {
+        Some(port) => Some(("0.0.0.0".to_string(), port.parse().ok()?)),
+        None => parse_host_port(s),
     }
 }
 

@@ -42,63 +42,177 @@ pub struct BenchArgs {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Produce messages and report throughput and delivery latency.
-    Produce(Load),
+    Produce(ProduceBench),
     /// Consume a topic from the beginning and report throughput.
-    Consume(Load),
+    Consume(ConsumeBench),
     /// Produce at a fixed rate while consuming; report end-to-end latency.
-    E2e(Load),
+    E2e(ProduceBench),
 }
 
+impl BenchArgs {
+    pub fn json(&self) -> bool {
+        match &self.command {
+            BenchCommand::Produce(b) | BenchCommand::E2e(b) => b.target.json,
+            BenchCommand::Consume(b) => b.target.json,
+        }
+    }
+}
+
+/// Options every bench workload takes.
 #[derive(Args, Clone)]
-struct Load {
-    #[arg(long, default_value = "127.0.0.1:9092")]
+struct Target {
+    /// Broker(s) to bootstrap from, comma separated.
+    #[arg(
+        short = 'b',
+        long,
+        env = "FERRITE_BOOTSTRAP_SERVER",
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT"
+    )]
     bootstrap_server: String,
+    /// Topic to load (created when missing).
     #[arg(long, default_value = "ferrite-bench")]
     topic: String,
     /// Partitions of the topic when it has to be created.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
-    /// Bytes per message value.
-    #[arg(long, default_value_t = 1024)]
-    message_size: usize,
-    /// Messages to send (or read); default 1,000,000 unless --duration is given.
-    #[arg(long)]
-    count: Option<u64>,
-    /// Seconds to run.
-    #[arg(long)]
-    duration: Option<u64>,
     /// Overall bound in seconds: the run stops (and reports what it did) after this,
     /// whatever --count says.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     timeout: u64,
-    #[arg(long, default_value = "1")]
-    acks: String,
-    #[arg(long, default_value_t = 5)]
-    linger_ms: u64,
-    /// Producer batch.size in bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
-    batch_size: u64,
-    /// none, gzip, snappy, lz4 or zstd.
-    #[arg(long, default_value = "none")]
-    compression: String,
-    /// none, random, or fixed:N (N distinct keys).
-    #[arg(long, default_value = "none")]
-    keys: String,
-    /// Producer instances, each on its own thread.
-    #[arg(long, default_value_t = 1)]
-    producers: u32,
-    /// Target messages per second over all producers (fixed rate).
-    #[arg(long)]
-    rate: Option<u64>,
-    /// Consume as this consumer group (subscribe) instead of assigning partitions.
-    #[arg(long)]
-    group: Option<String>,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Write an SVG of the latency percentiles and throughput over time.
+    /// Write an SVG of the latency percentiles and throughput over time [default: none].
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<String>,
+}
+
+/// `bench produce` and `bench e2e`.
+#[derive(Args, Clone)]
+struct ProduceBench {
+    #[command(flatten)]
+    target: Target,
+    /// Bytes per message value.
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    message_size: usize,
+    /// Messages to send [default: 1,000,000; with --duration, as many as fit; e2e:
+    /// --rate times --duration (10 s unless given)].
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Seconds to run [default: until --count is sent].
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
+    /// Acknowledgements per request: 0, 1 or all.
+    #[arg(long, default_value = "1")]
+    acks: String,
+    /// Producer linger.ms: how long a batch waits to fill.
+    #[arg(long, default_value_t = 5, value_name = "MS")]
+    linger_ms: u64,
+    /// Producer batch.size in bytes.
+    #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
+    batch_size: u64,
+    /// Batch compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// Message keys: none, random, or fixed:N (N distinct keys).
+    #[arg(long, default_value = "none")]
+    keys: String,
+    /// Producer instances, each on its own thread.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    producers: u32,
+    /// Target messages per second over all producers (fixed rate; e2e requires it)
+    /// [default: as fast as possible].
+    #[arg(long, value_name = "N")]
+    rate: Option<u64>,
+}
+
+/// `bench consume`.
+#[derive(Args, Clone)]
+struct ConsumeBench {
+    #[command(flatten)]
+    target: Target,
+    /// Messages to read [default: everything in the topic when the run starts].
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Seconds to run [default: until --count is read].
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
+    /// Consume as this consumer group (subscribe) instead of assigning partitions
+    /// [default: assign, no group].
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+}
+
+/// What a workload runs with: its subcommand's options, the rest at their defaults.
+#[derive(Clone)]
+struct Load {
+    bootstrap_server: String,
+    topic: String,
+    partitions: i32,
+    message_size: usize,
+    count: Option<u64>,
+    duration: Option<u64>,
+    timeout: u64,
+    acks: String,
+    linger_ms: u64,
+    batch_size: u64,
+    compression: String,
+    keys: String,
+    producers: u32,
+    rate: Option<u64>,
+    group: Option<String>,
+    json: bool,
+    plot: Option<String>,
+}
+
+impl Load {
+    fn produce(b: &ProduceBench) -> Load {
+        let t = b.target.clone();
+        Load {
+            bootstrap_server: t.bootstrap_server,
+            topic: t.topic,
+            partitions: t.partitions,
+            message_size: b.message_size,
+            count: b.count,
+            duration: b.duration,
+            timeout: t.timeout,
+            acks: b.acks.clone(),
+            linger_ms: b.linger_ms,
+            batch_size: b.batch_size,
+            compression: b.compression.clone(),
+            keys: b.keys.clone(),
+            producers: b.producers,
+            rate: b.rate,
+            group: None,
+            json: t.json,
+            plot: t.plot,
+        }
+    }
+
+    fn consume(b: &ConsumeBench) -> Load {
+        let t = b.target.clone();
+        Load {
+            bootstrap_server: t.bootstrap_server,
+            topic: t.topic,
+            partitions: t.partitions,
+            // Reported from what was read; the producer options are unused.
+            message_size: 0,
+            count: b.count,
+            duration: b.duration,
+            timeout: t.timeout,
+            acks: String::new(),
+            linger_ms: 0,
+            batch_size: 0,
+            compression: String::new(),
+            keys: String::new(),
+            producers: 0,
+            rate: None,
+            group: b.group.clone(),
+            json: t.json,
+            plot: t.plot,
+        }
+    }
 }
 
 fn now_us() -> u64 {
@@ -637,9 +751,9 @@ fn consume(
 
 pub async fn bench(args: BenchArgs) -> Result<()> {
     let (kind, load) = match &args.command {
-        BenchCommand::Produce(l) => ("produce", l.clone()),
-        BenchCommand::Consume(l) => ("consume", l.clone()),
-        BenchCommand::E2e(l) => ("e2e", l.clone()),
+        BenchCommand::Produce(b) => ("produce", Load::produce(b)),
+        BenchCommand::Consume(b) => ("consume", Load::consume(b)),
+        BenchCommand::E2e(b) => ("e2e", Load::produce(b)),
     };
     let run_seconds = load
         .duration

@@ -24,6 +24,17 @@ pub struct GroupArgs {
     command: GroupCommand,
 }
 
+impl GroupArgs {
+    pub fn json(&self) -> bool {
+        match &self.command {
+            GroupCommand::List { common }
+            | GroupCommand::Describe { common, .. }
+            | GroupCommand::Delete { common, .. }
+            | GroupCommand::ResetOffsets { common, .. } => common.json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum GroupCommand {
     /// List consumer groups and their states.
@@ -44,24 +55,48 @@ enum GroupCommand {
         common: Common,
     },
     /// Move a group's committed offsets. The group must be empty (no running consumers).
+    /// Prints the plan; commits it only with --execute.
     ResetOffsets {
+        /// Consumer group.
         group: String,
         /// Topic whose partitions are reset.
+        #[arg(
+            long,
+            required_unless_present = "all_topics",
+            conflicts_with = "all_topics"
+        )]
+        topic: Option<String>,
+        /// Every topic the group has committed offsets for.
         #[arg(long)]
-        topic: String,
+        all_topics: bool,
+        /// Only these partitions, comma separated (e.g. `0,2`) [default: all].
+        #[arg(long, value_delimiter = ',', value_name = "N,...")]
+        partitions: Vec<i32>,
+        /// To the log start offset.
         #[arg(long, group = "target")]
         to_earliest: bool,
+        /// To the log end offset.
         #[arg(long, group = "target")]
         to_latest: bool,
+        /// To the offsets committed now (clamped into the log; partitions without a
+        /// commit are left out).
+        #[arg(long, group = "target")]
+        to_current: bool,
+        /// To this offset in every partition (clamped into the log).
         #[arg(long, group = "target", value_name = "OFFSET")]
         to_offset: Option<i64>,
-        /// Milliseconds since the epoch, or RFC 3339 like 2026-11-22T10:00:00Z.
+        /// To the first message at or after this time: milliseconds since the epoch, or
+        /// RFC 3339 like 2026-11-22T10:00:00Z.
         #[arg(long, group = "target", value_name = "DATETIME")]
         to_datetime: Option<String>,
+        /// To the first message at or after this long ago: ISO 8601 (PT1H, P1DT12H) or
+        /// a number with ms, s, m, h or d (90m).
+        #[arg(long, group = "target", value_name = "DURATION")]
+        by_duration: Option<String>,
         /// Move every committed offset by N (negative goes back).
         #[arg(long, group = "target", value_name = "N", allow_hyphen_values = true)]
         shift_by: Option<i64>,
-        /// Print the plan without committing (the default unless --execute).
+        /// Print the plan without committing (what happens without --execute too).
         #[arg(long)]
         dry_run: bool,
         /// Commit the new offsets.
@@ -73,11 +108,8 @@ enum GroupCommand {
 }
 
 fn consumer(common: &Common, group: &str) -> Result<BaseConsumer> {
-    let mut c = rdkafka::config::ClientConfig::new();
-    c.set("bootstrap.servers", &common.bootstrap_server)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("log_level", "3");
+    let mut c = crate::client::client_config(common)?;
+    c.set("group.id", group).set("enable.auto.commit", "false");
     c.create().context("cannot create client")
 }
 
@@ -241,13 +273,14 @@ pub async fn group(args: GroupArgs) -> Result<()> {
             }
         }
         GroupCommand::Delete { group, common } => {
-            let mut cfg = rdkafka::config::ClientConfig::new();
-            cfg.set("bootstrap.servers", &common.bootstrap_server)
-                .set("log_level", "3");
-            let admin: AdminClient<DefaultClientContext> = cfg.create()?;
+            let admin: AdminClient<DefaultClientContext> =
+                crate::client::client_config(&common)?.create()?;
             let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
             for r in admin.delete_groups(&[&group], &opts).await? {
-                r.map_err(|(g, code)| anyhow!("cannot delete group {g}: {code}"))?;
+                // DeleteGroups results carry no message: the code and librdkafka's text.
+                r.map_err(|(g, code)| {
+                    crate::wire::rdkafka_error(format!("cannot delete group {g}"), code)
+                })?;
             }
             println!(
                 "{}",
@@ -261,10 +294,14 @@ pub async fn group(args: GroupArgs) -> Result<()> {
         GroupCommand::ResetOffsets {
             group,
             topic,
+            all_topics,
+            partitions,
             to_earliest,
             to_latest,
+            to_current,
             to_offset,
             to_datetime,
+            by_duration,
             shift_by,
             dry_run: _,
             execute,
@@ -280,10 +317,55 @@ pub async fn group(args: GroupArgs) -> Result<()> {
                     );
                 }
             }
-            let commits = committed(&c, std::slice::from_ref(&topic))?;
-            if commits.is_empty() {
-                bail!("topic {topic} has no partitions");
+            let topics: Vec<String> = match &topic {
+                Some(t) => vec![t.clone()],
+                None => {
+                    let md = c.fetch_metadata(None, TIMEOUT)?;
+                    md.topics()
+                        .iter()
+                        .map(|t| t.name().to_string())
+                        .filter(|t| !t.starts_with("__"))
+                        .collect()
+                }
+            };
+            let mut commits = committed(&c, &topics)?;
+            if all_topics {
+                // The group's topics are those it has committed offsets for.
+                let with_commits: std::collections::BTreeSet<String> = commits
+                    .iter()
+                    .filter(|(_, _, o)| o.is_some())
+                    .map(|(t, _, _)| t.clone())
+                    .collect();
+                commits.retain(|(t, _, _)| with_commits.contains(t));
             }
+            if !partitions.is_empty() {
+                for p in &partitions {
+                    if !commits.iter().any(|(_, q, _)| q == p) {
+                        bail!("no partition {p} in {}", topics.join(", "));
+                    }
+                }
+                commits.retain(|(_, p, _)| partitions.contains(p));
+            }
+            if to_current {
+                commits.retain(|(_, _, o)| o.is_some());
+            }
+            if commits.is_empty() {
+                match &topic {
+                    Some(t) => bail!("topic {t} has no partitions to reset"),
+                    None => bail!("group {group} has no committed offsets to reset"),
+                }
+            }
+            // A time to seek to: --to-datetime, or --by-duration back from now.
+            let seek_ms = match (&to_datetime, &by_duration) {
+                (Some(dt), _) => Some(parse_datetime(dt)?),
+                (None, Some(d)) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    Some(now - parse_duration_ms(d)?)
+                }
+                (None, None) => None,
+            };
             let mut plan = Vec::new();
             for (t, p, current) in &commits {
                 let (low, high) = c.fetch_watermarks(t, *p, TIMEOUT)?;
@@ -291,10 +373,11 @@ pub async fn group(args: GroupArgs) -> Result<()> {
                     low
                 } else if to_latest {
                     high
+                } else if to_current {
+                    current.unwrap_or(high)
                 } else if let Some(o) = to_offset {
                     o
-                } else if let Some(dt) = &to_datetime {
-                    let ts = parse_datetime(dt)?;
+                } else if let Some(ts) = seek_ms {
                     let mut q = TopicPartitionList::new();
                     q.add_partition_offset(t, *p, Offset::Offset(ts))?;
                     let r = c.offsets_for_times(q, TIMEOUT)?;
@@ -305,7 +388,7 @@ pub async fn group(args: GroupArgs) -> Result<()> {
                 } else if let Some(n) = shift_by {
                     current.unwrap_or(low) + n
                 } else {
-                    bail!("say where to: --to-earliest, --to-latest, --to-offset, --to-datetime or --shift-by");
+                    bail!("say where to: --to-earliest, --to-latest, --to-current, --to-offset, --to-datetime, --by-duration or --shift-by");
                 };
                 // Like Kafka's tool, clamp into the range that exists.
                 plan.push((t.clone(), *p, *current, target.clamp(low, high)));
@@ -381,9 +464,85 @@ fn parse_datetime(s: &str) -> Result<i64> {
     Ok(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + millis)
 }
 
+/// Milliseconds in an ISO 8601 duration (`PT1H30M`, `P1DT2H`, `PT0.5S`; days are 24 h,
+/// as Kafka's tool takes them) or a number with a unit: `500ms`, `30s`, `90m`, `2h`, `1d`.
+fn parse_duration_ms(s: &str) -> Result<i64> {
+    let bad =
+        || anyhow!("cannot parse duration `{s}`: use ISO 8601 (PT1H, P1DT12H) or 30s, 90m, 2h, 1d");
+    let upper = s.trim().to_ascii_uppercase();
+    let ms = if let Some(iso) = upper.strip_prefix('P') {
+        let (days, time) = match iso.split_once('T') {
+            Some((d, t)) => (d, t),
+            None => (iso, ""),
+        };
+        let mut total = 0f64;
+        let mut number = String::new();
+        for (part, units) in [
+            (days, &[('W', 7.0 * 86_400_000.0), ('D', 86_400_000.0)][..]),
+            (
+                time,
+                &[('H', 3_600_000.0), ('M', 60_000.0), ('S', 1000.0)][..],
+            ),
+        ] {
+            for c in part.chars() {
+                if c.is_ascii_digit() || c == '.' {
+                    number.push(c);
+                    continue;
+                }
+                let unit = units
+                    .iter()
+                    .find(|(u, _)| *u == c)
+                    .map(|(_, m)| *m)
+                    .ok_or_else(bad)?;
+                total += number.parse::<f64>().map_err(|_| bad())? * unit;
+                number.clear();
+            }
+            if !number.is_empty() {
+                return Err(bad());
+            }
+        }
+        if iso.is_empty() || iso == "T" {
+            return Err(bad());
+        }
+        total
+    } else {
+        let lower = s.trim().to_ascii_lowercase();
+        let split = lower
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let (n, unit) = lower.split_at(split);
+        let n: f64 = n.parse().map_err(|_| bad())?;
+        let unit_ms = match unit {
+            "ms" => 1.0,
+            "s" => 1000.0,
+            "m" => 60_000.0,
+            "h" => 3_600_000.0,
+            "d" => 86_400_000.0,
+            _ => return Err(bad()),
+        };
+        n * unit_ms
+    };
+    if !ms.is_finite() || ms < 0.0 {
+        return Err(bad());
+    }
+    Ok(ms as i64)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_datetime;
+    use super::{parse_datetime, parse_duration_ms};
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("PT1H").ok(), Some(3_600_000));
+        assert_eq!(parse_duration_ms("P1DT2H30M").ok(), Some(95_400_000));
+        assert_eq!(parse_duration_ms("PT0.5S").ok(), Some(500));
+        assert_eq!(parse_duration_ms("90m").ok(), Some(5_400_000));
+        assert_eq!(parse_duration_ms("1d").ok(), Some(86_400_000));
+        assert!(parse_duration_ms("P").is_err());
+        assert!(parse_duration_ms("PT5X").is_err());
+        assert!(parse_duration_ms("soon").is_err());
+    }
 
     #[test]
     fn datetimes() {

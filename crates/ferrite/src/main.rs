@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod group;
+mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,8 +18,10 @@ use ferrite_broker::{Broker, BrokerConfig};
     about = "A Kafka-compatible distributed commit log"
 )]
 struct Cli {
-    /// Log filter (overrides RUST_LOG), e.g. `info` or `ferrite_broker=debug`.
-    #[arg(long, global = true)]
+    /// Log filter, overriding RUST_LOG: a level (error, warn, info, debug, trace) or
+    /// directives like `info,ferrite_broker=debug` [default: info for `server`,
+    /// warn for the client subcommands].
+    #[arg(long, global = true, value_parser = parse_log_filter, value_name = "FILTER")]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
@@ -40,24 +43,50 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+impl Command {
+    /// Whether the subcommand was asked for JSON output (errors are JSON then too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Server(_) => false,
+            Command::Topic(a) => a.json(),
+            Command::Produce(a) => a.json(),
+            Command::Consume(a) => a.json(),
+            Command::Group(a) => a.json(),
+            Command::Bench(a) => a.json(),
+        }
+    }
+}
+
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| {
+            format!("{e}; expected a level (error, warn, info, debug, trace) or directives like `info,ferrite_broker=debug`")
+        })
+}
+
 #[derive(Args)]
 struct ServerArgs {
-    /// Address to listen on.
+    /// Address to listen on (listeners); a host name such as localhost is resolved and
+    /// advertised as given. 0.0.0.0 needs --advertised-listener [default: 127.0.0.1:9092].
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// Address given to clients in metadata (defaults to the bound address).
+    /// Address given to clients in metadata (advertised.listeners) [default: the
+    /// --listen host name, else the bound address].
     #[arg(long, value_name = "HOST:PORT")]
     advertised_listener: Option<String>,
-    /// Data directory.
+    /// Data directory (log.dirs) [default: ./ferrite-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// This broker's node id.
+    /// This broker's node id (node.id) [default: 0].
     #[arg(long, value_name = "N")]
     node_id: Option<i32>,
-    /// This broker's rack, for replica placement.
+    /// This broker's rack (broker.rack), for replica placement [default: none].
     #[arg(long, value_name = "NAME")]
     rack: Option<String>,
-    /// TOML file of broker configs (Kafka key names, e.g. `"num.partitions" = 3`).
+    /// Broker configs with Kafka's key names: a Kafka `server.properties` file
+    /// (`num.partitions=3`) or TOML (`"num.partitions" = 3`), told apart by the
+    /// extension (.properties, .toml) or else by the content [default: none].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Any broker config, Kafka key names; repeatable. Applied after --config.
@@ -79,14 +108,22 @@ fn main() -> ExitCode {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| default_filter.to_string());
+    let env_filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => f,
+        Err(e) => {
+            // Only RUST_LOG gets here (--log-level is checked by the parser).
+            eprintln!(
+                "ferrite: RUST_LOG={filter} is not a log filter ({e}); using {default_filter}"
+            );
+            tracing_subscriber::EnvFilter::new(default_filter)
+        }
+    };
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .init();
+    let json = cli.command.json();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -110,7 +147,17 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferrite: {e:#}");
+            if json {
+                let code = e
+                    .downcast_ref::<wire::BrokerError>()
+                    .map(|b| b.code.clone());
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"error": {"code": code, "message": format!("{e:#}")}})
+                );
+            } else {
+                eprintln!("ferrite: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -121,18 +168,7 @@ fn build_config(args: &ServerArgs) -> anyhow::Result<BrokerConfig> {
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{} is not valid TOML: {e}", path.display()))?;
-        for (key, value) in table {
-            let value = match value {
-                toml::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            config
-                .set(&key, &value)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        }
+        apply_config_file(&mut config, path, &text)?;
     }
     for kv in &args.set {
         let (k, v) = kv
@@ -155,7 +191,169 @@ fn build_config(args: &ServerArgs) -> anyhow::Result<BrokerConfig> {
     if let Some(r) = &args.rack {
         config.set("broker.rack", r)?;
     }
+    // As Kafka refuses it: clients cannot connect to the meta-address they would be told.
+    let unroutable = |host: &str| {
+        host.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+    };
+    match &config.advertised_listener {
+        Some((host, _)) if unroutable(host) => anyhow::bail!(
+            "--advertised-listener {host} is the non-routable meta-address; advertise an address clients can reach"
+        ),
+        None if config.listen.ip().is_unspecified() => anyhow::bail!(
+            "--listen {} binds every interface, but clients must be told an address they can \
+             reach: add --advertised-listener HOST:PORT (advertised.listeners), e.g. this \
+             machine's name or IP and port {}",
+            config.listen,
+            config.listen.port()
+        ),
+        _ => {}
+    }
     Ok(config)
+}
+
+/// Which syntax a `--config` file is in.
+#[derive(Debug, PartialEq, Eq)]
+enum ConfigSyntax {
+    Toml,
+    Properties,
+}
+
+fn config_syntax(path: &std::path::Path, text: &str) -> ConfigSyntax {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => ConfigSyntax::Toml,
+        Some("properties") | Some("conf") | Some("cfg") => ConfigSyntax::Properties,
+        // No telling extension: flat TOML is TOML. Kafka's `num.partitions=3` is also TOML,
+        // but of nested tables, which Ferrite's TOML never has: that and anything TOML
+        // rejects (`log.dirs=/tmp/x`) is a properties file.
+        _ => match text.parse::<toml::Table>() {
+            Ok(t) if !t.values().any(toml::Value::is_table) => ConfigSyntax::Toml,
+            _ => ConfigSyntax::Properties,
+        },
+    }
+}
+
+fn apply_config_file(
+    config: &mut BrokerConfig,
+    path: &std::path::Path,
+    text: &str,
+) -> anyhow::Result<()> {
+    let name = path.display();
+    match config_syntax(path, text) {
+        ConfigSyntax::Toml => {
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{name} is not valid TOML: {e}"))?;
+            for (key, value) in table {
+                let value = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Table(t) => {
+                        // `num.partitions = 3` is a table `num` holding `partitions`.
+                        let inner = t.keys().next().map_or(String::new(), |k| format!(".{k}"));
+                        anyhow::bail!(
+                            "{name}: `{key}{inner}` is read by TOML as nested tables; \
+                             quote the key: \"{key}{inner}\" = ... (or use a server.properties file)"
+                        );
+                    }
+                    other => other.to_string(),
+                };
+                config
+                    .set(&key, &value)
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            }
+        }
+        ConfigSyntax::Properties => {
+            // A Kafka file sets much that Ferrite has no use for (thread counts, KRaft
+            // controller settings): like Kafka with an unknown key, warn and go on.
+            let mut ignored = Vec::new();
+            for (line, key, value) in parse_properties(text) {
+                match config.set(&key, &value) {
+                    Ok(()) => {}
+                    Err(ferrite_broker::config::ConfigError::UnknownKey(k)) => ignored.push(k),
+                    Err(e) => anyhow::bail!("{name}:{line}: {e}"),
+                }
+            }
+            if !ignored.is_empty() {
+                tracing::warn!(file = %name, keys = %ignored.join(", "), "ignoring configs ferrite does not implement");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(line number, key, value)` of a Java properties file: `#`/`!` comments, `=`, `:` or
+/// white space between key and value, `\` line continuations and escapes.
+fn parse_properties(text: &str) -> Vec<(usize, String, String)> {
+    let mut out = Vec::new();
+    let mut lines = text.lines().enumerate();
+    while let Some((i, raw)) = lines.next() {
+        let mut logical = raw.trim_start().to_string();
+        if logical.is_empty() || logical.starts_with('#') || logical.starts_with('!') {
+            continue;
+        }
+        // An odd number of trailing backslashes continues the line.
+        while logical.chars().rev().take_while(|c| *c == '\\').count() % 2 == 1 {
+            logical.pop();
+            match lines.next() {
+                Some((_, next)) => logical.push_str(next.trim_start()),
+                None => break,
+            }
+        }
+        let mut key = String::new();
+        let mut chars = logical.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        key.push(unescape(n, &mut chars));
+                    }
+                }
+                '=' | ':' => break,
+                c if c.is_whitespace() => {
+                    while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                        chars.next();
+                    }
+                    if matches!(chars.peek(), Some('=') | Some(':')) {
+                        chars.next();
+                    }
+                    break;
+                }
+                c => key.push(c),
+            }
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                if let Some(n) = chars.next() {
+                    value.push(unescape(n, &mut chars));
+                }
+            } else {
+                value.push(c);
+            }
+        }
+        out.push((i + 1, key, value.trim_end().to_string()));
+    }
+    out
+}
+
+fn unescape(c: char, rest: &mut std::iter::Peekable<std::str::Chars<'_>>) -> char {
+    match c {
+        't' => '\t',
+        'n' => '\n',
+        'r' => '\r',
+        'f' => '\u{c}',
+        'u' => {
+            let hex: String = rest.by_ref().take(4).collect();
+            u32::from_str_radix(&hex, 16)
+                .ok()
+                .and_then(char::from_u32)
+                .unwrap_or('\u{fffd}')
+        }
+        other => other,
+    }
 }
 
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
@@ -188,5 +386,54 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_files_parse_as_java_does() {
+        let text = "# comment\n! also\n\nnum.partitions=3\nlog.dirs : /tmp/x\nbroker.rack  r1\n\
+                    listeners=PLAINTEXT://:9092,\\\n   CONTROLLER://:9093\nkey\\=with=v\\u0041 \n";
+        let got = parse_properties(text);
+        let kv: Vec<(&str, &str)> = got
+            .iter()
+            .map(|(_, k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            kv,
+            [
+                ("num.partitions", "3"),
+                ("log.dirs", "/tmp/x"),
+                ("broker.rack", "r1"),
+                ("listeners", "PLAINTEXT://:9092,CONTROLLER://:9093"),
+                ("key=with", "vA"),
+            ]
+        );
+        assert_eq!(got.first().map(|g| g.0), Some(4), "line numbers");
+    }
+
+    #[test]
+    fn config_syntax_by_extension_then_content() {
+        let p = std::path::Path::new;
+        assert_eq!(
+            config_syntax(p("a.properties"), "x = 1"),
+            ConfigSyntax::Properties
+        );
+        assert_eq!(config_syntax(p("a.toml"), "a=b"), ConfigSyntax::Toml);
+        assert_eq!(
+            config_syntax(p("a"), "\"num.partitions\" = 3"),
+            ConfigSyntax::Toml
+        );
+        assert_eq!(
+            config_syntax(p("a"), "num.partitions=3\nlog.dirs=/x"),
+            ConfigSyntax::Properties
+        );
+        assert_eq!(
+            config_syntax(p("a"), "num.partitions=3"),
+            ConfigSyntax::Properties
+        );
     }
 }

@@ -265,3 +265,319 @@ fn toml_config_file_sets_broker_configs() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Runs the binary with raw bytes on stdin; returns (success, stdout bytes, stderr).
+fn ferrite_bytes(server: &Server, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(args)
+        .args(["--bootstrap-server", &server.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let bytes = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        input.write_all(&bytes).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn produce_keeps_input_order_for_one_key() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "create", "ordered", "--partitions", "3"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let input: String = (0..10_000).map(|i| format!("k:{i}\n")).collect();
+    let (ok, out, err) = ferrite(
+        &server,
+        &["produce", "ordered", "--key-separator", ":", "--json"],
+        Some(&input),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["produced"], 10_000);
+    let p = partition_for_key(b"k", 3).to_string();
+    let (ok, out, err) = ferrite(
+        &server,
+        &[
+            "consume",
+            "ordered",
+            "--partition",
+            &p,
+            "--from-beginning",
+            "--exit-at-end",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let got: Vec<String> = out.lines().map(str::to_string).collect();
+    let want: Vec<String> = (0..10_000).map(|i| i.to_string()).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "same-key lines arrive in input order");
+}
+
+#[test]
+fn produce_and_consume_are_byte_exact() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(&server, &["topic", "create", "bytes"], None);
+    assert!(ok, "{err}");
+    // Every byte value but the newline, one message per value, then all of them in one.
+    let mut input = Vec::new();
+    let mut want: Vec<Vec<u8>> = Vec::new();
+    for b in (0..=255u8).filter(|b| *b != b'\n') {
+        want.push(vec![b]);
+    }
+    want.push((0..=255u8).filter(|b| *b != b'\n').collect());
+    for m in &want {
+        input.extend_from_slice(m);
+        input.push(b'\n');
+    }
+    let (ok, _, err) = ferrite_bytes(&server, &["produce", "bytes"], &input);
+    assert!(ok, "{err}");
+    // The newline byte itself, with NUL as the delimiter.
+    let with_newline: Vec<u8> = (1..=255u8).collect();
+    let mut input = with_newline.clone();
+    input.push(0);
+    let (ok, _, err) = ferrite_bytes(&server, &["produce", "bytes", "--delimiter", "\\0"], &input);
+    assert!(ok, "{err}");
+    want.push(with_newline);
+    let (ok, out, err) = ferrite_bytes(
+        &server,
+        &["consume", "bytes", "--from-beginning", "--exit-at-end"],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let mut expected = Vec::new();
+    for m in &want {
+        expected.extend_from_slice(m);
+        expected.push(b'\n');
+    }
+    assert!(out == expected, "raw values come back byte for byte");
+
+    // A line that cannot be sent is named by its line number.
+    let mut input = b"small\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 2_000_000));
+    input.push(b'\n');
+    let (ok, _, err) = ferrite_bytes(&server, &["produce", "bytes"], &input);
+    assert!(!ok);
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn produce_to_a_partition_with_headers() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "create", "hdr", "--partitions", "4"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = ferrite(
+        &server,
+        &[
+            "produce",
+            "hdr",
+            "--partition",
+            "2",
+            "--header",
+            "source=cli",
+            "--header",
+            "trace=a=b",
+        ],
+        Some("one\ntwo\n"),
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = ferrite(
+        &server,
+        &[
+            "consume",
+            "hdr",
+            "--from-beginning",
+            "--exit-at-end",
+            "--json",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let msgs: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(msgs.len(), 2);
+    for m in &msgs {
+        assert_eq!(m["partition"], 2);
+        assert_eq!(m["headers"][0]["key"], "source");
+        assert_eq!(m["headers"][0]["value"], "cli");
+        assert_eq!(m["headers"][1]["key"], "trace");
+        assert_eq!(m["headers"][1]["value"], "a=b");
+    }
+    let (ok, _, err) = ferrite(
+        &server,
+        &["produce", "hdr", "--partition", "9"],
+        Some("x\n"),
+    );
+    assert!(!ok);
+    assert!(err.contains("no partition 9"), "{err}");
+}
+
+fn group_members_and_lag(server: &Server, group: &str) -> (usize, i64, i64) {
+    let (ok, out, err) = ferrite(server, &["group", "describe", group, "--json"], None);
+    assert!(ok, "{err}");
+    let d = json(&out);
+    let rows = d["partitions"].as_array().unwrap();
+    let committed: i64 = rows
+        .iter()
+        .map(|r| r["committed_offset"].as_i64().unwrap_or(0))
+        .sum();
+    let lag: i64 = rows.iter().map(|r| r["lag"].as_i64().unwrap_or(0)).sum();
+    (d["members"].as_array().unwrap().len(), committed, lag)
+}
+
+#[test]
+fn group_consume_honours_options_and_commits_on_exit() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "create", "gc", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let input: String = (0..5_000).map(|i| format!("k{}:v{i}\n", i % 7)).collect();
+    let (ok, _, err) = ferrite(
+        &server,
+        &["produce", "gc", "--key-separator", ":", "--header", "h=1"],
+        Some(&input),
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = ferrite(
+        &server,
+        &[
+            "consume",
+            "gc",
+            "--group",
+            "g1",
+            "--from-beginning",
+            "--exit-at-end",
+            "--json",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let msgs: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(msgs.len(), 5_000);
+    for m in &msgs {
+        assert!(m["key"].as_str().unwrap().starts_with('k'));
+        assert!(m["timestamp"].as_i64().unwrap() > 0);
+        assert_eq!(m["headers"][0]["key"], "h");
+    }
+    // Committed on exit, and the member left: nothing to wait for.
+    assert_eq!(group_members_and_lag(&server, "g1"), (0, 5_000, 0));
+    // Again: from the committed offsets, so nothing; --format full marks null keys.
+    let (ok, out, err) = ferrite(&server, &["produce", "gc"], Some("no-key\n"));
+    assert!(ok, "{err}");
+    let (ok, out2, err) = ferrite(
+        &server,
+        &[
+            "consume",
+            "gc",
+            "--group",
+            "g1",
+            "--exit-at-end",
+            "--format",
+            "full",
+        ],
+        None,
+    );
+    assert!(ok, "{err} {out}");
+    let fields: Vec<&str> = out2.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 5, "{out2}");
+    assert_eq!(fields[3], "\\N", "a null key is \\N");
+    assert_eq!(fields[4], "no-key");
+    // Offsets that the group's commits would contradict are refused with a pointer.
+    let (ok, _, err) = ferrite(
+        &server,
+        &["consume", "gc", "--group", "g1", "--offset", "-5"],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("reset-offsets"), "{err}");
+}
+
+#[test]
+fn group_consumer_leaves_the_group_on_sigterm_and_sigint() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "create", "leave", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let input: String = (0..100).map(|i| format!("{i}\n")).collect();
+    let (ok, _, err) = ferrite(&server, &["produce", "leave"], Some(&input));
+    assert!(ok, "{err}");
+    let mut expected_commit = 100;
+    for signal in ["-TERM", "-INT"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["consume", "leave", "--group", "lg", "--from-beginning"])
+            .args(["--bootstrap-server", &server.addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read until it has printed everything: it is then a member holding both partitions.
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        let want = if signal == "-TERM" { 100 } else { 10 };
+        for _ in 0..want {
+            lines.next().unwrap().unwrap();
+        }
+        Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = wait_child(&mut child, std::time::Duration::from_secs(20));
+        assert!(status.success(), "{signal}: {status}");
+        // No member left behind until a session timeout: the group is free at once.
+        let (members, committed, _) = group_members_and_lag(&server, "lg");
+        assert_eq!((members, committed), (0, expected_commit), "{signal}");
+        let more: String = (0..10).map(|i| format!("more{i}\n")).collect();
+        let (ok, _, err) = ferrite(&server, &["produce", "leave"], Some(&more));
+        assert!(ok, "{err}");
+        expected_commit += 10;
+    }
+    // Another member gets the partitions at once and starts at the commits.
+    let (ok, out, err) = ferrite(
+        &server,
+        &["consume", "leave", "--group", "lg", "--exit-at-end"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 10, "{out}");
+}
+
+/// Waits (bounded) for `child` to exit; kills it and fails past the timeout.
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
