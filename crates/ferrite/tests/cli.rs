@@ -581,3 +581,218 @@ fn wait_child(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn errors_carry_the_brokers_message_and_are_json_under_json() {
+    let server = Server::start(&[]);
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "create", "e", "--replication-factor", "3"],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("INVALID_REPLICATION_FACTOR"), "{err}");
+    assert!(
+        err.contains("available brokers"),
+        "the broker's message: {err}"
+    );
+    let (ok, _, err) = ferrite(
+        &server,
+        &[
+            "topic",
+            "create",
+            "e",
+            "--replication-factor",
+            "3",
+            "--json",
+        ],
+        None,
+    );
+    assert!(!ok);
+    let e = json(&err);
+    assert_eq!(e["error"]["code"], "INVALID_REPLICATION_FACTOR");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("available brokers"));
+    let (ok, _, err) = ferrite(&server, &["topic", "create", "e"], None);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ferrite(&server, &["topic", "alter", "e"], None);
+    assert!(!ok);
+    assert!(err.contains("nothing to alter"), "{err}");
+    let (ok, _, err) = ferrite(
+        &server,
+        &["topic", "alter", "e", "--config", "no.such.config=1"],
+        None,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("INVALID_CONFIG") && err.contains("no.such.config"),
+        "{err}"
+    );
+    let (ok, _, err) = ferrite(&server, &["topic", "delete", "nope", "--json"], None);
+    assert!(!ok);
+    assert_eq!(json(&err)["error"]["code"], "UNKNOWN_TOPIC_OR_PARTITION");
+
+    // A port nobody listens on: refused at once, said once, for admin and client commands.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    for args in [
+        vec!["topic", "create", "x"],
+        vec!["topic", "list"],
+        vec!["consume", "x"],
+        vec!["group", "list"],
+    ] {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(&args)
+            .args(["-b", &closed])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(
+            err.matches("connection refused").count(),
+            1,
+            "{args:?}: {err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{args:?}"
+        );
+    }
+    // The environment variable names the broker too.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["topic", "list", "--json"])
+        .env("FERRITE_BOOTSTRAP_SERVER", &server.addr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|t| t == "e"));
+}
+
+/// Starts `ferrite server` with `args`; returns the child and its ready line, or the
+/// exit status and stderr when it refuses to start.
+fn server_with(args: &[&str]) -> Result<(std::process::Child, String), String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .arg("server")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    if line.starts_with("ferrite ready") {
+        return Ok((child, line));
+    }
+    let status = wait_child(&mut child, std::time::Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    Err(format!("{status}: {err}"))
+}
+
+fn stop(mut child: std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_child(&mut child, std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn topic_create_takes_the_brokers_defaults_and_listen_accepts_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    let (child, line) = server_with(&[
+        "--listen",
+        "localhost:0",
+        "--data-dir",
+        data,
+        "--set",
+        "num.partitions=3",
+    ])
+    .unwrap();
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+    let server = Server::at(&addr);
+    let (ok, out, err) = ferrite(&server, &["topic", "create", "d", "--json"], None);
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["partitions"], 3, "{out}");
+    assert_eq!(json(&out)["replication_factor"], 1, "{out}");
+    let (_, out, _) = ferrite(&server, &["topic", "describe", "d", "--json"], None);
+    assert_eq!(json(&out)["partitions"].as_array().unwrap().len(), 3);
+    stop(child);
+
+    // 0.0.0.0 without an advertised address is refused, saying what to add.
+    let err = server_with(&["--listen", "0.0.0.0:0", "--data-dir", data]).unwrap_err();
+    assert!(err.contains("--advertised-listener"), "{err}");
+    let (child, _) = server_with(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--advertised-listener",
+        "127.0.0.1:9",
+        "--data-dir",
+        data,
+    ])
+    .unwrap();
+    stop(child);
+}
+
+#[test]
+fn config_files_in_kafka_properties_and_toml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // As Kafka's own config/server.properties writes it, with settings Ferrite has no use for.
+    let props = tmp.path().join("server.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "# Kafka broker\nprocess.roles=broker,controller\nnode.id=0\n\
+             controller.quorum.voters=0@localhost:9093\n\
+             listeners=PLAINTEXT://127.0.0.1:0,CONTROLLER://:9093\n\
+             num.network.threads=3\nlog.dirs={}\nnum.partitions=2\n\
+             log.retention.hours=168\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (child, line) = server_with(&["--config", props.to_str().unwrap()]).unwrap();
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+    let server = Server::at(&addr);
+    let (ok, out, err) = ferrite(&server, &["topic", "create", "p", "--json"], None);
+    assert!(ok, "{err}");
+    assert_eq!(
+        json(&out)["partitions"],
+        2,
+        "num.partitions from server.properties"
+    );
+    stop(child);
+    assert!(
+        data.join("meta.properties").exists(),
+        "log.dirs from server.properties"
+    );
+
+    // A bad value in a properties file names the line.
+    std::fs::write(&props, "num.partitions=3\nnum.partitions=many\n").unwrap();
+    let err = server_with(&["--config", props.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains("server.properties:2"), "{err}");
+
+    // TOML with an unquoted dotted key: a hint to quote it.
+    let toml = tmp.path().join("ferrite.toml");
+    std::fs::write(&toml, "num.partitions = 3\n").unwrap();
+    let err = server_with(&["--config", toml.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains("\"num.partitions\" = "), "{err}");
+}

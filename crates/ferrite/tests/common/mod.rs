@@ -77,6 +77,17 @@ impl Server {
         }
     }
 
+    /// A handle on a server started elsewhere (not stopped by this handle).
+    pub fn at(addr: &str) -> Server {
+        Server {
+            child: None,
+            addr: addr.to_string(),
+            data_dir: PathBuf::new(),
+            extra: vec![],
+            _tmp: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
