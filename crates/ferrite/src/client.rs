@@ -111,7 +111,7 @@ enum TopicCommand {
         /// Replicas per partition [default: the broker's default.replication.factor].
         #[arg(long, value_name = "N")]
         replication_factor: Option<i16>,
-        /// Topic config KEY=VALUE; repeatable.
+        /// Topic config KEY=VALUE; repeatable [default: the broker's defaults].
         #[arg(long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
         #[command(flatten)]
@@ -661,7 +661,8 @@ pub struct ConsumeArgs {
     /// offset, and only `earliest`/`latest` [default: latest].
     #[arg(long, value_parser = parse_start, allow_hyphen_values = true, value_name = "OFFSET")]
     offset: Option<Start>,
-    /// Start at the first message with a timestamp at or after this (ms since the epoch).
+    /// Start at the first message with a timestamp at or after this (ms since the epoch)
+    /// [default: none, see --offset].
     #[arg(long, value_name = "MS", conflicts_with = "group")]
     timestamp: Option<i64>,
     /// Only this partition [default: all partitions]. Not with --group (the group assigns).

@@ -44,12 +44,14 @@ enum GroupCommand {
     },
     /// Show state, protocol, members and, per partition, committed offset, log end offset and lag.
     Describe {
+        /// Consumer group.
         group: String,
         #[command(flatten)]
         common: Common,
     },
     /// Delete an empty group and its committed offsets.
     Delete {
+        /// Consumer group.
         group: String,
         #[command(flatten)]
         common: Common,

@@ -58,6 +58,16 @@ impl Command {
 }
 
 fn parse_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    // A lone word would parse as a target name (`--log-level verbose` enabling
+    // everything for a target called "verbose"): a lone word must be a level.
+    let lone_word = !s.contains(['=', ',', ':', '[']);
+    if lone_word && !LEVELS.contains(&s.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "expected a level ({}) or directives like `info,ferrite_broker=debug`",
+            LEVELS.join(", ")
+        ));
+    }
     tracing_subscriber::EnvFilter::try_new(s)
         .map(|_| s.to_string())
         .map_err(|e| {
