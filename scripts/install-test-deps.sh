@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
 # Installs what the test suites need on a fresh Debian machine; a no-op when present.
+# System packages come from apt (as root, or through sudo): kcat, a C toolchain for the
+# bundled librdkafka (gcc, make), and python3-venv. The Python clients go into a virtual
+# environment, ./.venv (VENV to move it), never into the system Python, which Debian
+# marks externally managed.
 set -euo pipefail
-if ! command -v kcat >/dev/null 2>&1; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq kcat >/dev/null
+cd "$(dirname "$0")/.."
+venv="${VENV:-$PWD/.venv}"
+
+missing=()
+command -v kcat >/dev/null 2>&1 || missing+=(kcat)
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
 fi
-python3 -m pip install -q --disable-pip-version-check \
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  echo "== apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install Rust 1.89 or newer with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
   'confluent-kafka==2.16.1' 'kafka-python==2.3.3' 'pytest>=7,<9' \
   'lz4>=4' 'zstandard>=0.22' 'cramjam>=2.8' 'python-snappy>=0.7'

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The one test command (README): installs what the tests need on a fresh machine, then
 # runs every test: lints, Rust unit/property/integration tests (rdkafka against a real
-# `ferrite server`), and the Python (confluent-kafka, kafka-python) and kcat suites.
+# `ferrite server`), and the Python (confluent-kafka, kafka-python, from ./.venv) and
+# kcat suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
+venv="${VENV:-$PWD/.venv}"
 
+# Every cargo step that resolves dependencies takes --locked: the tests build exactly
+# Cargo.lock (rustfmt reads no dependencies).
 echo "== rustfmt"
 cargo fmt --all --check
 
@@ -19,8 +23,8 @@ echo "== cargo test (PROPTEST_RNG_SEED=${PROPTEST_RNG_SEED:-20261123, from .carg
 cargo test --workspace --locked
 
 echo "== fuzz targets build (runs need nightly; the same properties run as proptests above)"
-cargo check --manifest-path fuzz/Cargo.toml
+cargo check --locked --manifest-path fuzz/Cargo.toml
 
 echo "== python + kcat suites"
 export FERRITE_BIN="$PWD/target/debug/ferrite"
-python3 -m pytest -q -p no:cacheprovider tests/python
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python

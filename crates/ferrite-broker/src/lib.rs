@@ -82,6 +82,8 @@ impl Broker {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(dir_err)?;
+        // An empty directory is a first start: nothing to recover, nothing to say about it.
+        let fresh = std::fs::read_dir(&dir).map_err(dir_err)?.next().is_none();
         let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -92,10 +94,10 @@ impl Broker {
         }
         let cluster_id = read_or_create_meta(&dir, config.node_id)?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
-        let clean = marker.exists();
-        if clean {
+        let clean = marker.exists() || fresh;
+        if marker.exists() {
             std::fs::remove_file(&marker).map_err(dir_err)?;
-        } else {
+        } else if !fresh {
             tracing::info!("no clean-shutdown marker: partition logs will be recovered");
         }
         let controller = Controller::open(&dir)?;

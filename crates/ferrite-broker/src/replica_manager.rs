@@ -124,6 +124,9 @@ impl ReplicaManager {
                 }
             }
         }
+        // (partitions, segments checked, bytes truncated): one summary line, not one per
+        // partition.
+        let mut recovered = (0usize, 0usize, 0u64);
         for (key, (topic_id, epoch, log_config)) in wanted {
             match map.get(&key) {
                 Some(p) if p.topic_id == topic_id => {
@@ -143,7 +146,9 @@ impl ReplicaManager {
                     }
                     let (log, report) = PartitionLog::open(&dir, log_config, clean)?;
                     if report.truncated_bytes > 0 || report.recovered_segments > 0 {
-                        tracing::info!(topic = %key.0, partition = key.1, ?report, "recovered partition log");
+                        recovered.0 += 1;
+                        recovered.1 += report.recovered_segments;
+                        recovered.2 += report.truncated_bytes;
                     }
                     let (tx, _) = watch::channel(log.log_end_offset());
                     let partition = Partition {
@@ -158,6 +163,14 @@ impl ReplicaManager {
                     map.insert(key, Arc::new(partition));
                 }
             }
+        }
+        if recovered.0 > 0 {
+            tracing::info!(
+                partitions = recovered.0,
+                segments = recovered.1,
+                truncated_bytes = recovered.2,
+                "recovered partition logs"
+            );
         }
         Ok(())
     }

@@ -796,3 +796,313 @@ fn config_files_in_kafka_properties_and_toml() {
     let err = server_with(&["--config", toml.to_str().unwrap()]).unwrap_err();
     assert!(err.contains("\"num.partitions\" = "), "{err}");
 }
+
+fn help(sub: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(sub)
+        .arg("-h")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{sub:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn every_argument_is_described_and_bench_shows_its_own_options() {
+    for sub in [
+        vec!["server"],
+        vec!["topic", "create"],
+        vec!["topic", "list"],
+        vec!["topic", "describe"],
+        vec!["topic", "alter"],
+        vec!["topic", "delete"],
+        vec!["produce"],
+        vec!["consume"],
+        vec!["group", "list"],
+        vec!["group", "describe"],
+        vec!["group", "delete"],
+        vec!["group", "reset-offsets"],
+        vec!["bench", "produce"],
+        vec!["bench", "consume"],
+        vec!["bench", "e2e"],
+    ] {
+        let text = help(&sub);
+        // `  -b, --bootstrap-server <HOST:PORT>  Broker(s) ...`: a flag, then its description
+        // on the same line or (clap's layout for long texts) indented on the next.
+        let lines: Vec<&str> = text.lines().collect();
+        let mut section = "";
+        for (i, line) in lines.iter().enumerate() {
+            if line.ends_with(':') && !line.starts_with(' ') {
+                section = line;
+                continue;
+            }
+            let entry = line.trim_start();
+            let is_entry = entry.starts_with('-') || entry.starts_with('<');
+            if !(section == "Options:" || section == "Arguments:") || !is_entry {
+                continue;
+            }
+            let indent = line.len() - entry.len();
+            let same_line = entry.split("  ").filter(|s| !s.trim().is_empty()).count() >= 2;
+            let next_line = lines.get(i + 1).is_some_and(|n| {
+                let t = n.trim_start();
+                !t.is_empty() && n.len() - t.len() > indent && !t.starts_with('-')
+            });
+            assert!(same_line || next_line, "{sub:?}: no description: `{line}`");
+        }
+        for valued in [
+            "--bootstrap-server",
+            "--acks",
+            "--format",
+            "--topic ",
+            "--timeout",
+        ] {
+            if let Some(i) = text.lines().position(|l| l.contains(valued)) {
+                let entry: Vec<&str> = text.lines().skip(i).take(6).collect();
+                let entry = entry.join("\n");
+                assert!(
+                    entry.contains("[default:"),
+                    "{sub:?}: `{entry}` shows no default"
+                );
+            }
+        }
+    }
+    let consume = help(&["bench", "consume"]);
+    for producer_only in [
+        "--rate",
+        "--acks",
+        "--linger-ms",
+        "--message-size",
+        "--keys",
+    ] {
+        assert!(
+            !consume.contains(producer_only),
+            "bench consume shows {producer_only}"
+        );
+    }
+    assert!(!help(&["bench", "produce"]).contains("--group"));
+    assert!(help(&["topic", "list"]).contains("-b, --bootstrap-server"));
+    assert!(help(&["topic", "list"]).contains("FERRITE_BOOTSTRAP_SERVER"));
+
+    // --log-level is checked before anything runs.
+    for bad in ["verbose", "info,=x=y"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["--log-level", bad, "topic", "list", "-b", "127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: a usage error");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--log-level"),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn consume_from_the_end_and_reset_offsets_options() {
+    let server = Server::start(&[]);
+    for t in ["ra", "rb"] {
+        let (ok, _, err) = ferrite(&server, &["topic", "create", t, "--partitions", "2"], None);
+        assert!(ok, "{err}");
+        let input: String = (0..20).map(|i| format!("{i}\n")).collect();
+        let (ok, _, err) = ferrite(&server, &["produce", t, "--partition", "0"], Some(&input));
+        assert!(ok, "{err}");
+        let (ok, _, err) = ferrite(&server, &["produce", t, "--partition", "1"], Some(&input));
+        assert!(ok, "{err}");
+    }
+    // --offset -N: the last N of each partition.
+    let (ok, out, err) = ferrite(
+        &server,
+        &[
+            "consume",
+            "ra",
+            "--partition",
+            "0",
+            "--offset",
+            "-3",
+            "--exit-at-end",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "17\n18\n19\n");
+    let (ok, out, err) = ferrite(
+        &server,
+        &["consume", "ra", "--offset", "latest", "--exit-at-end"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.is_empty());
+
+    // The group has read everything of both topics.
+    for t in ["ra", "rb"] {
+        let (ok, out, err) = ferrite(
+            &server,
+            &[
+                "consume",
+                t,
+                "--group",
+                "rg",
+                "--offset",
+                "earliest",
+                "--exit-at-end",
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().count(), 40);
+    }
+    let plan = |args: &[&str]| -> Vec<(String, i64, i64)> {
+        let mut all = vec!["group", "reset-offsets", "rg", "--json"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = ferrite(&server, &all, None);
+        assert!(ok, "{args:?}: {err}");
+        let d = json(&out);
+        let mut rows: Vec<(String, i64, i64)> = d["plan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["topic"].as_str().unwrap().to_string(),
+                    r["partition"].as_i64().unwrap(),
+                    r["new"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let row = |t: &str, p: i64, o: i64| (t.to_string(), p, o);
+    assert_eq!(
+        plan(&["--all-topics", "--to-earliest"]),
+        [
+            row("ra", 0, 0),
+            row("ra", 1, 0),
+            row("rb", 0, 0),
+            row("rb", 1, 0)
+        ]
+    );
+    assert_eq!(
+        plan(&["--topic", "ra", "--partitions", "1", "--shift-by", "-5"]),
+        [row("ra", 1, 15)]
+    );
+    assert_eq!(
+        plan(&["--all-topics", "--partitions", "0", "--to-current"]),
+        [row("ra", 0, 20), row("rb", 0, 20)]
+    );
+    // Everything was written within the last day and nothing in the future.
+    assert_eq!(
+        plan(&["--topic", "rb", "--by-duration", "P1D"]),
+        [row("rb", 0, 0), row("rb", 1, 0)]
+    );
+    assert_eq!(
+        plan(&["--topic", "rb", "--by-duration", "PT0S"]),
+        [row("rb", 0, 20), row("rb", 1, 20)]
+    );
+    // Executed: the group re-reads exactly the shifted part.
+    let (ok, _, err) = ferrite(
+        &server,
+        &[
+            "group",
+            "reset-offsets",
+            "rg",
+            "--topic",
+            "ra",
+            "--partitions",
+            "1",
+            "--shift-by",
+            "-5",
+            "--execute",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = ferrite(
+        &server,
+        &["consume", "ra", "--group", "rg", "--exit-at-end"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "15\n16\n17\n18\n19\n");
+    let (ok, _, err) = ferrite(
+        &server,
+        &[
+            "group",
+            "reset-offsets",
+            "rg",
+            "--topic",
+            "ra",
+            "--partitions",
+            "7",
+            "--to-earliest",
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("no partition 7"), "{err}");
+}
+
+/// Starts a server on `data`, waits for its ready line, stops it (SIGKILL when `kill`,
+/// else SIGTERM) and returns its address and everything it logged.
+fn run_server_once(data: &std::path::Path, kill: bool, between: impl FnOnce(&str)) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("ferrite ready"), "{line}");
+    between(line.split_whitespace().nth(4).unwrap());
+    if kill {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    } else {
+        stop(child);
+    }
+    log.join().unwrap()
+}
+
+#[test]
+fn first_start_is_quiet_and_recovery_logs_one_summary_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let first = run_server_once(&data, true, |addr| {
+        let (ok, _, err) = ferrite(
+            &Server::at(addr),
+            &["topic", "create", "r", "--partitions", "5"],
+            None,
+        );
+        assert!(ok, "{err}");
+    });
+    assert!(
+        !first.to_lowercase().contains("recover"),
+        "first start: {first}"
+    );
+    assert!(!first.contains("WARN"), "first start: {first}");
+    // After SIGKILL: one line for all the recovered partitions (5 + the offsets topic's).
+    let second = run_server_once(&data, false, |_| {});
+    assert_eq!(
+        second.matches("recovered partition log").count(),
+        1,
+        "{second}"
+    );
+    let third = run_server_once(&data, false, |_| {});
+    assert!(
+        !third.to_lowercase().contains("recover"),
+        "after a clean stop: {third}"
+    );
+}
