@@ -244,6 +244,12 @@ impl BrokerConfig {
                     .ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?;
                 d.log_append_time = self.message_timestamp_type == TimestampType::LogAppendTime;
             }
+            "log.message.timestamp.before.max.ms" => {
+                d.message_timestamp_before_max_ms = parse_num(key, value, 0)?
+            }
+            "log.message.timestamp.after.max.ms" => {
+                d.message_timestamp_after_max_ms = parse_num(key, value, 0)?
+            }
             "offsets.topic.num.partitions" => {
                 self.offsets_topic_num_partitions = parse_num(key, value, 1)?
             }
@@ -302,6 +308,8 @@ impl BrokerConfig {
             "max.message.bytes" => d.max_message_bytes.to_string(),
             "cleanup.policy" => "delete".to_string(),
             "message.timestamp.type" => self.message_timestamp_type.as_str().to_string(),
+            "message.timestamp.before.max.ms" => d.message_timestamp_before_max_ms.to_string(),
+            "message.timestamp.after.max.ms" => d.message_timestamp_after_max_ms.to_string(),
             "flush.messages" => {
                 if d.flush_messages == u64::MAX {
                     i64::MAX.to_string()
@@ -358,6 +366,8 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "max.message.bytes",
     "cleanup.policy",
     "message.timestamp.type",
+    "message.timestamp.before.max.ms",
+    "message.timestamp.after.max.ms",
     "flush.messages",
     "flush.ms",
 ];
@@ -385,6 +395,12 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
             c.log_append_time = TimestampType::parse(value.trim())
                 .ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?
                 == TimestampType::LogAppendTime;
+        }
+        "message.timestamp.before.max.ms" => {
+            c.message_timestamp_before_max_ms = parse_num(key, value, 0)?
+        }
+        "message.timestamp.after.max.ms" => {
+            c.message_timestamp_after_max_ms = parse_num(key, value, 0)?
         }
         "flush.messages" => c.flush_messages = parse_num::<i64>(key, value, 1)? as u64,
         "flush.ms" => {

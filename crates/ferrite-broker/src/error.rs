@@ -1,7 +1,7 @@
 //! The one place where operating errors of the layers below become Kafka error codes.
 
 use ferrite_metadata::PlacementError;
-use ferrite_storage::StorageError;
+use ferrite_storage::{BatchError, StorageError};
 use kafka_protocol::ResponseError;
 
 use crate::config::ConfigError;
@@ -9,6 +9,10 @@ use crate::config::ConfigError;
 /// Kafka error code for a storage error, as clients expect it.
 pub fn storage_error_code(e: &StorageError) -> i16 {
     let code = match e {
+        // KIP-937 bounds and producer-set LogAppendTime, as Kafka's LogValidator answers.
+        StorageError::CorruptBatch(
+            BatchError::TimestampOutOfRange { .. } | BatchError::LogAppendTimeFromProducer,
+        ) => ResponseError::InvalidTimestamp,
         StorageError::CorruptBatch(_) => ResponseError::CorruptMessage,
         StorageError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         StorageError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,

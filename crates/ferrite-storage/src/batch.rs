@@ -236,9 +236,117 @@ pub fn stamp_log_append_time(batch: &mut [u8], now_ms: i64) {
     assert!(batch.len() >= HEADER_BYTES);
     let attributes = read_i16(batch, ATTRIBUTES_AT) | ATTR_TIMESTAMP_TYPE_LOG_APPEND;
     batch[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
-    batch[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&now_ms.to_be_bytes());
+    set_max_timestamp(batch, now_ms);
+}
+
+/// Rewrites a batch's `maxTimestamp` and the CRC that covers it.
+#[allow(clippy::indexing_slicing)] // Caller passes a validated batch.
+pub fn set_max_timestamp(batch: &mut [u8], max_timestamp: i64) {
+    assert!(batch.len() >= HEADER_BYTES);
+    batch[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&max_timestamp.to_be_bytes());
     let crc = compute_crc(batch);
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Kafka's `RecordBatch.NO_TIMESTAMP`: a record or batch without a timestamp.
+pub const NO_TIMESTAMP: i64 = -1;
+
+/// The timestamp rules of a topic, for [`check_producer_timestamps`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimestampRules {
+    /// `message.timestamp.type=LogAppendTime`: the broker stamps every batch itself.
+    pub log_append_time: bool,
+    /// `message.timestamp.before.max.ms` (KIP-937): how far a CreateTime record may lie
+    /// behind the broker's clock; `i64::MAX` (the default) is unbounded.
+    pub before_max_ms: i64,
+    /// `message.timestamp.after.max.ms` (KIP-937): how far ahead of it.
+    pub after_max_ms: i64,
+}
+
+impl Default for TimestampRules {
+    fn default() -> Self {
+        TimestampRules {
+            log_append_time: false,
+            before_max_ms: i64::MAX,
+            after_max_ms: i64::MAX,
+        }
+    }
+}
+
+/// Header-only: whether the producer's `maxTimestamp` can be stored as sent. A producer
+/// writes the first record's timestamp as `baseTimestamp`, so a true maximum is never
+/// below it; -1, 0 or anything under `baseTimestamp` (sarama before IBM/sarama#3108)
+/// is not a maximum and would let retention delete the batch early.
+pub fn max_timestamp_plausible(header: &BatchHeader) -> bool {
+    header.base_timestamp >= 0 && header.max_timestamp >= header.base_timestamp
+}
+
+/// Checks the timestamps of a producer batch the way Kafka's `LogValidator` does and
+/// returns the `maxTimestamp` to store when it differs from the header's (the caller
+/// rewrites it with [`set_max_timestamp`]).
+///
+/// A well-formed CreateTime batch under the default (unbounded) KIP-937 limits costs
+/// only the header check: its records are not read. The records are decoded, within
+/// the vendored decoder's 64 MiB decompression bound, only when the header's maximum is
+/// implausible (then the maximum is recomputed from them, as Kafka does for every batch)
+/// or when the topic bounds record timestamps (then each record is checked, as Kafka
+/// does). A batch that cannot be decoded for that is refused, never stored with a
+/// maximum the broker could not verify.
+pub fn check_producer_timestamps(
+    batch: &[u8],
+    header: &BatchHeader,
+    rules: &TimestampRules,
+    now_ms: i64,
+) -> Result<Option<i64>, BatchError> {
+    // Only a broker writes LogAppendTime batches; Kafka answers INVALID_TIMESTAMP. (On a
+    // CreateTime topic Kafka would reinterpret such a batch; Ferrite refuses it too.)
+    if header.attributes & ATTR_TIMESTAMP_TYPE_LOG_APPEND != 0 {
+        return Err(BatchError::LogAppendTimeFromProducer);
+    }
+    if rules.log_append_time {
+        return Ok(None); // Stamped with the broker's clock at append.
+    }
+    let bounded = rules.before_max_ms != i64::MAX || rules.after_max_ms != i64::MAX;
+    if max_timestamp_plausible(header) && !bounded {
+        return Ok(None);
+    }
+    let mut bytes = bytes::Bytes::copy_from_slice(batch);
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes).map_err(|e| {
+        BatchError::Undecodable {
+            max_timestamp: header.max_timestamp,
+            base_timestamp: header.base_timestamp,
+            reason: format!("{e:#}"),
+        }
+    })?;
+    if set.records.len() != usize::try_from(header.record_count).unwrap_or(usize::MAX) {
+        return Err(BatchError::Undecodable {
+            max_timestamp: header.max_timestamp,
+            base_timestamp: header.base_timestamp,
+            reason: format!(
+                "{} records decoded, header says {}",
+                set.records.len(),
+                header.record_count
+            ),
+        });
+    }
+    let mut max = NO_TIMESTAMP;
+    for (index, r) in set.records.iter().enumerate() {
+        if r.timestamp != NO_TIMESTAMP {
+            // i128: `now - timestamp` overflows i64 for timestamps near i64::MIN/MAX.
+            let behind = i128::from(now_ms) - i128::from(r.timestamp);
+            if behind > i128::from(rules.before_max_ms) || -behind > i128::from(rules.after_max_ms)
+            {
+                return Err(BatchError::TimestampOutOfRange {
+                    index,
+                    timestamp: r.timestamp,
+                    earliest: now_ms.saturating_sub(rules.before_max_ms),
+                    latest: now_ms.saturating_add(rules.after_max_ms),
+                });
+            }
+        }
+        max = max.max(r.timestamp);
+    }
+    Ok((max != header.max_timestamp).then_some(max))
 }
 
 #[cfg(test)]

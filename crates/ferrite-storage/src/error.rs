@@ -22,6 +22,23 @@ pub enum BatchError {
     },
     #[error("control batches may not be produced by clients")]
     ControlFromProducer,
+    /// KIP-937: answered INVALID_TIMESTAMP.
+    #[error("timestamp {timestamp} of record {index} is out of range: it should be within [{earliest}, {latest}] (message.timestamp.before.max.ms / after.max.ms)")]
+    TimestampOutOfRange {
+        index: usize,
+        timestamp: i64,
+        earliest: i64,
+        latest: i64,
+    },
+    /// Answered INVALID_TIMESTAMP, as Kafka does.
+    #[error("producers must not set the LogAppendTime timestamp type; the broker sets it")]
+    LogAppendTimeFromProducer,
+    #[error("batch maxTimestamp {max_timestamp} (baseTimestamp {base_timestamp}) must be recomputed from the records, which cannot be decoded: {reason}")]
+    Undecodable {
+        max_timestamp: i64,
+        base_timestamp: i64,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::{
-    assign_offset_and_epoch, stamp_log_append_time, validate_producer_batch, BatchHeader,
-    BatchIter, HEADER_BYTES,
+    assign_offset_and_epoch, check_producer_timestamps, set_max_timestamp, stamp_log_append_time,
+    validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
 use crate::segment::{parse_segment_file_name, Segment, LOG_SUFFIX};
@@ -47,9 +47,23 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// `message.timestamp.type=LogAppendTime`
     pub log_append_time: bool,
+    /// `message.timestamp.before.max.ms` (KIP-937); `i64::MAX` is unbounded.
+    pub message_timestamp_before_max_ms: i64,
+    /// `message.timestamp.after.max.ms` (KIP-937); `i64::MAX` is unbounded.
+    pub message_timestamp_after_max_ms: i64,
     /// The log is compacted, so its offsets may have gaps (recovery then only requires
     /// them to increase).
     pub compacted: bool,
+}
+
+impl LogConfig {
+    pub fn timestamp_rules(&self) -> TimestampRules {
+        TimestampRules {
+            log_append_time: self.log_append_time,
+            before_max_ms: self.message_timestamp_before_max_ms,
+            after_max_ms: self.message_timestamp_after_max_ms,
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -64,6 +78,8 @@ impl Default for LogConfig {
             flush_ms: -1,
             index_interval_bytes: 4096,
             log_append_time: false,
+            message_timestamp_before_max_ms: i64::MAX,
+            message_timestamp_after_max_ms: i64::MAX,
             compacted: false,
         }
     }
@@ -281,9 +297,13 @@ impl PartitionLog {
         }
         // Pass 1: validate everything before touching the log.
         let mut record_count = 0i64;
+        let rules = self.config.timestamp_rules();
+        // `(position, maxTimestamp)` of the batches whose header maximum is replaced; empty
+        // (no allocation) for well-formed batches.
+        let mut max_timestamp_repairs: Vec<(usize, i64)> = Vec::new();
         let mut iter = BatchIter::new(records);
         for item in iter.by_ref() {
-            let (_, _, batch) = item?;
+            let (at, _, batch) = item?;
             if batch.len() > self.config.max_message_bytes {
                 return Err(StorageError::MessageTooLarge {
                     size: batch.len(),
@@ -295,6 +315,9 @@ impl PartitionLog {
             // deduplication that does not happen; refuse it instead.
             if header.producer_id >= 0 {
                 return Err(StorageError::ProducerStateUnsupported(header.producer_id));
+            }
+            if let Some(max) = check_producer_timestamps(batch, &header, &rules, now_ms)? {
+                max_timestamp_repairs.push((at, max));
             }
             record_count += i64::from(header.last_offset_delta) + 1;
         }
@@ -322,6 +345,8 @@ impl PartitionLog {
             assign_offset_and_epoch(batch, next, leader_epoch);
             if self.config.log_append_time {
                 stamp_log_append_time(batch, now_ms);
+            } else if let Some((_, max)) = max_timestamp_repairs.iter().find(|(at, _)| *at == pos) {
+                set_max_timestamp(batch, *max);
             }
             next += i64::from(header.last_offset_delta) + 1;
             pos += len;
@@ -516,8 +541,8 @@ impl PartitionLog {
         let mut deleted = 0;
         if self.config.retention_ms >= 0 {
             let limit = now_ms - self.config.retention_ms;
-            while let Some(oldest) = self.segments.values().next() {
-                if oldest.is_empty() || oldest.max_timestamp >= limit {
+            while let Some(oldest) = self.segments.values_mut().next() {
+                if oldest.is_empty() || oldest.retention_timestamp()? >= limit {
                     break;
                 }
                 if self.segments.len() == 1 {
@@ -1239,5 +1264,208 @@ mod tests {
             assert_eq!(h.base_offset, (target + 9) / 10, "target {target}");
         }
         assert!(log.time_plan(991).is_none());
+    }
+}
+
+/// Producers' max timestamps do not decide retention (sarama before IBM/sarama#3108 sent
+/// -1; others 0 or values below the base timestamp).
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod timestamp_tests {
+    use super::*;
+    use crate::batch::{compute_crc, CRC_AT, MAX_TIMESTAMP_AT};
+    use crate::test_support::{batch_around, make_batch, record_at};
+
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+    fn wall_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    /// Four records 10 ms apart from `base`, uncompressed or zstd, with the header
+    /// claiming `max_timestamp`.
+    fn batch(base: i64, max_timestamp: i64, zstd: bool) -> Vec<u8> {
+        let records: Vec<u8> = (0..4)
+            .flat_map(|i| record_at(i, i * 10, b"value"))
+            .collect();
+        if zstd {
+            let compressed = zstd::encode_all(&records[..], 3).unwrap();
+            batch_around(4, 4, base, max_timestamp, &compressed)
+        } else {
+            batch_around(0, 4, base, max_timestamp, &records)
+        }
+    }
+
+    fn stored_max_timestamp(log: &PartitionLog, offset: i64) -> i64 {
+        let bytes = log.read_plan(offset).unwrap().unwrap().read(1, true).unwrap();
+        let h = crate::batch::validate_batch(&bytes).unwrap();
+        h.max_timestamp
+    }
+
+    #[test]
+    fn bad_max_timestamps_are_recomputed_and_nothing_is_deleted_early() {
+        let now = wall_ms();
+        let base = now - 1000;
+        for zstd in [false, true] {
+            for claimed in [-1, 0, base - 5000, base + 30] {
+                let dir = tempfile::tempdir().unwrap();
+                let config = LogConfig {
+                    retention_ms: DAY_MS,
+                    ..LogConfig::default()
+                };
+                let (mut log, _) = PartitionLog::open(dir.path(), config, true).unwrap();
+                log.append(&batch(base, claimed, zstd), 0, now).unwrap();
+                log.roll().unwrap();
+                log.append(&make_batch(1, now, b"later"), 0, now).unwrap();
+                let case = format!("zstd {zstd} claimed {claimed}");
+                // Whatever the producer claimed, the stored maximum is the records'.
+                assert_eq!(stored_max_timestamp(&log, 0), base + 30, "{case}");
+                // Not deleted before its time...
+                assert_eq!(log.tick(now + DAY_MS - 60_000).unwrap(), 0, "{case}");
+                assert_eq!(log.log_start_offset(), 0, "{case}");
+                // ...and deleted after it.
+                assert_eq!(log.tick(base + 30 + DAY_MS + 1).unwrap(), 1, "{case}");
+                assert_eq!(log.log_start_offset(), 4, "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_for_times_finds_repaired_batches() {
+        let now = wall_ms();
+        let base = now - 1000;
+        for zstd in [false, true] {
+            for claimed in [-1, 0, base - 5000] {
+                let dir = tempfile::tempdir().unwrap();
+                let (mut log, _) =
+                    PartitionLog::open(dir.path(), LogConfig::default(), true).unwrap();
+                log.append(&batch(base, claimed, zstd), 0, now).unwrap();
+                log.append(&batch(base + 100, claimed, zstd), 0, now)
+                    .unwrap();
+                for (target, want) in [(base, 0), (base + 25, 0), (base + 31, 4), (base + 130, 4)]
+                {
+                    let plan = log.time_plan(target).unwrap();
+                    let found = plan.read_first_batch_at_time(target).unwrap().unwrap();
+                    let h = BatchHeader::parse(&found).unwrap();
+                    assert_eq!(h.base_offset, want, "zstd {zstd} claimed {claimed} t {target}");
+                }
+                assert!(log.time_plan(base + 131).is_none());
+                assert_eq!(log.max_timestamp(), base + 130);
+            }
+        }
+    }
+
+    #[test]
+    fn kip_937_bounds_refuse_out_of_range_records() {
+        let now = wall_ms();
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            message_timestamp_before_max_ms: 60_000,
+            message_timestamp_after_max_ms: 1_000,
+            ..LogConfig::default()
+        };
+        let (mut log, _) = PartitionLog::open(dir.path(), config, true).unwrap();
+        // The header says "now", the records say otherwise: the records decide.
+        for (base, zstd) in [(now - 120_000, false), (now + 5_000, true)] {
+            let err = log.append(&batch(base, now, zstd), 0, now).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StorageError::CorruptBatch(BatchError::TimestampOutOfRange { .. })
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(log.log_end_offset(), 0);
+        // Within the bounds, records without a timestamp (-1) are not checked.
+        log.append(&batch(now - 30_000, -1, false), 0, now).unwrap();
+        let no_ts: Vec<u8> = record_at(0, 0, b"x");
+        log.append(&batch_around(0, 1, -1, -1, &no_ts), 0, now)
+            .unwrap();
+        assert_eq!(log.log_end_offset(), 5);
+    }
+
+    #[test]
+    fn log_append_time_and_producer_set_log_append_time() {
+        let now = wall_ms();
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            log_append_time: true,
+            message_timestamp_before_max_ms: 1,
+            ..LogConfig::default()
+        };
+        let (mut log, _) = PartitionLog::open(dir.path(), config, true).unwrap();
+        // LogAppendTime ignores the bounds and the producer's timestamps.
+        let info = log.append(&batch(5, -1, true), 0, now).unwrap();
+        assert_eq!(info.log_append_time_ms, now);
+        assert_eq!(stored_max_timestamp(&log, 0), now);
+        let records = record_at(0, 0, b"x");
+        let forged = batch_around(ATTR_LOG_APPEND, 1, now, now, &records);
+        assert!(matches!(
+            log.append(&forged, 0, now),
+            Err(StorageError::CorruptBatch(
+                BatchError::LogAppendTimeFromProducer
+            ))
+        ));
+    }
+    const ATTR_LOG_APPEND: i16 = crate::batch::ATTR_TIMESTAMP_TYPE_LOG_APPEND;
+
+    #[test]
+    fn undecodable_records_behind_a_bad_header_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), LogConfig::default(), true).unwrap();
+        // Valid CRC, garbage "zstd" records, max timestamp -1: cannot be verified.
+        let bad = batch_around(4, 1, 1000, -1, b"not zstd at all");
+        assert!(matches!(
+            log.append(&bad, 0, 0),
+            Err(StorageError::CorruptBatch(BatchError::Undecodable { .. }))
+        ));
+    }
+
+    /// A segment written before the broker repaired max timestamps (rewritten here in
+    /// place to carry -1) is not deleted by its other batches' old timestamps: its age
+    /// counts from the file's last write, as Kafka does for segments without timestamps.
+    #[test]
+    fn segments_on_disk_with_impossible_max_timestamps_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            retention_ms: DAY_MS,
+            index_interval_bytes: 1,
+            ..LogConfig::default()
+        };
+        {
+            let (mut log, _) = PartitionLog::open(dir.path(), config.clone(), true).unwrap();
+            for _ in 0..3 {
+                log.append(&make_batch(2, 1000, b"old"), 0, 0).unwrap();
+            }
+            log.roll().unwrap();
+            log.append(&make_batch(1, 2000, b"next"), 0, 0).unwrap();
+            log.close().unwrap();
+        }
+        // Make the first batch of segment 0 look like sarama's: max timestamp -1.
+        let path = dir.path().join("00000000000000000000.log");
+        let mut raw = std::fs::read(&path).unwrap();
+        let len = BatchHeader::parse(&raw).unwrap().total_bytes().unwrap();
+        raw[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&(-1i64).to_be_bytes());
+        let crc = compute_crc(&raw[..len]);
+        raw[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        std::fs::write(&path, &raw).unwrap();
+
+        for clean in [true, false] {
+            let (mut log, _) = PartitionLog::open(dir.path(), config.clone(), clean).unwrap();
+            let now = wall_ms();
+            assert_eq!(log.tick(now + DAY_MS - 60_000).unwrap(), 0, "clean {clean}");
+            assert_eq!(log.log_start_offset(), 0);
+            assert_eq!(log.tick(now + DAY_MS + 60_000).unwrap(), 1, "clean {clean}");
+            drop(log);
+            // Put segment 0 back for the next round.
+            if clean {
+                std::fs::write(&path, &raw).unwrap();
+                std::fs::write(dir.path().join(CHECKPOINT_FILE), "v1 0 0\n").unwrap();
+            }
+        }
     }
 }

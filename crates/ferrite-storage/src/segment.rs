@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::batch::{validate_batch, BatchHeader, HEADER_BYTES};
+use crate::batch::{max_timestamp_plausible, validate_batch, BatchHeader, HEADER_BYTES};
 use crate::error::{Result, StorageError};
 
 pub const LOG_SUFFIX: &str = "log";
@@ -60,6 +60,15 @@ pub(crate) struct Segment {
     bytes_since_index: u64,
     /// Wall-clock time of the first append, for `segment.ms`.
     pub first_append_ms: Option<i64>,
+    /// Some batch here has no usable max timestamp (none at all, or a header maximum
+    /// below its base timestamp as written before the broker repaired them): retention
+    /// then also waits for the file's last modification, as Kafka's
+    /// `LogSegment.largestTimestamp` does for segments without timestamps.
+    unknown_timestamps: bool,
+    /// Every batch header of the segment has been seen by this process, so
+    /// `unknown_timestamps` is final (segments opened from their index files are walked
+    /// once, when retention first considers them).
+    timestamps_checked: bool,
 }
 
 impl Segment {
@@ -83,6 +92,8 @@ impl Segment {
             time_index: Vec::new(),
             bytes_since_index: 0,
             first_append_ms: None,
+            unknown_timestamps: false,
+            timestamps_checked: true,
         })
     }
 
@@ -116,6 +127,8 @@ impl Segment {
             time_index: Vec::new(),
             bytes_since_index: 0,
             first_append_ms: None,
+            unknown_timestamps: false,
+            timestamps_checked: false,
         };
         if !recover {
             if let Some((index, time_index)) = seg.load_index_files() {
@@ -205,6 +218,7 @@ impl Segment {
             _ => {
                 self.index.clear();
                 self.time_index.clear();
+                self.timestamps_checked = true;
                 (0, self.base_offset)
             }
         };
@@ -306,7 +320,7 @@ impl Segment {
                     position,
                 });
                 self.bytes_since_index = 0;
-                let running_max = self.max_timestamp.max(header.max_timestamp);
+                let running_max = self.max_timestamp.max(batch_max_timestamp(header));
                 if self
                     .time_index
                     .last()
@@ -320,9 +334,61 @@ impl Segment {
             }
         }
         self.bytes_since_index += batch_bytes;
-        self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
+        self.max_timestamp = self.max_timestamp.max(batch_max_timestamp(header));
+        if !max_timestamp_known(header) {
+            self.unknown_timestamps = true;
+        }
         self.next_offset = header.last_offset() + 1;
         self.size = self.size.max(position + batch_bytes);
+    }
+
+    /// The time retention measures this segment's age from: its largest timestamp, or, if
+    /// some batch's timestamp is unknown, no earlier than the file's last modification
+    /// (the last append), so that a batch without a trustworthy timestamp is kept for
+    /// `retention.ms` after it was written rather than deleted at once.
+    pub fn retention_timestamp(&mut self) -> Result<i64> {
+        if !self.timestamps_checked {
+            self.check_timestamps_on_disk()?;
+        }
+        if self.unknown_timestamps || self.max_timestamp < 0 {
+            let modified = self
+                .file
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(|e| StorageError::io(&self.log_path, e))?;
+            let modified_ms = modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            return Ok(self.max_timestamp.max(modified_ms));
+        }
+        Ok(self.max_timestamp)
+    }
+
+    /// Walks the batch headers of a segment opened from its index files (written perhaps
+    /// by a broker that stored producers' max timestamps unchecked) to learn whether any
+    /// timestamp is unknown. Headers only; an unreadable header counts as unknown.
+    fn check_timestamps_on_disk(&mut self) -> Result<()> {
+        let mut header = [0u8; HEADER_BYTES];
+        let mut pos = 0u64;
+        while pos + HEADER_BYTES as u64 <= self.size {
+            self.file
+                .read_exact_at(&mut header, pos)
+                .map_err(|e| StorageError::io(&self.log_path, e))?;
+            let total = BatchHeader::parse(&header).and_then(|h| {
+                let total = h.total_bytes()?;
+                Ok((h, total))
+            });
+            match total {
+                Ok((h, total)) if max_timestamp_known(&h) => pos += total as u64,
+                _ => {
+                    self.unknown_timestamps = true;
+                    break;
+                }
+            }
+        }
+        self.timestamps_checked = true;
+        Ok(())
     }
 
     /// Largest index entry at or below `offset`: where a scan for `offset` starts.
@@ -393,6 +459,25 @@ impl Segment {
 
     pub fn is_empty(&self) -> bool {
         self.size == 0
+    }
+}
+
+/// A batch's max timestamp is usable for retention and time lookups: present, and not
+/// below the batch's first timestamp (LogAppendTime batches carry the broker's clock).
+fn max_timestamp_known(header: &BatchHeader) -> bool {
+    header.max_timestamp >= 0
+        && (header.attributes & crate::batch::ATTR_TIMESTAMP_TYPE_LOG_APPEND != 0
+            || max_timestamp_plausible(header))
+}
+
+/// What a batch contributes to its segment's max timestamp. A header maximum below the
+/// base timestamp is not a maximum; the base timestamp (the first record's) is a lower
+/// bound of the true one.
+fn batch_max_timestamp(header: &BatchHeader) -> i64 {
+    if header.attributes & crate::batch::ATTR_TIMESTAMP_TYPE_LOG_APPEND != 0 {
+        header.max_timestamp
+    } else {
+        header.max_timestamp.max(header.base_timestamp)
     }
 }
 

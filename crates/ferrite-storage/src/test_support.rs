@@ -18,8 +18,13 @@ pub fn push_varint(out: &mut Vec<u8>, v: i64) {
 /// One length-prefixed record: attributes 0, timestamp delta 0, `offset_delta`, a null
 /// key, `value`, no headers.
 pub fn record(offset_delta: i64, value: &[u8]) -> Vec<u8> {
+    record_at(offset_delta, 0, value)
+}
+
+/// Like [`record`], with the record's timestamp `base_timestamp + timestamp_delta`.
+pub fn record_at(offset_delta: i64, timestamp_delta: i64, value: &[u8]) -> Vec<u8> {
     let mut body = vec![0u8];
-    push_varint(&mut body, 0);
+    push_varint(&mut body, timestamp_delta);
     push_varint(&mut body, offset_delta);
     push_varint(&mut body, -1);
     push_varint(&mut body, value.len() as i64);
