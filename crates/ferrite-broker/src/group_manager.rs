@@ -140,6 +140,14 @@ impl GroupManagerState {
         self.pending.remove(&token);
     }
 
+    /// Runs the coordinator's timeouts due at `now` and carries out their effects.
+    pub fn tick(&mut self, broker: &Broker, now: i64) {
+        let effects = self.coordinator.tick(now);
+        if !effects.is_empty() {
+            self.apply(broker, effects);
+        }
+    }
+
     /// Carries out effects in order: records are appended before any later response is
     /// released, so a client never sees state that a crash could take back.
     pub fn apply(&mut self, broker: &Broker, effects: Vec<Effect>) {
@@ -321,17 +329,28 @@ pub fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-/// Drives timeouts: session expiry, rebalance deadlines, offset expiry.
+/// Longest the ticker sleeps: offset expiry and anything without a known deadline are
+/// checked at least this often.
+const GROUP_TICK_INTERVAL_MS_MAX: i64 = 100;
+
+/// Drives timeouts: session expiry, rebalance deadlines, offset expiry. It wakes at the
+/// coordinator's next deadline (a session expires at `last heartbeat + session.timeout.ms`,
+/// as Kafka's timer fires, not up to a period later), and at least every
+/// [`GROUP_TICK_INTERVAL_MS_MAX`]. Requests that report group state tick first too
+/// ([`GroupManagerState::tick`]), so they never see a member past its deadline.
 pub async fn run_ticker(broker: Arc<Broker>) {
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
-        let mut state = broker.groups.lock();
-        let effects = state.coordinator.tick(now_ms());
-        if !effects.is_empty() {
-            state.apply(&broker, effects);
-        }
+        let wait_ms = {
+            let mut state = broker.groups.lock();
+            let now = now_ms();
+            state.tick(&broker, now);
+            state
+                .coordinator
+                .next_deadline_ms(now)
+                .map_or(GROUP_TICK_INTERVAL_MS_MAX, |d| d - now)
+                .clamp(1, GROUP_TICK_INTERVAL_MS_MAX)
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)).await;
     }
 }
 

@@ -199,6 +199,7 @@ fn commutes(api_key: ApiKey) -> bool {
             | ApiKey::ApiVersions
             | ApiKey::DescribeConfigs
             | ApiKey::DescribeCluster
+            | ApiKey::DescribeLogDirs
             | ApiKey::DescribeGroups
             | ApiKey::ListGroups
             | ApiKey::OffsetFetch
@@ -321,6 +322,35 @@ async fn process_loop(
     }
 }
 
+/// Least time between two WARN lines about refused (unknown or unsupported) requests: a
+/// client retrying in a loop must not flood the log. Refusals in between are counted and
+/// the count is reported with the next line.
+const REFUSED_REQUEST_WARN_INTERVAL_MS: i64 = 10_000;
+static REFUSED_REQUEST_LAST_WARN_MS: std::sync::atomic::AtomicI64 =
+    std::sync::atomic::AtomicI64::new(i64::MIN);
+static REFUSED_REQUESTS_SUPPRESSED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// An operator must see why an old client's connection is closed (the API by name and
+/// key, and the version floor), at WARN, rate-limited.
+fn warn_refused_request(peer: std::net::SocketAddr, e: &ProtocolError) {
+    use std::sync::atomic::Ordering;
+    let now = crate::now_ms();
+    let last = REFUSED_REQUEST_LAST_WARN_MS.load(Ordering::Relaxed);
+    let due = now.saturating_sub(last) >= REFUSED_REQUEST_WARN_INTERVAL_MS;
+    if due
+        && REFUSED_REQUEST_LAST_WARN_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = REFUSED_REQUESTS_SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(%peer, suppressed, "refusing request and closing the connection: {e}");
+    } else {
+        REFUSED_REQUESTS_SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "refusing request and closing the connection: {e}");
+    }
+}
+
 fn memory_permits(len: usize) -> u32 {
     u32::try_from(len.min(limits::REQUEST_BYTES_IN_FLIGHT_MAX)).unwrap_or(u32::MAX)
 }
@@ -351,6 +381,12 @@ async fn dispatch<'a>(
             return Ok(());
         }
         Err(e) => {
+            if matches!(
+                e,
+                ProtocolError::UnsupportedVersion { .. } | ProtocolError::UnknownApiKey(_)
+            ) {
+                warn_refused_request(peer, &e);
+            }
             // Answer what came before, then close.
             while let Some(done) = in_flight.next().await {
                 send(tx, done?).await?;

@@ -102,6 +102,12 @@ struct Member {
 }
 
 impl Member {
+    /// When the member expires unless it heartbeats (Kafka's heartbeat timer fires at
+    /// exactly this time).
+    fn session_deadline_ms(&self) -> i64 {
+        self.last_heartbeat_ms + i64::from(self.session_timeout_ms)
+    }
+
     fn metadata_for(&self, protocol: &str) -> Bytes {
         self.protocols
             .iter()
@@ -159,6 +165,32 @@ impl Group {
     fn transition(&mut self, state: GroupState, now: i64) {
         self.state = state;
         self.state_timestamp_ms = now;
+    }
+
+    /// Kafka's `ClassicGroup.validateMember`: the instance id is checked before the member
+    /// id, so that a static member replaced by a newer process (same `group.instance.id`,
+    /// new member id) learns it is fenced (FENCED_INSTANCE_ID, fatal for the client)
+    /// instead of UNKNOWN_MEMBER_ID, which would make it rejoin and take the identity
+    /// back, flipping it between the two processes forever.
+    fn validate_member(&self, member_id: &str, instance_id: Option<&str>) -> Result<(), ResponseError> {
+        if let Some(instance) = instance_id {
+            match self.static_member(instance) {
+                None => return Err(ResponseError::UnknownMemberId),
+                Some(m) if m.member_id != member_id => {
+                    tracing::info!(
+                        group = %self.id, member = member_id, instance,
+                        current = %m.member_id, "static member is fenced by a newer one"
+                    );
+                    return Err(ResponseError::FencedInstanceId);
+                }
+                Some(_) => {}
+            }
+        }
+        if self.members.contains_key(member_id) {
+            Ok(())
+        } else {
+            Err(ResponseError::UnknownMemberId)
+        }
     }
 
     fn static_member(&self, instance_id: &str) -> Option<&Member> {
@@ -276,6 +308,62 @@ pub struct GroupCoordinator {
     groups: BTreeMap<String, Group>,
     member_id_prefix: String,
     member_id_counter: u64,
+}
+
+/// Kafka's `ClassicGroup.validateOffsetCommit`, for OffsetCommit (`transactional` false)
+/// and TxnOffsetCommit (true; Ferrite does not serve TxnOffsetCommit yet, the rule is here
+/// so that it follows Kafka's when it does):
+/// - a Dead group: COORDINATOR_NOT_AVAILABLE;
+/// - generation < 0 on an Empty group: accepted (admin tools, `assign()` consumers);
+/// - with a generation, member id or instance id: the member must be valid (instance id
+///   first, FENCED_INSTANCE_ID for a replaced static member) and the generation current
+///   (ILLEGAL_GENERATION); without them, a non-empty group refuses a plain commit
+///   (UNKNOWN_MEMBER_ID), a transactional one is accepted;
+/// - CompletingRebalance refuses a plain commit with REBALANCE_IN_PROGRESS. Nothing else
+///   does: in PreparingRebalance a member of the current generation commits (clients do
+///   exactly that in their revocation callback, before rejoining), and Kafka accepts it.
+fn validate_offset_commit(
+    group: &Group,
+    member_id: &str,
+    instance_id: Option<&str>,
+    generation_id: i32,
+    transactional: bool,
+) -> Result<(), ResponseError> {
+    if group.state == GroupState::Dead {
+        return Err(ResponseError::CoordinatorNotAvailable);
+    }
+    if generation_id < 0 && group.state == GroupState::Empty {
+        return Ok(());
+    }
+    if generation_id >= 0 || !member_id.is_empty() || instance_id.is_some() {
+        group.validate_member(member_id, instance_id)?;
+        if generation_id != group.generation_id {
+            return Err(ResponseError::IllegalGeneration);
+        }
+    } else if !transactional && group.state != GroupState::Empty {
+        return Err(ResponseError::UnknownMemberId);
+    }
+    if !transactional && group.state == GroupState::CompletingRebalance {
+        return Err(ResponseError::RebalanceInProgress);
+    }
+    Ok(())
+}
+
+/// The TxnOffsetCommit rule (see [`validate_offset_commit`]); exposed for the day the
+/// broker serves TxnOffsetCommit, and tested.
+pub fn validate_txn_offset_commit_state(
+    coordinator: &GroupCoordinator,
+    group_id: &str,
+    member_id: &str,
+    instance_id: Option<&str>,
+    generation_id: i32,
+) -> Result<(), i16> {
+    match coordinator.groups.get(group_id) {
+        None if generation_id < 0 => Ok(()),
+        None => Err(ResponseError::IllegalGeneration.code()),
+        Some(g) => validate_offset_commit(g, member_id, instance_id, generation_id, true)
+            .map_err(|e| e.code()),
+    }
 }
 
 fn s(v: &str) -> StrBytes {
@@ -465,18 +553,15 @@ impl GroupCoordinator {
                 &self.config,
             );
         }
+        if let Err(code) = group.validate_member(member_id, instance_id.as_deref()) {
+            return (Reply::Now(join_error(code, member_id)), vec![]);
+        }
         let Some(member) = group.members.get(member_id) else {
             return (
                 Reply::Now(join_error(ResponseError::UnknownMemberId, member_id)),
                 vec![],
             );
         };
-        if member.group_instance_id != instance_id {
-            return (
-                Reply::Now(join_error(ResponseError::FencedInstanceId, member_id)),
-                vec![],
-            );
-        }
         let unchanged = member.protocols == protocols;
         let is_leader = group.leader.as_deref() == Some(member_id);
         match group.state {
@@ -774,17 +859,14 @@ impl GroupCoordinator {
                 vec![],
             );
         };
-        let Some(member) = group.members.get(member_id) else {
+        if group.state == GroupState::Dead {
             return (
-                Reply::Now(sync_error(ResponseError::UnknownMemberId)),
+                Reply::Now(sync_error(ResponseError::CoordinatorNotAvailable)),
                 vec![],
             );
-        };
-        if member.group_instance_id.as_deref() != req.group_instance_id.as_deref() {
-            return (
-                Reply::Now(sync_error(ResponseError::FencedInstanceId)),
-                vec![],
-            );
+        }
+        if let Err(code) = group.validate_member(member_id, req.group_instance_id.as_deref()) {
+            return (Reply::Now(sync_error(code)), vec![]);
         }
         if req.generation_id != group.generation_id {
             return (
@@ -884,16 +966,23 @@ impl GroupCoordinator {
         };
         let state = group.state;
         let generation = group.generation_id;
+        // Kafka's order (GroupMetadataManager.validateClassicGroupHeartbeat): Dead, member
+        // (instance id first), generation, then the state.
+        if state == GroupState::Dead {
+            return ResponseError::CoordinatorNotAvailable.code();
+        }
+        if let Err(code) = group.validate_member(member_id, instance_id) {
+            return code.code();
+        }
+        if generation_id != generation {
+            return ResponseError::IllegalGeneration.code();
+        }
         let Some(m) = group.members.get_mut(member_id) else {
             return ResponseError::UnknownMemberId.code();
         };
-        if m.group_instance_id.as_deref() != instance_id {
-            return ResponseError::FencedInstanceId.code();
-        }
         m.last_heartbeat_ms = now;
         match state {
             GroupState::Empty | GroupState::Dead => ResponseError::UnknownMemberId.code(),
-            _ if generation_id != generation => ResponseError::IllegalGeneration.code(),
             GroupState::PreparingRebalance => ResponseError::RebalanceInProgress.code(),
             GroupState::CompletingRebalance | GroupState::Stable => 0,
         }
@@ -986,6 +1075,38 @@ impl GroupCoordinator {
 
     // ---- Time -----------------------------------------------------------------------
 
+    /// The earliest time after `now` at which [`Self::tick`] has something to do for a
+    /// member or a rebalance (a session or pending-member expiry, a rebalance deadline,
+    /// the end of the initial delay), so that the caller can tick exactly then rather
+    /// than on a coarse period. Offset expiry is not included: it is measured in minutes.
+    pub fn next_deadline_ms(&self, now: i64) -> Option<i64> {
+        let mut next: Option<i64> = None;
+        let mut consider = |t: i64| {
+            if t > now {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for group in self.groups.values() {
+            for m in group.members.values() {
+                if m.awaiting_join.is_none() && m.awaiting_sync.is_none() {
+                    consider(m.session_deadline_ms());
+                }
+            }
+            for expires in group.pending_members.values() {
+                consider(*expires);
+            }
+            match group.state {
+                GroupState::PreparingRebalance => {
+                    consider(group.initial_delay_until_ms);
+                    consider(group.rebalance_deadline_ms);
+                }
+                GroupState::CompletingRebalance => consider(group.rebalance_deadline_ms),
+                _ => {}
+            }
+        }
+        next
+    }
+
     /// Session expiry, rebalance and sync timeouts, the initial rebalance delay, and
     /// expiry of offsets of empty groups.
     pub fn tick(&mut self, now: i64) -> Vec<Effect> {
@@ -999,7 +1120,7 @@ impl GroupCoordinator {
                 .members
                 .values()
                 .filter(|m| m.awaiting_join.is_none() && m.awaiting_sync.is_none())
-                .filter(|m| now - m.last_heartbeat_ms > i64::from(m.session_timeout_ms))
+                .filter(|m| now >= m.session_deadline_ms())
                 .map(|m| m.member_id.clone())
                 .collect();
             for id in &expired {
@@ -1075,9 +1196,12 @@ impl GroupCoordinator {
     /// Validates an OffsetCommit and returns the records to write; `Err` is a group-wide
     /// error code. `offsets` is `(topic, partition, offset, leader_epoch, metadata)`;
     /// per-partition problems (unknown partitions) are the caller's to filter first.
+    /// `version` is the OffsetCommit request version.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit_offsets(
         &mut self,
         now: i64,
+        version: i16,
         group_id: &str,
         member_id: &str,
         instance_id: Option<&str>,
@@ -1087,32 +1211,25 @@ impl GroupCoordinator {
         if group_id.is_empty() {
             return Err(ResponseError::InvalidGroupId.code());
         }
-        let group = self
-            .groups
-            .entry(group_id.to_string())
-            .or_insert_with(|| Group::new(group_id, now));
-        if generation_id < 0 && member_id.is_empty() {
-            // A commit from outside the group protocol (assign() users, tools): only
-            // allowed while no one is a member.
-            if !group.members.is_empty() {
-                return Err(ResponseError::UnknownMemberId.code());
+        if !self.groups.contains_key(group_id) {
+            if generation_id >= 0 {
+                // Kafka's OffsetMetadataManager: v9+ says GROUP_ID_NOT_FOUND, older
+                // versions ILLEGAL_GENERATION. Only a generation -1 commit (assign() users,
+                // admin tools) creates a "simple" group.
+                return Err(if version >= 9 {
+                    ResponseError::GroupIdNotFound.code()
+                } else {
+                    ResponseError::IllegalGeneration.code()
+                });
             }
-        } else {
-            let Some(m) = group.members.get_mut(member_id) else {
-                return Err(ResponseError::UnknownMemberId.code());
-            };
-            if m.group_instance_id.as_deref() != instance_id {
-                return Err(ResponseError::FencedInstanceId.code());
-            }
+            self.groups
+                .insert(group_id.to_string(), Group::new(group_id, now));
+        }
+        let group = self.groups.get_mut(group_id).expect_group();
+        validate_offset_commit(group, member_id, instance_id, generation_id, false)
+            .map_err(|e| e.code())?;
+        if let Some(m) = group.members.get_mut(member_id) {
             m.last_heartbeat_ms = now;
-            if group.state == GroupState::PreparingRebalance
-                || group.state == GroupState::CompletingRebalance
-            {
-                return Err(ResponseError::RebalanceInProgress.code());
-            }
-            if generation_id != group.generation_id {
-                return Err(ResponseError::IllegalGeneration.code());
-            }
         }
         Ok(offsets
             .iter()

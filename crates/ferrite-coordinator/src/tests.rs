@@ -208,12 +208,14 @@ fn static_member_restart_keeps_assignment_without_rebalance() {
     let (r, e) = c.join(0, 1, 5, &client(), &join_req("", Some("i1"), b"m"));
     assert_eq!(r, Reply::Later, "static members join directly");
     let first = joins(&e)[0].1.member_id.to_string();
-    let (r, _) = c.sync(0, 2, &sync_req(&first, 1, vec![(&first, b"mine")]));
-    assert_eq!(
-        r,
-        Reply::Now(sync_error(ResponseError::FencedInstanceId)),
-        "instance id must match"
+    // A wrong instance id is fenced; none at all is accepted, as Kafka's validateMember
+    // checks the instance id only when one is given.
+    let (r, _) = c.sync(
+        0,
+        2,
+        &sync_req(&first, 1, vec![(&first, b"mine")]).with_group_instance_id(Some(s("i2"))),
     );
+    assert_eq!(r, Reply::Now(sync_error(ResponseError::UnknownMemberId)));
     c.sync(
         0,
         2,
@@ -239,7 +241,7 @@ fn static_member_restart_keeps_assignment_without_rebalance() {
     // The old incarnation is fenced.
     assert_eq!(
         c.heartbeat(5_002, "g", &first, Some("i1"), 1),
-        ResponseError::UnknownMemberId.code()
+        ResponseError::FencedInstanceId.code()
     );
 }
 
@@ -271,6 +273,7 @@ fn offsets_commit_replay_and_delete() {
     let records = c
         .commit_offsets(
             5,
+            8,
             "g",
             "",
             None,
@@ -290,7 +293,7 @@ fn offsets_commit_replay_and_delete() {
     // A member-less commit while the group has members is refused.
     let (_id, _) = join_dynamic(&mut c, 10, 1);
     assert_eq!(
-        c.commit_offsets(11, "g", "", None, -1, &[]).unwrap_err(),
+        c.commit_offsets(11, 8, "g", "", None, -1, &[]).unwrap_err(),
         ResponseError::UnknownMemberId.code()
     );
     assert_eq!(
@@ -313,7 +316,7 @@ fn offsets_of_empty_groups_expire() {
         "p".into(),
     );
     for r in c
-        .commit_offsets(0, "g", "", None, -1, &[("t".into(), 0, 1, -1, None)])
+        .commit_offsets(0, 8, "g", "", None, -1, &[("t".into(), 0, 1, -1, None)])
         .unwrap()
     {
         c.replay(&r.unwrap(), 0);
@@ -324,4 +327,140 @@ fn offsets_of_empty_groups_expire() {
         .iter()
         .any(|e| matches!(e, Effect::Persist(GroupRecord::Offset { value: None, .. }))));
     assert!(c.committed("g", "t", 0).is_none());
+}
+
+/// Kafka's ClassicGroup.validateOffsetCommit: a member of the current generation commits
+/// while the group is PreparingRebalance (the revocation callback's commit, right before
+/// it rejoins); only CompletingRebalance answers REBALANCE_IN_PROGRESS.
+#[test]
+fn offset_commit_follows_kafkas_state_rules() {
+    let mut c = GroupCoordinator::new(cfg(), "p".into());
+    let (a, effects) = join_dynamic(&mut c, 0, 1);
+    let generation = joins(&effects)[0].1.generation_id;
+    let offsets = [("t".to_string(), 0, 7, -1, None)];
+    // CompletingRebalance: refused.
+    assert_eq!(c.state("g"), Some(GroupState::CompletingRebalance));
+    assert_eq!(
+        c.commit_offsets(1, 8, "g", &a, None, generation, &offsets)
+            .unwrap_err(),
+        ResponseError::RebalanceInProgress.code()
+    );
+    c.sync(1, 2, &sync_req(&a, generation, vec![(&a, b"A")]));
+    assert_eq!(c.state("g"), Some(GroupState::Stable));
+    assert!(c
+        .commit_offsets(2, 8, "g", &a, None, generation, &offsets)
+        .is_ok());
+    // A second member starts a rebalance: PreparingRebalance while `a` has not rejoined.
+    let (r, _) = c.join(3, 3, 5, &client(), &join_req("", None, b"m"));
+    let Reply::Now(r) = r else { panic!() };
+    let b = r.member_id.to_string();
+    c.join(3, 3, 5, &client(), &join_req(&b, None, b"m"));
+    assert_eq!(c.state("g"), Some(GroupState::PreparingRebalance));
+    let records = c
+        .commit_offsets(4, 8, "g", &a, None, generation, &offsets)
+        .expect("a current-generation member commits during PreparingRebalance");
+    assert_eq!(records.len(), 1);
+    assert!(records[0].is_ok());
+    // ...but not with an old generation, nor as a stranger.
+    assert_eq!(
+        c.commit_offsets(4, 8, "g", &a, None, generation - 1, &offsets)
+            .unwrap_err(),
+        ResponseError::IllegalGeneration.code()
+    );
+    assert_eq!(
+        c.commit_offsets(4, 8, "g", "ghost", None, generation, &offsets)
+            .unwrap_err(),
+        ResponseError::UnknownMemberId.code()
+    );
+    // Unknown group with a generation: ILLEGAL_GENERATION before v9, GROUP_ID_NOT_FOUND from v9.
+    assert_eq!(
+        c.commit_offsets(4, 8, "nope", "x", None, 1, &offsets)
+            .unwrap_err(),
+        ResponseError::IllegalGeneration.code()
+    );
+    assert_eq!(
+        c.commit_offsets(4, 9, "nope", "x", None, 1, &offsets)
+            .unwrap_err(),
+        ResponseError::GroupIdNotFound.code()
+    );
+    assert_eq!(c.state("nope"), None, "a refused commit creates no group");
+    // TxnOffsetCommit: not refused in CompletingRebalance, and member-less on a live group.
+    assert_eq!(validate_txn_offset_commit_state(&c, "g", "", None, -1), Ok(()));
+    assert_eq!(
+        validate_txn_offset_commit_state(&c, "nope", "x", None, 3),
+        Err(ResponseError::IllegalGeneration.code())
+    );
+}
+
+/// Two processes with one group.instance.id: the newer one takes the identity, the older
+/// one is fenced on every group API (FENCED_INSTANCE_ID, checked before the member id).
+#[test]
+fn replaced_static_member_is_fenced_everywhere() {
+    let mut c = GroupCoordinator::new(cfg(), "p".into());
+    let (r, effects) = c.join(0, 1, 5, &client(), &join_req("", Some("i1"), b"m"));
+    assert_eq!(r, Reply::Later);
+    let old = joins(&effects)[0].1.member_id.to_string();
+    let generation = joins(&effects)[0].1.generation_id;
+    c.sync(1, 2, &sync_req(&old, generation, vec![(&old, b"A")]));
+    assert_eq!(c.state("g"), Some(GroupState::Stable));
+    // The second process joins with the same instance id and no member id.
+    let (r, _) = c.join(2, 3, 5, &client(), &join_req("", Some("i1"), b"m"));
+    let Reply::Now(r) = r else { panic!() };
+    assert_eq!(r.error_code, 0);
+    let new = r.member_id.to_string();
+    assert_ne!(new, old);
+    let fenced = ResponseError::FencedInstanceId.code();
+    assert_eq!(c.heartbeat(3, "g", &old, Some("i1"), generation), fenced);
+    let (r, _) = c.sync(
+        3,
+        4,
+        &sync_req(&old, generation, vec![]).with_group_instance_id(Some(s("i1"))),
+    );
+    assert_eq!(r, Reply::Now(sync_error(ResponseError::FencedInstanceId)));
+    assert_eq!(
+        c.commit_offsets(
+            3,
+            8,
+            "g",
+            &old,
+            Some("i1"),
+            generation,
+            &[("t".into(), 0, 1, -1, None)]
+        )
+        .unwrap_err(),
+        fenced
+    );
+    let (r, _) = c.join(3, 5, 5, &client(), &join_req(&old, Some("i1"), b"m"));
+    assert_eq!(
+        r,
+        Reply::Now(join_error(ResponseError::FencedInstanceId, &old))
+    );
+    // The new member is unaffected.
+    assert_eq!(c.heartbeat(3, "g", &new, Some("i1"), generation), 0);
+    // An instance id nobody holds is UNKNOWN_MEMBER_ID.
+    assert_eq!(
+        c.heartbeat(3, "g", &new, Some("other"), generation),
+        ResponseError::UnknownMemberId.code()
+    );
+}
+
+/// A member expires at exactly `last heartbeat + session.timeout.ms`, and the coordinator
+/// says when that is, so the caller ticks then (not on its next period).
+#[test]
+fn sessions_expire_at_their_deadline() {
+    let mut c = GroupCoordinator::new(cfg(), "p".into());
+    let (a, effects) = join_dynamic(&mut c, 0, 1);
+    let generation = joins(&effects)[0].1.generation_id;
+    c.sync(1, 2, &sync_req(&a, generation, vec![(&a, b"A")]));
+    assert_eq!(c.heartbeat(1_000, "g", &a, None, generation), 0);
+    let deadline = 1_000 + i64::from(SESSION);
+    assert_eq!(c.next_deadline_ms(1_000), Some(deadline));
+    assert!(c.tick(deadline - 1).is_empty());
+    assert_eq!(c.state("g"), Some(GroupState::Stable));
+    let effects = c.tick(deadline);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Persist(GroupRecord::Group { .. }))));
+    assert_eq!(c.state("g"), Some(GroupState::Empty));
+    assert_eq!(c.next_deadline_ms(deadline), None);
 }

@@ -54,7 +54,28 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    // Kafka 4.0 removed v0 (KIP-896); it is v1 byte for byte, and kafka-python (through
+    // 2.x) sends only v0, so it stays.
+    (ApiKey::DescribeLogDirs, 0, 4),
 ];
+
+/// What an operator needs to know about a refused request: the API by name and key,
+/// the version asked, and what Ferrite serves instead.
+pub fn unsupported_message(api_key: ApiKey, version: i16) -> String {
+    let key = api_key as i16;
+    match supported_versions(api_key) {
+        None => format!("{api_key:?} (api key {key}) v{version}: this API is not implemented"),
+        Some((lo, _)) if version < lo => format!(
+            "{api_key:?} (api key {key}) v{version}: older than the supported v{lo}; like \
+             Kafka 4.0 (KIP-896), Ferrite refuses request versions older than Kafka 2.1's, \
+             so the client is too old or configured for an old broker version"
+        ),
+        Some((_, hi)) => format!(
+            "{api_key:?} (api key {key}) v{version}: newer than the supported v{hi}; the \
+             client should have picked a version from ApiVersions"
+        ),
+    }
+}
 
 pub fn supported_versions(api_key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED_APIS
@@ -73,7 +94,7 @@ pub enum ProtocolError {
     Truncated(usize),
     #[error("unknown api key {0}")]
     UnknownApiKey(i16),
-    #[error("unsupported version {version} of {api_key:?}")]
+    #[error("{}", unsupported_message(*api_key, *version))]
     UnsupportedVersion {
         api_key: ApiKey,
         version: i16,

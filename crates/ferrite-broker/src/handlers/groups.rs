@@ -148,8 +148,13 @@ pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGrou
 }
 
 pub fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> HeartbeatResponse {
-    let code = broker.groups.lock().coordinator.heartbeat(
-        now_ms(),
+    let now = now_ms();
+    let mut state = broker.groups.lock();
+    // Due timeouts first, so that a member past its session deadline is gone (Kafka's
+    // timer would have fired), whenever the ticker last ran.
+    state.tick(broker, now);
+    let code = state.coordinator.heartbeat(
+        now,
         req.group_id.0.as_str(),
         req.member_id.as_str(),
         req.group_instance_id.as_deref(),
@@ -205,7 +210,11 @@ pub fn leave_group(
     }
 }
 
-pub fn offset_commit(broker: &Arc<Broker>, req: OffsetCommitRequest) -> OffsetCommitResponse {
+pub fn offset_commit(
+    broker: &Arc<Broker>,
+    req: OffsetCommitRequest,
+    version: i16,
+) -> OffsetCommitResponse {
     let group = req.group_id.0.to_string();
     let now = now_ms();
     // Unknown topics and partitions fail on their own; the rest are committed.
@@ -233,8 +242,10 @@ pub fn offset_commit(broker: &Arc<Broker>, req: OffsetCommitRequest) -> OffsetCo
         }
     }
     let mut state = broker.groups.lock();
+    state.tick(broker, now);
     let result = state.coordinator.commit_offsets(
         now,
+        version,
         &group,
         req.member_id.as_str(),
         req.group_instance_id.as_deref(),
@@ -403,7 +414,8 @@ pub fn offset_fetch(
 }
 
 pub fn describe_groups(broker: &Arc<Broker>, req: DescribeGroupsRequest) -> DescribeGroupsResponse {
-    let state = broker.groups.lock();
+    let mut state = broker.groups.lock();
+    state.tick(broker, now_ms());
     let operations = if req.include_authorized_operations {
         super::metadata::GROUP_OPERATIONS
     } else {
@@ -423,7 +435,8 @@ pub fn describe_groups(broker: &Arc<Broker>, req: DescribeGroupsRequest) -> Desc
 }
 
 pub fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsResponse {
-    let state = broker.groups.lock();
+    let mut state = broker.groups.lock();
+    state.tick(broker, now_ms());
     let groups = state
         .coordinator
         .list()
@@ -457,6 +470,7 @@ pub fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsRe
 pub fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
     let now = now_ms();
     let mut state = broker.groups.lock();
+    state.tick(broker, now);
     let results = req
         .groups_names
         .iter()
