@@ -54,3 +54,22 @@ def test_garbage_then_real_clients_still_work(broker_factory):
                                          or len(values) >= 2))
     assert values == [b"before", b"after"]
     c.close()
+
+
+def test_refused_versions_are_logged_by_name_at_warn(broker_factory):
+    """A client below the version floor (Burrow 1.2.1 sends ListOffsets v0) sees its
+    connection closed, and the operator sees why: the API by name and key, at WARN. A
+    client refused in a loop does not flood the log (one WARN per interval)."""
+    b = broker_factory()
+    # ListOffsets (key 2) v0: replica_id, no topics.
+    req = struct.pack(">hhih", 2, 0, 7, -1) + struct.pack(">ii", -1, 0)
+    assert exchange(b.addr, struct.pack(">i", len(req)) + req) == b""
+    # DescribeAcls (key 29) v1, not implemented: refused too, but within the interval.
+    req = struct.pack(">hhih", 29, 1, 8, -1) + b"\x00" * 16
+    assert exchange(b.addr, struct.pack(">i", len(req)) + req) == b""
+    assert b.alive()
+    wait_until("the WARN line", lambda: "ListOffsets (api key 2) v0" in open(b.log_path, errors="replace").read())
+    log = open(b.log_path, errors="replace").read()
+    line = next(ln for ln in log.splitlines() if "ListOffsets (api key 2) v0" in ln)
+    assert "WARN" in line and "KIP-896" in line, line
+    assert not any("DescribeAcls" in ln and "WARN" in ln for ln in log.splitlines()), "rate-limited"

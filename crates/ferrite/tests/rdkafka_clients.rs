@@ -798,3 +798,75 @@ async fn compression_bomb_does_not_blow_up_list_offsets() {
         peak_kib >> 10
     );
 }
+
+/// sarama before IBM/sarama#3108 sent batches whose maxTimestamp is -1 (others send 0 or
+/// a value below baseTimestamp). Produced raw, uncompressed and zstd: the broker stores
+/// the records' maximum, so time retention (1 hour here, checked every 100 ms) keeps them
+/// and offsetsForTimes finds them; librdkafka then reads every record with its timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sarama_style_max_timestamps_neither_lose_data_nor_hide_it() {
+    use ferrite_storage::test_support::{batch_around, record_at};
+    let server = Server::start(&["log.retention.check.interval.ms=100"]);
+    server
+        .create_topic("sarama", 1, &[("retention.ms", "3600000")])
+        .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut bases = Vec::new();
+    let mut i = 0i64;
+    for zstd_records in [false, true] {
+        for claimed in [-1i64, 0, -2] {
+            let base = now - 60_000 + i * 1000;
+            i += 1;
+            let claimed = if claimed == -2 { base - 5000 } else { claimed };
+            let records: Vec<u8> = (0..3)
+                .flat_map(|d| record_at(d, d * 10, format!("v{base}-{d}").as_bytes()))
+                .collect();
+            let batch = if zstd_records {
+                batch_around(4, 3, base, claimed, &zstd::encode_all(&records[..], 3).unwrap())
+            } else {
+                batch_around(0, 3, base, claimed, &records)
+            };
+            assert_eq!(raw_produce(&server, "sarama", batch), 0, "claimed {claimed}");
+            bases.push(base);
+        }
+    }
+    // Many retention checks later, nothing is gone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = consumer(&server);
+    assert_eq!(
+        c.fetch_watermarks("sarama", 0, OP_TIMEOUT).unwrap(),
+        (0, 18),
+        "time retention deleted records whose producer sent a bad maxTimestamp"
+    );
+    for (n, base) in bases.iter().enumerate() {
+        for (target, expected) in [(*base, n * 3), (*base + 15, n * 3 + 2)] {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset("sarama", 0, Offset::Offset(target))
+                .unwrap();
+            let r = c.offsets_for_times(tpl, OP_TIMEOUT).unwrap();
+            assert_eq!(
+                r.find_partition("sarama", 0).unwrap().offset(),
+                Offset::Offset(expected as i64),
+                "target {target}"
+            );
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("sarama", 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut seen = Vec::new();
+    wait_for("all 18 records", OP_TIMEOUT, || {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            seen.push((m.offset(), m.timestamp().to_millis().unwrap()));
+        }
+        (seen.len() == 18).then_some(())
+    });
+    for (offset, ts) in seen {
+        let batch = offset as usize / 3;
+        assert_eq!(ts, bases[batch] + (offset % 3) * 10);
+    }
+}
