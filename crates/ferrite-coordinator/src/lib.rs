@@ -172,7 +172,11 @@ impl Group {
     /// new member id) learns it is fenced (FENCED_INSTANCE_ID, fatal for the client)
     /// instead of UNKNOWN_MEMBER_ID, which would make it rejoin and take the identity
     /// back, flipping it between the two processes forever.
-    fn validate_member(&self, member_id: &str, instance_id: Option<&str>) -> Result<(), ResponseError> {
+    fn validate_member(
+        &self,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Result<(), ResponseError> {
         if let Some(instance) = instance_id {
             match self.static_member(instance) {
                 None => return Err(ResponseError::UnknownMemberId),

@@ -385,7 +385,10 @@ fn offset_commit_follows_kafkas_state_rules() {
     );
     assert_eq!(c.state("nope"), None, "a refused commit creates no group");
     // TxnOffsetCommit: not refused in CompletingRebalance, and member-less on a live group.
-    assert_eq!(validate_txn_offset_commit_state(&c, "g", "", None, -1), Ok(()));
+    assert_eq!(
+        validate_txn_offset_commit_state(&c, "g", "", None, -1),
+        Ok(())
+    );
     assert_eq!(
         validate_txn_offset_commit_state(&c, "nope", "x", None, 3),
         Err(ResponseError::IllegalGeneration.code())

@@ -171,13 +171,23 @@ pub fn decode_request(mut frame: Bytes) -> Result<Request, ProtocolError> {
     let header_version = api_key.request_header_version(version);
     let header =
         RequestHeader::decode(&mut frame, header_version).map_err(|e| malformed(e.to_string()))?;
-    let body =
-        RequestKind::decode(api_key, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
+    let body = RequestKind::decode(api_key, &mut frame, codec_version(api_key, version))
+        .map_err(|e| malformed(e.to_string()))?;
     Ok(Request {
         header,
         api_key,
         body,
     })
+}
+
+/// The version the generated codecs are asked for. DescribeLogDirs v0 is byte for byte
+/// v1 (v1 only changed when a throttled response is sent), but kafka-protocol is generated
+/// from Kafka 4's schemas, which dropped v0 (KIP-896); kafka-python sends only v0.
+fn codec_version(api_key: ApiKey, version: i16) -> i16 {
+    match (api_key, version) {
+        (ApiKey::DescribeLogDirs, 0) => 1,
+        _ => version,
+    }
 }
 
 /// Encodes a response frame, length prefix included.
@@ -198,7 +208,7 @@ pub fn encode_response(
     header
         .encode(&mut buf, api_key.response_header_version(version))
         .map_err(|e| err(e.to_string()))?;
-    body.encode(&mut buf, version)
+    body.encode(&mut buf, codec_version(api_key, version))
         .map_err(|e| err(e.to_string()))?;
     let len = i32::try_from(buf.len() - FRAME_PREFIX_BYTES).map_err(|e| err(e.to_string()))?;
     #[allow(clippy::indexing_slicing)] // The prefix was written first.

@@ -1300,7 +1300,12 @@ mod timestamp_tests {
     }
 
     fn stored_max_timestamp(log: &PartitionLog, offset: i64) -> i64 {
-        let bytes = log.read_plan(offset).unwrap().unwrap().read(1, true).unwrap();
+        let bytes = log
+            .read_plan(offset)
+            .unwrap()
+            .unwrap()
+            .read(1, true)
+            .unwrap();
         let h = crate::batch::validate_batch(&bytes).unwrap();
         h.max_timestamp
     }
@@ -1345,12 +1350,14 @@ mod timestamp_tests {
                 log.append(&batch(base, claimed, zstd), 0, now).unwrap();
                 log.append(&batch(base + 100, claimed, zstd), 0, now)
                     .unwrap();
-                for (target, want) in [(base, 0), (base + 25, 0), (base + 31, 4), (base + 130, 4)]
-                {
+                for (target, want) in [(base, 0), (base + 25, 0), (base + 31, 4), (base + 130, 4)] {
                     let plan = log.time_plan(target).unwrap();
                     let found = plan.read_first_batch_at_time(target).unwrap().unwrap();
                     let h = BatchHeader::parse(&found).unwrap();
-                    assert_eq!(h.base_offset, want, "zstd {zstd} claimed {claimed} t {target}");
+                    assert_eq!(
+                        h.base_offset, want,
+                        "zstd {zstd} claimed {claimed} t {target}"
+                    );
                 }
                 assert!(log.time_plan(base + 131).is_none());
                 assert_eq!(log.max_timestamp(), base + 130);
@@ -1460,7 +1467,10 @@ mod timestamp_tests {
             assert_eq!(log.tick(now + DAY_MS - 60_000).unwrap(), 0, "clean {clean}");
             assert_eq!(log.log_start_offset(), 0);
             // A day after its last write it goes (with segment 1, whose timestamps are old).
-            assert!(log.tick(now + DAY_MS + 60_000).unwrap() >= 1, "clean {clean}");
+            assert!(
+                log.tick(now + DAY_MS + 60_000).unwrap() >= 1,
+                "clean {clean}"
+            );
             assert!(log.log_start_offset() >= 6, "clean {clean}");
             drop(log);
             // Put segment 0 back for the next round.

@@ -825,11 +825,21 @@ async fn sarama_style_max_timestamps_neither_lose_data_nor_hide_it() {
                 .flat_map(|d| record_at(d, d * 10, format!("v{base}-{d}").as_bytes()))
                 .collect();
             let batch = if zstd_records {
-                batch_around(4, 3, base, claimed, &zstd::encode_all(&records[..], 3).unwrap())
+                batch_around(
+                    4,
+                    3,
+                    base,
+                    claimed,
+                    &zstd::encode_all(&records[..], 3).unwrap(),
+                )
             } else {
                 batch_around(0, 3, base, claimed, &records)
             };
-            assert_eq!(raw_produce(&server, "sarama", batch), 0, "claimed {claimed}");
+            assert_eq!(
+                raw_produce(&server, "sarama", batch),
+                0,
+                "claimed {claimed}"
+            );
             bases.push(base);
         }
     }
