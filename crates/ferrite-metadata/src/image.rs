@@ -2,11 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::records::{BrokerEndpoint, MetadataRecord, NO_LEADER_CHANGE};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionImage {
     pub partition: i32,
     pub replicas: Vec<i32>,
@@ -16,7 +17,7 @@ pub struct PartitionImage {
     pub partition_epoch: i32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicImage {
     pub name: String,
     pub topic_id: Uuid,
@@ -26,7 +27,7 @@ pub struct TopicImage {
 }
 
 /// A registered broker (KRaft's `BrokerRegistration`), as the records say.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerRegistration {
     pub broker_id: i32,
     pub incarnation_id: Uuid,
@@ -46,7 +47,9 @@ impl BrokerRegistration {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Serializable because the metadata quorum (`ferrite-raft`) snapshots it whole: a
+/// snapshot is this image as of a log index, so every field must round-trip.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataImage {
     topics: BTreeMap<String, TopicImage>,
     names_by_id: HashMap<Uuid, String>,

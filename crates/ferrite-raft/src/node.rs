@@ -1,0 +1,610 @@
+//! A controller voter: [`MetadataQuorum::start`] opens the durable state, starts
+//! openraft, serves the quorum RPC on the controller listener, forms the quorum, and
+//! watches that a leader still hears from a majority.
+//!
+//! Forming: the voter set is fixed by configuration. When the node with the lowest id
+//! finds no state at all it initializes the cluster with every configured voter; the
+//! others wait until its leader contacts them. A one-voter quorum is the same code path
+//! with one voter. A node whose stored voter set differs from the configured one
+//! refuses to start (membership changes are not supported).
+//!
+//! CheckQuorum: openraft has none, so a leader cut off from the majority stays leader
+//! and its writes never commit (KAFKA-15489 is Kafka's version of the bug). Here a leader
+//! that has had no acknowledgement from a majority within `fetch_timeout` stops being the
+//! active controller: it refuses writes with NotController and reports no leader.
+//! (openraft 0.9 ignores an election trigger on a leader, so its own state stays Leader
+//! until it sees a higher term; the status here is what callers must use.)
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::frame::StoreError;
+use crate::log_store::LogStore;
+use crate::network::{
+    serve, CallError, NetworkFactory, PeerClient, QuorumRequest, QuorumResponse, WriteRefusal,
+    SNAPSHOT_CHUNK_BYTES,
+};
+use crate::state_machine::{AppliedImage, StateMachineStore};
+use crate::voters::{Voter, QUORUM_VOTERS_MAX};
+use crate::{MetadataBatch, NodeId, Raft};
+
+/// The quorum's timers. The defaults are KRaft's where KRaft has the setting.
+#[derive(Debug, Clone)]
+pub struct QuorumTiming {
+    /// Leader heartbeat (openraft's `heartbeat_interval`); also each AppendEntries' timeout.
+    pub heartbeat_interval: Duration,
+    /// A follower that hears no leader for a random time in [this, 2 × this) stands for
+    /// election (`controller.quorum.election.timeout.ms`, 1000).
+    pub election_timeout: Duration,
+    /// A leader without acknowledgements from a majority for this long stops acting as
+    /// the active controller (`controller.quorum.fetch.timeout.ms`, 2000).
+    pub fetch_timeout: Duration,
+    /// Upper bound on any one RPC, InstallSnapshot chunks included
+    /// (`controller.quorum.request.timeout.ms`, 2000).
+    pub request_timeout: Duration,
+    /// Pause before reconnecting to an unreachable voter.
+    pub reconnect_backoff: Duration,
+    /// A `write` not committed by then fails with `Timeout` (it may still commit).
+    pub write_timeout: Duration,
+}
+
+impl Default for QuorumTiming {
+    fn default() -> Self {
+        QuorumTiming {
+            heartbeat_interval: Duration::from_millis(500),
+            election_timeout: Duration::from_millis(1000),
+            fetch_timeout: Duration::from_millis(2000),
+            request_timeout: Duration::from_millis(2000),
+            reconnect_backoff: Duration::from_millis(500),
+            write_timeout: Duration::from_millis(5000),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QuorumConfig {
+    pub node_id: NodeId,
+    /// The controller listener (and the source address of outgoing connections).
+    pub controller_listen: SocketAddr,
+    pub voters: Vec<Voter>,
+    /// Where the log, vote and snapshot live (e.g. `<data-dir>/__cluster_metadata/quorum`).
+    pub dir: PathBuf,
+    pub timing: QuorumTiming,
+    /// A snapshot is taken once this many entries were committed since the last one.
+    pub snapshot_interval_entries: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging voter catches up
+    /// from the log rather than a whole snapshot.
+    pub entries_kept_after_snapshot: u64,
+}
+
+/// Default snapshot interval: each entry is one admin change, so snapshots are rare.
+pub const SNAPSHOT_INTERVAL_ENTRIES_DEFAULT: u64 = 1000;
+pub const ENTRIES_KEPT_AFTER_SNAPSHOT_DEFAULT: u64 = 100;
+
+impl QuorumConfig {
+    pub fn new(
+        node_id: NodeId,
+        controller_listen: SocketAddr,
+        voters: Vec<Voter>,
+        dir: PathBuf,
+    ) -> QuorumConfig {
+        QuorumConfig {
+            node_id,
+            controller_listen,
+            voters,
+            dir,
+            timing: QuorumTiming::default(),
+            snapshot_interval_entries: SNAPSHOT_INTERVAL_ENTRIES_DEFAULT,
+            entries_kept_after_snapshot: ENTRIES_KEPT_AFTER_SNAPSHOT_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuorumError {
+    #[error("quorum configuration: {0}")]
+    Config(String),
+    #[error("quorum storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on controller address {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// This node is not the active controller and could not hand the write to one.
+    #[error("not the active controller (leader: {leader:?})")]
+    NotController { leader: Option<NodeId> },
+    /// The write was not committed in time; it may still commit later.
+    #[error("metadata write not committed within {0:?}")]
+    Timeout(Duration),
+    #[error("metadata change of {bytes} bytes is above METADATA_ENTRY_BYTES_MAX ({max})")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("the quorum has stopped: {0}")]
+    Stopped(String),
+}
+
+/// What this node knows of the quorum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumStatus {
+    pub node_id: NodeId,
+    /// The active controller as far as this node knows: itself only while it is the
+    /// leader and has heard from a majority within the fetch timeout.
+    pub leader_id: Option<NodeId>,
+    /// Whether this node is the active controller (accepts writes).
+    pub is_active_controller: bool,
+    /// openraft's role; a leader without quorum acknowledgements is still `Leader` here.
+    pub server_state: ServerState,
+    /// The Raft term (KRaft's leader epoch).
+    pub leader_epoch: u64,
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to the image.
+    pub raft_commit_index: Option<u64>,
+    /// On the leader: each voter's last log index known to match the leader's.
+    pub voter_log_end: BTreeMap<NodeId, Option<u64>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) raft: Raft,
+    node_id: NodeId,
+    timing: QuorumTiming,
+    voters: Arc<BTreeMap<NodeId, String>>,
+    bind_ip: Option<IpAddr>,
+    status: watch::Receiver<QuorumStatus>,
+    /// One connection per leader for forwarded writes (serialized per leader).
+    forward: tokio::sync::Mutex<HashMap<NodeId, PeerClient>>,
+}
+
+/// A running controller voter.
+pub struct MetadataQuorum {
+    shared: Arc<Shared>,
+    applied: watch::Receiver<AppliedImage>,
+    local_addr: SocketAddr,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl MetadataQuorum {
+    /// Starts voter `node_id` of the quorum `voters`, listening on `controller_listen`,
+    /// with its state in `dir`, and default timing.
+    pub async fn start(
+        node_id: NodeId,
+        controller_listen: SocketAddr,
+        voters: Vec<Voter>,
+        dir: PathBuf,
+    ) -> Result<MetadataQuorum, QuorumError> {
+        Self::start_with(QuorumConfig::new(node_id, controller_listen, voters, dir), None).await
+    }
+
+    /// Starts with explicit configuration; `listener`, if given, is already bound to
+    /// `controller_listen` (tests bind ephemeral ports first to learn the addresses).
+    pub async fn start_with(
+        config: QuorumConfig,
+        listener: Option<TcpListener>,
+    ) -> Result<MetadataQuorum, QuorumError> {
+        let voters = validate_voters(&config)?;
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.controller_listen)
+                .await
+                .map_err(|source| QuorumError::Bind {
+                    addr: config.controller_listen,
+                    source,
+                })?,
+        };
+        let local_addr = listener.local_addr().map_err(|source| QuorumError::Bind {
+            addr: config.controller_listen,
+            source,
+        })?;
+        let log = LogStore::open(&config.dir)?;
+        let sm = StateMachineStore::open(&config.dir)?;
+        let applied = sm.subscribe();
+        let t = &config.timing;
+        let raft_config = Config {
+            cluster_name: "ferrite-metadata".into(),
+            heartbeat_interval: millis(t.heartbeat_interval),
+            election_timeout_min: millis(t.election_timeout),
+            election_timeout_max: millis(t.election_timeout) * 2,
+            install_snapshot_timeout: millis(t.request_timeout),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_interval_entries),
+            max_in_snapshot_log_to_keep: config.entries_kept_after_snapshot,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| QuorumError::Config(e.to_string()))?;
+        let bind_ip = Some(local_addr.ip()).filter(|ip| !ip.is_unspecified());
+        let network = NetworkFactory {
+            self_id: config.node_id,
+            voters: voters.clone(),
+            bind_ip,
+            request_timeout: t.request_timeout,
+            reconnect_backoff: t.reconnect_backoff,
+        };
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| QuorumError::Stopped(e.to_string()))?;
+
+        let stopped = |e: &dyn std::fmt::Display| QuorumError::Stopped(e.to_string());
+        let stored_voters: BTreeSet<NodeId> = raft
+            .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
+            .await
+            .map_err(|e| stopped(&e))?;
+        let configured: BTreeSet<NodeId> = voters.keys().copied().collect();
+        if raft.is_initialized().await.map_err(|e| stopped(&e))? {
+            if stored_voters != configured {
+                let _ = raft.shutdown().await;
+                return Err(QuorumError::Config(format!(
+                    "the stored voter set {stored_voters:?} differs from controller.quorum.voters {configured:?}; \
+                     changing the voters is not supported"
+                )));
+            }
+        } else if configured.first() == Some(&config.node_id) {
+            // Deterministic formation: only the lowest id initializes a fresh quorum, so
+            // exactly one initial membership entry exists; the others learn it from the
+            // leader it elects.
+            let members: BTreeMap<NodeId, BasicNode> = voters
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            tracing::info!(node_id = config.node_id, voters = ?configured, "initializing the metadata quorum");
+            raft.initialize(members)
+                .await
+                .map_err(|e| QuorumError::Stopped(format!("initialize: {e}")))?;
+        } else {
+            tracing::info!(node_id = config.node_id, "no quorum state yet; waiting for the lowest-id voter to form the quorum");
+        }
+
+        let (status_tx, status_rx) = watch::channel(QuorumStatus {
+            node_id: config.node_id,
+            leader_id: None,
+            is_active_controller: false,
+            server_state: ServerState::Learner,
+            leader_epoch: 0,
+            last_log_index: None,
+            raft_commit_index: None,
+            voter_log_end: BTreeMap::new(),
+        });
+        let shared = Arc::new(Shared {
+            raft: raft.clone(),
+            node_id: config.node_id,
+            timing: config.timing.clone(),
+            voters,
+            bind_ip,
+            status: status_rx,
+            forward: tokio::sync::Mutex::new(HashMap::new()),
+        });
+        let watchdog = tokio::spawn(check_quorum(
+            raft.clone(),
+            config.node_id,
+            config.timing.fetch_timeout,
+            status_tx,
+        ));
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        tracing::info!(node_id = config.node_id, %local_addr, "metadata quorum voter started");
+        Ok(MetadataQuorum {
+            shared,
+            applied,
+            local_addr,
+            tasks: Mutex::new(vec![watchdog, server]),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// The controller listener's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The current status (cheap: a watch channel's value).
+    pub fn status(&self) -> QuorumStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Status changes, for callers that wait on leadership.
+    pub fn status_watch(&self) -> watch::Receiver<QuorumStatus> {
+        self.shared.status.clone()
+    }
+
+    /// The applied image and its index; changes after every applied batch.
+    pub fn applied(&self) -> watch::Receiver<AppliedImage> {
+        self.applied.clone()
+    }
+
+    /// Commits one metadata change and returns its Raft log index, once a majority of
+    /// voters has it durably (and the leader applied it). On a voter that is not the
+    /// leader the change is forwarded to the leader. Bounded by the write timeout:
+    /// `Timeout` means unknown outcome (the change may still commit), `NotController`
+    /// means it was not accepted.
+    pub async fn write(&self, records: MetadataBatch) -> Result<u64, QuorumError> {
+        let timeout = self.shared.timing.write_timeout;
+        check_size(&records)?;
+        tokio::time::timeout(timeout, self.shared.write(records))
+            .await
+            .unwrap_or(Err(QuorumError::Timeout(timeout)))
+    }
+
+    /// Waits until the local image includes log index `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<AppliedImage, QuorumError> {
+        let mut rx = self.applied.clone();
+        let wait = async {
+            rx.wait_for(|a| a.raft_commit_index.is_some_and(|i| i >= index))
+                .await
+                .map(|a| a.clone())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(_)) => Err(QuorumError::Stopped("state machine closed".into())),
+            Err(_) => Err(QuorumError::Timeout(timeout)),
+        }
+    }
+
+    /// Stops serving and stops openraft. The durable state stays for a restart.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            // Aborted tasks end with a cancellation error; the wait makes sure the
+            // listener and every connection are closed before a restart rebinds.
+            let _ = t.await;
+        }
+        self.shared.forward.lock().await.clear();
+        if let Err(e) = self.shared.raft.shutdown().await {
+            tracing::warn!(error = %e, "openraft did not stop cleanly");
+        }
+    }
+}
+
+impl Drop for MetadataQuorum {
+    fn drop(&mut self) {
+        for t in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn validate_voters(config: &QuorumConfig) -> Result<Arc<BTreeMap<NodeId, String>>, QuorumError> {
+    if config.voters.is_empty() {
+        return Err(QuorumError::Config("no voters configured".into()));
+    }
+    if config.voters.len() > QUORUM_VOTERS_MAX {
+        return Err(QuorumError::Config(format!(
+            "{} voters, at most {QUORUM_VOTERS_MAX}",
+            config.voters.len()
+        )));
+    }
+    let mut map = BTreeMap::new();
+    for v in &config.voters {
+        if v.id > i32::MAX as NodeId {
+            return Err(QuorumError::Config(format!("voter id {} is above i32::MAX", v.id)));
+        }
+        if map.insert(v.id, v.address()).is_some() {
+            return Err(QuorumError::Config(format!("voter {} listed twice", v.id)));
+        }
+    }
+    if !map.contains_key(&config.node_id) {
+        return Err(QuorumError::Config(format!(
+            "node {} is not one of the voters {:?} (observers are not supported yet)",
+            config.node_id,
+            map.keys().collect::<Vec<_>>()
+        )));
+    }
+    Ok(Arc::new(map))
+}
+
+fn check_size(records: &MetadataBatch) -> Result<(), QuorumError> {
+    let max = ferrite_metadata::log::METADATA_ENTRY_BYTES_MAX;
+    let bytes = serde_json::to_vec(records)
+        .map_err(|e| QuorumError::Config(format!("cannot encode records: {e}")))?
+        .len();
+    if bytes > max {
+        return Err(QuorumError::TooLarge { bytes, max });
+    }
+    Ok(())
+}
+
+impl Shared {
+    async fn write(&self, records: MetadataBatch) -> Result<u64, QuorumError> {
+        let mut status_rx = self.status.clone();
+        loop {
+            let status = status_rx.borrow_and_update().clone();
+            if status.is_active_controller {
+                return self.write_local(records).await;
+            }
+            if status.server_state == ServerState::Leader {
+                // Leader without a majority (CheckQuorum): refuse, like a resigned KRaft
+                // controller, rather than wait for a commit that cannot come.
+                return Err(QuorumError::NotController { leader: None });
+            }
+            match status.leader_id {
+                Some(leader) if leader != self.node_id => match self.forward(leader, &records).await {
+                    Err(QuorumError::NotController { .. }) | Err(QuorumError::Stopped(_)) => {
+                        // The leader moved or is unreachable: wait for news, then retry
+                        // (the caller's timeout bounds the loop).
+                        let _ = tokio::time::timeout(self.timing.reconnect_backoff, status_rx.changed()).await;
+                    }
+                    other => return other,
+                },
+                // No leader known (an election is running): wait for one.
+                _ => {
+                    if status_rx.changed().await.is_err() {
+                        return Err(QuorumError::Stopped("status channel closed".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes on this node, which believes it is the active controller.
+    async fn write_local(&self, records: MetadataBatch) -> Result<u64, QuorumError> {
+        match self.raft.client_write(records).await {
+            Ok(resp) => Ok(resp.log_id.index),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(QuorumError::NotController {
+                leader: f.leader_id.filter(|l| *l != self.node_id),
+            }),
+            Err(RaftError::APIError(e)) => Err(QuorumError::Stopped(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(QuorumError::Stopped(e.to_string())),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, records: &MetadataBatch) -> Result<u64, QuorumError> {
+        let addr = self
+            .voters
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| QuorumError::NotController { leader: None })?;
+        let mut clients = self.forward.lock().await;
+        let client = clients.entry(leader).or_insert_with(|| {
+            PeerClient::new(
+                self.node_id,
+                leader,
+                addr,
+                self.bind_ip,
+                self.timing.request_timeout,
+                self.timing.reconnect_backoff,
+            )
+        });
+        // The leader bounds its own commit wait by its write timeout; the caller's
+        // timeout bounds this one.
+        let request = QuorumRequest::Write(records.clone());
+        match client.call(&request, self.timing.write_timeout).await {
+            Ok(QuorumResponse::Write(Ok(index))) => Ok(index),
+            Ok(QuorumResponse::Write(Err(WriteRefusal::NotController { leader }))) => {
+                Err(QuorumError::NotController { leader })
+            }
+            Ok(QuorumResponse::Write(Err(WriteRefusal::Timeout))) => {
+                Err(QuorumError::Timeout(self.timing.write_timeout))
+            }
+            Ok(QuorumResponse::Write(Err(WriteRefusal::Stopped))) => {
+                Err(QuorumError::Stopped(format!("leader {leader} stopped")))
+            }
+            Ok(_) => Err(QuorumError::Stopped(format!("leader {leader} answered another RPC"))),
+            Err(CallError::Timeout(t)) => Err(QuorumError::Timeout(t)),
+            Err(e) => {
+                tracing::debug!(leader, error = %e, "forwarding a metadata write failed");
+                Err(QuorumError::Stopped(format!("leader {leader} unreachable: {e}")))
+            }
+        }
+    }
+
+    /// A write forwarded by another voter: commit it here if this node is the active
+    /// controller, never forward again (no loops).
+    pub(crate) async fn write_forwarded(&self, records: MetadataBatch) -> Result<u64, WriteRefusal> {
+        let status = self.status.borrow().clone();
+        if !status.is_active_controller {
+            return Err(WriteRefusal::NotController {
+                leader: status.leader_id,
+            });
+        }
+        if check_size(&records).is_err() {
+            // The forwarding voter checked already; a peer sending more is refused.
+            return Err(WriteRefusal::Stopped);
+        }
+        let timeout = self.timing.write_timeout;
+        match tokio::time::timeout(timeout, self.write_local(records)).await {
+            Ok(Ok(index)) => Ok(index),
+            Ok(Err(QuorumError::NotController { leader })) => Err(WriteRefusal::NotController { leader }),
+            Ok(Err(_)) => Err(WriteRefusal::Stopped),
+            Err(_) => Err(WriteRefusal::Timeout),
+        }
+    }
+}
+
+/// The CheckQuorum substitute and status publisher. openraft reports, in its metrics,
+/// how long ago a majority last acknowledged the leader (`millis_since_quorum_ack`,
+/// refreshed at least every tick); a leader whose last majority acknowledgement is older
+/// than `fetch_timeout` is not the active controller.
+async fn check_quorum(
+    raft: Raft,
+    node_id: NodeId,
+    fetch_timeout: Duration,
+    status_tx: watch::Sender<QuorumStatus>,
+) {
+    let mut metrics = raft.metrics();
+    let check_every = (fetch_timeout / 10).max(Duration::from_millis(10));
+    let mut leader_epoch: Option<u64> = None;
+    let mut acked_at: Option<Instant> = None;
+    loop {
+        let fresh = tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                true
+            }
+            _ = tokio::time::sleep(check_every) => false,
+        };
+        let m = metrics.borrow_and_update().clone();
+        let now = Instant::now();
+        let is_leader = m.state == ServerState::Leader;
+        if is_leader {
+            if leader_epoch != Some(m.current_term) {
+                // Just elected, by a majority: that counts as hearing from it.
+                leader_epoch = Some(m.current_term);
+                acked_at = Some(now);
+            }
+            if let (true, Some(ms)) = (fresh, m.millis_since_quorum_ack) {
+                let at = now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+                acked_at = acked_at.max(Some(at));
+            }
+        } else {
+            leader_epoch = None;
+            acked_at = None;
+        }
+        let active = is_leader && acked_at.is_some_and(|t| now.duration_since(t) <= fetch_timeout);
+        let leader_id = if is_leader {
+            active.then_some(node_id)
+        } else {
+            m.current_leader.filter(|l| *l != node_id)
+        };
+        let voter_log_end = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, log)| (*id, log.map(|l| l.index))).collect())
+            .unwrap_or_default();
+        let status = QuorumStatus {
+            node_id,
+            leader_id,
+            is_active_controller: active,
+            server_state: m.state,
+            leader_epoch: m.current_term,
+            last_log_index: m.last_log_index,
+            raft_commit_index: m.last_applied.map(|l| l.index),
+            voter_log_end,
+        };
+        status_tx.send_if_modified(|old| {
+            if *old == status {
+                return false;
+            }
+            if old.is_active_controller && !status.is_active_controller && is_leader {
+                tracing::warn!(
+                    node_id,
+                    fetch_timeout_ms = millis(fetch_timeout),
+                    "no acknowledgement from a majority of voters within the fetch timeout: \
+                     no longer the active controller"
+                );
+            } else if !old.is_active_controller && status.is_active_controller {
+                tracing::info!(node_id, leader_epoch = status.leader_epoch, "now the active controller");
+            }
+            *old = status;
+            true
+        });
+    }
+}
