@@ -48,7 +48,10 @@ impl StoreError {
 pub fn encode_frame(body: &[u8], out: &mut Vec<u8>) {
     // Bodies are bounded by the callers (LOG_FRAME_BODY_BYTES_MAX, SNAPSHOT_BODY_BYTES_MAX),
     // both far below u32::MAX.
-    assert!(body.len() <= SNAPSHOT_BODY_BYTES_MAX, "frame body too large");
+    assert!(
+        body.len() <= SNAPSHOT_BODY_BYTES_MAX,
+        "frame body too large"
+    );
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&crc32c::crc32c(body).to_be_bytes());
     out.extend_from_slice(body);

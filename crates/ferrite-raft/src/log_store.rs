@@ -35,8 +35,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{
-    decode_frames, decode_whole, encode_frame, read_optional, tmp_path,
-    write_file_atomically, StoreError, LOG_FRAME_BODY_BYTES_MAX,
+    decode_frames, decode_whole, encode_frame, read_optional, tmp_path, write_file_atomically,
+    StoreError, LOG_FRAME_BODY_BYTES_MAX,
 };
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -44,13 +44,19 @@ pub const LOG_FILE: &str = "quorum.log";
 pub const VOTE_FILE: &str = "quorum.vote";
 pub const COMMITTED_FILE: &str = "quorum.committed";
 
-/// One frame of `quorum.log`.
+/// One frame of `quorum.log`. Externally tagged (`{"entry":{...}}`): serde's internally
+/// tagged enums buffer their content and then cannot read the integer map keys of a
+/// membership entry back.
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 enum LogFrame {
     /// Every entry up to and including this log id was purged (it is in a snapshot).
-    Purged { log_id: LogId },
-    Entry { entry: Entry },
+    Purged {
+        log_id: LogId,
+    },
+    Entry {
+        entry: Entry,
+    },
 }
 
 struct LogInner {
@@ -226,7 +232,11 @@ fn encode_log_frame(frame: &LogFrame, out: &mut Vec<u8>) -> Result<(), StoreErro
 }
 
 /// openraft's error for a failed store operation.
-pub(crate) fn storage_error(subject: ErrorSubject<crate::NodeId>, verb: ErrorVerb, e: &StoreError) -> StorageError {
+pub(crate) fn storage_error(
+    subject: ErrorSubject<crate::NodeId>,
+    verb: ErrorVerb,
+    e: &StoreError,
+) -> StorageError {
     StorageError::IO {
         source: StorageIOError::new(subject, verb, AnyError::new(e)),
     }
@@ -246,7 +256,12 @@ impl LogInner {
         let mut positions = Vec::with_capacity(entries.len());
         for entry in &entries {
             positions.push(self.file_len + buf.len() as u64);
-            encode_log_frame(&LogFrame::Entry { entry: entry.clone() }, &mut buf)?;
+            encode_log_frame(
+                &LogFrame::Entry {
+                    entry: entry.clone(),
+                },
+                &mut buf,
+            )?;
         }
         let path = self.path.clone();
         let io = StoreError::io(&path);
@@ -386,7 +401,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         std::fs::write(&tmp, &raw)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| {
-                storage_error(ErrorSubject::Store, ErrorVerb::Write, &StoreError::io(&path)(e))
+                storage_error(
+                    ErrorSubject::Store,
+                    ErrorVerb::Write,
+                    &StoreError::io(&path)(e),
+                )
             })?;
         inner.committed = committed;
         Ok(())
@@ -396,7 +415,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -453,7 +476,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = LogStore::open(dir.path()).unwrap();
-            s.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
+            s.blocking_append((1..=5).map(|i| entry(1, i)))
+                .await
+                .unwrap();
             s.save_vote(&Vote::new(3, 2)).await.unwrap();
             s.truncate(LogId::new(CommittedLeaderId::new(1, 1), 4))
                 .await
@@ -463,18 +488,32 @@ mod tests {
                 .await
                 .unwrap();
             s.blocking_append([entry(2, 5)]).await.unwrap();
+            // A membership entry (integer map keys) must read back too.
+            let members: std::collections::BTreeMap<u64, openraft::BasicNode> = [(
+                1,
+                openraft::BasicNode {
+                    addr: "127.0.0.1:1".into(),
+                },
+            )]
+            .into();
+            s.blocking_append([Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 1), 6),
+                payload: EntryPayload::Membership(openraft::Membership::from(members)),
+            }])
+            .await
+            .unwrap();
         }
         let mut s = LogStore::open(dir.path()).unwrap();
-        assert_eq!(indexes(&s), vec![3, 4, 5]);
+        assert_eq!(indexes(&s), vec![3, 4, 5, 6]);
         assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
         let state = s.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.unwrap().index, 2);
-        assert_eq!(state.last_log_id.unwrap(), entry(2, 5).log_id);
-        let got = s.try_get_log_entries(4..).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.log_id).collect::<Vec<_>>(), vec![
-            entry(2, 4).log_id,
-            entry(2, 5).log_id
-        ]);
+        assert_eq!(state.last_log_id.unwrap().index, 6);
+        let got = s.try_get_log_entries(4..6).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id).collect::<Vec<_>>(),
+            vec![entry(2, 4).log_id, entry(2, 5).log_id]
+        );
         // A purge past the end leaves an empty log that still knows where it stands.
         s.purge(LogId::new(CommittedLeaderId::new(2, 1), 9))
             .await
@@ -482,7 +521,10 @@ mod tests {
         drop(s);
         let mut s = LogStore::open(dir.path()).unwrap();
         assert!(indexes(&s).is_empty());
-        assert_eq!(s.get_log_state().await.unwrap().last_log_id.unwrap().index, 9);
+        assert_eq!(
+            s.get_log_state().await.unwrap().last_log_id.unwrap().index,
+            9
+        );
         s.blocking_append([entry(3, 10)]).await.unwrap();
     }
 
@@ -491,7 +533,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = LogStore::open(dir.path()).unwrap();
-            s.blocking_append((1..=3).map(|i| entry(1, i))).await.unwrap();
+            s.blocking_append((1..=3).map(|i| entry(1, i)))
+                .await
+                .unwrap();
         }
         let path = dir.path().join(LOG_FILE);
         let full = std::fs::read(&path).unwrap();
@@ -508,7 +552,10 @@ mod tests {
             // Appends continue where the valid prefix ends.
             s.blocking_append([entry(1, 4)]).await.unwrap();
             drop(s);
-            assert_eq!(indexes(&LogStore::open(dir.path()).unwrap()), vec![1, 2, 3, 4]);
+            assert_eq!(
+                indexes(&LogStore::open(dir.path()).unwrap()),
+                vec![1, 2, 3, 4]
+            );
             std::fs::write(&path, &full).unwrap();
         }
         // A flipped byte inside entry 1, with entries 2 and 3 intact after it.

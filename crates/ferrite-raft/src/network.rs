@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{AnyError, BasicNode, RPCTypes};
 use serde::{Deserialize, Serialize};
@@ -59,8 +59,9 @@ pub const QUORUM_RPC_CONNECTIONS_MAX: usize = 32;
 pub const QUORUM_RPC_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request between voters.
+/// Externally tagged (`{"vote":{...}}`), so membership maps with integer keys decode.
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "rpc", content = "body", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum QuorumRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
@@ -71,11 +72,13 @@ pub enum QuorumRequest {
 
 /// The answer to a [`QuorumRequest`], the variant matching the request's.
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "rpc", content = "body", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum QuorumResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     Write(Result<u64, WriteRefusal>),
 }
 
@@ -95,7 +98,10 @@ pub enum WriteRefusal {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("connection error: {0}")]
@@ -185,7 +191,8 @@ impl PeerClient {
                 "correlation id {got} where {correlation_id} was expected"
             )));
         }
-        serde_json::from_slice(json).map_err(|e| CallError::Protocol(format!("undecodable response: {e}")))
+        serde_json::from_slice(json)
+            .map_err(|e| CallError::Protocol(format!("undecodable response: {e}")))
     }
 
     async fn connect(&self) -> Result<TcpStream, CallError> {
@@ -193,7 +200,10 @@ impl PeerClient {
             addr: self.addr.clone(),
             source,
         };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.addr).await.map_err(err)?.collect();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.addr)
+            .await
+            .map_err(err)?
+            .collect();
         // Prefer the family of our own address, since the socket is bound to it.
         let target = addrs
             .iter()
@@ -221,7 +231,11 @@ impl PeerClient {
         option.hard_ttl().min(self.request_timeout)
     }
 
-    fn rpc_error<E: std::error::Error>(&self, action: RPCTypes, e: CallError) -> RPCError<NodeId, BasicNode, E> {
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        action: RPCTypes,
+        e: CallError,
+    ) -> RPCError<NodeId, BasicNode, E> {
         match e {
             CallError::Timeout(timeout) => RPCError::Timeout(Timeout {
                 action,
@@ -272,7 +286,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let entries = rpc.entries.len() as u64;
         let timeout = self.rpc_timeout(&option);
         match self.call(&QuorumRequest::AppendEntries(rpc), timeout).await {
-            Ok(QuorumResponse::AppendEntries(r)) => r.map_err(|e| RemoteError::new(self.target, e).into()),
+            Ok(QuorumResponse::AppendEntries(r)) => {
+                r.map_err(|e| RemoteError::new(self.target, e).into())
+            }
             Ok(_) => Err(self.unexpected()),
             // openraft splits the request and retries at once.
             Err(CallError::TooLarge(_)) if entries > 1 => {
@@ -291,8 +307,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let timeout = self.rpc_timeout(&option);
-        match self.call(&QuorumRequest::InstallSnapshot(rpc), timeout).await {
-            Ok(QuorumResponse::InstallSnapshot(r)) => r.map_err(|e| RemoteError::new(self.target, e).into()),
+        match self
+            .call(&QuorumRequest::InstallSnapshot(rpc), timeout)
+            .await
+        {
+            Ok(QuorumResponse::InstallSnapshot(r)) => {
+                r.map_err(|e| RemoteError::new(self.target, e).into())
+            }
             Ok(_) => Err(self.unexpected()),
             Err(e) => Err(self.rpc_error(RPCTypes::InstallSnapshot, e)),
         }
@@ -424,11 +445,15 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
 
 async fn dispatch(shared: &Shared, request: QuorumRequest) -> QuorumResponse {
     match request {
-        QuorumRequest::AppendEntries(r) => QuorumResponse::AppendEntries(shared.raft.append_entries(r).await),
+        QuorumRequest::AppendEntries(r) => {
+            QuorumResponse::AppendEntries(shared.raft.append_entries(r).await)
+        }
         QuorumRequest::Vote(r) => QuorumResponse::Vote(shared.raft.vote(r).await),
         QuorumRequest::InstallSnapshot(r) => {
             QuorumResponse::InstallSnapshot(shared.raft.install_snapshot(r).await)
         }
-        QuorumRequest::Write(records) => QuorumResponse::Write(shared.write_forwarded(records).await),
+        QuorumRequest::Write(records) => {
+            QuorumResponse::Write(shared.write_forwarded(records).await)
+        }
     }
 }

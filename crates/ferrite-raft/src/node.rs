@@ -149,6 +149,10 @@ pub struct QuorumStatus {
     pub last_log_index: Option<u64>,
     /// Index of the last entry applied to the image.
     pub raft_commit_index: Option<u64>,
+    /// Last log index covered by the local snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last log index purged from the local log (it is in the snapshot).
+    pub purged_index: Option<u64>,
     /// On the leader: each voter's last log index known to match the leader's.
     pub voter_log_end: BTreeMap<NodeId, Option<u64>>,
 }
@@ -181,7 +185,11 @@ impl MetadataQuorum {
         voters: Vec<Voter>,
         dir: PathBuf,
     ) -> Result<MetadataQuorum, QuorumError> {
-        Self::start_with(QuorumConfig::new(node_id, controller_listen, voters, dir), None).await
+        Self::start_with(
+            QuorumConfig::new(node_id, controller_listen, voters, dir),
+            None,
+        )
+        .await
     }
 
     /// Starts with explicit configuration; `listener`, if given, is already bound to
@@ -260,7 +268,10 @@ impl MetadataQuorum {
                 .await
                 .map_err(|e| QuorumError::Stopped(format!("initialize: {e}")))?;
         } else {
-            tracing::info!(node_id = config.node_id, "no quorum state yet; waiting for the lowest-id voter to form the quorum");
+            tracing::info!(
+                node_id = config.node_id,
+                "no quorum state yet; waiting for the lowest-id voter to form the quorum"
+            );
         }
 
         let (status_tx, status_rx) = watch::channel(QuorumStatus {
@@ -271,6 +282,8 @@ impl MetadataQuorum {
             leader_epoch: 0,
             last_log_index: None,
             raft_commit_index: None,
+            snapshot_index: None,
+            purged_index: None,
             voter_log_end: BTreeMap::new(),
         });
         let shared = Arc::new(Shared {
@@ -336,7 +349,11 @@ impl MetadataQuorum {
     }
 
     /// Waits until the local image includes log index `index`.
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<AppliedImage, QuorumError> {
+    pub async fn wait_applied(
+        &self,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<AppliedImage, QuorumError> {
         let mut rx = self.applied.clone();
         let wait = async {
             rx.wait_for(|a| a.raft_commit_index.is_some_and(|i| i >= index))
@@ -352,7 +369,8 @@ impl MetadataQuorum {
 
     /// Stops serving and stops openraft. The durable state stays for a restart.
     pub async fn shutdown(&self) {
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in &tasks {
             t.abort();
         }
@@ -370,7 +388,12 @@ impl MetadataQuorum {
 
 impl Drop for MetadataQuorum {
     fn drop(&mut self) {
-        for t in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }
@@ -393,7 +416,10 @@ fn validate_voters(config: &QuorumConfig) -> Result<Arc<BTreeMap<NodeId, String>
     let mut map = BTreeMap::new();
     for v in &config.voters {
         if v.id > i32::MAX as NodeId {
-            return Err(QuorumError::Config(format!("voter id {} is above i32::MAX", v.id)));
+            return Err(QuorumError::Config(format!(
+                "voter id {} is above i32::MAX",
+                v.id
+            )));
         }
         if map.insert(v.id, v.address()).is_some() {
             return Err(QuorumError::Config(format!("voter {} listed twice", v.id)));
@@ -434,14 +460,20 @@ impl Shared {
                 return Err(QuorumError::NotController { leader: None });
             }
             match status.leader_id {
-                Some(leader) if leader != self.node_id => match self.forward(leader, &records).await {
-                    Err(QuorumError::NotController { .. }) | Err(QuorumError::Stopped(_)) => {
-                        // The leader moved or is unreachable: wait for news, then retry
-                        // (the caller's timeout bounds the loop).
-                        let _ = tokio::time::timeout(self.timing.reconnect_backoff, status_rx.changed()).await;
+                Some(leader) if leader != self.node_id => {
+                    match self.forward(leader, &records).await {
+                        Err(QuorumError::NotController { .. }) | Err(QuorumError::Stopped(_)) => {
+                            // The leader moved or is unreachable: wait for news, then retry
+                            // (the caller's timeout bounds the loop).
+                            let _ = tokio::time::timeout(
+                                self.timing.reconnect_backoff,
+                                status_rx.changed(),
+                            )
+                            .await;
+                        }
+                        other => return other,
                     }
-                    other => return other,
-                },
+                }
                 // No leader known (an election is running): wait for one.
                 _ => {
                     if status_rx.changed().await.is_err() {
@@ -456,9 +488,11 @@ impl Shared {
     async fn write_local(&self, records: MetadataBatch) -> Result<u64, QuorumError> {
         match self.raft.client_write(records).await {
             Ok(resp) => Ok(resp.log_id.index),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(QuorumError::NotController {
-                leader: f.leader_id.filter(|l| *l != self.node_id),
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(QuorumError::NotController {
+                    leader: f.leader_id.filter(|l| *l != self.node_id),
+                })
+            }
             Err(RaftError::APIError(e)) => Err(QuorumError::Stopped(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(QuorumError::Stopped(e.to_string())),
         }
@@ -495,18 +529,25 @@ impl Shared {
             Ok(QuorumResponse::Write(Err(WriteRefusal::Stopped))) => {
                 Err(QuorumError::Stopped(format!("leader {leader} stopped")))
             }
-            Ok(_) => Err(QuorumError::Stopped(format!("leader {leader} answered another RPC"))),
+            Ok(_) => Err(QuorumError::Stopped(format!(
+                "leader {leader} answered another RPC"
+            ))),
             Err(CallError::Timeout(t)) => Err(QuorumError::Timeout(t)),
             Err(e) => {
                 tracing::debug!(leader, error = %e, "forwarding a metadata write failed");
-                Err(QuorumError::Stopped(format!("leader {leader} unreachable: {e}")))
+                Err(QuorumError::Stopped(format!(
+                    "leader {leader} unreachable: {e}"
+                )))
             }
         }
     }
 
     /// A write forwarded by another voter: commit it here if this node is the active
     /// controller, never forward again (no loops).
-    pub(crate) async fn write_forwarded(&self, records: MetadataBatch) -> Result<u64, WriteRefusal> {
+    pub(crate) async fn write_forwarded(
+        &self,
+        records: MetadataBatch,
+    ) -> Result<u64, WriteRefusal> {
         let status = self.status.borrow().clone();
         if !status.is_active_controller {
             return Err(WriteRefusal::NotController {
@@ -520,7 +561,9 @@ impl Shared {
         let timeout = self.timing.write_timeout;
         match tokio::time::timeout(timeout, self.write_local(records)).await {
             Ok(Ok(index)) => Ok(index),
-            Ok(Err(QuorumError::NotController { leader })) => Err(WriteRefusal::NotController { leader }),
+            Ok(Err(QuorumError::NotController { leader })) => {
+                Err(WriteRefusal::NotController { leader })
+            }
             Ok(Err(_)) => Err(WriteRefusal::Stopped),
             Err(_) => Err(WriteRefusal::Timeout),
         }
@@ -577,7 +620,11 @@ async fn check_quorum(
         let voter_log_end = m
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(id, log)| (*id, log.map(|l| l.index))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(id, log)| (*id, log.map(|l| l.index)))
+                    .collect()
+            })
             .unwrap_or_default();
         let status = QuorumStatus {
             node_id,
@@ -587,6 +634,8 @@ async fn check_quorum(
             leader_epoch: m.current_term,
             last_log_index: m.last_log_index,
             raft_commit_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             voter_log_end,
         };
         status_tx.send_if_modified(|old| {
@@ -601,7 +650,11 @@ async fn check_quorum(
                      no longer the active controller"
                 );
             } else if !old.is_active_controller && status.is_active_controller {
-                tracing::info!(node_id, leader_epoch = status.leader_epoch, "now the active controller");
+                tracing::info!(
+                    node_id,
+                    leader_epoch = status.leader_epoch,
+                    "now the active controller"
+                );
             }
             *old = status;
             true

@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ferrite_metadata::MetadataImage;
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot,
-    SnapshotId,
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotId,
 };
 use tokio::sync::watch;
 
@@ -141,7 +140,10 @@ impl StateMachineStore {
         if meta.len() > LOG_FRAME_BODY_BYTES_MAX || snapshot.data.len() > SNAPSHOT_BODY_BYTES_MAX {
             return Err(StoreError::Encode {
                 what: "snapshot",
-                reason: format!("{} bytes, above SNAPSHOT_BODY_BYTES_MAX", snapshot.data.len()),
+                reason: format!(
+                    "{} bytes, above SNAPSHOT_BODY_BYTES_MAX",
+                    snapshot.data.len()
+                ),
             });
         }
         let mut raw = Vec::with_capacity(meta.len() + snapshot.data.len() + 16);
@@ -214,7 +216,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             match entry.payload {
                 EntryPayload::Blank => {}
                 // The same fold the single node's start-up replay runs.
-                EntryPayload::Normal(records) => Arc::make_mut(&mut inner.image).apply_all(&records),
+                EntryPayload::Normal(records) => {
+                    Arc::make_mut(&mut inner.image).apply_all(&records)
+                }
                 EntryPayload::Membership(m) => {
                     inner.last_membership = StoredMembership::new(Some(entry.log_id), m)
                 }
@@ -241,7 +245,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let err = |e: &StoreError| {
-            storage_error(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e)
+            storage_error(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
         };
         let image: MetadataImage = serde_json::from_slice(&data).map_err(|e| {
             err(&StoreError::Encode {

@@ -43,7 +43,9 @@ pub enum VotersError {
     Entry { entry: String, reason: String },
     #[error("controller.quorum.voters names node {0} twice")]
     DuplicateId(NodeId),
-    #[error("controller.quorum.voters lists {0} voters, at most {QUORUM_VOTERS_MAX} are supported")]
+    #[error(
+        "controller.quorum.voters lists {0} voters, at most {QUORUM_VOTERS_MAX} are supported"
+    )]
     TooMany(usize),
 }
 
@@ -131,25 +133,29 @@ mod tests {
         let v = parse_voters("3@127.0.0.13:9093, 1@127.0.0.11:9093,2@localhost:19093").unwrap();
         assert_eq!(
             v.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            vec!["1@127.0.0.11:9093", "2@localhost:19093", "3@127.0.0.13:9093"]
+            vec![
+                "1@127.0.0.11:9093",
+                "2@localhost:19093",
+                "3@127.0.0.13:9093"
+            ]
         );
         assert_eq!(v[1].host, "localhost");
         assert_eq!(v[1].port, 19093);
         let one = parse_voters("0@[::1]:9093").unwrap();
-        assert_eq!(one, vec![Voter {
-            id: 0,
-            host: "::1".into(),
-            port: 9093
-        }]);
+        assert_eq!(
+            one,
+            vec![Voter {
+                id: 0,
+                host: "::1".into(),
+                port: 9093
+            }]
+        );
         assert_eq!(one[0].address(), "[::1]:9093");
     }
 
     #[test]
     fn refuses_what_kafka_refuses() {
-        let bad = [
-            ("", VotersError::Empty),
-            ("  ", VotersError::Empty),
-        ];
+        let bad = [("", VotersError::Empty), ("  ", VotersError::Empty)];
         for (input, err) in bad {
             assert_eq!(parse_voters(input), Err(err), "{input:?}");
         }
@@ -179,7 +185,10 @@ mod tests {
             parse_voters("1@a:1,1@b:2"),
             Err(VotersError::DuplicateId(1))
         );
-        let many = (0..10).map(|i| format!("{i}@h:{}", 9000 + i)).collect::<Vec<_>>().join(",");
+        let many = (0..10)
+            .map(|i| format!("{i}@h:{}", 9000 + i))
+            .collect::<Vec<_>>()
+            .join(",");
         assert_eq!(parse_voters(&many), Err(VotersError::TooMany(10)));
     }
 }
