@@ -503,7 +503,7 @@ impl Shared {
             .voters
             .get(&leader)
             .cloned()
-            .ok_or_else(|| QuorumError::NotController { leader: None })?;
+            .ok_or(QuorumError::NotController { leader: None })?;
         let mut clients = self.forward.lock().await;
         let client = clients.entry(leader).or_insert_with(|| {
             PeerClient::new(

@@ -318,10 +318,27 @@ mod tests {
         let mut applied = sm.subscribe();
         sm.apply([Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 7),
-            payload: EntryPayload::Normal(vec![ferrite_metadata::MetadataRecord::Topic {
-                name: "t".into(),
-                topic_id: id,
-            }]),
+            payload: EntryPayload::Normal(vec![
+                ferrite_metadata::MetadataRecord::Topic {
+                    name: "t".into(),
+                    topic_id: id,
+                },
+                // Integer and uuid map keys must survive the JSON round trip.
+                ferrite_metadata::MetadataRecord::Partition {
+                    topic_id: id,
+                    partition: 3,
+                    replicas: vec![1, 2],
+                    isr: vec![1],
+                    leader: 1,
+                    leader_epoch: 4,
+                    partition_epoch: 5,
+                },
+                ferrite_metadata::MetadataRecord::TopicConfig {
+                    topic_id: id,
+                    key: "retention.ms".into(),
+                    value: Some("9".into()),
+                },
+            ]),
         }])
         .await
         .unwrap();
@@ -336,6 +353,7 @@ mod tests {
         let back = reopened.subscribe().borrow().clone();
         assert_eq!(back.raft_commit_index, Some(7));
         assert_eq!(*back.image, *seen.image);
+        assert_eq!(back.image.topic_by_id(&id).unwrap().partitions.len(), 1);
 
         let other = tempfile::tempdir().unwrap();
         let mut follower = StateMachineStore::open(other.path()).unwrap();

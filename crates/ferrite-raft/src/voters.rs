@@ -124,7 +124,7 @@ fn parse_voter(raw: &str) -> Result<Voter, String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -307,10 +307,15 @@ async fn a_lagging_voter_catches_up_from_a_snapshot_after_the_leader_purged_its_
         img.topics().collect::<Vec<_>>(),
         leader_img.topics().collect::<Vec<_>>()
     );
-    assert!(
-        c.node(lagging).status().snapshot_index.is_some(),
-        "the lagging voter installed a snapshot"
-    );
+    // The status follows openraft's metrics, a moment after the image.
+    let deadline = Instant::now() + WAIT;
+    while c.node(lagging).status().snapshot_index.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the lagging voter has no snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // And it restarts from that snapshot plus its log.
     c.stop(lagging).await;
@@ -344,7 +349,7 @@ async fn a_leader_without_a_majority_commits_nothing_and_stops_being_active() {
         Err(QuorumError::Timeout(_)) | Err(QuorumError::NotController { .. }) => {}
         other => panic!("a minority committed a write: {other:?}"),
     }
-    assert!(started.elapsed() <= timing().write_timeout + Duration::from_secs(1));
+    assert!(started.elapsed() <= timing().write_timeout + Duration::from_secs(2));
 
     // Within the fetch timeout (plus slack) it stops claiming to be the controller.
     let deadline = Instant::now() + timing().fetch_timeout + Duration::from_secs(5);
@@ -365,7 +370,7 @@ async fn a_leader_without_a_majority_commits_nothing_and_stops_being_active() {
         c.node(leader).write(topic("refused")).await,
         Err(QuorumError::NotController { leader: None })
     ));
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(
         c.node(leader).applied().borrow().raft_commit_index,
         applied_before
