@@ -14,6 +14,7 @@
 //! emits a group record at the end of each rebalance so that a restart can restore it.
 
 pub mod records;
+pub mod txn;
 
 use std::collections::{BTreeMap, BTreeSet};
 
