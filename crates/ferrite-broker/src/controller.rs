@@ -39,19 +39,29 @@ impl AdminError {
 impl Controller {
     pub fn open(data_dir: &Path) -> Result<Controller, MetadataLogError> {
         let (log, entries) = MetadataLog::open(data_dir)?;
+        Ok(Controller::from_log(log, &entries))
+    }
+
+    /// The image that replaying `entries` gives, the same fold as at commit.
+    pub fn replay(entries: &[Vec<MetadataRecord>]) -> MetadataImage {
         let mut image = MetadataImage::default();
-        for entry in &entries {
+        for entry in entries {
             image.apply_all(entry);
         }
+        image
+    }
+
+    pub fn from_log(log: MetadataLog, entries: &[Vec<MetadataRecord>]) -> Controller {
+        let image = Controller::replay(entries);
         tracing::info!(
             changes = entries.len(),
             topics = image.topics().count(),
             "metadata log replayed"
         );
-        Ok(Controller {
+        Controller {
             log: tokio::sync::Mutex::new(log),
             image: RwLock::new(Arc::new(image)),
-        })
+        }
     }
 
     pub fn image(&self) -> Arc<MetadataImage> {

@@ -10,6 +10,7 @@ pub mod handlers;
 pub mod replica_manager;
 pub mod server;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,32 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Allows one log line per `LOG_INTERVAL_MS` and counts the ones it holds back, so that
+/// a condition that lasts (a full disk) is logged, not flooded.
+#[derive(Default)]
+pub struct RateLimitedLog {
+    last_ms: Option<i64>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub const LOG_INTERVAL_MS: i64 = 10_000;
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    pub fn ready(&mut self, now_ms: i64) -> Option<u64> {
+        match self.last_ms {
+            Some(last) if now_ms - last < Self::LOG_INTERVAL_MS => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_ms = Some(now_ms);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
 /// A bound, ready broker: call [`Running::serve`] to accept connections.
 pub struct Running {
     pub broker: Arc<Broker>,
@@ -73,9 +100,24 @@ pub struct Running {
 }
 
 impl Broker {
-    /// Opens the data directory, replays metadata, opens every partition log, binds the
-    /// listener. Every failure is one clear error, not a panic.
+    /// Binds the listener, checks the data directory, replays metadata, opens every
+    /// partition log. Every failure is one clear error, not a panic, and a start that
+    /// fails leaves the data directory as it found it: the port is bound and everything
+    /// is read and checked before the first write, nothing is ever deleted that the
+    /// metadata does not account for, and the clean-shutdown marker goes only once
+    /// recovery has succeeded (so a refused start is refused again, the same way).
     pub async fn start(config: BrokerConfig) -> Result<Running, StartError> {
+        // The port first: a broker that cannot listen must not have touched the data.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let dir = config.data_dir.clone();
         let dir_err = |source| StartError::DataDir {
             path: dir.clone(),
@@ -92,19 +134,95 @@ impl Broker {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
-        let cluster_id = read_or_create_meta(&dir, config.node_id)?;
+
+        // Read and check everything; write nothing yet.
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean = marker.exists() || fresh;
-        if marker.exists() {
-            std::fs::remove_file(&marker).map_err(dir_err)?;
-        } else if !fresh {
+        let meta = read_meta_properties(&dir.join(META_PROPERTIES_FILE), config.node_id)?;
+        let metadata_meta_path = dir
+            .join(ferrite_metadata::log::METADATA_DIR)
+            .join(META_PROPERTIES_FILE);
+        let metadata_meta = read_meta_properties(&metadata_meta_path, config.node_id)?;
+        let contents = ferrite_metadata::MetadataLog::read(&dir, clean)?;
+        let image = Controller::replay(&contents.entries);
+        let partition_dirs = replica_manager::partition_dirs(&dir).map_err(dir_err)?;
+        let populated = !contents.entries.is_empty() || !partition_dirs.is_empty();
+        let cluster_id = match (&meta, populated) {
+            (Some(m), _) => Some(m.cluster_id.clone()),
+            (None, true) => {
+                return Err(StartError::Meta(format!(
+                    "{} is missing, but {} holds a metadata log or partition directories: refusing to start rather than give this data a new cluster id; restore meta.properties from a backup (or from {} if present)",
+                    dir.join(META_PROPERTIES_FILE).display(),
+                    dir.display(),
+                    metadata_meta_path.display(),
+                )))
+            }
+            (None, false) => None,
+        };
+        if let (Some(id), Some(m)) = (&cluster_id, &metadata_meta) {
+            if *id != m.cluster_id {
+                return Err(StartError::Meta(format!(
+                    "cluster id mismatch: {} says {id}, but the metadata log's {} says {}; this directory mixes data of two clusters",
+                    dir.join(META_PROPERTIES_FILE).display(),
+                    metadata_meta_path.display(),
+                    m.cluster_id
+                )));
+            }
+        }
+        if contents.entries.is_empty() && !partition_dirs.is_empty() {
+            let examples: Vec<String> = partition_dirs
+                .iter()
+                .take(3)
+                .map(|d| d.path.display().to_string())
+                .collect();
+            return Err(StartError::Meta(format!(
+                "the metadata log {} is {}, but {} partition directories exist (such as {}): without it they belong to no topic, and starting would orphan them; restore the metadata log from a backup, or move the partition directories out of {} to start an empty broker",
+                contents.path.display(),
+                if contents.exists { "empty" } else { "missing" },
+                partition_dirs.len(),
+                examples.join(", "),
+                dir.display(),
+            )));
+        }
+        let strays: Vec<&replica_manager::PartitionDir> = partition_dirs
+            .iter()
+            .filter(|d| !d.owned_by(&image))
+            .collect();
+        for t in image.topics() {
+            for p in t.partitions.values() {
+                let path = replica_manager::partition_dir(&dir, &t.name, p.partition);
+                if p.replicas.contains(&config.node_id) && !path.exists() {
+                    tracing::warn!(dir = %path.display(), "the metadata has this partition but its directory is missing: starting it empty; restore the directory from a backup to get its data back");
+                }
+            }
+        }
+        if !clean {
             tracing::info!("no clean-shutdown marker: partition logs will be recovered");
         }
-        let controller = Controller::open(&dir)?;
-        let image = controller.image();
-        replica_manager::remove_orphan_dirs(&dir, &image);
+
+        // Recovery: it may cut a torn tail after a crash (logged with the offsets lost),
+        // it never deletes a segment.
         let replicas = ReplicaManager::default();
         replicas.reconcile(&image, &config, clean)?;
+
+        // The start is committed from here on.
+        let cluster_id = match cluster_id {
+            Some(id) => id,
+            None => write_new_meta_properties(&dir, config.node_id)?,
+        };
+        if metadata_meta.is_none() {
+            // Older data directories have no copy beside the metadata log yet.
+            write_meta_properties(&metadata_meta_path, &cluster_id, config.node_id)?;
+        }
+        let (log, entries) = contents.open()?;
+        let controller = Controller::from_log(log, &entries);
+        for stray in strays {
+            replica_manager::set_aside_stray(stray);
+        }
+        replica_manager::finish_pending_deletes(&dir);
+        if marker.exists() {
+            std::fs::remove_file(&marker).map_err(dir_err)?;
+        }
         ensure_offsets_topic(&controller, &replicas, &config).await?;
         let groups = group_manager::GroupManager::new(
             ferrite_coordinator::GroupCoordinator::new(
@@ -120,17 +238,6 @@ impl Broker {
             records = loaded,
             "group metadata and committed offsets loaded"
         );
-
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
         let advertised = config.advertised(local_addr);
         let broker = Arc::new(Broker {
             config,
@@ -279,49 +386,104 @@ async fn ensure_offsets_topic(
     Ok(())
 }
 
-/// `meta.properties` holds the cluster id and node id, as in Kafka; a data directory
-/// written by another node id is refused.
-fn read_or_create_meta(dir: &Path, node_id: i32) -> Result<String, StartError> {
-    let path = dir.join(META_PROPERTIES_FILE);
+/// What `meta.properties` says (Kafka's KRaft format, version 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MetaProperties {
+    cluster_id: String,
+}
+
+/// Keys of a version 1 `meta.properties`, as Kafka writes them.
+const META_PROPERTIES_KEYS: &[&str] = &["version", "cluster.id", "node.id", "directory.id"];
+
+/// Reads and checks `meta.properties`, as Kafka does: version 1 only, no key it does
+/// not know, a cluster id, and the node id of this broker. `None` when the file is
+/// missing (the caller decides whether that is allowed).
+fn read_meta_properties(path: &Path, node_id: i32) -> Result<Option<MetaProperties>, StartError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StartError::DataDir {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    parse_meta_properties(&text, node_id)
+        .map(Some)
+        .map_err(|reason| StartError::Meta(format!("{}: {reason}", path.display())))
+}
+
+fn parse_meta_properties(text: &str, node_id: i32) -> Result<MetaProperties, String> {
+    let mut values: BTreeMap<&str, &str> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line `{line}` is not key=value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        if !META_PROPERTIES_KEYS.contains(&key) {
+            return Err(format!(
+                "unknown key `{key}` (expected only {})",
+                META_PROPERTIES_KEYS.join(", ")
+            ));
+        }
+        if values.insert(key, value).is_some() {
+            return Err(format!("key `{key}` appears twice"));
+        }
+    }
+    match values.get("version") {
+        Some(&"1") => {}
+        Some(v) => {
+            return Err(format!(
+                "unsupported version {v}: only version 1 (KRaft) is understood"
+            ))
+        }
+        None => return Err("no version".into()),
+    }
+    let cluster_id = values
+        .get("cluster.id")
+        .filter(|v| !v.is_empty())
+        .ok_or("no cluster.id")?;
+    let stored: i32 = values
+        .get("node.id")
+        .ok_or("no node.id")?
+        .parse()
+        .map_err(|_| "node.id is not a number".to_string())?;
+    if stored != node_id {
+        return Err(format!(
+            "belongs to node.id {stored}, but this broker is node.id {node_id}"
+        ));
+    }
+    Ok(MetaProperties {
+        cluster_id: cluster_id.to_string(),
+    })
+}
+
+/// First start in an empty directory: a new cluster id (Kafka's form: URL-safe base64 of
+/// a UUID, 22 characters).
+fn write_new_meta_properties(dir: &Path, node_id: i32) -> Result<String, StartError> {
+    let cluster_id = base64_url(uuid::Uuid::new_v4().as_bytes());
+    write_meta_properties(&dir.join(META_PROPERTIES_FILE), &cluster_id, node_id)?;
+    Ok(cluster_id)
+}
+
+fn write_meta_properties(path: &Path, cluster_id: &str, node_id: i32) -> Result<(), StartError> {
     let dir_err = |source| StartError::DataDir {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mut cluster_id = None;
-            let mut stored_node = None;
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("cluster.id=") {
-                    cluster_id = Some(v.trim().to_string());
-                }
-                if let Some(v) = line.strip_prefix("node.id=") {
-                    stored_node = v.trim().parse::<i32>().ok();
-                }
-            }
-            if let Some(stored) = stored_node {
-                if stored != node_id {
-                    return Err(StartError::Meta(format!(
-                        "{} belongs to node.id {stored}, but this broker is node.id {node_id}",
-                        path.display()
-                    )));
-                }
-            }
-            cluster_id
-                .ok_or_else(|| StartError::Meta(format!("{} has no cluster.id", path.display())))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = uuid::Uuid::new_v4();
-            // Kafka's cluster ids are URL-safe base64 of a UUID (22 characters).
-            let cluster_id = base64_url(id.as_bytes());
-            let body = format!("version=1\ncluster.id={cluster_id}\nnode.id={node_id}\n");
-            let tmp = dir.join("meta.properties.tmp");
-            std::fs::write(&tmp, body).map_err(dir_err)?;
-            std::fs::rename(&tmp, &path).map_err(dir_err)?;
-            Ok(cluster_id)
-        }
-        Err(e) => Err(dir_err(e)),
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(dir_err)?;
     }
+    let body = format!("version=1\ncluster.id={cluster_id}\nnode.id={node_id}\n");
+    let tmp = path.with_extension("properties.tmp");
+    std::fs::write(&tmp, body)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .map_err(dir_err)?;
+    std::fs::rename(&tmp, path).map_err(dir_err)
 }
 
 #[allow(clippy::indexing_slicing)] // Indexes are masked to 0..64.

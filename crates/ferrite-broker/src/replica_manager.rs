@@ -119,9 +119,7 @@ impl ReplicaManager {
             if let Some(p) = map.remove(&key) {
                 let dir = p.log().dir().to_path_buf();
                 tracing::info!(topic = %key.0, partition = key.1, "deleting partition log");
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    tracing::error!(dir = %dir.display(), error = %e, "cannot delete partition directory");
-                }
+                delete_partition_dir(&dir);
             }
         }
         // (partitions, segments checked, bytes truncated): one summary line, not one per
@@ -140,9 +138,7 @@ impl ReplicaManager {
                     let dir = partition_dir(&config.data_dir, &key.0, key.1);
                     if existing.is_some() {
                         // The topic was deleted and created again under the same name.
-                        if let Err(e) = std::fs::remove_dir_all(&dir) {
-                            tracing::error!(dir = %dir.display(), error = %e, "cannot delete old partition directory");
-                        }
+                        delete_partition_dir(&dir);
                     }
                     let (log, report) = PartitionLog::open(&dir, log_config, clean)?;
                     if report.truncated_bytes > 0 || report.recovered_segments > 0 {
@@ -188,14 +184,39 @@ impl ReplicaManager {
     }
 }
 
-/// Deletes partition directories that no topic in the image owns (a crash between a
-/// DeleteTopics commit and the directory removal leaves them behind).
-pub fn remove_orphan_dirs(data_dir: &Path, image: &MetadataImage) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else {
-        return;
+/// A directory of the data directory named like a partition log (`<topic>-<n>`).
+#[derive(Debug, Clone)]
+pub struct PartitionDir {
+    pub path: PathBuf,
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl PartitionDir {
+    pub fn owned_by(&self, image: &MetadataImage) -> bool {
+        image
+            .topic(&self.topic)
+            .is_some_and(|t| t.partitions.contains_key(&self.partition))
+    }
+}
+
+/// Suffix of a partition directory whose topic was deleted (renamed at DeleteTopics,
+/// then removed; a crash in between leaves it for the next start to remove).
+const DELETE_SUFFIX: &str = "-delete";
+/// Suffix of a partition directory no topic owns, set aside at start (Kafka 3.7+'s name).
+const STRAY_SUFFIX: &str = "-stray";
+
+/// The partition-like directories of `data_dir`. Set-aside (`-stray`) and deleted
+/// (`-delete`) ones do not parse as partitions, so they are not listed.
+pub fn partition_dirs(data_dir: &Path) -> std::io::Result<Vec<PartitionDir>> {
+    let entries = match std::fs::read_dir(data_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
         if !path.is_dir() {
             continue;
         }
@@ -208,16 +229,75 @@ pub fn remove_orphan_dirs(data_dir: &Path, image: &MetadataImage) {
         let Ok(partition) = partition.parse::<i32>() else {
             continue;
         };
-        if crate::config::validate_topic_name(topic).is_err() {
+        if partition < 0 || crate::config::validate_topic_name(topic).is_err() {
             continue;
         }
-        let owned = image
-            .topic(topic)
-            .is_some_and(|t| t.partitions.contains_key(&partition));
-        if !owned {
-            tracing::warn!(dir = %path.display(), "removing partition directory of a deleted topic");
-            let _ = std::fs::remove_dir_all(&path);
+        out.push(PartitionDir {
+            topic: topic.to_string(),
+            partition,
+            path,
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Sets aside a partition directory that no topic owns, as Kafka 3.7+ does with stray
+/// logs: renamed to `<topic>-<n>.<uuid>-stray`, kept, and reported. Ferrite cannot tell a
+/// deleted topic's leftovers from data whose metadata was lost, so it keeps both.
+pub fn set_aside_stray(dir: &PartitionDir) {
+    let Some(name) = dir.path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let to = dir
+        .path
+        .with_file_name(format!("{name}.{}{STRAY_SUFFIX}", Uuid::new_v4().simple()));
+    match std::fs::rename(&dir.path, &to) {
+        Ok(()) => tracing::warn!(
+            dir = %dir.path.display(), kept_as = %to.display(),
+            "partition directory of a topic the metadata does not know: set aside, not deleted; delete it if the topic was deleted on purpose, or restore the metadata log"
+        ),
+        Err(e) => tracing::error!(dir = %dir.path.display(), error = %e, "cannot set aside a stray partition directory"),
+    }
+}
+
+/// Removes directories renamed at DeleteTopics whose removal a crash interrupted: the
+/// metadata log says these topics are gone, so their data is accounted for.
+pub fn finish_pending_deletes(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let deleted = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(DELETE_SUFFIX));
+        if deleted && path.is_dir() {
+            tracing::info!(dir = %path.display(), "removing the directory of a deleted topic");
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::error!(dir = %path.display(), error = %e, "cannot remove the directory of a deleted topic");
+            }
         }
+    }
+}
+
+/// Deletes a partition directory of a deleted topic: renamed first (one atomic step that
+/// takes it out of the log set), then removed.
+fn delete_partition_dir(dir: &Path) {
+    let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let to = dir.with_file_name(format!("{name}.{}{DELETE_SUFFIX}", Uuid::new_v4().simple()));
+    let target = match std::fs::rename(dir, &to) {
+        Ok(()) => to,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot rename partition directory for deletion");
+            dir.to_path_buf()
+        }
+    };
+    if let Err(e) = std::fs::remove_dir_all(&target) {
+        tracing::error!(dir = %target.display(), error = %e, "cannot delete partition directory");
     }
 }
 

@@ -12,6 +12,6 @@ pub mod placement;
 pub mod records;
 
 pub use image::{BrokerRegistration, MetadataImage, PartitionImage, TopicImage};
-pub use log::{MetadataLog, MetadataLogError};
+pub use log::{MetadataLog, MetadataLogContents, MetadataLogError};
 pub use placement::{assign_replicas, BrokerSlot, PlacementError};
 pub use records::{BrokerEndpoint, MetadataRecord, NO_LEADER, NO_LEADER_CHANGE};

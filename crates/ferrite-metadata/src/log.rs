@@ -1,12 +1,14 @@
 //! The metadata log on one node: `<data-dir>/__cluster_metadata/metadata.log`, a sequence
 //! of entries `[length u32 BE][crc32c u32 BE][JSON array of records]`. One entry is one
 //! atomic change (CreateTopics writes the topic, its partitions and configs together).
-//! Every append is fsynced before the change is applied or acknowledged. At open, a torn
-//! or corrupt last entry is dropped (it was never acknowledged); corruption followed by
-//! valid entries is reported, since dropping it would lose acknowledged changes.
+//! Every append is fsynced before the change is applied or acknowledged, and a failed
+//! append is cut back. At open after a crash, a torn or corrupt last entry is dropped (it
+//! was never acknowledged); after a clean shutdown it is corruption, and corruption
+//! followed by valid entries is always reported, since dropping it would lose
+//! acknowledged changes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::records::MetadataRecord;
@@ -32,6 +34,8 @@ pub enum MetadataLogError {
         position: u64,
         reason: String,
     },
+    #[error("metadata log {0} ends in a failed write that could not be cut back; restart the broker")]
+    Broken(PathBuf),
     #[error("cannot encode metadata records: {0}")]
     Encode(String),
 }
@@ -39,39 +43,117 @@ pub enum MetadataLogError {
 pub struct MetadataLog {
     path: PathBuf,
     file: File,
+    /// Length of the valid entries on disk; a failed append is cut back to it.
+    len: u64,
+    /// Set when a failed append could not be cut back: the file may end in a partial
+    /// entry, so nothing more is appended until a restart looks at it.
+    broken: bool,
 }
 
-impl MetadataLog {
-    /// Opens (creating if needed) the log under `data_dir` and returns every committed
-    /// change in order, for replay.
-    pub fn open(
-        data_dir: &Path,
-    ) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
-        let dir = data_dir.join(METADATA_DIR);
+/// The metadata log as read at start-up, before anything is written: `read` never
+/// changes the data directory, so a start that fails later leaves it as it was.
+#[derive(Debug)]
+pub struct MetadataLogContents {
+    pub path: PathBuf,
+    /// Every committed change in order, for replay.
+    pub entries: Vec<Vec<MetadataRecord>>,
+    /// Whether `metadata.log` exists at all.
+    pub exists: bool,
+    valid_len: usize,
+    raw_len: usize,
+}
+
+impl MetadataLogContents {
+    /// Bytes after the last valid entry: a torn, never acknowledged last write.
+    pub fn torn_tail_bytes(&self) -> usize {
+        self.raw_len - self.valid_len
+    }
+
+    /// Creates the log if needed and cuts a torn tail; returns the log for appends.
+    pub fn open(self) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
+        let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
         std::fs::create_dir_all(&dir).map_err(|e| MetadataLogError::Io {
             path: dir.clone(),
             source: e,
         })?;
-        let path = dir.join(LOG_FILE);
+        let path = self.path;
         let io = |e| MetadataLogError::Io {
             path: path.clone(),
             source: e,
         };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
             .map_err(io)?;
-        let mut raw = Vec::new();
-        file.read_to_end(&mut raw).map_err(io)?;
-        let (entries, valid_len) = decode_entries(&raw, &path)?;
-        if valid_len < raw.len() {
-            tracing::warn!(path = %path.display(), dropped = raw.len() - valid_len, "dropping torn metadata log tail");
-            file.set_len(valid_len as u64).map_err(io)?;
+        if self.valid_len < self.raw_len {
+            tracing::warn!(path = %path.display(), dropped_bytes = self.raw_len - self.valid_len, "dropping the torn tail of the metadata log (a write that was never acknowledged)");
+            file.set_len(self.valid_len as u64).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        Ok((MetadataLog { path, file }, entries))
+        Ok((
+            MetadataLog {
+                path,
+                file,
+                len: self.valid_len as u64,
+                broken: false,
+            },
+            self.entries,
+        ))
+    }
+}
+
+impl MetadataLog {
+    /// Opens (creating if needed) the log under `data_dir` and returns every committed
+    /// change in order, for replay. A torn last entry is dropped (see [`MetadataLog::read`]
+    /// for the start-up path that refuses it after a clean shutdown).
+    pub fn open(
+        data_dir: &Path,
+    ) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
+        MetadataLog::read(data_dir, false)?.open()
+    }
+
+    /// Reads and checks the log without writing anything. After a clean shutdown
+    /// (`clean`) every entry was fsynced and acknowledged, so there is no torn tail: an
+    /// invalid last entry is corruption, refused like one in the middle.
+    pub fn read(data_dir: &Path, clean: bool) -> Result<MetadataLogContents, MetadataLogError> {
+        let path = data_dir.join(METADATA_DIR).join(LOG_FILE);
+        let io = |e| MetadataLogError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let raw = match std::fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(MetadataLogContents {
+                    path,
+                    entries: Vec::new(),
+                    exists: false,
+                    valid_len: 0,
+                    raw_len: 0,
+                })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let (entries, valid_len) = decode_entries(&raw, &path)?;
+        if clean && valid_len < raw.len() {
+            return Err(MetadataLogError::Corrupt {
+                path,
+                position: valid_len as u64,
+                reason: format!(
+                    "the last {} bytes are not a valid entry, after a clean shutdown (which leaves no torn write); restore the file from a backup, or delete the .clean-shutdown marker to drop them as a torn write",
+                    raw.len() - valid_len
+                ),
+            });
+        }
+        Ok(MetadataLogContents {
+            path,
+            entries,
+            exists: true,
+            valid_len,
+            raw_len: raw.len(),
+        })
     }
 
     /// Appends one change durably.
@@ -92,8 +174,28 @@ impl MetadataLog {
             path: self.path.clone(),
             source: e,
         };
-        self.file.write_all(&entry).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        if self.broken {
+            return Err(MetadataLogError::Broken(self.path.clone()));
+        }
+        let written = self
+            .file
+            .write_all(&entry)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A partial entry left at the end would turn the next append into mid-file
+            // corruption: cut back to the last whole entry (the change was not made).
+            if let Err(cut) = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+            {
+                tracing::error!(path = %self.path.display(), error = %cut, "cannot cut a failed metadata append back; refusing further metadata changes until restart");
+                self.broken = true;
+            }
+            return Err(io(e));
+        }
+        self.len += entry.len() as u64;
+        Ok(())
     }
 }
 
@@ -208,5 +310,34 @@ mod tests {
             MetadataLog::open(dir.path()),
             Err(MetadataLogError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn reading_writes_nothing_and_a_clean_shutdown_has_no_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing there: reading creates nothing.
+        let contents = MetadataLog::read(dir.path(), false).unwrap();
+        assert!(!contents.exists && contents.entries.is_empty());
+        assert!(!dir.path().join(METADATA_DIR).exists());
+        {
+            let (mut log, _) = MetadataLog::open(dir.path()).unwrap();
+            log.append(&topic("a")).unwrap();
+            log.append(&topic("b")).unwrap();
+        }
+        let path = dir.path().join(METADATA_DIR).join(LOG_FILE);
+        let mut bad = std::fs::read(&path).unwrap();
+        let last = bad.len() - 3;
+        bad[last] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                MetadataLog::read(dir.path(), true),
+                Err(MetadataLogError::Corrupt { .. })
+            ));
+            let contents = MetadataLog::read(dir.path(), false).unwrap();
+            assert_eq!(contents.entries.len(), 1);
+            assert!(contents.torn_tail_bytes() > 0);
+            assert_eq!(std::fs::read(&path).unwrap(), bad, "read changed the file");
+        }
     }
 }

@@ -105,8 +105,17 @@ pub struct OpenReport {
     pub segments: usize,
     pub recovered_segments: usize,
     pub truncated_bytes: u64,
-    pub deleted_segments_after_corruption: usize,
+    /// Segments after a truncated one, set aside as `<base>.log.dropped` (a segment
+    /// after a cut would leave a hole in the offsets). They are kept for the operator.
+    pub dropped_segments_after_corruption: usize,
+    /// Offsets recovery cut off, as far as the damaged headers still tell.
+    pub offsets_lost: i64,
+    /// `[from, to)` ranges of offsets no segment holds (a missing segment file).
+    pub missing_offsets: Vec<(i64, i64)>,
 }
+
+/// Suffix given to a segment file that recovery could not keep in the log.
+pub const DROPPED_SEGMENT_SUFFIX: &str = "dropped";
 
 /// What a compaction pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -172,14 +181,29 @@ impl PartitionLog {
         let mut report = OpenReport::default();
         let mut segments = BTreeMap::new();
         let count = bases.len();
-        let mut corrupt_from: Option<usize> = None;
+        let mut corrupt_from: Option<i64> = None;
         for (i, (base, path)) in bases.iter().enumerate() {
-            if corrupt_from.is_some() {
-                // A segment after a truncated one would leave a hole in the offsets.
-                let _ = std::fs::remove_file(path);
+            if let Some(log_end_offset) = corrupt_from {
+                // A segment after a truncated one would leave a hole in the offsets. It
+                // is set aside, never deleted: the operator may still want its bytes.
+                let claimed = File::open(path).ok().and_then(|f| {
+                    let len = f.metadata().ok()?.len();
+                    crate::segment::claimed_end_offset(&f, 0, len)
+                });
+                let mut dropped = path.clone().into_os_string();
+                dropped.push(".");
+                dropped.push(DROPPED_SEGMENT_SUFFIX);
+                std::fs::rename(path, &dropped).map_err(|e| StorageError::io(path, e))?;
                 let _ = std::fs::remove_file(path.with_extension("index"));
                 let _ = std::fs::remove_file(path.with_extension("timeindex"));
-                report.deleted_segments_after_corruption += 1;
+                let lost = claimed.map_or(0, |c| c.saturating_sub((*base).max(log_end_offset)));
+                tracing::warn!(
+                    segment = %path.display(), kept_as = %std::path::Path::new(&dropped).display(),
+                    base_offset = base, claimed_end_offset = claimed, offsets_lost = lost,
+                    "recovery dropped a segment that follows a corrupt one"
+                );
+                report.offsets_lost = report.offsets_lost.saturating_add(lost);
+                report.dropped_segments_after_corruption += 1;
                 continue;
             }
             let is_last = i + 1 == count;
@@ -196,14 +220,38 @@ impl PartitionLog {
                 report.recovered_segments += 1;
             }
             if outcome.truncated_bytes > 0 {
+                let lost = outcome
+                    .claimed_end_offset
+                    .map_or(0, |c| c.saturating_sub(seg.next_offset));
                 tracing::warn!(
                     segment = %path.display(), bytes = outcome.truncated_bytes,
                     reason = outcome.reason.as_deref().unwrap_or(""),
+                    log_end_offset = seg.next_offset, offsets_lost = lost,
                     "recovery truncated a torn or corrupt tail"
                 );
                 report.truncated_bytes += outcome.truncated_bytes;
+                report.offsets_lost = report.offsets_lost.saturating_add(lost);
                 if !is_last {
-                    corrupt_from = Some(i);
+                    corrupt_from = Some(seg.next_offset);
+                }
+            } else if let Some(next) = next_base.filter(|_| !config.compacted) {
+                // Segments of an uncompacted log follow each other exactly; anything else
+                // is a segment file gone missing (or two that overlap).
+                if seg.next_offset < next {
+                    tracing::warn!(
+                        dir = %dir.display(), from = seg.next_offset, to = next,
+                        "offsets [from, to) are missing from the log: a segment file is gone; fetches there skip ahead to offset `to`"
+                    );
+                    report.missing_offsets.push((seg.next_offset, next));
+                } else if seg.next_offset > next {
+                    return Err(StorageError::Corruption {
+                        path: path.clone(),
+                        position: seg.size,
+                        reason: format!(
+                            "segment holds offsets up to {} but the next segment starts at {next}",
+                            seg.next_offset
+                        ),
+                    });
                 }
             }
             segments.insert(*base, seg);

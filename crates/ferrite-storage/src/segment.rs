@@ -278,6 +278,7 @@ impl Segment {
         Ok(RecoveryOutcome {
             truncated_bytes: 0,
             reason: None,
+            claimed_end_offset: None,
         })
     }
 
@@ -292,6 +293,7 @@ impl Segment {
             });
         }
         let truncated_bytes = self.size - pos;
+        let claimed_end_offset = claimed_end_offset(&self.file, pos, self.size);
         self.file
             .set_len(pos)
             .map_err(|e| StorageError::io(&self.log_path, e))?;
@@ -299,6 +301,7 @@ impl Segment {
         Ok(RecoveryOutcome {
             truncated_bytes,
             reason: Some(reason),
+            claimed_end_offset,
         })
     }
 
@@ -491,4 +494,35 @@ fn write_file(path: &Path, data: &[u8]) -> Result<()> {
 pub struct RecoveryOutcome {
     pub truncated_bytes: u64,
     pub reason: Option<String>,
+    /// The offset after the last batch the cut bytes' headers claim, read without
+    /// trusting them: how far the lost offsets reached, for the operator's report.
+    pub claimed_end_offset: Option<i64>,
+}
+
+/// Walks batch headers from `pos` to `len` without checking CRCs, and returns the
+/// offset after the last header that parses: what a damaged or dropped stretch of a
+/// segment claimed to hold. Stops at the first header that does not parse.
+pub fn claimed_end_offset(file: &File, mut pos: u64, len: u64) -> Option<i64> {
+    let mut end = None;
+    let mut header = [0u8; HEADER_BYTES];
+    while pos + HEADER_BYTES as u64 <= len {
+        if file.read_exact_at(&mut header, pos).is_err() {
+            break;
+        }
+        let Ok(h) = BatchHeader::parse(&header) else {
+            break;
+        };
+        let Ok(total) = h.total_bytes() else { break };
+        let next = h
+            .base_offset
+            .saturating_add(i64::from(h.last_offset_delta))
+            .saturating_add(1);
+        // Offsets only grow in a log; a header going backwards is garbage, not data.
+        if next <= h.base_offset || end.is_some_and(|e| h.base_offset < e) {
+            break;
+        }
+        end = Some(next);
+        pos += total as u64;
+    }
+    end
 }
