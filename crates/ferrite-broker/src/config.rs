@@ -36,6 +36,15 @@ pub mod limits {
     /// Bytes of request bodies held by all connections at once; must be at least
     /// `socket.request.max.bytes` so that one maximal request always fits.
     pub const REQUEST_BYTES_IN_FLIGHT_MAX: usize = 512 * 1024 * 1024;
+    /// Frames up to this size may also use `REQUEST_BYTES_SMALL_RESERVED_MAX`, memory
+    /// that larger frames cannot take: ApiVersions, Metadata, Fetch and ordinary Produce
+    /// requests keep flowing while large frames wait (or arrive slowly).
+    pub const REQUEST_BYTES_SMALL_MAX: usize = 1024 * 1024;
+    /// The reserve for small frames, on top of `REQUEST_BYTES_IN_FLIGHT_MAX`.
+    pub const REQUEST_BYTES_SMALL_RESERVED_MAX: usize = 32 * 1024 * 1024;
+    /// Longest a connection muted for memory sleeps before trying again, in case a
+    /// release was missed between its try and its wait.
+    pub const REQUEST_MEMORY_RETRY_MS: u64 = 100;
     /// Kafka's limit on topic name length.
     pub const TOPIC_NAME_BYTES_MAX: usize = 249;
     /// Smallest accepted `segment.bytes` (a batch header must fit).
@@ -56,6 +65,10 @@ pub struct BrokerConfig {
     pub request_bytes_max: usize,
     pub retention_check_interval_ms: u64,
     pub connections_max_idle_ms: u64,
+    /// `request.read.timeout.ms` (Ferrite's own): the longest one request may take to
+    /// arrive once it has started and has its memory. The default is the clients'
+    /// `request.timeout.ms`, after which a client gives the request up anyway.
+    pub request_read_timeout_ms: u64,
     /// Broker-wide defaults for topic configs.
     pub log_defaults: LogConfig,
     /// `log.message.timestamp.type`
@@ -107,6 +120,7 @@ impl Default for BrokerConfig {
             request_bytes_max: ferrite_protocol::REQUEST_BYTES_MAX_DEFAULT,
             retention_check_interval_ms: 300_000,
             connections_max_idle_ms: 600_000,
+            request_read_timeout_ms: 30_000,
             log_defaults: LogConfig::default(),
             message_timestamp_type: TimestampType::CreateTime,
             offsets_topic_num_partitions: 50,
@@ -220,6 +234,7 @@ impl BrokerConfig {
                 self.retention_check_interval_ms = parse_num(key, value, 1)?
             }
             "connections.max.idle.ms" => self.connections_max_idle_ms = parse_num(key, value, 1)?,
+            "request.read.timeout.ms" => self.request_read_timeout_ms = parse_num(key, value, 1)?,
             "log.segment.bytes" => {
                 d.segment_bytes = parse_num::<i64>(key, value, limits::SEGMENT_BYTES_MIN)? as u64
             }

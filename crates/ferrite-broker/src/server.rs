@@ -9,7 +9,7 @@
 //! in Kafka, where a client that pipelines produce requests relies on that ordering.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ferrite_protocol::{
@@ -21,7 +21,7 @@ use kafka_protocol::messages::ApiKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::config::limits;
@@ -35,7 +35,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits::CONNECTIONS_MAX));
-    let request_memory = Arc::new(Semaphore::new(limits::REQUEST_BYTES_IN_FLIGHT_MAX));
+    let request_memory = Arc::new(RequestMemory::new());
+    let mut accept_errors = crate::RateLimitedLog::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -47,7 +48,16 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors (EMFILE/ENFILE) repeats for as long as it lasts:
+                    // one line per interval, with the count, and its real cause.
+                    if let Some(suppressed) = accept_errors.ready(crate::now_ms()) {
+                        let cause = match e.raw_os_error() {
+                            Some(24) => "this process is out of file descriptors (RLIMIT_NOFILE); raise `ulimit -n` or host fewer partitions or connections",
+                            Some(23) => "the system is out of file descriptors (fs.file-max)",
+                            _ => "",
+                        };
+                        tracing::warn!(error = %e, cause, suppressed, "accept failed; new connections wait in the backlog");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -69,20 +79,109 @@ pub async fn serve(
     }
 }
 
+/// The broker-wide memory for request bodies (Kafka's `queued.max.request.bytes`).
+///
+/// A frame takes its whole length when its length prefix is read, or nothing: a
+/// connection whose frame does not fit is muted (it reads nothing more) and tries again
+/// when memory is released. Nobody queues for memory, so a waiting 100 MB frame does not
+/// hold back the small requests behind it, as a fair semaphore's queue would (its head
+/// waiter collects every released permit). Frames up to `REQUEST_BYTES_SMALL_MAX` may
+/// also use a reserve that large frames cannot touch, so that clients announcing large
+/// frames and sending them slowly cannot take every byte; the time to receive one
+/// frame is bounded too (`request.read.timeout.ms`), so what they hold comes back.
+pub struct RequestMemory {
+    shared: Arc<Semaphore>,
+    small: Arc<Semaphore>,
+    released: Notify,
+    exhausted_log: std::sync::Mutex<crate::RateLimitedLog>,
+}
+
+impl RequestMemory {
+    fn new() -> Self {
+        RequestMemory {
+            shared: Arc::new(Semaphore::new(limits::REQUEST_BYTES_IN_FLIGHT_MAX)),
+            small: Arc::new(Semaphore::new(limits::REQUEST_BYTES_SMALL_RESERVED_MAX)),
+            released: Notify::new(),
+            exhausted_log: std::sync::Mutex::new(crate::RateLimitedLog::default()),
+        }
+    }
+
+    fn try_reserve(self: &Arc<Self>, len: usize) -> Option<MemoryGrant> {
+        let permits = memory_permits(len);
+        let permit = self
+            .shared
+            .clone()
+            .try_acquire_many_owned(permits)
+            .ok()
+            .or_else(|| {
+                (len <= limits::REQUEST_BYTES_SMALL_MAX)
+                    .then(|| self.small.clone().try_acquire_many_owned(permits).ok())
+                    .flatten()
+            });
+        match permit {
+            Some(permit) => Some(MemoryGrant {
+                permit: Some(permit),
+                pool: self.clone(),
+            }),
+            None => {
+                let ready = self
+                    .exhausted_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ready(crate::now_ms());
+                if let Some(suppressed) = ready {
+                    tracing::warn!(
+                        frame_bytes = len,
+                        free_bytes = self.shared.available_permits(),
+                        small_reserve_free_bytes = self.small.available_permits(),
+                        budget_bytes = limits::REQUEST_BYTES_IN_FLIGHT_MAX,
+                        suppressed,
+                        "request memory budget exhausted: the connection waits (muted) until memory is released"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Resolves when some memory may have been released (or after a short while, so
+    /// that a release between a failed try and this wait is not missed for long).
+    async fn released(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(limits::REQUEST_MEMORY_RETRY_MS),
+            self.released.notified(),
+        )
+        .await;
+    }
+}
+
+/// A frame's share of [`RequestMemory`], returned (and waiters woken) on drop.
+struct MemoryGrant {
+    permit: Option<OwnedSemaphorePermit>,
+    pool: Arc<RequestMemory>,
+}
+
+impl Drop for MemoryGrant {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.pool.released.notify_waiters();
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ConnectionEnd {
     #[error("client closed the connection")]
     Closed,
     #[error("idle for longer than connections.max.idle.ms")]
     Idle,
+    #[error("a request of {0} bytes was not received within request.read.timeout.ms")]
+    RequestReadTimeout(usize),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
     #[error("writer gone")]
     WriterGone,
-    #[error("connection loop has nothing to wait for (a bug)")]
-    Stalled,
 }
 
 /// A response on its way to the socket.
@@ -99,14 +198,14 @@ enum Outgoing {
 /// until it has been handled.
 struct Frame {
     body: Bytes,
-    _memory: OwnedSemaphorePermit,
+    _memory: MemoryGrant,
 }
 
 async fn serve_connection(
     broker: Arc<Broker>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
-    request_memory: Arc<Semaphore>,
+    request_memory: Arc<RequestMemory>,
 ) -> Result<(), ConnectionEnd> {
     let (rd, wr) = stream.into_split();
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(limits::CONNECTION_RESPONSES_QUEUED_MAX);
@@ -215,7 +314,7 @@ type Handled<'a> = std::pin::Pin<
 /// memory budget once granted. No body byte is read before the share is granted.
 struct Incoming {
     len: usize,
-    memory: Option<OwnedSemaphorePermit>,
+    memory: Option<MemoryGrant>,
 }
 
 /// Reads, handles and answers requests in one task (a hop between tasks per request
@@ -226,13 +325,19 @@ async fn process_loop(
     mut rd: OwnedReadHalf,
     tx: &mpsc::Sender<Outgoing>,
     peer: std::net::SocketAddr,
-    request_memory: Arc<Semaphore>,
+    request_memory: Arc<RequestMemory>,
 ) -> Result<(), ConnectionEnd> {
     let idle = Duration::from_millis(broker.config.connections_max_idle_ms);
+    let read_timeout = Duration::from_millis(broker.config.request_read_timeout_ms);
     let request_bytes_max = broker.config.request_bytes_max;
     let mut in_flight: FuturesOrdered<Handled<'_>> = FuturesOrdered::new();
     let mut buf = BytesMut::with_capacity(limits::CONNECTION_READ_BYTES);
     let mut incoming: Option<Incoming> = None;
+    // Idle is time without a request or an answer, not without a byte: a client sending
+    // a byte a second is not active. While part of a frame is in, the frame's own
+    // deadline applies instead; time spent muted for memory does not count against it.
+    let mut last_active = Instant::now();
+    let mut frame_deadline: Option<Instant> = None;
     loop {
         // Frame boundaries and memory, without waiting.
         if incoming.is_none() {
@@ -244,10 +349,13 @@ async fn process_loop(
             }
         }
         if let Some(inc) = incoming.as_mut().filter(|i| i.memory.is_none()) {
-            inc.memory = request_memory
-                .clone()
-                .try_acquire_many_owned(memory_permits(inc.len))
-                .ok();
+            inc.memory = request_memory.try_reserve(inc.len);
+            if inc.memory.is_some() {
+                frame_deadline = Some(Instant::now() + read_timeout);
+            }
+        }
+        if !buf.is_empty() && frame_deadline.is_none() {
+            frame_deadline = Some(Instant::now() + read_timeout);
         }
         let complete = incoming
             .as_ref()
@@ -263,7 +371,9 @@ async fn process_loop(
                     body: buf.split_to(len).freeze(),
                     _memory: memory,
                 };
+                frame_deadline = None;
                 dispatch(broker, frame, peer, tx, &mut in_flight).await?;
+                last_active = Instant::now();
             }
             continue;
         }
@@ -278,34 +388,40 @@ async fn process_loop(
         if reading {
             buf.reserve(want_bytes);
         }
-        let permits = incoming.as_ref().map_or(0, |i| memory_permits(i.len));
+        let deadline = if waiting_for_memory {
+            None
+        } else if !buf.is_empty() {
+            frame_deadline.map(|d| (d, true))
+        } else if in_flight.is_empty() {
+            Some((last_active + idle, false))
+        } else {
+            None
+        };
         let read = {
             let mut window = (&mut buf).limit(want_bytes);
             tokio::select! {
                 biased;
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     send(tx, done?).await?;
+                    last_active = Instant::now();
                     None
                 }
-                // Memory for request bodies is a broker-wide budget (Kafka's
-                // queued.max.request.bytes): a client announcing a large frame waits here.
-                memory = request_memory.clone().acquire_many_owned(permits), if waiting_for_memory => {
-                    if let Some(inc) = incoming.as_mut() {
-                        inc.memory = Some(memory.map_err(|_| ConnectionEnd::WriterGone)?);
-                    }
-                    None
+                // Muted: this connection alone waits until memory is released.
+                () = request_memory.released(), if waiting_for_memory => None,
+                read = rd.read_buf(&mut window), if reading => Some(read),
+                () = sleep_until_some(deadline) => {
+                    return Err(match (deadline, &incoming) {
+                        (Some((_, true)), Some(i)) => ConnectionEnd::RequestReadTimeout(i.len),
+                        (Some((_, true)), None) => ConnectionEnd::RequestReadTimeout(buf.len()),
+                        _ => ConnectionEnd::Idle,
+                    });
                 }
-                read = tokio::time::timeout(idle, rd.read_buf(&mut window)), if reading => Some(read),
-                // Unreachable: with nothing in flight and no memory to wait for, there is
-                // always room to read. Close rather than spin if that ever breaks.
-                else => return Err(ConnectionEnd::Stalled),
             }
         };
         match read {
-            None | Some(Ok(Ok(1..))) => {}
-            Some(Err(_)) => return Err(ConnectionEnd::Idle),
-            Some(Ok(Err(e))) => return Err(e.into()),
-            Some(Ok(Ok(0))) => {
+            None | Some(Ok(1..)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(0)) => {
                 // Answer what was asked, then end.
                 while let Some(done) = in_flight.next().await {
                     send(tx, done?).await?;
@@ -348,6 +464,14 @@ fn warn_refused_request(peer: std::net::SocketAddr, e: &ProtocolError) {
     } else {
         REFUSED_REQUESTS_SUPPRESSED.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, "refusing request and closing the connection: {e}");
+    }
+}
+
+/// Sleeps until the deadline, or forever without one.
+async fn sleep_until_some(deadline: Option<(Instant, bool)>) {
+    match deadline {
+        Some((d, _)) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 
