@@ -88,6 +88,13 @@ impl MetadataWriter<'_> {
         self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The image `records` would give, without committing them.
+    pub fn preview(&self, records: &[MetadataRecord]) -> MetadataImage {
+        let mut next = (*self.image()).clone();
+        next.apply_all(records);
+        next
+    }
+
     /// Appends one change durably, then applies it. Returns the new image.
     pub fn commit(
         &mut self,

@@ -41,6 +41,7 @@ pub enum Waiter {
 pub struct GroupManagerState {
     pub coordinator: GroupCoordinator,
     pending: HashMap<Token, Waiter>,
+    persist_errors: crate::RateLimitedLog,
 }
 
 pub struct GroupManager {
@@ -61,6 +62,7 @@ impl GroupManager {
             state: Mutex::new(GroupManagerState {
                 coordinator,
                 pending: HashMap::new(),
+                persist_errors: crate::RateLimitedLog::default(),
             }),
             next_token: AtomicU64::new(1),
             partitions,
@@ -149,16 +151,27 @@ impl GroupManagerState {
     }
 
     /// Carries out effects in order: records are appended before any later response is
-    /// released, so a client never sees state that a crash could take back.
+    /// released, so a client never sees state that a crash could take back. A group
+    /// record that cannot be appended sends the group back to rebalance (see
+    /// `GroupCoordinator::persist_failed`), and its waiting members hear NOT_COORDINATOR,
+    /// Kafka's answer when the group's log cannot be written: they back off, find the
+    /// coordinator again and rejoin.
     pub fn apply(&mut self, broker: &Broker, effects: Vec<Effect>) {
         let now = now_ms();
         let mut failed = false;
-        for effect in effects {
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
             match effect {
                 Effect::Persist(record) => {
                     if let Err(e) = append_records(broker, std::slice::from_ref(&record), now) {
-                        tracing::error!(group = record.group(), error = %e, "cannot persist group record");
+                        let ready = self.persist_errors.ready(now);
+                        if let Some(suppressed) = ready {
+                            tracing::error!(group = record.group(), error = %e, suppressed, "cannot persist group record; the group rebalances again");
+                        }
                         failed = true;
+                        if matches!(record, GroupRecord::Group { .. }) {
+                            queue.extend(self.coordinator.persist_failed(record.group(), now));
+                        }
                     } else if matches!(record, GroupRecord::Offset { .. }) {
                         self.coordinator.replay(&record, now);
                     }
@@ -166,7 +179,7 @@ impl GroupManagerState {
                 Effect::JoinDone(token, mut resp) => {
                     if failed {
                         resp = resp.with_error_code(
-                            kafka_protocol::ResponseError::CoordinatorNotAvailable.code(),
+                            kafka_protocol::ResponseError::NotCoordinator.code(),
                         );
                     }
                     if let Some(Waiter::Join(tx)) = self.pending.remove(&token) {
@@ -176,9 +189,7 @@ impl GroupManagerState {
                 Effect::SyncDone(token, mut resp) => {
                     if failed {
                         resp = resp
-                            .with_error_code(
-                                kafka_protocol::ResponseError::CoordinatorNotAvailable.code(),
-                            )
+                            .with_error_code(kafka_protocol::ResponseError::NotCoordinator.code())
                             .with_assignment(Bytes::new());
                     }
                     if let Some(Waiter::Sync(tx)) = self.pending.remove(&token) {

@@ -135,6 +135,8 @@ impl Broker {
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
 
+        raise_file_descriptor_limit();
+
         // Read and check everything; write nothing yet.
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean = marker.exists() || fresh;
@@ -257,7 +259,7 @@ impl Broker {
 
     /// Clean shutdown: flush and close every log, then write the marker.
     pub fn shutdown(&self) -> Result<(), StartError> {
-        self.replicas.close_all()?;
+        self.replicas.close_all(&self.config.data_dir)?;
         let marker = self.config.data_dir.join(CLEAN_SHUTDOWN_FILE);
         let dir_err = |source| StartError::DataDir {
             path: self.config.data_dir.clone(),
@@ -332,6 +334,37 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// Every partition log holds an open file per segment, so the default soft limit (often
+/// 1024) runs out at a few hundred partitions: raise it to the hard limit, as Kafka's
+/// packaging does with `ulimit -n`, and log both so the ceiling is known.
+fn raise_file_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::Nofile);
+    let mut raised = before;
+    raised.current = before.maximum;
+    let result = if raised.current == before.current {
+        Ok(())
+    } else {
+        setrlimit(Resource::Nofile, raised)
+    };
+    let after = getrlimit(Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or("unlimited".to_string(), |v| v.to_string());
+    match result {
+        Ok(()) => tracing::info!(
+            soft_before = %show(before.current),
+            soft = %show(after.current),
+            hard = %show(after.maximum),
+            "file descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(
+            soft = %show(after.current),
+            hard = %show(after.maximum),
+            error = %e,
+            "cannot raise the file descriptor soft limit to the hard limit"
+        ),
     }
 }
 

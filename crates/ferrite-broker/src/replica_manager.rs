@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ferrite_metadata::MetadataImage;
@@ -27,6 +27,8 @@ pub struct Partition {
     high_watermark_tx: watch::Sender<i64>,
     /// Closed-segment bytes after the last compaction pass; no new pass until they grow.
     pub compacted_closed_bytes: AtomicU64,
+    /// Shared by every partition of the log directory: whether it is full.
+    log_dir_full: Arc<AtomicBool>,
 }
 
 impl Partition {
@@ -44,11 +46,39 @@ impl Partition {
         let epoch = self.leader_epoch();
         let (info, leo) = {
             let mut log = self.log();
-            let info = log.append(records, epoch, now_ms)?;
-            (info, log.log_end_offset())
+            let info = log.append(records, epoch, now_ms);
+            self.note_disk_space(&log, &info);
+            (info?, log.log_end_offset())
         };
         self.high_watermark_tx.send_replace(leo);
         Ok(info)
+    }
+
+    /// One WARN when the log directory fills up and one when an append succeeds again,
+    /// however many produce requests fail in between.
+    fn note_disk_space<T>(&self, log: &PartitionLog, result: &Result<T, StorageError>) {
+        match result {
+            Err(e) if e.is_disk_full() => {
+                if !self.log_dir_full.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        log_dir = %log.dir().parent().unwrap_or(log.dir()).display(),
+                        error = %e,
+                        "log directory is full: produce answers KAFKA_STORAGE_ERROR and group changes are refused until space is freed; reads go on"
+                    );
+                }
+            }
+            Ok(_) => {
+                if self.log_dir_full.load(Ordering::Acquire)
+                    && self.log_dir_full.swap(false, Ordering::AcqRel)
+                {
+                    tracing::warn!(
+                        log_dir = %log.dir().parent().unwrap_or(log.dir()).display(),
+                        "log directory has space again: appends succeed"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     pub fn high_watermark(&self) -> i64 {
@@ -73,6 +103,42 @@ impl Partition {
 #[derive(Default)]
 pub struct ReplicaManager {
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
+    log_dir_full: Arc<AtomicBool>,
+}
+
+/// Logs opened for partitions an admin change is about to add, before the change is
+/// committed: if any cannot be opened (a full disk, no descriptors left), none is kept
+/// and nothing is committed.
+#[derive(Default)]
+pub struct Prepared {
+    logs: HashMap<TopicPartition, (PartitionLog, bool)>,
+}
+
+impl Prepared {
+    /// Closes the logs and removes the directories this preparation created (they are
+    /// new and empty: no data of anyone's is lost).
+    pub fn discard(self) {
+        for (_, (log, created)) in self.logs {
+            let dir = log.dir().to_path_buf();
+            drop(log);
+            if created {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot remove a partition directory of a failed admin change");
+                }
+            }
+        }
+    }
+}
+
+/// File descriptors kept free beyond one per partition log: connections, segment rolls,
+/// index and checkpoint writes, the metadata log.
+pub const FILE_DESCRIPTORS_RESERVED: u64 = 1024;
+
+/// `(open descriptors, soft RLIMIT_NOFILE)` of this process, when they can be read.
+pub fn file_descriptors() -> Option<(u64, u64)> {
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
+    Some((open, limit))
 }
 
 impl ReplicaManager {
@@ -86,14 +152,10 @@ impl ReplicaManager {
         map.values().cloned().collect()
     }
 
-    /// Makes the hosted partitions match the image: opens logs for new partitions this
-    /// node leads, updates configs and epochs, deletes logs of removed topics.
-    pub fn reconcile(
-        &self,
+    fn wanted(
         image: &MetadataImage,
         config: &BrokerConfig,
-        clean: bool,
-    ) -> Result<(), StorageError> {
+    ) -> HashMap<TopicPartition, (Uuid, i32, LogConfig)> {
         let mut wanted: HashMap<TopicPartition, (Uuid, i32, LogConfig)> = HashMap::new();
         for topic in image.topics() {
             let mut log_config = config.log_config(&topic.configs);
@@ -109,6 +171,89 @@ impl ReplicaManager {
                 }
             }
         }
+        wanted
+    }
+
+    /// Opens the logs of partitions that `next` adds and this broker does not host yet,
+    /// before `next` is committed. Refuses, before opening anything, a change that
+    /// would need more file descriptors than the process may open. All or nothing.
+    pub fn prepare(
+        &self,
+        next: &MetadataImage,
+        config: &BrokerConfig,
+    ) -> Result<Prepared, crate::controller::AdminError> {
+        let new: Vec<(TopicPartition, LogConfig)> = {
+            let map = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+            Self::wanted(next, config)
+                .into_iter()
+                .filter(|(k, _)| !map.contains_key(k))
+                .map(|(k, (_, _, c))| (k, c))
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(Prepared::default());
+        }
+        if let Some((open, limit)) = file_descriptors() {
+            let needed = open
+                .saturating_add(new.len() as u64)
+                .saturating_add(FILE_DESCRIPTORS_RESERVED);
+            if needed > limit {
+                let can_add = limit.saturating_sub(open.saturating_add(FILE_DESCRIPTORS_RESERVED));
+                let message = format!(
+                    "this broker cannot hold {} more partitions: each needs an open file, {open} of the process's {limit} file descriptors (RLIMIT_NOFILE) are in use and {FILE_DESCRIPTORS_RESERVED} are kept for connections; at most {can_add} more fit. Raise `ulimit -n` (the hard limit) and restart, or create fewer partitions",
+                    new.len()
+                );
+                tracing::warn!("{message}");
+                return Err(crate::controller::AdminError::new(
+                    kafka_protocol::ResponseError::InvalidPartitions,
+                    message,
+                ));
+            }
+        }
+        let mut prepared = Prepared::default();
+        for (key, log_config) in new {
+            let dir = partition_dir(&config.data_dir, &key.0, key.1);
+            let created = !dir.exists();
+            match PartitionLog::open(&dir, log_config, true) {
+                Ok((log, _)) => {
+                    prepared.logs.insert(key, (log, created));
+                }
+                Err(e) => {
+                    if created {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                    prepared.discard();
+                    tracing::error!(topic = %key.0, partition = key.1, error = %e, "cannot create a partition log; the admin change is not made");
+                    return Err(crate::controller::AdminError {
+                        code: crate::error::storage_error_code(&e),
+                        message: format!("cannot create partition {}-{}: {e}", key.0, key.1),
+                    });
+                }
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Makes the hosted partitions match the image: opens logs for new partitions this
+    /// node leads, updates configs and epochs, deletes logs of removed topics.
+    pub fn reconcile(
+        &self,
+        image: &MetadataImage,
+        config: &BrokerConfig,
+        clean: bool,
+    ) -> Result<(), StorageError> {
+        self.install(image, config, clean, Prepared::default())
+    }
+
+    /// [`ReplicaManager::reconcile`] that takes new partitions' logs from `prepared`.
+    pub fn install(
+        &self,
+        image: &MetadataImage,
+        config: &BrokerConfig,
+        clean: bool,
+        mut prepared: Prepared,
+    ) -> Result<(), StorageError> {
+        let wanted = Self::wanted(image, config);
         let mut map = self.partitions.write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<TopicPartition> = map
             .keys()
@@ -140,12 +285,18 @@ impl ReplicaManager {
                         // The topic was deleted and created again under the same name.
                         delete_partition_dir(&dir);
                     }
-                    let (log, report) = PartitionLog::open(&dir, log_config, clean)?;
-                    if report.truncated_bytes > 0 || report.recovered_segments > 0 {
-                        recovered.0 += 1;
-                        recovered.1 += report.recovered_segments;
-                        recovered.2 += report.truncated_bytes;
-                    }
+                    let log = match prepared.logs.remove(&key) {
+                        Some((log, _)) if existing.is_none() => log,
+                        _ => {
+                            let (log, report) = PartitionLog::open(&dir, log_config, clean)?;
+                            if report.truncated_bytes > 0 || report.recovered_segments > 0 {
+                                recovered.0 += 1;
+                                recovered.1 += report.recovered_segments;
+                                recovered.2 += report.truncated_bytes;
+                            }
+                            log
+                        }
+                    };
                     let (tx, _) = watch::channel(log.log_end_offset());
                     let partition = Partition {
                         topic: key.0.clone(),
@@ -155,6 +306,7 @@ impl ReplicaManager {
                         leader_epoch: AtomicI32::new(epoch),
                         high_watermark_tx: tx,
                         compacted_closed_bytes: AtomicU64::new(0),
+                        log_dir_full: self.log_dir_full.clone(),
                     };
                     map.insert(key, Arc::new(partition));
                 }
@@ -171,16 +323,48 @@ impl ReplicaManager {
         Ok(())
     }
 
-    /// Clean shutdown: flush every log and write its indexes.
-    pub fn close_all(&self) -> Result<(), StorageError> {
+    /// Whether the log directory was full at the last append.
+    pub fn log_dir_full(&self) -> bool {
+        self.log_dir_full.load(Ordering::Acquire)
+    }
+
+    /// Clean shutdown: write every log's indexes, make everything durable with one
+    /// `syncfs(2)` of the data directory's filesystem (one fsync per file took 1.3 ms
+    /// per partition, 25 s at 19,000 partitions), then record each log's recovery point
+    /// and sync again. The caller writes the clean-shutdown marker only after this.
+    pub fn close_all(&self, data_dir: &Path) -> Result<(), StorageError> {
+        let all = self.all();
         let mut first_err = None;
-        for p in self.all() {
-            if let Err(e) = p.log().close() {
+        for p in &all {
+            if let Err(e) = p.log().close_unsynced() {
                 tracing::error!(topic = %p.topic, partition = p.index, error = %e, "close failed");
                 first_err.get_or_insert(e);
             }
         }
-        first_err.map_or(Ok(()), Err)
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let sync = || -> Result<(), StorageError> {
+            let dir = std::fs::File::open(data_dir).map_err(|e| StorageError::Io {
+                path: data_dir.to_path_buf(),
+                source: e,
+            })?;
+            rustix::fs::syncfs(&dir).map_err(|e| StorageError::Io {
+                path: data_dir.to_path_buf(),
+                source: e.into(),
+            })
+        };
+        sync()?;
+        for p in &all {
+            if let Err(e) = p.log().mark_closed() {
+                tracing::error!(topic = %p.topic, partition = p.index, error = %e, "checkpoint at close failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        sync()
     }
 }
 

@@ -1078,6 +1078,26 @@ impl GroupCoordinator {
         }
     }
 
+    /// The group's record could not be persisted (a full disk): as Kafka's coordinator
+    /// does when storing a SyncGroup assignment fails, the assignment is dropped and the
+    /// group goes back to PreparingRebalance. Its members hear the error, back off and
+    /// rejoin, instead of running on an assignment that a restart would not know.
+    pub fn persist_failed(&mut self, group_id: &str, now: i64) -> Vec<Effect> {
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return Vec::new();
+        };
+        if !matches!(
+            group.state,
+            GroupState::Stable | GroupState::CompletingRebalance
+        ) {
+            return Vec::new();
+        }
+        for m in group.members.values_mut() {
+            m.assignment = Bytes::new();
+        }
+        Self::prepare_rebalance(group, now, &self.config)
+    }
+
     // ---- Time -----------------------------------------------------------------------
 
     /// The earliest time after `now` at which [`Self::tick`] has something to do for a

@@ -466,4 +466,29 @@ fn sessions_expire_at_their_deadline() {
         .any(|e| matches!(e, Effect::Persist(GroupRecord::Group { .. }))));
     assert_eq!(c.state("g"), Some(GroupState::Empty));
     assert_eq!(c.next_deadline_ms(deadline), None);
+
+#[test]
+fn a_group_record_that_cannot_be_persisted_sends_the_group_back_to_rebalance() {
+    let mut c = GroupCoordinator::new(cfg(), "p".into());
+    let (id, _) = join_dynamic(&mut c, 0, 1);
+    let (_, effects) = c.sync(1, 2, &sync_req(&id, 1, vec![(&id, b"A")]));
+    assert!(matches!(
+        effects[0],
+        Effect::Persist(GroupRecord::Group { .. })
+    ));
+    assert_eq!(c.state("g"), Some(GroupState::Stable));
+    // The append of that record failed (disk full).
+    c.persist_failed("g", 2);
+    assert_eq!(c.state("g"), Some(GroupState::PreparingRebalance));
+    // The member's heartbeat tells it to rejoin; the rejoin completes a new generation.
+    assert_eq!(
+        c.heartbeat(3, "g", &id, None, 1),
+        ResponseError::RebalanceInProgress.code()
+    );
+    let (r, effects) = c.join(4, 3, 5, &client(), &join_req(&id, None, b"m"));
+    assert_eq!(r, Reply::Later);
+    let j = joins(&effects);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].1.generation_id, 2);
+    assert!(c.persist_failed("unknown", 5).is_empty());
 }

@@ -760,6 +760,22 @@ impl PartitionLog {
         self.write_checkpoint()
     }
 
+    /// First half of a fast clean shutdown: writes the active segment's indexes without
+    /// fsyncing anything. The caller makes the files durable at once (`syncfs`), then
+    /// calls [`PartitionLog::mark_closed`].
+    pub fn close_unsynced(&mut self) -> Result<()> {
+        self.pending_syncs.clear();
+        self.active_mut().write_index_files_synced(false)
+    }
+
+    /// Second half: everything is on disk, so the recovery point is the log end.
+    pub fn mark_closed(&mut self) -> Result<()> {
+        self.unflushed_messages = 0;
+        self.first_unflushed_ms = None;
+        self.recovery_point = self.log_end_offset();
+        self.write_checkpoint()
+    }
+
     /// Deletes the whole partition directory (DeleteTopics).
     pub fn delete(self) -> Result<()> {
         std::fs::remove_dir_all(&self.dir).map_err(|e| StorageError::io(&self.dir, e))

@@ -418,6 +418,12 @@ impl Segment {
     /// Writes both index files from memory. The final time index entry records the
     /// segment's max timestamp so that retention by time survives a restart.
     pub fn write_index_files(&mut self) -> Result<()> {
+        self.write_index_files_synced(true)
+    }
+
+    /// Writes both index files, fsyncing each when `sync` (a clean shutdown syncs the
+    /// whole filesystem once instead).
+    pub fn write_index_files_synced(&mut self, sync: bool) -> Result<()> {
         if self.max_timestamp >= 0
             && self
                 .time_index
@@ -436,13 +442,13 @@ impl Segment {
             raw.extend_from_slice(&e.relative_offset.to_be_bytes());
             raw.extend_from_slice(&e.position.to_be_bytes());
         }
-        write_file(&self.index_path(INDEX_SUFFIX), &raw)?;
+        write_file(&self.index_path(INDEX_SUFFIX), &raw, sync)?;
         raw.clear();
         for e in &self.time_index {
             raw.extend_from_slice(&e.timestamp.to_be_bytes());
             raw.extend_from_slice(&e.relative_offset.to_be_bytes());
         }
-        write_file(&self.index_path(TIME_INDEX_SUFFIX), &raw)
+        write_file(&self.index_path(TIME_INDEX_SUFFIX), &raw, sync)
     }
 
     pub fn delete_files(&self) -> Result<()> {
@@ -484,10 +490,13 @@ fn batch_max_timestamp(header: &BatchHeader) -> i64 {
     }
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+fn write_file(path: &Path, data: &[u8], sync: bool) -> Result<()> {
     let mut f = File::create(path).map_err(|e| StorageError::io(path, e))?;
     f.write_all(data).map_err(|e| StorageError::io(path, e))?;
-    f.sync_data().map_err(|e| StorageError::io(path, e))
+    if sync {
+        f.sync_data().map_err(|e| StorageError::io(path, e))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

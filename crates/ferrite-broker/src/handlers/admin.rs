@@ -29,22 +29,37 @@ use crate::controller::{
 use crate::error::storage_error_code;
 use crate::Broker;
 
-/// Commits records and brings the hosted partitions in line; one error for both steps.
+/// Commits records and brings the hosted partitions in line, all or nothing: the logs
+/// of new partitions are created first (checked against the descriptors left), and if
+/// any cannot be, or the metadata append fails (a full disk), nothing is committed and
+/// the directories just created are removed again.
 fn commit(
     broker: &Broker,
     writer: &mut crate::controller::MetadataWriter<'_>,
     records: Vec<MetadataRecord>,
 ) -> Result<Arc<MetadataImage>, AdminError> {
-    let image = writer.commit(records).map_err(|e| {
-        tracing::error!(error = %e, "metadata commit failed");
-        AdminError::new(ResponseError::KafkaStorageError, e.to_string())
-    })?;
+    let next = writer.preview(&records);
+    let prepared = broker.replicas.prepare(&next, &broker.config)?;
+    let image = match writer.commit(records) {
+        Ok(image) => image,
+        Err(e) => {
+            prepared.discard();
+            tracing::error!(error = %e, "metadata commit failed; the change is not made");
+            return Err(AdminError::new(
+                ResponseError::KafkaStorageError,
+                e.to_string(),
+            ));
+        }
+    };
     broker
         .replicas
-        .reconcile(&image, &broker.config, true)
-        .map_err(|e| AdminError {
-            code: storage_error_code(&e),
-            message: e.to_string(),
+        .install(&image, &broker.config, true, prepared)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot open a partition log after a metadata commit");
+            AdminError {
+                code: storage_error_code(&e),
+                message: e.to_string(),
+            }
         })?;
     Ok(image)
 }
