@@ -178,9 +178,8 @@ impl GroupManagerState {
                 }
                 Effect::JoinDone(token, mut resp) => {
                     if failed {
-                        resp = resp.with_error_code(
-                            kafka_protocol::ResponseError::NotCoordinator.code(),
-                        );
+                        resp = resp
+                            .with_error_code(kafka_protocol::ResponseError::NotCoordinator.code());
                     }
                     if let Some(Waiter::Join(tx)) = self.pending.remove(&token) {
                         let _ = tx.send(resp);

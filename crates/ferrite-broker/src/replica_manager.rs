@@ -441,7 +441,9 @@ pub fn set_aside_stray(dir: &PartitionDir) {
             dir = %dir.path.display(), kept_as = %to.display(),
             "partition directory of a topic the metadata does not know: set aside, not deleted; delete it if the topic was deleted on purpose, or restore the metadata log"
         ),
-        Err(e) => tracing::error!(dir = %dir.path.display(), error = %e, "cannot set aside a stray partition directory"),
+        Err(e) => {
+            tracing::error!(dir = %dir.path.display(), error = %e, "cannot set aside a stray partition directory")
+        }
     }
 }
 

@@ -34,7 +34,9 @@ pub enum MetadataLogError {
         position: u64,
         reason: String,
     },
-    #[error("metadata log {0} ends in a failed write that could not be cut back; restart the broker")]
+    #[error(
+        "metadata log {0} ends in a failed write that could not be cut back; restart the broker"
+    )]
     Broken(PathBuf),
     #[error("cannot encode metadata records: {0}")]
     Encode(String),
@@ -71,7 +73,11 @@ impl MetadataLogContents {
 
     /// Creates the log if needed and cuts a torn tail; returns the log for appends.
     pub fn open(self) -> Result<(MetadataLog, Vec<Vec<MetadataRecord>>), MetadataLogError> {
-        let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         std::fs::create_dir_all(&dir).map_err(|e| MetadataLogError::Io {
             path: dir.clone(),
             source: e,

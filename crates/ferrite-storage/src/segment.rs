@@ -424,6 +424,20 @@ impl Segment {
     /// Writes both index files, fsyncing each when `sync` (a clean shutdown syncs the
     /// whole filesystem once instead).
     pub fn write_index_files_synced(&mut self, sync: bool) -> Result<()> {
+        if self.size == 0 {
+            // An empty segment's indexes are empty: no files (a missing index is rebuilt
+            // from the log at open, here from nothing), so an idle partition's shutdown
+            // creates none.
+            for suffix in [INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
+                let path = self.index_path(suffix);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StorageError::io(path, e)),
+                }
+            }
+            return Ok(());
+        }
         if self.max_timestamp >= 0
             && self
                 .time_index

@@ -80,13 +80,15 @@ impl Broker {
             }
         });
         let addr = loop {
-            let line = rx.recv_timeout(common::STARTUP_TIMEOUT).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "no ready line: {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                )
-            });
+            let line = rx
+                .recv_timeout(common::STARTUP_TIMEOUT)
+                .unwrap_or_else(|_| {
+                    let _ = child.kill();
+                    panic!(
+                        "no ready line: {}",
+                        std::fs::read_to_string(log).unwrap_or_default()
+                    )
+                });
             if let Some(rest) = line.strip_prefix("ferrite ready: listening on ") {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
@@ -132,7 +134,9 @@ impl Tmpfs {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run");
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+            );
             return None;
         }
         Some(Tmpfs { dir })
@@ -187,14 +191,19 @@ fn create_topic(addr: &str, topic: &str, partitions: i32) -> (i16, String) {
     let t = &resp.topics[0];
     (
         t.error_code,
-        t.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default(),
+        t.error_message
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
     )
 }
 
 fn delete_topic(addr: &str, topic: &str) -> i16 {
     let req = DeleteTopicsRequest::default()
         .with_timeout_ms(5000)
-        .with_topics(vec![DeleteTopicState::default().with_name(Some(topic_name(topic)))]);
+        .with_topics(vec![
+            DeleteTopicState::default().with_name(Some(topic_name(topic)))
+        ]);
     let resp: DeleteTopicsResponse = common::raw(addr, ApiKey::DeleteTopics, 6, &req);
     resp.responses[0].error_code
 }
@@ -202,7 +211,9 @@ fn delete_topic(addr: &str, topic: &str) -> i16 {
 /// Whether the broker lists `topic`, and with how many partitions.
 fn listed(addr: &str, topic: &str) -> Option<usize> {
     let req = MetadataRequest::default()
-        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(topic_name(topic)))]))
+        .with_topics(Some(vec![
+            MetadataRequestTopic::default().with_name(Some(topic_name(topic)))
+        ]))
         .with_allow_auto_topic_creation(false);
     let resp: MetadataResponse = common::raw(addr, ApiKey::Metadata, 9, &req);
     let t = &resp.topics[0];
@@ -219,7 +230,10 @@ fn full_disk_is_logged_once_and_admin_changes_fail_whole() {
     let b = Broker::start(
         &data,
         log.path(),
-        &["offsets.topic.num.partitions=1", "log.segment.bytes=1048576"],
+        &[
+            "offsets.topic.num.partitions=1",
+            "log.segment.bytes=1048576",
+        ],
         None,
     );
     assert_eq!(create_topic(&b.addr, "a", 1).0, 0);
@@ -256,11 +270,19 @@ fn full_disk_is_logged_once_and_admin_changes_fail_whole() {
         (1..=2).contains(&persist_errors),
         "{persist_errors} persist errors logged in 5 s"
     );
-    assert_eq!(c.assignment().unwrap().count(), 0, "assigned without a stored rebalance");
+    assert_eq!(
+        c.assignment().unwrap().count(),
+        0,
+        "assigned without a stored rebalance"
+    );
 
     // DeleteTopics either fails and the topic stays, or succeeds and it is gone.
     let code = delete_topic(&b.addr, "a");
-    assert_eq!(listed(&b.addr, "a").is_some(), code != 0, "delete code {code}");
+    assert_eq!(
+        listed(&b.addr, "a").is_some(),
+        code != 0,
+        "delete code {code}"
+    );
     eprintln!("DeleteTopics on a full disk: {code}");
     let deleted = code == 0;
 
@@ -271,7 +293,11 @@ fn full_disk_is_logged_once_and_admin_changes_fail_whole() {
     }
     assert_eq!(produce(&b.addr, "a"), 0);
     assert_eq!(b.log_lines("log directory has space again"), 1);
-    assert_eq!(create_topic(&b.addr, "b", 8).0, 0, "b was left half created");
+    assert_eq!(
+        create_topic(&b.addr, "b", 8).0,
+        0,
+        "b was left half created"
+    );
     assert_eq!(listed(&b.addr, "b"), Some(8));
     if !deleted {
         common::wait_for("the group to get its assignment", OP_TIMEOUT, || {
@@ -287,12 +313,7 @@ fn create_topics_beyond_the_descriptor_limit_is_refused_before_anything_is_creat
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let log = tmp.path().join("broker.log");
-    let b = Broker::start(
-        &data,
-        &log,
-        &["offsets.topic.num.partitions=1"],
-        Some(1400),
-    );
+    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(1400));
     assert_eq!(b.log_lines("file descriptor limit"), 1);
     let (code, message) = create_topic(&b.addr, "many", 1000);
     assert_eq!(code, INVALID_PARTITIONS, "{message}");

@@ -98,7 +98,8 @@ impl Drop for Slowloris {
 
 /// A new connection's ApiVersions is answered.
 fn api_versions_answered(addr: &str) {
-    let resp: ApiVersionsResponse = common::raw(addr, ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    let resp: ApiVersionsResponse =
+        common::raw(addr, ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
     assert_eq!(resp.error_code, 0);
 }
 
@@ -128,7 +129,8 @@ fn produce_and_consume(server: &Server, topic: &str, from: i64, count: usize) {
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(from)).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(from))
+        .unwrap();
     c.assign(&tpl).unwrap();
     let deadline = Instant::now() + OP_TIMEOUT;
     let mut seen = 0;
@@ -183,9 +185,11 @@ fn sixty_slow_connections_with_100_mb_frames_do_not_block_others() {
 fn slow_frames_are_cut_off_by_the_request_read_deadline() {
     let server = Server::start(&["request.read.timeout.ms=2000"]);
     let loris = Slowloris::start(&server.addr, 6);
-    common::wait_for("the broker to close the slow connections", OP_TIMEOUT, || {
-        (loris.closed.load(Ordering::Relaxed) == 6).then_some(())
-    });
+    common::wait_for(
+        "the broker to close the slow connections",
+        OP_TIMEOUT,
+        || (loris.closed.load(Ordering::Relaxed) == 6).then_some(()),
+    );
     loris.finish();
     api_versions_answered(&server.addr);
 }
@@ -194,9 +198,13 @@ fn slow_frames_are_cut_off_by_the_request_read_deadline() {
 /// `request.read.timeout.ms`, though a byte arrives far more often than that.
 #[test]
 fn trickling_bytes_do_not_keep_a_connection_open() {
-    let server = Server::start(&["connections.max.idle.ms=1000", "request.read.timeout.ms=3000"]);
+    let server = Server::start(&[
+        "connections.max.idle.ms=1000",
+        "request.read.timeout.ms=3000",
+    ]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     // A 1000-byte frame: at one byte per 300 ms it would take 5 minutes to arrive.
     s.write_all(&1000i32.to_be_bytes()).unwrap();
     let deadline = Instant::now() + OP_TIMEOUT;

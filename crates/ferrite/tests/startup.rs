@@ -26,11 +26,7 @@ const MESSAGES: usize = 3000;
 fn populated() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut server = Server::start_in(
-        &data,
-        "127.0.0.1:0",
-        &["offsets.topic.num.partitions=2"],
-    );
+    let mut server = Server::start_in(&data, "127.0.0.1:0", &["offsets.topic.num.partitions=2"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,8 +69,14 @@ fn high_watermark(addr: &str) -> i64 {
 }
 
 enum Outcome {
-    Started { child: Child, addr: String, log: mpsc::Receiver<String> },
-    Refused { stderr: String },
+    Started {
+        child: Child,
+        addr: String,
+        log: mpsc::Receiver<String>,
+    },
+    Refused {
+        stderr: String,
+    },
 }
 
 /// Starts `ferrite server` on `data` and waits for it to be ready or to exit.
@@ -342,7 +344,10 @@ fn corrupt_segment_is_refused_on_every_start_and_failed_starts_change_nothing() 
             panic!("started on a port in use")
         }
     }
-    assert!(snapshot(&data) == before, "a start on a busy port changed the data");
+    assert!(
+        snapshot(&data) == before,
+        "a start on a busy port changed the data"
+    );
     refused_twice(&data, &["log.segment.bytes=lots"], "log.segment.bytes");
 
     let segs = segments(&data);
@@ -351,7 +356,10 @@ fn corrupt_segment_is_refused_on_every_start_and_failed_starts_change_nothing() 
     // start reads it.
     flip_byte(&segs[1], 2);
     refused_twice(&data, &[], "corrupt");
-    assert!(data.join(".clean-shutdown").exists(), "the marker must stay");
+    assert!(
+        data.join(".clean-shutdown").exists(),
+        "the marker must stay"
+    );
 }
 
 #[test]
@@ -398,7 +406,11 @@ fn recovery_reports_what_it_cuts_and_keeps_dropped_segments() {
     // A crash (no marker) before any segment was synced (recovery point 0), with a
     // corrupt middle segment: recovery cuts it and sets the segments after it aside.
     std::fs::remove_file(data.join(".clean-shutdown")).unwrap();
-    std::fs::write(partition_dir(&data).join("partition.checkpoint"), "v1 0 0\n").unwrap();
+    std::fs::write(
+        partition_dir(&data).join("partition.checkpoint"),
+        "v1 0 0\n",
+    )
+    .unwrap();
     let dropped_bytes = std::fs::read(&segs[2]).unwrap();
     // Damage the first batch of segment 1, so that everything after it is lost.
     let mut bytes = std::fs::read(&segs[1]).unwrap();
@@ -432,8 +444,11 @@ fn recovery_reports_what_it_cuts_and_keeps_dropped_segments() {
         // The second start is a crash recovery too.
         if attempt == 1 {
             std::fs::remove_file(data.join(".clean-shutdown")).unwrap();
-            std::fs::write(partition_dir(&data).join("partition.checkpoint"), "v1 0 0\n")
-                .unwrap();
+            std::fs::write(
+                partition_dir(&data).join("partition.checkpoint"),
+                "v1 0 0\n",
+            )
+            .unwrap();
         }
     }
     assert_eq!(ends[0], ends[1], "the two starts disagree on the log end");
