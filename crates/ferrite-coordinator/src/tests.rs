@@ -466,6 +466,7 @@ fn sessions_expire_at_their_deadline() {
         .any(|e| matches!(e, Effect::Persist(GroupRecord::Group { .. }))));
     assert_eq!(c.state("g"), Some(GroupState::Empty));
     assert_eq!(c.next_deadline_ms(deadline), None);
+}
 
 #[test]
 fn a_group_record_that_cannot_be_persisted_sends_the_group_back_to_rebalance() {
