@@ -254,6 +254,7 @@ impl BrokerConfig {
             "log.flush.interval.messages" => d.flush_messages = parse_num(key, value, 1)?,
             "log.flush.interval.ms" => d.flush_ms = parse_num(key, value, 0)?,
             "log.index.interval.bytes" => d.index_interval_bytes = parse_num(key, value, 0)?,
+            "producer.id.expiration.ms" => d.producer_id_expiration_ms = parse_num(key, value, 1)?,
             "log.message.timestamp.type" => {
                 self.message_timestamp_type = TimestampType::parse(value)
                     .ok_or_else(|| invalid(key, value, "expected CreateTime or LogAppendTime"))?;

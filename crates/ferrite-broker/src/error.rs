@@ -1,7 +1,7 @@
 //! The one place where operating errors of the layers below become Kafka error codes.
 
 use ferrite_metadata::PlacementError;
-use ferrite_storage::{BatchError, StorageError};
+use ferrite_storage::{BatchError, ProducerStateError, StorageError};
 use kafka_protocol::ResponseError;
 
 use crate::config::ConfigError;
@@ -16,13 +16,29 @@ pub fn storage_error_code(e: &StorageError) -> i16 {
         StorageError::CorruptBatch(_) => ResponseError::CorruptMessage,
         StorageError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         StorageError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
-        StorageError::ProducerStateUnsupported(_) => ResponseError::InvalidRecord,
+        StorageError::Producer(e) => return producer_state_error_code(e),
         // The disk is full or failing: Kafka answers KAFKA_STORAGE_ERROR so the client
         // retries (elsewhere, once replication exists) instead of treating it as fatal.
         StorageError::Io { .. }
         | StorageError::Corruption { .. }
         | StorageError::LogOffline(_)
         | StorageError::InvalidFileName(_) => ResponseError::KafkaStorageError,
+    };
+    code.code()
+}
+
+/// Kafka error code for a batch that breaks the idempotent producer's rules.
+pub fn producer_state_error_code(e: &ProducerStateError) -> i16 {
+    let code = match e {
+        ProducerStateError::OutOfOrderSequence { .. } => ResponseError::OutOfOrderSequenceNumber,
+        ProducerStateError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
+        // Kafka's LogValidator: a producer id with a negative sequence, or more than one
+        // batch in a v2 request, is an InvalidRecordException.
+        ProducerStateError::InvalidSequence { .. } | ProducerStateError::MultipleBatches(_) => {
+            ResponseError::InvalidRecord
+        }
+        // Transactions are not built: a transactional batch cannot be accepted honestly.
+        ProducerStateError::Transactional(_) => ResponseError::InvalidRecord,
     };
     code.code()
 }

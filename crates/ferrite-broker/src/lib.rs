@@ -7,6 +7,7 @@ pub mod controller;
 pub mod error;
 pub mod group_manager;
 pub mod handlers;
+pub mod producer_ids;
 pub mod replica_manager;
 pub mod server;
 
@@ -56,6 +57,7 @@ pub struct Broker {
     pub controller: Controller,
     pub replicas: ReplicaManager,
     pub groups: group_manager::GroupManager,
+    pub producer_ids: producer_ids::ProducerIdManager,
     _lock: File,
 }
 
@@ -248,6 +250,7 @@ impl Broker {
             controller,
             replicas,
             groups,
+            producer_ids: producer_ids::ProducerIdManager::default(),
             _lock: lock,
         });
         Ok(Running {

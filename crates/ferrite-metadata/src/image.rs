@@ -56,6 +56,8 @@ pub struct MetadataImage {
     brokers: BTreeMap<i32, BrokerRegistration>,
     /// Number of record batches applied; bumps on every change.
     pub version: u64,
+    /// The first producer id not yet handed out in a block (ProducerIds records).
+    next_producer_id: i64,
 }
 
 impl MetadataImage {
@@ -83,6 +85,11 @@ impl MetadataImage {
     pub fn partition(&self, topic_id: &Uuid, partition: i32) -> Option<&PartitionImage> {
         self.topic_by_id(topic_id)
             .and_then(|t| t.partitions.get(&partition))
+    }
+
+    /// The first producer id no broker has been given yet.
+    pub fn next_producer_id(&self) -> i64 {
+        self.next_producer_id
     }
 
     /// Folds one record into the image. Records are facts already validated by the
@@ -231,6 +238,21 @@ impl MetadataImage {
                     tracing::warn!(%topic_id, partition, "partition change for unknown partition skipped")
                 }
             },
+            MetadataRecord::ProducerIds {
+                next_producer_id, ..
+            } => {
+                // Blocks are handed out in increasing order; a record that would move
+                // the counter back is a bug in its writer and must not cause reuse.
+                if *next_producer_id < self.next_producer_id {
+                    tracing::warn!(
+                        next_producer_id,
+                        current = self.next_producer_id,
+                        "producer ids record moving backwards ignored"
+                    );
+                } else {
+                    self.next_producer_id = *next_producer_id;
+                }
+            }
         }
     }
 
@@ -289,6 +311,41 @@ mod tests {
         img.apply_all(&[MetadataRecord::RemoveTopic { topic_id: id }]);
         assert!(img.topic("t").is_none());
         assert!(img.topic_by_id(&id).is_none());
+    }
+
+    #[test]
+    fn producer_id_blocks_only_move_forward() {
+        let block = |next| MetadataRecord::ProducerIds {
+            broker_id: 0,
+            broker_epoch: -1,
+            next_producer_id: next,
+        };
+        let mut img = MetadataImage::default();
+        assert_eq!(img.next_producer_id(), 0);
+        img.apply_all(&[block(1000)]);
+        img.apply_all(&[block(2000)]);
+        assert_eq!(img.next_producer_id(), 2000);
+        img.apply_all(&[block(1000)]);
+        assert_eq!(
+            img.next_producer_id(),
+            2000,
+            "never back: ids would be reused"
+        );
+    }
+
+    #[test]
+    fn producer_ids_record_round_trips_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = crate::MetadataLog::open(dir.path()).unwrap();
+        let rec = MetadataRecord::ProducerIds {
+            broker_id: 3,
+            broker_epoch: -1,
+            next_producer_id: 5000,
+        };
+        log.append(std::slice::from_ref(&rec)).unwrap();
+        drop(log);
+        let (_, entries) = crate::MetadataLog::open(dir.path()).unwrap();
+        assert_eq!(entries, vec![vec![rec]]);
     }
 }
 

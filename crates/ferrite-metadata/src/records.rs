@@ -84,4 +84,11 @@ pub enum MetadataRecord {
         leader: i32,
         isr: Option<Vec<i32>>,
     },
+    /// A block of producer ids was handed to a broker (KRaft's ProducerIdsRecord): every
+    /// id below `next_producer_id` is taken, so ids stay unique across restarts.
+    ProducerIds {
+        broker_id: i32,
+        broker_epoch: i64,
+        next_producer_id: i64,
+    },
 }

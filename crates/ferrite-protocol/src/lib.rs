@@ -57,6 +57,12 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     // Kafka 4.0 removed v0 (KIP-896); it is v1 byte for byte, and kafka-python (through
     // 2.x) sends only v0, so it stays.
     (ApiKey::DescribeLogDirs, 0, 4),
+    // Idempotent producers; a transactional id is refused until transactions exist.
+    // v3 adds ProducerId/ProducerEpoch (KIP-360), which Kafka ignores without a
+    // transactional id; v4 (PRODUCER_FENCED, KIP-588) and v5 (TRANSACTION_ABORTABLE,
+    // KIP-890) only add errors of transactional producers; v6 is KIP-939's 2PC.
+    (ApiKey::InitProducerId, 0, 5),
+    (ApiKey::DescribeProducers, 0, 0),
 ];
 
 /// What an operator needs to know about a refused request: the API by name and key,

@@ -17,6 +17,8 @@ pub const LAST_OFFSET_DELTA_AT: usize = 23;
 pub const BASE_TIMESTAMP_AT: usize = 27;
 pub const MAX_TIMESTAMP_AT: usize = 35;
 pub const PRODUCER_ID_AT: usize = 43;
+pub const PRODUCER_EPOCH_AT: usize = 51;
+pub const BASE_SEQUENCE_AT: usize = 53;
 pub const RECORD_COUNT_AT: usize = 57;
 /// Size of the v2 header, records start here.
 pub const HEADER_BYTES: usize = 61;
@@ -62,6 +64,8 @@ pub struct BatchHeader {
     pub base_timestamp: i64,
     pub max_timestamp: i64,
     pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
     pub record_count: i32,
 }
 
@@ -87,6 +91,8 @@ impl BatchHeader {
             base_timestamp: read_i64(buf, BASE_TIMESTAMP_AT),
             max_timestamp: read_i64(buf, MAX_TIMESTAMP_AT),
             producer_id: read_i64(buf, PRODUCER_ID_AT),
+            producer_epoch: read_i16(buf, PRODUCER_EPOCH_AT),
+            base_sequence: read_i32(buf, BASE_SEQUENCE_AT),
             record_count: read_i32(buf, RECORD_COUNT_AT),
         })
     }

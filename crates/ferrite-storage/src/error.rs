@@ -66,8 +66,9 @@ pub enum StorageError {
     },
     #[error("log {0} is offline after an unrecoverable write failure")]
     LogOffline(PathBuf),
-    #[error("batch carries producer id {0}: idempotent and transactional producers need producer state, which this log does not keep yet; set enable.idempotence=false")]
-    ProducerStateUnsupported(i64),
+    /// A producer's batch breaks the idempotence rules (sequence, epoch).
+    #[error("{0}")]
+    Producer(#[from] crate::producer_state::ProducerStateError),
     #[error("invalid segment file name {0}")]
     InvalidFileName(PathBuf),
 }

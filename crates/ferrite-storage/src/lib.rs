@@ -6,6 +6,7 @@ pub mod batch;
 pub mod error;
 pub mod leader_epoch;
 pub mod log;
+pub mod producer_state;
 pub mod segment;
 pub mod test_support;
 
@@ -18,3 +19,4 @@ pub use leader_epoch::{
 pub use log::{
     AppendInfo, CompactReport, FileRegion, LogConfig, OpenReport, PartitionLog, ReadPlan,
 };
+pub use producer_state::{ProducerStateEntry, ProducerStateError, ProducerStateManager};

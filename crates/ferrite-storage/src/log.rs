@@ -11,7 +11,7 @@
 //! critical section to metadata work. Reads copy an immutable range out of the segment
 //! files without holding the lock ([`ReadPlan`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,11 @@ use crate::batch::{
     validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
-use crate::segment::{parse_segment_file_name, Segment, LOG_SUFFIX};
+use crate::producer_state::{
+    ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
+    PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
+};
+use crate::segment::{parse_segment_file_name, segment_file_name, Segment, LOG_SUFFIX};
 
 /// Per-partition settings, from topic configs over broker defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub struct LogConfig {
     /// The log is compacted, so its offsets may have gaps (recovery then only requires
     /// them to increase).
     pub compacted: bool,
+    /// `producer.id.expiration.ms`: a producer whose last batch is this old is forgotten.
+    pub producer_id_expiration_ms: i64,
 }
 
 impl LogConfig {
@@ -81,6 +87,7 @@ impl Default for LogConfig {
             message_timestamp_before_max_ms: i64::MAX,
             message_timestamp_after_max_ms: i64::MAX,
             compacted: false,
+            producer_id_expiration_ms: PRODUCER_ID_EXPIRATION_MS_DEFAULT,
         }
     }
 }
@@ -88,6 +95,10 @@ impl Default for LogConfig {
 /// Segment positions are u32 in the index, so a segment never grows past this.
 pub const SEGMENT_BYTES_MAX: u64 = i32::MAX as u64;
 const CHECKPOINT_FILE: &str = "partition.checkpoint";
+/// Producer state snapshots: `<offset>.snapshot` (docs/storage-format.md).
+pub const SNAPSHOT_SUFFIX: &str = "snapshot";
+/// Bytes read at a time while replaying batch headers into the producer state.
+const REPLAY_WINDOW_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
@@ -96,7 +107,11 @@ pub struct AppendInfo {
     /// The broker's timestamp when the topic uses LogAppendTime, else -1.
     pub log_append_time_ms: i64,
     pub log_start_offset: i64,
+    /// Records written; 0 for a duplicate.
     pub record_count: i64,
+    /// The batch was a retry of one already in the log: nothing was written and the
+    /// offsets are the original's.
+    pub duplicate: bool,
 }
 
 /// What happened while opening a log.
@@ -112,6 +127,10 @@ pub struct OpenReport {
     pub offsets_lost: i64,
     /// `[from, to)` ranges of offsets no segment holds (a missing segment file).
     pub missing_offsets: Vec<(i64, i64)>,
+    /// Offset of the producer state snapshot loaded, if any.
+    pub producer_snapshot_offset: Option<i64>,
+    /// Batches read from the log after the snapshot to rebuild the producer state.
+    pub producer_batches_replayed: usize,
 }
 
 /// Suffix given to a segment file that recovery could not keep in the log.
@@ -152,6 +171,10 @@ pub struct PartitionLog {
     /// Reused buffer for the one write of an append.
     write_buf: Vec<u8>,
     offline: bool,
+    /// Idempotent producers' sequence state, derived from the log.
+    producers: ProducerStateManager,
+    /// Offsets of the `.snapshot` files in `dir`.
+    snapshots: BTreeSet<i64>,
 }
 
 impl PartitionLog {
@@ -161,6 +184,7 @@ impl PartitionLog {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let (mut log_start_offset, mut recovery_point) = read_checkpoint(dir)?;
         let mut bases = Vec::new();
+        let mut snapshots = BTreeSet::new();
         for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
             let path = entry.map_err(|e| StorageError::io(dir, e))?.path();
             let ext = path
@@ -171,6 +195,15 @@ impl PartitionLog {
                 let base = parse_segment_file_name(&path)
                     .ok_or_else(|| StorageError::InvalidFileName(path.clone()))?;
                 bases.push((base, path));
+            } else if ext == SNAPSHOT_SUFFIX {
+                match parse_segment_file_name(&path) {
+                    Some(offset) => {
+                        snapshots.insert(offset);
+                    }
+                    None => {
+                        tracing::warn!(file = %path.display(), "ignoring a snapshot file with a bad name")
+                    }
+                }
             } else if ext == "tmp" || ext == "cleaned" {
                 // Leftovers of an interrupted checkpoint write or compaction pass: the
                 // originals were only replaced by an atomic rename, so these are garbage.
@@ -269,7 +302,7 @@ impl PartitionLog {
         let first_base = segments.keys().next().copied().unwrap_or(0);
         log_start_offset = log_start_offset.clamp(first_base, log_end_offset);
         recovery_point = recovery_point.min(log_end_offset);
-        let log = PartitionLog {
+        let mut log = PartitionLog {
             dir: dir.to_path_buf(),
             config,
             segments,
@@ -280,8 +313,11 @@ impl PartitionLog {
             pending_syncs: Vec::new(),
             write_buf: Vec::new(),
             offline: false,
+            producers: ProducerStateManager::default(),
+            snapshots,
         };
         log.write_checkpoint()?;
+        log.load_producer_state(&mut report)?;
         Ok((log, report))
     }
 
@@ -313,6 +349,14 @@ impl PartitionLog {
     }
     pub fn is_offline(&self) -> bool {
         self.offline
+    }
+    /// The idempotent producers this partition knows (DescribeProducers).
+    pub fn producers(&self) -> &ProducerStateManager {
+        &self.producers
+    }
+    /// Offsets of the producer state snapshots on disk.
+    pub fn producer_snapshot_offsets(&self) -> impl Iterator<Item = i64> + '_ {
+        self.snapshots.iter().copied()
     }
 
     #[allow(clippy::expect_used)] // `segments` is never empty: open and roll keep one.
@@ -349,6 +393,8 @@ impl PartitionLog {
         // `(position, maxTimestamp)` of the batches whose header maximum is replaced; empty
         // (no allocation) for well-formed batches.
         let mut max_timestamp_repairs: Vec<(usize, i64)> = Vec::new();
+        let mut batch_count = 0usize;
+        let mut producer_batch: Option<ProducerBatch> = None;
         let mut iter = BatchIter::new(records);
         for item in iter.by_ref() {
             let (at, _, batch) = item?;
@@ -359,10 +405,9 @@ impl PartitionLog {
                 });
             }
             let header = validate_producer_batch(batch)?;
-            // Accepting an idempotent batch without sequence checks would promise
-            // deduplication that does not happen; refuse it instead.
-            if header.producer_id >= 0 {
-                return Err(StorageError::ProducerStateUnsupported(header.producer_id));
+            batch_count += 1;
+            if let Some(pb) = ProducerBatch::from_header(&header) {
+                producer_batch = Some(pb);
             }
             if let Some(max) = check_producer_timestamps(batch, &header, &rules, now_ms)? {
                 max_timestamp_repairs.push((at, max));
@@ -370,6 +415,33 @@ impl PartitionLog {
             record_count += i64::from(header.last_offset_delta) + 1;
         }
         assert_eq!(iter.position(), records.len());
+        // The state records the maxTimestamp that is stored (replay reads it back).
+        if let (Some(pb), Some(&(_, max))) =
+            (producer_batch.as_mut(), max_timestamp_repairs.first())
+        {
+            pb.max_timestamp = max;
+        }
+        if let Some(pb) = &producer_batch {
+            // Kafka accepts exactly one v2 batch per partition and request; with several,
+            // a retry could be part duplicate and part new.
+            if batch_count > 1 {
+                return Err(ProducerStateError::MultipleBatches(batch_count).into());
+            }
+            if let Validated::Duplicate(original) = self.producers.validate(pb)? {
+                return Ok(AppendInfo {
+                    base_offset: original.first_offset,
+                    last_offset: original.last_offset,
+                    log_append_time_ms: if self.config.log_append_time {
+                        original.max_timestamp
+                    } else {
+                        -1
+                    },
+                    log_start_offset: self.log_start_offset,
+                    record_count: 0,
+                    duplicate: true,
+                });
+            }
+        }
 
         let total = records.len() as u64;
         self.maybe_roll(total, record_count, now_ms)?;
@@ -403,6 +475,13 @@ impl PartitionLog {
         self.write_buf = buf;
         result?;
         assert_eq!(self.log_end_offset(), next, "offsets must stay dense");
+        // The state follows the log: only a batch that was written is folded in.
+        if let Some(mut pb) = producer_batch {
+            if self.config.log_append_time {
+                pb.max_timestamp = now_ms;
+            }
+            self.producers.update(&pb, base_offset);
+        }
 
         self.unflushed_messages += record_count as u64;
         self.first_unflushed_ms.get_or_insert(now_ms);
@@ -419,6 +498,7 @@ impl PartitionLog {
             },
             log_start_offset: self.log_start_offset,
             record_count,
+            duplicate: false,
         })
     }
 
@@ -484,6 +564,10 @@ impl PartitionLog {
         self.pending_syncs.push((file, next_offset));
         let seg = Segment::create(&self.dir, base)?;
         self.segments.insert(base, seg);
+        // Recovery then replays only the segments after this one (Kafka snapshots at
+        // every roll too). Not fsynced: a damaged snapshot fails its CRC and recovery
+        // reads from an older one instead.
+        self.write_producer_snapshot(base, false);
         Ok(())
     }
 
@@ -576,6 +660,9 @@ impl PartitionLog {
             self.segments.remove(&base);
             deleted += 1;
         }
+        if deleted > 0 {
+            self.delete_snapshots_below_first_segment();
+        }
         Ok(deleted)
     }
 
@@ -612,6 +699,12 @@ impl PartitionLog {
             }
         }
         deleted += self.delete_segments_below_start()?;
+        let expired = self
+            .producers
+            .remove_expired(now_ms, self.config.producer_id_expiration_ms);
+        if expired > 0 {
+            tracing::debug!(log = %self.dir.display(), expired, "expired idle producers");
+        }
         if self.config.flush_ms >= 0
             && self
                 .first_unflushed_ms
@@ -632,6 +725,7 @@ impl PartitionLog {
         let next_offset = seg.next_offset;
         seg.delete_files()?;
         self.segments.remove(&base);
+        self.delete_snapshots_below_first_segment();
         let new_start = self.segments.keys().next().copied().unwrap_or(next_offset);
         if new_start > self.log_start_offset {
             self.log_start_offset = new_start;
@@ -757,6 +851,7 @@ impl PartitionLog {
     pub fn close(&mut self) -> Result<()> {
         self.flush()?;
         self.active_mut().write_index_files()?;
+        self.snapshot_at_close(true);
         self.write_checkpoint()
     }
 
@@ -765,7 +860,19 @@ impl PartitionLog {
     /// calls [`PartitionLog::mark_closed`].
     pub fn close_unsynced(&mut self) -> Result<()> {
         self.pending_syncs.clear();
-        self.active_mut().write_index_files_synced(false)
+        self.active_mut().write_index_files_synced(false)?;
+        // Made durable by the caller's `syncfs` with the rest.
+        self.snapshot_at_close(false);
+        Ok(())
+    }
+
+    /// A snapshot at the log end, so that a clean start reads no batch to rebuild the
+    /// producer state. An idle partition has one already and writes nothing.
+    fn snapshot_at_close(&mut self, sync: bool) {
+        let leo = self.log_end_offset();
+        if !self.snapshots.contains(&leo) {
+            self.write_producer_snapshot(leo, sync);
+        }
     }
 
     /// Second half: everything is on disk, so the recovery point is the log end.
@@ -785,6 +892,104 @@ impl PartitionLog {
     /// Deletes the whole partition directory (DeleteTopics).
     pub fn delete(self) -> Result<()> {
         std::fs::remove_dir_all(&self.dir).map_err(|e| StorageError::io(&self.dir, e))
+    }
+
+    fn snapshot_path(&self, offset: i64) -> PathBuf {
+        self.dir.join(segment_file_name(offset, SNAPSHOT_SUFFIX))
+    }
+
+    /// Writes the producer state as of `offset` (which must be the log end offset) to
+    /// `<offset>.snapshot`, through a temporary file and a rename. A failure is logged
+    /// and otherwise ignored: the snapshot only shortens recovery, the log is the truth.
+    fn write_producer_snapshot(&mut self, offset: i64, sync: bool) {
+        assert_eq!(
+            offset,
+            self.log_end_offset(),
+            "a snapshot is taken at the log end"
+        );
+        let path = self.snapshot_path(offset);
+        let tmp = path.with_extension(format!("{SNAPSHOT_SUFFIX}.tmp"));
+        let bytes = self.producers.encode_snapshot(offset);
+        match write_and_rename(&tmp, &path, &bytes, sync) {
+            Ok(()) => {
+                self.snapshots.insert(offset);
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %path.display(), error = %e, "cannot write producer state snapshot");
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+
+    /// Snapshots below the oldest segment describe batches that are gone; the newest
+    /// snapshot is never among them (every roll writes one at the new segment's base).
+    fn delete_snapshots_below_first_segment(&mut self) {
+        let first_base = self.segments.keys().next().copied().unwrap_or(0);
+        let stale: Vec<i64> = self.snapshots.range(..first_base).copied().collect();
+        for offset in stale {
+            let path = self.snapshot_path(offset);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(snapshot = %path.display(), error = %e, "cannot delete producer state snapshot");
+                    continue;
+                }
+            }
+            self.snapshots.remove(&offset);
+        }
+    }
+
+    /// Rebuilds the producer state at open: the newest usable snapshot at or below the
+    /// log end, then the batch headers after it. Snapshots past the log end (the log was
+    /// truncated by recovery after they were taken), below the oldest segment, or
+    /// damaged are deleted.
+    fn load_producer_state(&mut self, report: &mut OpenReport) -> Result<()> {
+        let leo = self.log_end_offset();
+        let first_base = self.segments.keys().next().copied().unwrap_or(0);
+        let mut loaded: Option<(i64, ProducerStateManager)> = None;
+        for offset in self.snapshots.iter().rev().copied().collect::<Vec<_>>() {
+            let path = self.snapshot_path(offset);
+            let usable = if offset < first_base {
+                Err("below the oldest segment".to_string())
+            } else if loaded.is_some() {
+                continue; // An older snapshot stays as a fallback.
+            } else if offset > leo {
+                Err(format!("past the log end offset {leo}"))
+            } else {
+                read_snapshot(&path).and_then(|(at, state)| {
+                    if at == offset {
+                        Ok(state)
+                    } else {
+                        Err(format!("says offset {at}, named {offset}"))
+                    }
+                })
+            };
+            match usable {
+                Ok(state) => loaded = Some((offset, state)),
+                Err(reason) => {
+                    tracing::warn!(snapshot = %path.display(), %reason, "deleting unusable producer state snapshot");
+                    let _ = std::fs::remove_file(&path);
+                    self.snapshots.remove(&offset);
+                }
+            }
+        }
+        let from = match loaded {
+            Some((offset, state)) => {
+                self.producers = state;
+                report.producer_snapshot_offset = Some(offset);
+                offset
+            }
+            None => first_base,
+        };
+        let mut replayed = 0;
+        for seg in self.segments.values() {
+            if seg.next_offset > from {
+                replayed += replay_producer_batches(seg, from, &mut self.producers)?;
+            }
+        }
+        report.producer_batches_replayed = replayed;
+        Ok(())
     }
 
     fn write_checkpoint(&self) -> Result<()> {
@@ -813,6 +1018,71 @@ fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
         position: 0,
         reason: "bad checkpoint".into(),
     })
+}
+
+fn write_and_rename(tmp: &Path, path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    let mut f = File::create(tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    if sync {
+        f.sync_data()?;
+    }
+    std::fs::rename(tmp, path)
+}
+
+fn read_snapshot(path: &Path) -> std::result::Result<(i64, ProducerStateManager), String> {
+    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    if len > PRODUCER_SNAPSHOT_BYTES_MAX as u64 {
+        return Err(format!(
+            "{len} bytes, more than {PRODUCER_SNAPSHOT_BYTES_MAX}"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    ProducerStateManager::decode_snapshot(&bytes).map_err(|e| e.to_string())
+}
+
+/// Folds the producer batches of `seg` at or after `from_offset` into `producers`,
+/// reading only batch headers. Returns the number of producer batches folded in.
+fn replay_producer_batches(
+    seg: &Segment,
+    from_offset: i64,
+    producers: &mut ProducerStateManager,
+) -> Result<usize> {
+    let corrupt = |position: u64, reason: String| StorageError::Corruption {
+        path: seg.log_path.clone(),
+        position,
+        reason,
+    };
+    let mut window = vec![0u8; REPLAY_WINDOW_BYTES];
+    let (mut window_at, mut window_len) = (0u64, 0usize);
+    let mut pos = seg.lookup(from_offset);
+    let mut replayed = 0;
+    while pos < seg.size {
+        if seg.size - pos < HEADER_BYTES as u64 {
+            return Err(corrupt(
+                pos,
+                "partial batch header at the segment end".into(),
+            ));
+        }
+        if !(pos >= window_at && pos + HEADER_BYTES as u64 <= window_at + window_len as u64) {
+            window_len = (seg.size - pos).min(REPLAY_WINDOW_BYTES as u64) as usize;
+            let buf = window.get_mut(..window_len).unwrap_or_default();
+            seg.file
+                .read_exact_at(buf, pos)
+                .map_err(|e| StorageError::io(&seg.log_path, e))?;
+            window_at = pos;
+        }
+        let at = (pos - window_at) as usize;
+        let header = BatchHeader::parse(window.get(at..window_len).unwrap_or_default())
+            .map_err(|e| corrupt(pos, e.to_string()))?;
+        if header.base_offset >= from_offset && !header.is_control() {
+            if let Some(pb) = ProducerBatch::from_header(&header) {
+                producers.update(&pb, header.base_offset);
+                replayed += 1;
+            }
+        }
+        pos += header.total_bytes()? as u64;
+    }
+    Ok(replayed)
 }
 
 /// Where whole batches lie in one segment file: what a zero-copy fetch hands to
@@ -1317,6 +1587,196 @@ mod tests {
             let tenth = log.read_plan(1).unwrap().unwrap().read(1, true).unwrap();
             assert_eq!(offsets_in(&tenth), vec![10], "reads skip the gap");
         }
+    }
+
+    fn pbatch(producer_id: i64, epoch: i16, seq: i32, records: i32) -> Vec<u8> {
+        crate::test_support::make_producer_batch(
+            records,
+            1_000,
+            b"idem",
+            crate::test_support::Producer {
+                producer_id,
+                producer_epoch: epoch,
+                base_sequence: seq,
+            },
+        )
+    }
+
+    fn snapshot_files(dir: &Path) -> Vec<i64> {
+        let mut v: Vec<i64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                (p.extension().and_then(|x| x.to_str()) == Some(SNAPSHOT_SUFFIX))
+                    .then(|| parse_segment_file_name(&p).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn idempotent_retry_is_answered_with_the_first_offsets_and_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        log.append(&make_batch(2, 0, b"plain"), 0, 0).unwrap();
+        let first = log.append(&pbatch(5, 0, 0, 3), 0, 0).unwrap();
+        assert_eq!(
+            (first.base_offset, first.last_offset, first.duplicate),
+            (2, 4, false)
+        );
+        let size = log.size_bytes();
+        let again = log.append(&pbatch(5, 0, 0, 3), 0, 0).unwrap();
+        assert_eq!(
+            (again.base_offset, again.last_offset, again.duplicate),
+            (2, 4, true)
+        );
+        assert_eq!(again.record_count, 0);
+        assert_eq!(log.size_bytes(), size, "a duplicate writes nothing");
+        assert_eq!(log.log_end_offset(), 5);
+        assert!(matches!(
+            log.append(&pbatch(5, 0, 7, 1), 0, 0),
+            Err(StorageError::Producer(
+                ProducerStateError::OutOfOrderSequence { .. }
+            ))
+        ));
+        // Two batches in one request with a producer id: refused, nothing written.
+        let mut two = pbatch(5, 0, 3, 1);
+        two.extend_from_slice(&pbatch(5, 0, 4, 1));
+        assert!(matches!(
+            log.append(&two, 0, 0),
+            Err(StorageError::Producer(ProducerStateError::MultipleBatches(
+                2
+            )))
+        ));
+        assert_eq!(log.log_end_offset(), 5);
+        let p = log.producers().get(5).unwrap();
+        assert_eq!((p.producer_epoch, p.last_seq(), p.last_offset()), (0, 2, 4));
+    }
+
+    /// The state after a restart equals the state before it, whatever the shutdown and
+    /// whatever snapshots survived; recovery reads only the batches after the snapshot.
+    #[test]
+    fn producer_state_survives_restarts_with_and_without_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        for i in 0..60 {
+            log.append(&pbatch(i % 4, 0, (i / 4) as i32, 1), 0, 0)
+                .unwrap();
+        }
+        assert!(log.segment_count() > 1);
+        let before = log.producers().clone();
+        let snapshots = snapshot_files(dir.path());
+        assert!(!snapshots.is_empty(), "every roll writes a snapshot");
+        let active_base = *log.segments.keys().next_back().unwrap();
+        assert_eq!(snapshots.last(), Some(&active_base));
+        drop(log); // kill -9: no close
+
+        let (log, report) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+        assert_eq!(log.producers(), &before);
+        assert_eq!(report.producer_snapshot_offset, Some(active_base));
+        let in_active = (log.log_end_offset() - active_base) as usize;
+        assert_eq!(
+            report.producer_batches_replayed, in_active,
+            "only the tail is read"
+        );
+        // A retry of the last batch before the "crash" is still a duplicate.
+        let mut log = log;
+        assert!(log.append(&pbatch(3, 0, 14, 1), 0, 0).unwrap().duplicate);
+        log.close().unwrap();
+        drop(log);
+
+        let (log, report) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        assert_eq!(log.producers(), &before);
+        assert_eq!(
+            report.producer_batches_replayed, 0,
+            "clean close snapshots at the end"
+        );
+        drop(log);
+
+        // Without any snapshot the whole log is replayed, to the same state.
+        for offset in snapshot_files(dir.path()) {
+            std::fs::remove_file(dir.path().join(segment_file_name(offset, SNAPSHOT_SUFFIX)))
+                .unwrap();
+        }
+        let (log, report) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+        assert_eq!(log.producers(), &before);
+        assert_eq!(report.producer_snapshot_offset, None);
+        assert_eq!(report.producer_batches_replayed, 60);
+        drop(log);
+
+        // A damaged snapshot is dropped for an older one (or the log).
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+        log.roll().unwrap();
+        let newest = *snapshot_files(dir.path()).last().unwrap();
+        drop(log);
+        let path = dir.path().join(segment_file_name(newest, SNAPSHOT_SUFFIX));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let (log, report) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+        assert_eq!(log.producers(), &before);
+        assert_ne!(report.producer_snapshot_offset, Some(newest));
+        assert!(!path.exists(), "the damaged snapshot is deleted");
+    }
+
+    /// A snapshot past the log end (the tail it covered was lost and truncated) must not
+    /// be loaded: it would dedup retries of batches that are not in the log.
+    #[test]
+    fn snapshot_past_a_truncated_log_end_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), LogConfig::default(), true).unwrap();
+        log.append(&pbatch(1, 0, 0, 1), 0, 0).unwrap();
+        let cut_at = log.size_bytes();
+        log.append(&pbatch(1, 0, 1, 1), 0, 0).unwrap();
+        log.close().unwrap(); // snapshot at 2
+        drop(log);
+        // The machine lost the second batch.
+        let seg = dir.path().join(segment_file_name(0, LOG_SUFFIX));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(cut_at)
+            .unwrap();
+        let (mut log, report) =
+            PartitionLog::open(dir.path(), LogConfig::default(), false).unwrap();
+        assert_eq!(log.log_end_offset(), 1);
+        assert_eq!(report.producer_snapshot_offset, None);
+        assert_eq!(log.producers().get(1).unwrap().last_seq(), 0);
+        // The lost batch, retried, is appended rather than answered as a duplicate.
+        let retry = log.append(&pbatch(1, 0, 1, 1), 0, 0).unwrap();
+        assert_eq!((retry.base_offset, retry.duplicate), (1, false));
+    }
+
+    #[test]
+    fn retention_drops_old_snapshots_and_keeps_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        c.retention_bytes = 4096;
+        let (mut log, _) = PartitionLog::open(dir.path(), c.clone(), true).unwrap();
+        for i in 0..120 {
+            log.append(&pbatch(0, 0, i, 1), 0, 0).unwrap();
+        }
+        log.append(&pbatch(9, 2, 0, 1), 0, 0).unwrap();
+        log.tick(0).unwrap();
+        let first_base = *log.segments.keys().next().unwrap();
+        assert!(first_base > 0);
+        assert!(snapshot_files(dir.path()).iter().all(|o| *o >= first_base));
+        let before = log.producers().clone();
+        assert_eq!(before.len(), 2);
+        // DeleteRecords to the end: the producers' batches are gone, their state is not
+        // (KIP-360: state outlives the log; only expiration removes it).
+        let leo = log.log_end_offset();
+        log.advance_log_start_offset(leo).unwrap();
+        assert_eq!(log.producers(), &before);
+        drop(log);
+        let (mut log, _) = PartitionLog::open(dir.path(), c, false).unwrap();
+        assert_eq!(log.producers(), &before);
+        // producer.id.expiration.ms: batches stamped 1000, so a day later they expire.
+        log.tick(1_000 + PRODUCER_ID_EXPIRATION_MS_DEFAULT).unwrap();
+        assert!(log.producers().is_empty());
     }
 
     #[test]

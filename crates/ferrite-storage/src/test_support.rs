@@ -45,14 +45,51 @@ pub fn batch_around(
     max_timestamp: i64,
     records: &[u8],
 ) -> Vec<u8> {
+    batch_around_producer(
+        attributes,
+        record_count,
+        base_timestamp,
+        max_timestamp,
+        records,
+        Producer::NONE,
+    )
+}
+
+/// The producer fields of a batch header: id, epoch and the first record's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Producer {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+}
+
+impl Producer {
+    /// A plain (non-idempotent) producer: Kafka's NO_PRODUCER_ID, NO_PRODUCER_EPOCH,
+    /// NO_SEQUENCE.
+    pub const NONE: Producer = Producer {
+        producer_id: -1,
+        producer_epoch: -1,
+        base_sequence: -1,
+    };
+}
+
+/// [`batch_around`] with the producer fields of an idempotent producer.
+pub fn batch_around_producer(
+    attributes: i16,
+    record_count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+    records: &[u8],
+    producer: Producer,
+) -> Vec<u8> {
     let mut after_crc = Vec::with_capacity(HEADER_BYTES - ATTRIBUTES_AT + records.len());
     after_crc.extend_from_slice(&attributes.to_be_bytes());
     after_crc.extend_from_slice(&(record_count - 1).to_be_bytes()); // last offset delta
     after_crc.extend_from_slice(&base_timestamp.to_be_bytes());
     after_crc.extend_from_slice(&max_timestamp.to_be_bytes());
-    after_crc.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
-    after_crc.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
-    after_crc.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    after_crc.extend_from_slice(&producer.producer_id.to_be_bytes());
+    after_crc.extend_from_slice(&producer.producer_epoch.to_be_bytes());
+    after_crc.extend_from_slice(&producer.base_sequence.to_be_bytes());
     after_crc.extend_from_slice(&record_count.to_be_bytes());
     after_crc.extend_from_slice(records);
     let batch_length = (HEADER_BYTES - LOG_OVERHEAD_BYTES + records.len()) as i32;
@@ -79,5 +116,25 @@ pub fn make_batch(count: i32, base_timestamp: i64, payload: &[u8]) -> Vec<u8> {
         base_timestamp,
         base_timestamp + i64::from(count) - 1,
         &records,
+    )
+}
+
+/// An uncompressed batch of `count` records from an idempotent producer.
+pub fn make_producer_batch(
+    count: i32,
+    base_timestamp: i64,
+    payload: &[u8],
+    producer: Producer,
+) -> Vec<u8> {
+    let records: Vec<u8> = (0..count)
+        .flat_map(|i| record(i64::from(i), payload))
+        .collect();
+    batch_around_producer(
+        0,
+        count,
+        base_timestamp,
+        base_timestamp + i64::from(count) - 1,
+        &records,
+        producer,
     )
 }

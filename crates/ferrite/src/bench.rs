@@ -106,6 +106,9 @@ struct ProduceBench {
     /// Acknowledgements per request: 0, 1 or all.
     #[arg(long, default_value = "1")]
     acks: String,
+    /// Idempotent producers (`enable.idempotence=true`; librdkafka requires `--acks all`).
+    #[arg(long)]
+    idempotence: bool,
     /// Producer linger.ms: how long a batch waits to fill.
     #[arg(long, default_value_t = 5, value_name = "MS")]
     linger_ms: u64,
@@ -155,6 +158,7 @@ struct Load {
     duration: Option<u64>,
     timeout: u64,
     acks: String,
+    idempotence: bool,
     linger_ms: u64,
     batch_size: u64,
     compression: String,
@@ -178,6 +182,7 @@ impl Load {
             duration: b.duration,
             timeout: t.timeout,
             acks: b.acks.clone(),
+            idempotence: b.idempotence,
             linger_ms: b.linger_ms,
             batch_size: b.batch_size,
             compression: b.compression.clone(),
@@ -202,6 +207,7 @@ impl Load {
             duration: b.duration,
             timeout: t.timeout,
             acks: String::new(),
+            idempotence: false,
             linger_ms: 0,
             batch_size: 0,
             compression: String::new(),
@@ -457,6 +463,9 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
         bail!("--message-size must be at least {STAMP_BYTES} bytes");
     }
     let keys = Keys::parse(&load.keys)?;
+    if load.idempotence && !matches!(load.acks.as_str(), "all" | "-1") {
+        bail!("--idempotence needs --acks all (librdkafka refuses idempotence with other acks)");
+    }
     let progress = Progress::start("produce", (total != u64::MAX).then_some(total));
     let producers = u64::from(load.producers.max(1));
     let started = Instant::now();
@@ -467,7 +476,7 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
             .set("linger.ms", load.linger_ms.to_string())
             .set("batch.size", load.batch_size.to_string())
             .set("compression.type", &load.compression)
-            .set("enable.idempotence", "false")
+            .set("enable.idempotence", load.idempotence.to_string())
             .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576");
@@ -837,7 +846,7 @@ fn report(kind: &str, load: &Load, o: &Outcome) -> Result<()> {
         "seconds": o.seconds, "msgs_per_sec": o.messages as f64 / secs, "mb_per_sec": o.bytes as f64 / 1e6 / secs,
         "latency_ms": latency.map(percentiles), "latency_samples": latency.map_or(0, |h| h.len()),
         "message_size": if kind == "consume" { o.bytes.checked_div(o.messages) } else { Some(load.message_size as u64) },
-        "acks": load.acks, "rate": load.rate, "producers": load.producers,
+        "acks": load.acks, "idempotence": load.idempotence, "rate": load.rate, "producers": load.producers,
     });
     if let Some(path) = &load.plot {
         std::fs::write(path, svg(kind, latency, &o.per_second))

@@ -126,6 +126,9 @@ enum TopicCommand {
     Describe {
         /// Topic name.
         name: String,
+        /// Also list each partition's idempotent producers (DescribeProducers).
+        #[arg(long)]
+        producers: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -253,7 +256,11 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
             }
         }
-        TopicCommand::Describe { name, common } => {
+        TopicCommand::Describe {
+            name,
+            producers,
+            common,
+        } => {
             let consumer: BaseConsumer = client_config(&common)?.create()?;
             let md = consumer.fetch_metadata(Some(&name), TIMEOUT)?;
             let t = md
@@ -275,6 +282,25 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                     "log_start_offset": low, "log_end_offset": high,
                 }));
             }
+            let mut producer_states = Vec::new();
+            if producers {
+                // Each partition's state lives on its leader.
+                let mut by_leader: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+                for p in t.partitions() {
+                    by_leader.entry(p.leader()).or_default().push(p.id());
+                }
+                for (leader, ids) in by_leader {
+                    let b = md
+                        .brokers()
+                        .iter()
+                        .find(|b| b.id() == leader)
+                        .ok_or_else(|| {
+                            anyhow!("leader {leader} of {name} is not in the metadata")
+                        })?;
+                    let addr = format!("{}:{}", b.host(), b.port());
+                    producer_states.extend(crate::producers::describe(&addr, &name, ids)?);
+                }
+            }
             let configs = admin(&common)?
                 .describe_configs([&ResourceSpecifier::Topic(&name)], &admin_options())
                 .await?;
@@ -288,7 +314,8 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
             if common.json {
                 println!(
                     "{}",
-                    json!({"topic": name, "partitions": partitions, "configs": config_map})
+                    json!({"topic": name, "partitions": partitions, "configs": config_map,
+                           "producers": producer_states})
                 );
             } else {
                 println!("topic {name}");
@@ -300,6 +327,20 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
                 for (k, v) in &config_map {
                     println!("  {k}={}", v.as_str().unwrap_or("null"));
+                }
+                for p in &producer_states {
+                    for s in p["producers"].as_array().into_iter().flatten() {
+                        println!(
+                            "  partition {} producer_id {} producer_epoch {} last_sequence {} last_timestamp {}",
+                            p["partition"], s["producer_id"], s["producer_epoch"], s["last_sequence"], s["last_timestamp"]
+                        );
+                    }
+                    if p["error_code"] != 0 {
+                        println!(
+                            "  partition {} producers: error {} {}",
+                            p["partition"], p["error_code"], p["error_message"]
+                        );
+                    }
                 }
             }
         }

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod group;
+mod producers;
 mod wire;
 
 use std::path::PathBuf;

@@ -128,6 +128,10 @@ pub fn describe(
                             c.log_defaults.max_message_bytes.to_string(),
                         ),
                         ("fetch.zero.copy.enable", c.fetch_zero_copy.to_string()),
+                        (
+                            "producer.id.expiration.ms",
+                            c.log_defaults.producer_id_expiration_ms.to_string(),
+                        ),
                     ];
                     let configs = pairs
                         .into_iter()

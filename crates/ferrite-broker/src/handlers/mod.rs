@@ -10,6 +10,7 @@ pub mod list_offsets;
 pub mod log_dirs;
 pub mod metadata;
 pub mod produce;
+pub mod producers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,6 +114,12 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         }
         RequestKind::OffsetDelete(r) => {
             ResponseKind::OffsetDelete(groups::offset_delete(broker, r))
+        }
+        RequestKind::InitProducerId(r) => {
+            ResponseKind::InitProducerId(producers::init_producer_id(broker, r).await)
+        }
+        RequestKind::DescribeProducers(r) => {
+            ResponseKind::DescribeProducers(producers::describe_producers(broker, r))
         }
         other => {
             // decode_request only lets SUPPORTED_APIS through, so this is a programming
