@@ -28,3 +28,7 @@ cargo check --locked --manifest-path fuzz/Cargo.toml
 echo "== python + kcat suites"
 export FERRITE_BIN="$PWD/target/debug/ferrite"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
+
+echo "== idempotence suite with kafka-python 3 (its default producer is idempotent)"
+"${VENV_KAFKA_PYTHON3:-$PWD/.venv-kafka-python3}/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/python/test_idempotence.py
