@@ -143,3 +143,73 @@ def read_batches(path):
         out.append((base_offset, base_offset + last_delta, attributes, count))
         pos += 12 + batch_len
     return out
+
+
+# --- raw wire --------------------------------------------------------------------------------
+def raw_produce(addr, topic, partition, values, producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                timeout_s=10):
+    """Sends one record batch (magic 2, uncompressed) in a Produce v3 request with acks=-1 on
+    its own connection, as a client with any producer id, epoch and sequence would (how the
+    tests desynchronise a real producer). Returns (error_code, base_offset)."""
+    import socket
+
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
+                                  producer_id=producer_id, producer_epoch=producer_epoch,
+                                  base_sequence=base_sequence, batch_size=1 << 20)
+    for i, v in enumerate(values):
+        b.append(i, timestamp=None, key=None, value=v, headers=[])
+    records = bytes(b.build())
+
+    def string(s):
+        raw = s.encode()
+        return struct.pack(">h", len(raw)) + raw
+
+    # Produce v3: transactional_id (null), acks, timeout_ms, [topic [partition, records]].
+    body = (struct.pack(">h", -1) + struct.pack(">hi", -1, int(timeout_s * 1000))
+            + struct.pack(">i", 1) + string(topic) + struct.pack(">i", 1)
+            + struct.pack(">ii", partition, len(records)) + records)
+    correlation_id = 7
+    header = struct.pack(">hhi", 0, 3, correlation_id) + string("raw-wire")
+    request = header + body
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
+        s.sendall(struct.pack(">i", len(request)) + request)
+
+        def read_exact(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = s.recv(n - len(buf))
+                assert chunk, "connection closed before the Produce response"
+                buf += chunk
+            return buf
+
+        (size,) = struct.unpack(">i", read_exact(4))
+        resp = read_exact(size)
+    # correlation_id, [topic name, [partition, error_code, base_offset, log_append_time]], throttle.
+    (got_correlation,) = struct.unpack_from(">i", resp, 0)
+    assert got_correlation == correlation_id
+    pos = 4 + 4  # topic count
+    (name_len,) = struct.unpack_from(">h", resp, pos)
+    pos += 2 + name_len + 4  # partition count
+    _index, error_code, base_offset = struct.unpack_from(">ihq", resp, pos)
+    return error_code, base_offset
+
+
+def describe_producers(b, topic, partition=0):
+    """The partition's active producers from `ferrite topic describe --producers --json`
+    (DescribeProducers): {producer_id: (producer_epoch, last_sequence)}."""
+    import json
+    import subprocess
+
+    from conftest import FERRITE_BIN
+
+    out = subprocess.run([FERRITE_BIN, "topic", "describe", "-b", b.addr, topic, "--producers", "--json"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    described = json.loads(out.stdout)
+    for p in described["producers"]:
+        if p["partition"] == partition:
+            assert p["error_code"] == 0, p
+            return {e["producer_id"]: (e["producer_epoch"], e["last_sequence"]) for e in p["producers"]}
+    raise AssertionError(f"no partition {partition} in {described['producers']}")
