@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suites need on a fresh Debian machine; a no-op when present.
 # System packages come from apt (as root, or through sudo): kcat, a C toolchain for the
-# bundled librdkafka (gcc, make), and python3-venv. The Python clients go into a virtual
+# bundled librdkafka (gcc, make), python3-venv, and nftables + iproute2 for the fault
+# harness (tests/fault). The Python clients go into a virtual
 # environment, ./.venv (VENV to move it), never into the system Python, which Debian
 # marks externally managed.
 set -euo pipefail
@@ -13,6 +14,9 @@ command -v kcat >/dev/null 2>&1 || missing+=(kcat)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# The fault harness (tests/fault): network namespaces, nftables rules, tc shaping.
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+{ command -v ip && command -v tc; } >/dev/null 2>&1 || missing+=(iproute2)
 if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=(python3-venv)
 fi

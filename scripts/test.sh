@@ -32,3 +32,15 @@ export FERRITE_BIN="$PWD/target/debug/ferrite"
 echo "== idempotence suite with kafka-python 3 (its default producer is idempotent)"
 "${VENV_KAFKA_PYTHON3:-$PWD/.venv-kafka-python3}/bin/python" -m pytest -q -p no:cacheprovider \
   tests/python/test_idempotence.py
+
+# The fault harness (tests/fault, RELIABILITY.md): unit checks of its rules and schedule,
+# then the short run: real `ferrite server` processes in a network namespace of its own,
+# faults from a fixed seed for about 1.5 minutes, the history checked by ferrite-check. It
+# fails on a lost write, inconsistent offsets, a non-monotonic poll, an unseen write, a
+# duplicate with the idempotent producer, or a cluster that does not come back. Needs root.
+echo "== fault harness: unit checks and the short run"
+cargo build --locked -p ferrite -p ferrite-check
+as_root=()
+[ "$(id -u)" -eq 0 ] || as_root=(sudo -E)
+"${as_root[@]}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/fault/test_nemesis.py
+"${as_root[@]}" timeout 600 "$venv/bin/python" tests/fault/run.py --short --python "$venv/bin/python"

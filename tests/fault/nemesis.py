@@ -1,0 +1,155 @@
+"""Faults ("nemeses", as Jepsen calls them): a schedule drawn from a seed, and the rules.
+
+A schedule is a list of `Fault(kind, targets, hold_s, gap_s)` drawn from
+`random.Random(seed)` alone, so the same seed and the same options give the same faults
+in the same order with the same holds (the cluster's reaction is not deterministic: real
+processes, real time). Network faults are nftables rules in the harness's namespace;
+`partition_rules` and friends are pure functions so they can be unit-checked.
+"""
+import dataclasses
+import random
+
+# Process faults work with one node; network faults need peers to cut apart.
+PROCESS_KINDS = ("kill", "pause", "disk-full", "rolling-restart", "slow-node")
+NETWORK_KINDS = ("isolate-one", "isolate-leader", "minority-majority", "ring", "one-way", "loss")
+ALL_KINDS = PROCESS_KINDS + NETWORK_KINDS
+# Loss percentages drawn for the `loss` fault (nft numgen random).
+LOSS_PERCENT_CHOICES = (10, 30, 50)
+
+
+@dataclasses.dataclass
+class Fault:
+    kind: str
+    # Node indexes the fault acts on (for partitions: the first component's members).
+    targets: list
+    hold_s: float
+    gap_s: float
+    # Extra parameters (loss percent, the ring's pairs...), JSON-serializable.
+    params: dict = dataclasses.field(default_factory=dict)
+
+    def describe(self, addrs):
+        names = ",".join(str(t + 1) for t in self.targets)
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k not in ("pairs", "leader", "to"))
+        if "to" in self.params:
+            extra += f" -> node {self.params['to'] + 1}"
+        who = "leader node" if self.params.get("leader") else "node"
+        return f"{self.kind} {who} {names}{extra} ({self.hold_s:.1f}s)"
+
+
+def applicable_kinds(nodes):
+    """The fault kinds that mean something for `nodes` nodes."""
+    kinds = list(PROCESS_KINDS)
+    if nodes >= 2:
+        kinds += ["isolate-one", "isolate-leader", "one-way", "loss"]
+    if nodes >= 3:
+        kinds += ["minority-majority"]
+    if nodes >= 5:
+        # With 3 or 4 nodes a ring of overlapping majorities is no partition at all (3) or
+        # just two cuts (4); it needs 5.
+        kinds += ["ring"]
+    return kinds
+
+
+def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0)):
+    """`faults` faults for a cluster of `nodes`, drawn from `seed` only."""
+    rng = random.Random(seed)
+    allowed = [k for k in applicable_kinds(nodes) if kinds is None or k in kinds]
+    if not allowed:
+        raise ValueError(f"no fault kind among {kinds} applies to {nodes} node(s)")
+    out = []
+    for _ in range(faults):
+        kind = rng.choice(allowed)
+        hold = round(rng.uniform(*hold_s), 2)
+        gap = round(rng.uniform(*gap_s), 2)
+        params = {}
+        everyone = list(range(nodes))
+        if kind in ("kill", "pause", "disk-full", "slow-node", "isolate-one", "isolate-leader", "loss"):
+            targets = [rng.choice(everyone)]
+            if kind == "loss":
+                params["percent"] = rng.choice(LOSS_PERCENT_CHOICES)
+            if kind == "kill":
+                # kill -9 of the partition leader, when the harness can find it; else the drawn node.
+                params["leader"] = rng.random() < 0.5
+        elif kind == "rolling-restart":
+            targets = everyone[:]
+            rng.shuffle(targets)
+        elif kind == "minority-majority":
+            size = rng.randint(1, (nodes - 1) // 2)
+            targets = sorted(rng.sample(everyone, size))
+        elif kind == "one-way":
+            a, b = rng.sample(everyone, 2)
+            targets = [a]
+            params["to"] = b
+        elif kind == "ring":
+            order = everyone[:]
+            rng.shuffle(order)
+            targets = order
+            params["pairs"] = ring_cut_pairs(order)
+        else:
+            raise AssertionError(kind)
+        out.append(Fault(kind, targets, hold, gap, params))
+    return out
+
+
+def ring_cut_pairs(order):
+    """Node pairs to cut so each node reaches only its two ring neighbours: every node sees a
+    majority of 3 out of 5 (itself and two neighbours), and no two majorities are the same."""
+    n = len(order)
+    keep = set()
+    for i, a in enumerate(order):
+        for b in (order[(i + 1) % n], order[(i - 1) % n]):
+            keep.add(frozenset((a, b)))
+    return sorted([a, b] for a in range(n) for b in range(a + 1, n) if frozenset((a, b)) not in keep)
+
+
+# -- nftables rule bodies (added to the harness's output chain) ----------------------------
+def _set(addrs):
+    return "{ " + ", ".join(addrs) + " }"
+
+
+def cut_rules(side_a, side_b):
+    """Drops every packet between the two address groups, both directions."""
+    return [f"ip saddr {_set(side_a)} ip daddr {_set(side_b)} drop",
+            f"ip saddr {_set(side_b)} ip daddr {_set(side_a)} drop"]
+
+
+def partition_rules(components):
+    """Rules that cut each component (a list of addresses) from every other."""
+    rules = []
+    for i, a in enumerate(components):
+        for b in components[i + 1:]:
+            rules += cut_rules(a, b)
+    return rules
+
+
+def one_way_rules(src, dst):
+    """Drops packets from src to dst only: dst still reaches src, but hears no answer on the
+    connections it opens, and src's own connections to dst carry nothing."""
+    return [f"ip saddr {src} ip daddr {dst} drop"]
+
+
+def loss_rules(node, others, percent):
+    """Drops `percent`% of packets between `node` and the others, chosen by numgen random."""
+    assert 0 < percent < 100
+    return [f"ip saddr {node} ip daddr {_set(others)} numgen random mod 100 < {percent} drop",
+            f"ip saddr {_set(others)} ip daddr {node} numgen random mod 100 < {percent} drop"]
+
+
+def network_rules(fault, addrs):
+    """The nftables rules of a network fault (for isolate-leader, `fault.targets` must
+    already hold the leader)."""
+    everyone = list(range(len(addrs)))
+    a = [addrs[t] for t in fault.targets]
+    rest = [addrs[i] for i in everyone if i not in fault.targets]
+    if fault.kind in ("isolate-one", "isolate-leader", "minority-majority"):
+        return partition_rules([a, rest])
+    if fault.kind == "one-way":
+        return one_way_rules(a[0], addrs[fault.params["to"]])
+    if fault.kind == "loss":
+        return loss_rules(a[0], rest, fault.params["percent"])
+    if fault.kind == "ring":
+        rules = []
+        for x, y in fault.params["pairs"]:
+            rules += cut_rules([addrs[x]], [addrs[y]])
+        return rules
+    raise ValueError(f"{fault.kind} is not a network fault")
