@@ -29,10 +29,6 @@ echo "== python + kcat suites"
 export FERRITE_BIN="$PWD/target/debug/ferrite"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
 
-echo "== idempotence suite with kafka-python 3 (its default producer is idempotent)"
-"${VENV_KAFKA_PYTHON3:-$PWD/.venv-kafka-python3}/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/python/test_idempotence.py
-
 # The fault harness (tests/fault, RELIABILITY.md): unit checks of its rules and schedule,
 # then the short run: real `ferrite server` processes in a network namespace of its own,
 # faults from a fixed seed for about 1.5 minutes, the history checked by ferrite-check. It

@@ -213,3 +213,82 @@ def describe_producers(b, topic, partition=0):
             assert p["error_code"] == 0, p
             return {e["producer_id"]: (e["producer_epoch"], e["last_sequence"]) for e in p["producers"]}
     raise AssertionError(f"no partition {partition} in {described['producers']}")
+
+
+# --- kafka-python 2.x and 3.x ----------------------------------------------------------------
+def kafka_python_major():
+    import kafka
+    return int(kafka.__version__.split(".")[0])
+
+
+def kp_describe_configs(admin, resource_type, name):
+    """{key: (value, read_only)} of one resource through kafka-python's describe_configs.
+
+    2.x returns the DescribeConfigs response objects; 3.x a dict
+    {resource type: {name: {key: {...}}}} holding by default only the modified keys
+    (config_filter='modified', as `kafka-configs.sh --describe`), so all are asked for."""
+    from kafka.admin import ConfigResource
+    if kafka_python_major() >= 3:
+        res = admin.describe_configs([ConfigResource(resource_type, name)], config_filter="all")
+        [by_name] = res.values()
+        return {k: (v["value"], v["read_only"]) for k, v in by_name[str(name)].items()}
+    res = admin.describe_configs([ConfigResource(resource_type, name)])
+    return {c[0]: (c[1], c[2]) for c in res[0].resources[0][4]}
+
+
+def raw_request(addr, api_key, api_version, body, timeout_s=10):
+    """One request (header v1: non-flexible versions only) on its own connection; returns the
+    response body after the correlation id."""
+    import socket
+
+    correlation_id = 11
+    client_id = b"raw-wire"
+    request = struct.pack(">hhih", api_key, api_version, correlation_id, len(client_id)) + client_id + body
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
+        s.sendall(struct.pack(">i", len(request)) + request)
+        buf = b""
+        while len(buf) < 4 or len(buf) < 4 + struct.unpack_from(">i", buf)[0]:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed before the response"
+            buf += chunk
+    (got,) = struct.unpack_from(">i", buf, 4)
+    assert got == correlation_id
+    return buf[8:]
+
+
+def raw_metadata_v4(addr, topic, allow_auto_topic_creation):
+    """Metadata v4 for one topic: (error_code, partition count) of that topic."""
+    name = topic.encode()
+    body = struct.pack(">ih", 1, len(name)) + name + struct.pack(">?", allow_auto_topic_creation)
+    r = raw_request(addr, 3, 4, body)
+    pos = 4  # throttle_time_ms
+    (brokers,) = struct.unpack_from(">i", r, pos)
+    pos += 4
+
+    def skip_string(pos, nullable=False):
+        (n,) = struct.unpack_from(">h", r, pos)
+        return pos + 2 + max(n, 0)
+
+    for _ in range(brokers):
+        pos = skip_string(pos + 4) + 4  # node_id, host, port
+        pos = skip_string(pos)  # rack
+    pos = skip_string(pos) + 4  # cluster_id, controller_id
+    (topics,) = struct.unpack_from(">i", r, pos)
+    pos += 4
+    found = None
+    for _ in range(topics):
+        (error_code, n) = struct.unpack_from(">hh", r, pos)
+        got_name = r[pos + 4:pos + 4 + n].decode()
+        pos += 4 + n + 1  # name, is_internal
+        (partitions,) = struct.unpack_from(">i", r, pos)
+        pos += 4
+        for _ in range(partitions):
+            pos += 2 + 4 + 4  # error_code, partition_index, leader_id
+            for _ in range(2):  # replica_nodes, isr_nodes
+                (k,) = struct.unpack_from(">i", r, pos)
+                pos += 4 + 4 * max(k, 0)
+        if got_name == topic:
+            found = (error_code, partitions)
+    assert found is not None, f"{topic} not in the response"
+    return found

@@ -15,6 +15,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError as KafkaPythonError
 
 from conftest import wait_until
+from support import kafka_python_major
 
 PARTITIONS = 4
 
@@ -46,6 +47,39 @@ class _Tracker(ConsumerRebalanceListener):
             self.assignments.append({tp.partition for tp in assigned})
 
 
+try:  # kafka-python 3
+    from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+except ImportError:  # kafka-python 2.x
+    AsyncConsumerRebalanceListener = None
+
+if AsyncConsumerRebalanceListener is not None:
+    class _AsyncTracker(_Tracker, AsyncConsumerRebalanceListener):
+        """kafka-python 3 runs rebalance listeners on its network loop and refuses a blocking
+        commit() there ("Cannot block on net.run() from the IO thread"); its answer is an
+        async listener that awaits the commit. KafkaConsumer has no public async commit, so
+        this awaits what commit() runs (coordinator._commit_offsets_sync_async with the
+        consumed offsets)."""
+
+        async def on_partitions_revoked(self, revoked):
+            if not revoked:
+                return
+            c = self.consumer
+            try:
+                await c._coordinator._commit_offsets_sync_async(c._subscription.all_consumed_offsets())
+                with self.lock:
+                    self.revoke_commits += 1
+            except KafkaPythonError as e:
+                with self.lock:
+                    self.commit_errors.append(repr(e))
+
+        async def on_partitions_assigned(self, assigned):
+            _Tracker.on_partitions_assigned(self, assigned)
+
+
+def _tracker():
+    return _AsyncTracker() if AsyncConsumerRebalanceListener is not None else _Tracker()
+
+
 def _kp_consumer(broker, topic, tracker):
     c = KafkaConsumer(bootstrap_servers=broker.addr, group_id="g-revoke", enable_auto_commit=False,
                       auto_offset_reset="earliest", session_timeout_ms=10_000, heartbeat_interval_ms=300,
@@ -65,7 +99,7 @@ def test_kafka_python_commit_in_revocation_callback_survives(broker):
     producer.flush(30)
 
     # A alone consumes everything but commits nothing yet.
-    ta = _Tracker()
+    ta = _tracker()
     a = _kp_consumer(broker, topic, ta)
     before = []
 
@@ -89,7 +123,7 @@ def test_kafka_python_commit_in_revocation_callback_survives(broker):
 
     ta_thread = threading.Thread(target=run, args=("a", a), daemon=True)
     ta_thread.start()
-    tb = _Tracker()
+    tb = _tracker()
     b = _kp_consumer(broker, topic, tb)
     tb_thread = threading.Thread(target=run, args=("b", b), daemon=True)
     tb_thread.start()
@@ -211,11 +245,14 @@ def test_librdkafka_static_member_replaced_is_fenced(broker):
     for _ in range(40):
         second.poll(0.05)
     assert len(second.assignment()) == PARTITIONS
-    described = admin.describe_consumer_groups(["g-static"])[0]
-    assert len(described.members) == 1
     # The one member left is the second process (kafka-python 2.3's MemberInformation
     # carries no instance id, so the member id tells them apart).
-    assert described.members[0].member_id == second.memberid()
+    if kafka_python_major() >= 3:  # 3.x: describe_groups, a dict of dicts
+        members = admin.describe_groups(["g-static"])["g-static"]["members"]
+        assert [m["member_id"] for m in members] == [second.memberid()], members
+    else:
+        described = admin.describe_consumer_groups(["g-static"])[0]
+        assert [m.member_id for m in described.members] == [second.memberid()]
     second.close()
     try:
         first.close()
@@ -232,14 +269,20 @@ def test_kafka_python_describe_log_dirs(broker):
         producer.send("logdirs", value=b"v" * 100, partition=0)
     producer.flush(30)
     resp = admin.describe_log_dirs()
-    results = resp.log_dirs if hasattr(resp, "log_dirs") else resp.to_object()["log_dirs"]
-    assert len(results) == 1
-    entry = results[0]
-    # (error_code, log_dir, topics), as kafka-python's v0 response tuples.
-    error_code, log_dir, topics = entry[0], entry[1], entry[2]
+    if kafka_python_major() >= 3:  # 3.x: [{broker, log_dirs: [{error_code, log_dir, topics}]}]
+        [per_broker] = resp
+        [entry] = per_broker["log_dirs"]
+        error_code, log_dir = entry["error_code"], entry["log_dir"]
+        sizes = {(t["name"], p["partition_index"]): (p["partition_size"], p["offset_lag"])
+                 for t in entry["topics"] for p in t["partitions"]}
+    else:  # 2.x: the v0 response, (error_code, log_dir, topics) tuples
+        results = resp.log_dirs if hasattr(resp, "log_dirs") else resp.to_object()["log_dirs"]
+        assert len(results) == 1
+        entry = results[0]
+        error_code, log_dir, topics = entry[0], entry[1], entry[2]
+        sizes = {(t[0], p[0]): (p[1], p[2]) for t in topics for p in t[1]}
     assert error_code == 0
     assert log_dir.startswith("/")
-    sizes = {(t[0], p[0]): (p[1], p[2]) for t in topics for p in t[1]}
     size0, lag0 = sizes[("logdirs", 0)]
     size1, lag1 = sizes[("logdirs", 1)]
     assert size0 > 100 * 100, "partition 0 holds the 100 records"
