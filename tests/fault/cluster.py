@@ -92,13 +92,15 @@ class Node:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                          env=env, text=True, start_new_session=True)
         self.paused = False
-        self._lines = queue.Queue()
+        # Each start has its own queue: the previous process's reader may still be
+        # draining its pipe and must not tell this start that "the process exited".
+        lines = self._lines = queue.Queue()
         proc = self.proc
 
         def pump():
             for line in proc.stdout:
-                self._lines.put(line)
-            self._lines.put(None)
+                lines.put(line)
+            lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
         if wait:
@@ -116,7 +118,10 @@ class Node:
             except queue.Empty:
                 continue
             if line is None:
-                code = self.proc.wait(STOP_TIMEOUT_S)
+                try:
+                    code = self.proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    code = "unknown (stdout closed, process still running)"
                 raise RuntimeError(f"node {self.node_id} exited with {code} before it was ready\n{self.log_tail()}")
             if re.search(r"listening on (\S+)", line):
                 return
@@ -193,6 +198,19 @@ class Node:
             os.unlink(self.filler)
         except FileNotFoundError:
             pass
+
+    def cut_segment_tail(self, topic, partition, bytes_cut=4096):
+        """The planted bug: cuts the tail off the partition's newest segment (node stopped)."""
+        assert not self.alive()
+        d = os.path.join(self.data_dir, f"{topic}-{partition}")
+        logs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
+        if not logs:
+            return f"no segment in {d}"
+        path = os.path.join(d, logs[-1])
+        size = os.path.getsize(path)
+        new_size = max(0, size - bytes_cut) if size > 2 * bytes_cut else size // 2
+        os.truncate(path, new_size)
+        return f"{path} cut from {size} to {new_size} bytes"
 
     def log_tail(self, lines=30):
         try:

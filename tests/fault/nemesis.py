@@ -13,6 +13,10 @@ import random
 PROCESS_KINDS = ("kill", "pause", "disk-full", "rolling-restart", "slow-node")
 NETWORK_KINDS = ("isolate-one", "isolate-leader", "minority-majority", "ring", "one-way", "loss")
 ALL_KINDS = PROCESS_KINDS + NETWORK_KINDS
+# Not a fault but a planted bug, only when asked for by name: kill -9, then cut 4 KiB off
+# the tail of partition 0's newest segment before the restart, losing acknowledged
+# records. It proves the harness and checker catch a loss (test_nemesis.py).
+PLANTED_KINDS = ("lose-tail",)
 # Loss percentages drawn for the `loss` fault (nft numgen random).
 LOSS_PERCENT_CHOICES = (10, 30, 50)
 
@@ -54,6 +58,7 @@ def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0
     """`faults` faults for a cluster of `nodes`, drawn from `seed` only."""
     rng = random.Random(seed)
     allowed = [k for k in applicable_kinds(nodes) if kinds is None or k in kinds]
+    allowed += [k for k in PLANTED_KINDS if kinds is not None and k in kinds]
     if not allowed:
         raise ValueError(f"no fault kind among {kinds} applies to {nodes} node(s)")
     out = []
@@ -63,7 +68,7 @@ def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0
         gap = round(rng.uniform(*gap_s), 2)
         params = {}
         everyone = list(range(nodes))
-        if kind in ("kill", "pause", "disk-full", "slow-node", "isolate-one", "isolate-leader", "loss"):
+        if kind in ("kill", "pause", "disk-full", "slow-node", "isolate-one", "isolate-leader", "loss", "lose-tail"):
             targets = [rng.choice(everyone)]
             if kind == "loss":
                 params["percent"] = rng.choice(LOSS_PERCENT_CHOICES)
@@ -103,14 +108,16 @@ def ring_cut_pairs(order):
 
 
 # -- nftables rule bodies (added to the harness's output chain) ----------------------------
+# Every drop rule counts what it drops: a partition that dropped nothing between brokers
+# means their connections did not leave from their own addresses, and the run says so.
 def _set(addrs):
     return "{ " + ", ".join(addrs) + " }"
 
 
 def cut_rules(side_a, side_b):
     """Drops every packet between the two address groups, both directions."""
-    return [f"ip saddr {_set(side_a)} ip daddr {_set(side_b)} drop",
-            f"ip saddr {_set(side_b)} ip daddr {_set(side_a)} drop"]
+    return [f"ip saddr {_set(side_a)} ip daddr {_set(side_b)} counter drop",
+            f"ip saddr {_set(side_b)} ip daddr {_set(side_a)} counter drop"]
 
 
 def partition_rules(components):
@@ -125,14 +132,14 @@ def partition_rules(components):
 def one_way_rules(src, dst):
     """Drops packets from src to dst only: dst still reaches src, but hears no answer on the
     connections it opens, and src's own connections to dst carry nothing."""
-    return [f"ip saddr {src} ip daddr {dst} drop"]
+    return [f"ip saddr {src} ip daddr {dst} counter drop"]
 
 
 def loss_rules(node, others, percent):
     """Drops `percent`% of packets between `node` and the others, chosen by numgen random."""
     assert 0 < percent < 100
-    return [f"ip saddr {node} ip daddr {_set(others)} numgen random mod 100 < {percent} drop",
-            f"ip saddr {_set(others)} ip daddr {node} numgen random mod 100 < {percent} drop"]
+    return [f"ip saddr {node} ip daddr {_set(others)} numgen random mod 100 < {percent} counter drop",
+            f"ip saddr {_set(others)} ip daddr {node} numgen random mod 100 < {percent} counter drop"]
 
 
 def network_rules(fault, addrs):

@@ -6,6 +6,7 @@ Deleting the namespace drops its nftables tables and qdiscs with it, but `close(
 removes them explicitly first so a leak shows up as an error, not as silence.
 """
 import os
+import re
 import secrets
 import subprocess
 
@@ -117,6 +118,10 @@ class Namespace:
         """Adds rules (nft rule bodies) to the fault chain atomically."""
         if rules:
             self.nft("".join(f"add rule ip {NFT_TABLE} output {r}\n" for r in rules))
+
+    def dropped_packets(self):
+        """Packets dropped so far by the fault chain's rules (their counters)."""
+        return sum(int(m) for m in re.findall(r"counter packets (\d+)", "\n".join(self.nft_rules())))
 
     def flush_rules(self):
         self.nft(f"flush chain ip {NFT_TABLE} output\n")

@@ -89,9 +89,19 @@ def write_report(path, history_path, check, summary):
         series.append((f"{kind}/s", color, [(s * BUCKET_MS, buckets.get(s, {}).get(kind, 0)) for s in seconds]))
     y_max = max([v for _, _, pts in series for _, v in pts] + [1])
     throughput = _svg("sends per second (fault windows shaded)", end_ms, faults, series, y_max, "ops/s")
-    lat_max = max([lat for _, lat in latencies] + [1])
-    latency = _svg("latency of acknowledged sends, ms (fault windows shaded)", end_ms, faults, [], lat_max, "ms",
-                   points=[("#1565c0", latencies)])
+    # Per second: the median and the maximum latency of the sends acknowledged in it (one
+    # point per send would make a long run's page hundreds of MB).
+    per_second = {}
+    for t, lat in latencies:
+        per_second.setdefault(t // BUCKET_MS, []).append(lat)
+    p50, pmax = [], []
+    for sec in sorted(per_second):
+        lats = sorted(per_second[sec])
+        p50.append((sec * BUCKET_MS, lats[len(lats) // 2]))
+        pmax.append((sec * BUCKET_MS, lats[-1]))
+    lat_max = max([v for _, v in pmax] + [1])
+    latency = _svg("latency of acknowledged sends per second, ms (fault windows shaded)", end_ms, faults,
+                   [("median", "#1565c0", p50), ("max", "#6a1b9a", pmax)], lat_max, "ms")
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(check["counts"].items()))
     fault_rows = "".join(f"<tr><td>{s / 1000:.1f}</td><td>{(e - s) / 1000:.1f}</td><td>{html.escape(lab)}</td></tr>"
                          for s, e, lab in faults)

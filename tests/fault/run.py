@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +55,7 @@ class Harness:
         self.workload_lines = []
         self.unexpected_exits = []
         self.fault_counts = Counter()
+        self.network_drops = []  # packets each network fault dropped (nft counters)
 
     # -- history of the harness ("fault" lines) --------------------------------------------
     def event(self, text):
@@ -188,6 +190,10 @@ class Harness:
         if kind == "kill":
             node.kill()
             expected_down = (node.index,)
+        elif kind == "lose-tail":
+            node.kill()
+            expected_down = (node.index,)
+            self.event(f"planted bug: {node.cut_segment_tail('fault', 0)}")
         elif kind == "pause":
             node.pause()
         elif kind == "disk-full":
@@ -199,7 +205,7 @@ class Harness:
         else:
             self.ns.add_rules(nemesis.network_rules(fault, self.ns.addrs))
         self.sleep_watching(fault.hold_s, expected_down)
-        if kind == "kill":
+        if kind in ("kill", "lose-tail"):
             node.restart_when_port_free()
         elif kind == "pause":
             node.resume()
@@ -211,7 +217,12 @@ class Harness:
         elif kind == "slow-node":
             self.ns.unshape()
         else:
+            dropped = self.ns.dropped_packets()
             self.ns.flush_rules()
+            self.network_drops.append({"fault": desc, "dropped_packets": dropped})
+            if dropped == 0:
+                self.event(f"{kind} dropped no packet: do the brokers bind their outgoing connections "
+                           "to their own addresses?")
         self.event(f"heal {desc}")
 
     def sleep_watching(self, seconds, expected_down=()):
@@ -300,7 +311,8 @@ class Harness:
             "longest_unavailable_partition": longest["partition"] if longest else None,
             "duration_s": round(time.monotonic() - self.t0, 1),
             "sends_ok_per_s": round(check["sends"]["ok"] / max(1.0, time.monotonic() - self.t0), 1),
-            "unexpected_exits": self.unexpected_exits, "workload": workload_summary,
+            "unexpected_exits": self.unexpected_exits, "network_drops": self.network_drops,
+            "workload": workload_summary,
         }
         with open(os.path.join(a.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -319,7 +331,8 @@ def parse_args(argv):
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--faults", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None, help="default: drawn and printed")
-    ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(nemesis.ALL_KINDS)}")
+    ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(nemesis.ALL_KINDS)} "
+                                                  f"(or the planted bug {','.join(nemesis.PLANTED_KINDS)})")
     ap.add_argument("--hold-min", type=float, default=2.0)
     ap.add_argument("--hold-max", type=float, default=6.0)
     ap.add_argument("--gap-min", type=float, default=2.0)
@@ -373,6 +386,7 @@ def main(argv):
         plan, workload_summary = h.run()
     except (Exception, KeyboardInterrupt, SystemExit) as e:
         h.cleanup()
+        traceback.print_exc()
         print(f"fault run (seed {a.seed}) failed: {e!r}; logs in {a.out}", file=sys.stderr)
         for node in h.nodes:
             print(f"--- node {node.node_id} log tail\n{node.log_tail()}", file=sys.stderr)

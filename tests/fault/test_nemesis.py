@@ -73,12 +73,12 @@ def test_ring_leaves_each_node_its_two_neighbours():
 def test_rules_name_the_right_addresses():
     addrs = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
     iso = nemesis.network_rules(nemesis.Fault("isolate-one", [1], 1, 1), addrs)
-    assert iso == ["ip saddr { 127.0.0.12 } ip daddr { 127.0.0.11, 127.0.0.13 } drop",
-                   "ip saddr { 127.0.0.11, 127.0.0.13 } ip daddr { 127.0.0.12 } drop"]
+    assert iso == ["ip saddr { 127.0.0.12 } ip daddr { 127.0.0.11, 127.0.0.13 } counter drop",
+                   "ip saddr { 127.0.0.11, 127.0.0.13 } ip daddr { 127.0.0.12 } counter drop"]
     one_way = nemesis.network_rules(nemesis.Fault("one-way", [0], 1, 1, {"to": 2}), addrs)
-    assert one_way == ["ip saddr 127.0.0.11 ip daddr 127.0.0.13 drop"]
+    assert one_way == ["ip saddr 127.0.0.11 ip daddr 127.0.0.13 counter drop"]
     loss = nemesis.network_rules(nemesis.Fault("loss", [2], 1, 1, {"percent": 30}), addrs)
-    assert all("numgen random mod 100 < 30 drop" in r for r in loss) and len(loss) == 2
+    assert all("numgen random mod 100 < 30 counter drop" in r for r in loss) and len(loss) == 2
 
 
 @needs_root
@@ -115,6 +115,7 @@ def test_partition_rules_cut_connections_and_heal(kind, params, cut, kept):
             assert not connects(ns, addrs[s], addrs[d], 7100 + port), f"{kind}: {s}->{d} still connects"
         for port, (s, d) in enumerate(kept):
             assert connects(ns, addrs[s], addrs[d], 7200 + port), f"{kind}: {s}->{d} cut"
+        assert ns.dropped_packets() >= len(cut)  # each cut connect dropped at least its SYN
         # A client connecting to a node leaves from the node's own address: never cut.
         assert connects(ns, addrs[0], addrs[0], 7300)
         ns.flush_rules()
@@ -183,3 +184,25 @@ def test_report_shades_fault_windows(tmp_path):
     write_report(str(out), str(h), check, summary)
     doc = out.read_text()
     assert "<svg" in doc and 'fill="#f4b183"' in doc and "seed <b>5</b>" in doc
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FERRITE_BIN = os.environ.get("FERRITE_BIN", os.path.join(REPO, "target", "debug", "ferrite"))
+CHECK_BIN = os.environ.get("FERRITE_CHECK_BIN", os.path.join(REPO, "target", "debug", "ferrite-check"))
+
+
+@needs_root
+@pytest.mark.skipif(not (os.access(FERRITE_BIN, os.X_OK) and os.access(CHECK_BIN, os.X_OK)),
+                    reason="needs target/debug/ferrite and ferrite-check")
+def test_harness_catches_a_planted_loss(tmp_path):
+    """A planted bug (acknowledged records cut off a segment while the node is down) must
+    fail the run with lost or unseen writes: the whole pipeline, end to end."""
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
+                        "--faults", "1", "--kinds", "lose-tail", "--seed", "3", "--warmup-s", "5",
+                        "--out", str(tmp_path), "--python", sys.executable, "--ferrite-bin", FERRITE_BIN,
+                        "--check-bin", CHECK_BIN], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 1, p.stdout + p.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    lost = summary["counts"]["lost-write"] + summary["counts"]["unseen"] + summary["counts"]["inconsistent-offsets"]
+    assert lost > 0, summary
+    assert "planted bug" in (tmp_path / "history.jsonl").read_text()

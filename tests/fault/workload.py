@@ -83,6 +83,8 @@ class ProducerWorker(threading.Thread):
         self.acked = 0
         self.fatal = threading.Event()
         self.recreated = 0
+        # value -> partition of every send invoked and not yet answered by a callback.
+        self.outstanding = {}
 
     def conf(self):
         c = {"bootstrap.servers": self.args.bootstrap, **PRODUCER_BASE, **MODES[self.args.mode],
@@ -94,6 +96,7 @@ class ProducerWorker(threading.Thread):
             self.fatal.set()
 
     def on_delivery(self, err, msg, value):
+        self.outstanding.pop(value, None)
         if err is None:
             self.acked += 1
             self.h.record(type="ok", f="send", process=self.process, topic=self.args.topic, value=value,
@@ -107,12 +110,27 @@ class ProducerWorker(threading.Thread):
         self.counter += 1
         self.h.record(type="invoke", f="send", process=self.process, topic=self.args.topic, value=value,
                       partition=partition)
+        self.outstanding[value] = partition
         try:
             p.produce(self.args.topic, value=str(value).encode(), partition=partition,
                       on_delivery=lambda err, msg, v=value: self.on_delivery(err, msg, v))
         except Exception as e:  # noqa: BLE001 - BufferError, KafkaException: never queued
+            self.outstanding.pop(value, None)
             self.h.record(type="fail", f="send", process=self.process, topic=self.args.topic, value=value,
                           partition=partition, error=f"produce() raised {e!r}")
+
+    def drain(self, p, timeout_s, why):
+        """Purges what is queued (callbacks record it as info), then records as info every
+        send that still has no outcome: a producer that failed fatally may never call back."""
+        for step in (lambda: p.flush(timeout_s), p.purge, lambda: p.flush(1)):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a fatal producer raises from every call
+                pass
+        for value, partition in list(self.outstanding.items()):
+            self.h.record(type="info", f="send", process=self.process, topic=self.args.topic, value=value,
+                          partition=partition, error=why)
+        self.outstanding.clear()
 
     def run(self):
         p = Producer(self.conf())
@@ -122,10 +140,9 @@ class ProducerWorker(threading.Thread):
         while not self.stop.is_set():
             if self.fatal.is_set():
                 # A fatal idempotence error makes the producer unusable: its queued
-                # messages are purged (recorded as info by their callbacks) and a new
-                # producer (a new producer id) takes over.
-                p.purge()
-                p.flush(5)
+                # messages are purged (recorded as info) and a new producer (a new
+                # producer id) takes over.
+                self.drain(p, 1, "producer failed fatally; outcome unknown")
                 p = Producer(self.conf())
                 self.fatal.clear()
                 self.recreated += 1
@@ -133,13 +150,14 @@ class ProducerWorker(threading.Thread):
                 self.send(p, i % self.args.partitions)
                 i += 1
             next_t += interval
-            p.poll(max(0.0, next_t - time.monotonic()))
+            try:
+                p.poll(max(0.0, next_t - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - librdkafka raises a fatal error from poll()
+                print(f"producer {self.process}: {e}", file=sys.stderr, flush=True)
+                self.fatal.set()
             if time.monotonic() - next_t > 1.0:
                 next_t = time.monotonic()  # do not burst to catch up after a stall
-        p.flush(CLIENT_STOP_TIMEOUT_S)
-        # Whatever is still queued gets its callback (info) from the purge.
-        p.purge()
-        p.flush(1)
+        self.drain(p, CLIENT_STOP_TIMEOUT_S, "producer stopped before an answer; outcome unknown")
 
 
 def record_poll(h, process, msgs, f="poll"):
