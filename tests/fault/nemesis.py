@@ -33,10 +33,11 @@ class Fault:
 
     def describe(self, addrs):
         names = ",".join(str(t + 1) for t in self.targets)
-        extra = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k not in ("pairs", "leader", "to"))
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k not in ("pairs", "role", "to"))
         if "to" in self.params:
             extra += f" -> node {self.params['to'] + 1}"
-        who = "leader node" if self.params.get("leader") else "node"
+        role = self.params.get("role", "any")
+        who = "node" if role == "any" else f"{role} node"
         return f"{self.kind} {who} {names}{extra} ({self.hold_s:.1f}s)"
 
 
@@ -73,8 +74,11 @@ def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0
             if kind == "loss":
                 params["percent"] = rng.choice(LOSS_PERCENT_CHOICES)
             if kind == "kill":
-                # kill -9 of the partition leader, when the harness can find it; else the drawn node.
-                params["leader"] = rng.random() < 0.5
+                # Whom kill -9 aims at, when the harness can find it (else the drawn node):
+                # the active controller, a partition's leader, one of its followers, anyone.
+                r = rng.random()
+                params["role"] = "controller" if r < 0.25 else "leader" if r < 0.5 else "follower" if r < 0.75 \
+                    else "any"
         elif kind == "rolling-restart":
             targets = everyone[:]
             rng.shuffle(targets)

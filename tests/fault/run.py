@@ -138,16 +138,24 @@ class Harness:
                     raise RuntimeError(f"no {prefixes} from the workload after {timeout_s}s")
                 self.line_cv.wait(left)
 
-    def leader_of_some_partition(self, rng):
-        """The index of the leader of a random partition (asked inside the namespace), or None."""
+    def node_in_role(self, role, rng):
+        """The index of a node holding `role` ("leader" or "follower" of a random partition,
+        or the active "controller"), asked inside the namespace; None when unknown."""
         part = rng.randrange(self.args.partitions)
         cmd = self.ns.exec_prefix() + [self.args.python, os.path.join(HERE, "leader.py"), self.bootstrap, "fault",
                                        str(part)]
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=15).stdout.strip()
-            node_id = int(out)
+            roles = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout)
         except (subprocess.TimeoutExpired, ValueError):
             return None
+        if role == "follower":
+            followers = [r for r in roles["replicas"] if r != roles["leader"]]
+            node_id = rng.choice(followers) if followers else None
+        else:
+            node_id = roles.get(role)
+        if node_id is None:
+            return None
+        # One node runs with the default node id 0; a cluster's nodes are 1..N.
         index = node_id - 1 if self.args.nodes > 1 else 0
         return index if 0 <= index < len(self.nodes) else None
 
@@ -166,10 +174,13 @@ class Harness:
     def apply(self, fault, rng):
         """Injects the fault, holds it, heals it."""
         kind = fault.kind
-        if kind in ("isolate-leader",) or (kind == "kill" and fault.params.get("leader")):
-            leader = self.leader_of_some_partition(rng)
-            if leader is not None:
-                fault.targets = [leader]
+        role = "leader" if kind == "isolate-leader" else fault.params.get("role", "any")
+        if role != "any":
+            found = self.node_in_role(role, rng)
+            if found is not None:
+                fault.targets = [found]
+            else:
+                self.event(f"no {role} found for {kind}: the drawn node instead")
         desc = fault.describe(self.ns.addrs)
         node = self.nodes[fault.targets[0]]
         self.fault_counts[kind] += 1
