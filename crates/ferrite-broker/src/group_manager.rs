@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
+use ferrite_coordinator::records::RecordFormat;
 use ferrite_coordinator::{Effect, GroupCoordinator, GroupRecord, Token};
 use kafka_protocol::messages::{JoinGroupResponse, SyncGroupResponse};
 use kafka_protocol::protocol::StrBytes;
@@ -54,6 +55,8 @@ pub struct GroupManager {
 pub enum GroupLoadError {
     #[error("{OFFSETS_TOPIC}-{partition}: {reason}")]
     Load { partition: i32, reason: String },
+    #[error("{OFFSETS_TOPIC}-{partition}: cannot migrate Ferrite's JSON records to Kafka's format: {reason}; the data directory is unchanged past the last completed step, and the next start retries")]
+    Migrate { partition: i32, reason: String },
 }
 
 impl GroupManager {
@@ -83,10 +86,13 @@ impl GroupManager {
 
     /// Replays every partition of `__consumer_offsets` into the coordinator, reading the
     /// logs from their start: the same `replay` that applies records as they are written.
+    /// A partition holding Ferrite's JSON records from before Kafka's binary format is
+    /// then migrated (see [`migrate_partition`]).
     pub fn load(&self, replicas: &ReplicaManager) -> Result<usize, GroupLoadError> {
         let mut state = self.lock();
         let now = now_ms();
         let mut count = 0usize;
+        let mut legacy: Vec<(i32, Arc<Partition>)> = Vec::new();
         for partition in 0..self.partitions {
             let Some(p) = replicas.get(OFFSETS_TOPIC, partition) else {
                 continue;
@@ -97,6 +103,7 @@ impl GroupManager {
                 (log.log_start_offset(), log.log_end_offset())
             };
             let mut offset = start;
+            let mut legacy_records = 0usize;
             while offset < end {
                 let (_, _, plan) = p.read_plan(offset);
                 let Some(plan) = plan.map_err(|e| err(e.to_string()))? else {
@@ -115,11 +122,16 @@ impl GroupManager {
                     for r in set.records {
                         last = last.max(r.offset);
                         let Some(key) = r.key else { continue };
-                        match GroupRecord::decode(&key, r.value.as_deref()) {
-                            Ok(rec) => {
+                        match GroupRecord::decode_any(&key, r.value.as_deref()) {
+                            Ok((rec, format)) => {
                                 state.coordinator.replay(&rec, now);
                                 count += 1;
+                                if format == RecordFormat::LegacyJson {
+                                    legacy_records += 1;
+                                }
                             }
+                            // Other record types (Kafka 4.x's KIP-848 and share group
+                            // records) describe groups Ferrite does not have.
                             Err(e) => {
                                 tracing::warn!(partition, offset = r.offset, error = %e, "skipping record")
                             }
@@ -128,9 +140,61 @@ impl GroupManager {
                 }
                 offset = last + 1;
             }
+            if legacy_records > 0 {
+                tracing::info!(
+                    partition,
+                    legacy_records,
+                    "{OFFSETS_TOPIC} holds Ferrite's JSON records; rewriting in Kafka's format"
+                );
+                legacy.push((partition, p));
+            }
+        }
+        if !legacy.is_empty() {
+            let records = state.coordinator.state_records();
+            for (partition, p) in legacy {
+                let mine: Vec<GroupRecord> = records
+                    .iter()
+                    .filter(|r| partition_for_group(r.group(), self.partitions) == partition)
+                    .cloned()
+                    .collect();
+                let written = migrate_partition(&p, &mine, now)
+                    .map_err(|reason| GroupLoadError::Migrate { partition, reason })?;
+                tracing::info!(
+                    partition,
+                    records = mine.len(),
+                    log_start_offset = written,
+                    "{OFFSETS_TOPIC} partition migrated to Kafka's record format"
+                );
+            }
         }
         Ok(count)
     }
+}
+
+/// Rewrites one `__consumer_offsets` partition that holds Ferrite's old JSON records:
+/// rolls the log, appends `records` (the whole loaded state of the partition's groups) in
+/// Kafka's format, fsyncs them, and only then moves the log start offset past everything
+/// older, which deletes the old segments. Crash-safe by construction: until the log start
+/// offset moves (one checkpoint write), the old records are still read first and the new
+/// ones, read later, supersede them; a crash anywhere before finds JSON again at the next
+/// start and repeats the migration. Returns the new log start offset.
+pub fn migrate_partition(p: &Partition, records: &[GroupRecord], now: i64) -> Result<i64, String> {
+    let first = {
+        let mut log = p.log();
+        log.roll().map_err(|e| e.to_string())?;
+        log.log_end_offset()
+    };
+    let mut by_group: std::collections::BTreeMap<&str, Vec<GroupRecord>> = Default::default();
+    for r in records {
+        by_group.entry(r.group()).or_default().push(r.clone());
+    }
+    for group_records in by_group.values() {
+        append_records_to(p, group_records, now)?;
+    }
+    let mut log = p.log();
+    log.flush().map_err(|e| e.to_string())?;
+    log.advance_log_start_offset(first)
+        .map_err(|e| e.to_string())
 }
 
 impl GroupManagerState {
@@ -210,6 +274,14 @@ pub fn append_records(broker: &Broker, records: &[GroupRecord], now: i64) -> Res
         .replicas
         .get(OFFSETS_TOPIC, partition)
         .ok_or_else(|| format!("{OFFSETS_TOPIC}-{partition} is not hosted here"))?;
+    append_records_to(&p, records, now)
+}
+
+/// Appends one group's records to `p` as one batch.
+fn append_records_to(p: &Partition, records: &[GroupRecord], now: i64) -> Result<(), String> {
+    let Some(first) = records.first() else {
+        return Ok(());
+    };
     let encoded: Vec<Record> = records
         .iter()
         .enumerate()

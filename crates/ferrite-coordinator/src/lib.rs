@@ -13,6 +13,7 @@
 //! start-up loading. Group membership is live state: the machine changes it directly and
 //! emits a group record at the end of each rebalance so that a restart can restore it.
 
+pub mod codec;
 pub mod records;
 pub mod txn;
 
@@ -1272,7 +1273,9 @@ impl GroupCoordinator {
                     value: Some(OffsetValue {
                         offset: *offset,
                         leader_epoch: *leader_epoch,
-                        metadata: metadata.clone(),
+                        // A null metadata is stored as "", as Kafka's OffsetAndMetadata
+                        // does, so the state is the same before and after a reload.
+                        metadata: Some(metadata.clone().unwrap_or_default()),
                         commit_timestamp_ms: now,
                     }),
                 })
@@ -1367,6 +1370,32 @@ impl GroupCoordinator {
                 };
             }
         }
+    }
+
+    /// Records that rebuild the whole current state through [`Self::replay`]: every
+    /// committed offset, and the group record of each group that has had a rebalance.
+    /// Start-up uses it to rewrite a partition of `__consumer_offsets` in another format.
+    pub fn state_records(&self) -> Vec<GroupRecord> {
+        let mut out = Vec::new();
+        for g in self.groups.values() {
+            if g.generation_id > 0 || !g.members.is_empty() {
+                out.push(g.to_record());
+            }
+            for ((topic, partition), o) in &g.offsets {
+                out.push(GroupRecord::Offset {
+                    group: g.id.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    value: Some(OffsetValue {
+                        offset: o.offset,
+                        leader_epoch: o.leader_epoch,
+                        metadata: o.metadata.clone(),
+                        commit_timestamp_ms: o.commit_timestamp_ms,
+                    }),
+                });
+            }
+        }
+        out
     }
 
     pub fn committed(

@@ -828,3 +828,169 @@ async fn consumer_offsets_is_compacted_and_survives_restart() {
         Offset::Offset((commits - 1) % 10)
     );
 }
+
+/// Every record key and value of `__consumer_offsets-0`, read by a plain librdkafka
+/// consumer (assign, no group), as tools like Burrow read the topic.
+fn read_offsets_topic(server: &Server) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let c: BaseConsumer = server
+        .config()
+        .set("group.id", "raw-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("__consumer_offsets", 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + OP_TIMEOUT;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end of __consumer_offsets-0"
+        );
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().map(<[u8]>::to_vec),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return out,
+            Some(Err(e)) => panic!("reading __consumer_offsets: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// A data directory written before Kafka's binary format (Ferrite's JSON records in
+/// `__consumer_offsets`) is migrated at start-up: the committed offsets survive, and
+/// afterwards the topic holds only Kafka-format records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_consumer_offsets_are_migrated_to_kafkas_format() {
+    use ferrite_protocol::kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let mut server = Server::start(&["offsets.topic.num.partitions=1"]);
+    server.create_topic("mig", 2, &[]).await;
+    produce(&server, "mig", 0, 20).await;
+    let commit = |group: &str, offset: i64| {
+        let c: BaseConsumer = server
+            .config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("mig", 0, Offset::Offset(offset))
+            .unwrap();
+        c.commit(&tpl, CommitMode::Sync).unwrap();
+    };
+    commit("binary-group", 5);
+    server.stop();
+
+    // What Ferrite wrote before: JSON keys and values, a commit and a deleted group.
+    let json = |k: &str, v: Option<&str>| (k.to_string(), v.map(str::to_string));
+    let legacy = [
+        json(
+            r#"{"t":"offset","v":1,"group":"json-group","topic":"mig","partition":1}"#,
+            Some(r#"{"offset":7,"leader_epoch":0,"metadata":"from json","commit_timestamp_ms":1}"#),
+        ),
+        json(
+            r#"{"t":"offset","v":1,"group":"gone","topic":"mig","partition":0}"#,
+            Some(r#"{"offset":3,"leader_epoch":0,"metadata":null,"commit_timestamp_ms":1}"#),
+        ),
+        json(
+            r#"{"t":"offset","v":1,"group":"gone","topic":"mig","partition":0}"#,
+            None,
+        ),
+    ];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let records: Vec<Record> = legacy
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: now,
+            key: Some(bytes::Bytes::from(k.clone())),
+            value: v.clone().map(bytes::Bytes::from),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut batch = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut batch,
+        records.iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    let dir = server.data_dir.join("__consumer_offsets-0");
+    let (mut log, _) =
+        ferrite_storage::PartitionLog::open(&dir, ferrite_storage::LogConfig::default(), true)
+            .unwrap();
+    log.append(&batch, 0, now).unwrap();
+    log.close().unwrap();
+
+    server.restart();
+    let committed = |group: &str, partition: i32| {
+        let c: BaseConsumer = server.config().set("group.id", group).create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("mig", partition);
+        let got = c.committed_offsets(tpl, OP_TIMEOUT).unwrap();
+        let e = &got.elements()[0];
+        (e.offset(), e.metadata().to_string())
+    };
+    assert_eq!(committed("binary-group", 0).0, Offset::Offset(5));
+    assert_eq!(
+        committed("json-group", 1),
+        (Offset::Offset(7), "from json".to_string())
+    );
+    assert_eq!(committed("gone", 0).0, Offset::Invalid);
+
+    // The topic now holds Kafka's records only: OffsetCommitKey version 1, value version 3.
+    let check_kafka_format = |records: &[(Vec<u8>, Option<Vec<u8>>)]| {
+        assert!(!records.is_empty());
+        for (k, v) in records {
+            assert_ne!(k.first(), Some(&b'{'), "a JSON key is left: {k:?}");
+            let version = i16::from_be_bytes([k[0], k[1]]);
+            assert!((0..=2).contains(&version), "key version {version}");
+            if let Some(v) = v {
+                let vv = i16::from_be_bytes([v[0], v[1]]);
+                assert_eq!(vv, 3, "value version");
+            }
+        }
+    };
+    let after = read_offsets_topic(&server);
+    check_kafka_format(&after);
+    let json_group_key: Vec<u8> = [
+        &[0u8, 1][..],
+        &[0, 10],
+        b"json-group",
+        &[0, 3],
+        b"mig",
+        &[0, 0, 0, 1],
+    ]
+    .concat();
+    assert!(after.iter().any(|(k, _)| *k == json_group_key));
+
+    // A second start has nothing to migrate and keeps the same state.
+    server.stop();
+    server.restart();
+    assert_eq!(committed("json-group", 1).0, Offset::Offset(7));
+    commit("binary-group", 9);
+    assert_eq!(committed("binary-group", 0).0, Offset::Offset(9));
+    check_kafka_format(&read_offsets_topic(&server));
+}

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 
 use super::TxnState;
+use crate::codec::{len_u32, put_uvarint, skip_tagged, CodecError, Reader};
 
 pub const KEY_VERSION: i16 = 0;
 pub const VALUE_VERSION_WRITTEN: i16 = 1;
@@ -68,73 +69,15 @@ pub enum TxnRecordDecodeError {
 
 type DecodeResult<T> = Result<T, TxnRecordDecodeError>;
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-    fn take(&mut self, n: usize) -> DecodeResult<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(TxnRecordDecodeError::Truncated(self.pos))?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(TxnRecordDecodeError::Truncated(self.pos))?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn array<const N: usize>(&mut self) -> DecodeResult<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn i8(&mut self) -> DecodeResult<i8> {
-        Ok(i8::from_be_bytes(self.array()?))
-    }
-    fn i16(&mut self) -> DecodeResult<i16> {
-        Ok(i16::from_be_bytes(self.array()?))
-    }
-    fn i32(&mut self) -> DecodeResult<i32> {
-        Ok(i32::from_be_bytes(self.array()?))
-    }
-    fn i64(&mut self) -> DecodeResult<i64> {
-        Ok(i64::from_be_bytes(self.array()?))
-    }
-    fn uvarint(&mut self) -> DecodeResult<u32> {
-        let mut v: u32 = 0;
-        for shift in (0..35).step_by(7) {
-            let b = self.i8()? as u8;
-            v |= u32::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(TxnRecordDecodeError::Length(-1))
-    }
-    fn string_bytes(&mut self, len: usize) -> DecodeResult<String> {
-        let b = self.take(len)?;
-        String::from_utf8(b.to_vec()).map_err(|_| TxnRecordDecodeError::Utf8)
-    }
-    fn finish(&self) -> DecodeResult<()> {
-        match self.buf.len() - self.pos {
-            0 => Ok(()),
-            n => Err(TxnRecordDecodeError::Trailing(n)),
+impl From<CodecError> for TxnRecordDecodeError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Truncated(at) => TxnRecordDecodeError::Truncated(at),
+            CodecError::Length(n) => TxnRecordDecodeError::Length(n),
+            CodecError::Utf8 => TxnRecordDecodeError::Utf8,
+            CodecError::Trailing(n) => TxnRecordDecodeError::Trailing(n),
         }
     }
-}
-
-fn put_uvarint(out: &mut Vec<u8>, mut v: u32) {
-    while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 fn grouped(parts: &BTreeSet<(String, i32)>) -> Vec<(&str, Vec<i32>)> {
@@ -146,11 +89,6 @@ fn grouped(parts: &BTreeSet<(String, i32)>) -> Vec<(&str, Vec<i32>)> {
         }
     }
     out
-}
-
-fn len_u32(n: usize) -> u32 {
-    // Lengths are bounded by the coordinator's limits far below u32::MAX.
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl TxnLogValue {
@@ -301,16 +239,6 @@ impl TxnLogValue {
         r.finish()?;
         Ok(v)
     }
-}
-
-fn skip_tagged(r: &mut Reader<'_>) -> DecodeResult<()> {
-    let n = r.uvarint()?;
-    for _ in 0..n {
-        r.uvarint()?;
-        let size = r.uvarint()? as usize;
-        r.take(size)?;
-    }
-    Ok(())
 }
 
 pub fn encode_key(transactional_id: &str) -> Vec<u8> {
