@@ -82,6 +82,9 @@ pub struct BrokerConfig {
     /// `fetch.zero.copy.enable` (Ferrite's own): Fetch writes records from the segment
     /// files with `sendfile` instead of copying them through memory.
     pub fetch_zero_copy: bool,
+    /// Every setting given with `--set`, as given: DescribeConfigs reports them as
+    /// STATIC_BROKER_CONFIG sources of the topic configs they are synonyms of.
+    pub explicit: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,7 @@ impl Default for BrokerConfig {
             offsets_topic_segment_bytes: 100 * 1024 * 1024,
             group: ferrite_coordinator::GroupConfig::default(),
             fetch_zero_copy: true,
+            explicit: BTreeMap::new(),
         }
     }
 }
@@ -176,6 +180,13 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
 impl BrokerConfig {
     /// Applies one `key=value` setting with Kafka's broker config names.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        self.set_one(key, value)?;
+        self.explicit
+            .insert(key.to_string(), value.trim().to_string());
+        Ok(())
+    }
+
+    fn set_one(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let d = &mut self.log_defaults;
         match key {
             "node.id" => self.node_id = parse_num(key, value, 0)?,
@@ -213,6 +224,12 @@ impl BrokerConfig {
                 );
             }
             "log.dirs" | "log.dir" => self.data_dir = PathBuf::from(value),
+            "compression.type" => {
+                if let Some(def) = topic_config_def(key) {
+                    validate_topic_value(def, value)?;
+                }
+                d.recompress_codec = compression_codec(value);
+            }
             "fetch.zero.copy.enable" => self.fetch_zero_copy = parse_bool(key, value)?,
             "auto.create.topics.enable" => self.auto_create_topics_enable = parse_bool(key, value)?,
             "num.partitions" => self.num_partitions = parse_num(key, value, 1)?,
@@ -340,7 +357,17 @@ impl BrokerConfig {
                     d.flush_ms.to_string()
                 }
             }
-            _ => return None,
+            "index.interval.bytes" => d.index_interval_bytes.to_string(),
+            "compression.type" => match d.recompress_codec {
+                None => "producer",
+                Some(0) => "uncompressed",
+                Some(1) => "gzip",
+                Some(2) => "snappy",
+                Some(3) => "lz4",
+                Some(_) => "zstd",
+            }
+            .to_string(),
+            _ => topic_config_def(key)?.default?.to_string(),
         })
     }
 }
@@ -373,23 +400,527 @@ pub fn parse_host_port(s: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port.parse().ok()?))
 }
 
-/// Topic configs Ferrite implements; anything else is INVALID_CONFIG.
-pub const TOPIC_CONFIG_KEYS: &[&str] = &[
-    "retention.ms",
-    "retention.bytes",
-    "segment.bytes",
-    "segment.ms",
-    "max.message.bytes",
-    "cleanup.policy",
-    "message.timestamp.type",
-    "message.timestamp.before.max.ms",
-    "message.timestamp.after.max.ms",
-    "flush.messages",
-    "flush.ms",
+/// Kafka's ConfigType as DescribeConfigs v3+ reports it (KIP-569).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigType {
+    Boolean = 1,
+    String = 2,
+    Int = 3,
+    Long = 5,
+    Double = 6,
+    List = 7,
+}
+
+/// Kafka's validators of topic configs (`ConfigDef.Range`, `ValidString`, `ValidList`,
+/// the codec level validators, `ThrottledReplicaListValidator`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValidRange {
+    Any,
+    AtLeast(i64),
+    Between(i64, i64),
+    BetweenF64(f64, f64),
+    OneOf(&'static [&'static str]),
+    ListOf(&'static [&'static str]),
+    /// `-1` (the codec's default) or 1..=9 (`CompressionType.GZIP.levelValidator`).
+    GzipLevel,
+    /// `""`, `*`, or `partition:broker` pairs.
+    ThrottledReplicas,
+}
+
+/// One topic config of Kafka 4.x (`LogConfig`'s definitions over `TopicConfig`).
+#[derive(Debug)]
+pub struct TopicConfigDef {
+    pub name: &'static str,
+    pub config_type: ConfigType,
+    pub valid: ValidRange,
+    /// Kafka's default; `None` when Ferrite's default comes from a broker setting
+    /// (`BrokerConfig::topic_config_default`).
+    pub default: Option<&'static str>,
+    /// The broker configs that set the default, highest precedence first
+    /// (Kafka's `ServerTopicConfigSynonyms`).
+    pub broker_synonyms: &'static [&'static str],
+    pub doc: &'static str,
+    /// `None`: Ferrite honours the config. `Some(why)`: accepted, validated and described
+    /// but without effect yet; DescribeConfigs' documentation says so.
+    pub no_effect: Option<&'static str>,
+}
+
+const LONG_MAX: &str = "9223372036854775807";
+const NO_COMPACTION: &str =
+    "Ferrite does not compact user topics yet (cleanup.policy=compact is refused)";
+const NO_TIERED: &str = "Ferrite has no tiered storage";
+const NO_THROTTLE: &str = "Ferrite has no replication quotas yet";
+
+pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
+    TopicConfigDef {
+        name: "cleanup.policy",
+        config_type: ConfigType::List,
+        valid: ValidRange::ListOf(&["compact", "delete"]),
+        default: Some("delete"),
+        broker_synonyms: &["log.cleanup.policy"],
+        doc: "This config designates the retention policy to use on log segments. The \"delete\" policy (which is the default) will discard old segments when their retention time or size limit has been reached. The \"compact\" policy will enable log compaction, which retains the latest value for each key. It is also possible to specify both policies in a comma-separated list (e.g. \"delete,compact\"). In this case, old segments will be discarded per the retention time and size configuration, while retained segments will be compacted.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "compression.type",
+        config_type: ConfigType::String,
+        valid: ValidRange::OneOf(&["uncompressed", "zstd", "lz4", "snappy", "gzip", "producer"]),
+        default: None,
+        broker_synonyms: &["compression.type"],
+        doc: "Specify the final compression type for a given topic. This configuration accepts the standard compression codecs ('gzip', 'snappy', 'lz4', 'zstd'). It additionally accepts 'uncompressed' which is equivalent to no compression; and 'producer' which means retain the original compression codec set by the producer.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "compression.gzip.level",
+        config_type: ConfigType::Int,
+        valid: ValidRange::GzipLevel,
+        default: Some("-1"),
+        broker_synonyms: &["compression.gzip.level"],
+        doc: "The compression level to use if compression.type is set to gzip.",
+        no_effect: Some("Ferrite recompresses with the codec's default level"),
+    },
+    TopicConfigDef {
+        name: "compression.lz4.level",
+        config_type: ConfigType::Int,
+        valid: ValidRange::Between(1, 17),
+        default: Some("9"),
+        broker_synonyms: &["compression.lz4.level"],
+        doc: "The compression level to use if compression.type is set to lz4.",
+        no_effect: Some("Ferrite recompresses with the codec's default level"),
+    },
+    TopicConfigDef {
+        name: "compression.zstd.level",
+        config_type: ConfigType::Int,
+        valid: ValidRange::Between(-131_072, 22),
+        default: Some("3"),
+        broker_synonyms: &["compression.zstd.level"],
+        doc: "The compression level to use if compression.type is set to zstd.",
+        no_effect: Some("Ferrite recompresses with the codec's default level"),
+    },
+    TopicConfigDef {
+        name: "delete.retention.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: Some("86400000"),
+        broker_synonyms: &["log.cleaner.delete.retention.ms"],
+        doc: "The amount of time to retain delete tombstone markers for log compacted topics. This setting also gives a bound on the time in which a consumer must complete a read if they begin from offset 0 to ensure that they get a valid snapshot of the final stage (otherwise delete tombstones may be collected before they complete their scan).",
+        no_effect: Some(NO_COMPACTION),
+    },
+    TopicConfigDef {
+        name: "file.delete.delay.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: Some("60000"),
+        broker_synonyms: &["log.segment.delete.delay.ms"],
+        doc: "The time to wait before deleting a file from the filesystem",
+        no_effect: Some("Ferrite unlinks deleted segments at once; open readers keep their file"),
+    },
+    TopicConfigDef {
+        name: "flush.messages",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(1),
+        default: None,
+        broker_synonyms: &["log.flush.interval.messages"],
+        doc: "This setting allows specifying an interval at which we will force an fsync of data written to the log. For example if this was set to 1 we would fsync after every message; if it were 5 we would fsync after every five messages. In general we recommend you not set this and use replication for durability and allow the operating system's background flush capabilities as it is more efficient.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "flush.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: None,
+        broker_synonyms: &["log.flush.interval.ms", "log.flush.scheduler.interval.ms"],
+        doc: "This setting allows specifying a time interval at which we will force an fsync of data written to the log. For example if this was set to 1000 we would fsync after 1000 ms had passed. In general we recommend you not set this and use replication for durability and allow the operating system's background flush capabilities as it is more efficient.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "follower.replication.throttled.replicas",
+        config_type: ConfigType::List,
+        valid: ValidRange::ThrottledReplicas,
+        default: Some(""),
+        broker_synonyms: &[],
+        doc: "A list of replicas for which log replication should be throttled on the follower side. The list should describe a set of replicas in the form [PartitionId]:[BrokerId],[PartitionId]:[BrokerId]:... or alternatively the wildcard '*' can be used to throttle all replicas for this topic.",
+        no_effect: Some(NO_THROTTLE),
+    },
+    TopicConfigDef {
+        name: "index.interval.bytes",
+        config_type: ConfigType::Int,
+        valid: ValidRange::AtLeast(0),
+        default: None,
+        broker_synonyms: &["log.index.interval.bytes"],
+        doc: "This setting controls how frequently Kafka adds an index entry to its offset index. The default setting ensures that we index a message roughly every 4096 bytes. More indexing allows reads to jump closer to the exact position in the log but makes the index larger. You probably don't need to change this.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "leader.replication.throttled.replicas",
+        config_type: ConfigType::List,
+        valid: ValidRange::ThrottledReplicas,
+        default: Some(""),
+        broker_synonyms: &[],
+        doc: "A list of replicas for which log replication should be throttled on the leader side. The list should describe a set of replicas in the form [PartitionId]:[BrokerId],[PartitionId]:[BrokerId]:... or alternatively the wildcard '*' can be used to throttle all replicas for this topic.",
+        no_effect: Some(NO_THROTTLE),
+    },
+    TopicConfigDef {
+        name: "local.retention.bytes",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(-2),
+        default: Some("-2"),
+        broker_synonyms: &["log.local.retention.bytes"],
+        doc: "The maximum size of local log segments that can grow for a partition before it deletes the old segments. Default value is -2, it represents `retention.bytes` value to be used. The effective value should always be less than or equal to `retention.bytes` value.",
+        no_effect: Some(NO_TIERED),
+    },
+    TopicConfigDef {
+        name: "local.retention.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(-2),
+        default: Some("-2"),
+        broker_synonyms: &["log.local.retention.ms"],
+        doc: "The number of milliseconds to keep the local log segment before it gets deleted. Default value is -2, it represents `retention.ms` value is to be used. The effective value should always be less than or equal to `retention.ms` value.",
+        no_effect: Some(NO_TIERED),
+    },
+    TopicConfigDef {
+        name: "max.compaction.lag.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(1),
+        default: Some(LONG_MAX),
+        broker_synonyms: &["log.cleaner.max.compaction.lag.ms"],
+        doc: "The maximum time a message will remain ineligible for compaction in the log. Only applicable for logs that are being compacted.",
+        no_effect: Some(NO_COMPACTION),
+    },
+    TopicConfigDef {
+        name: "max.message.bytes",
+        config_type: ConfigType::Int,
+        valid: ValidRange::AtLeast(0),
+        default: None,
+        broker_synonyms: &["message.max.bytes"],
+        doc: "The largest record batch size allowed by Kafka (after compression if compression is enabled). If this is increased and there are consumers older than 0.10.2, the consumers' fetch size must also be increased so that they can fetch record batches this large.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "message.timestamp.after.max.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: None,
+        broker_synonyms: &["log.message.timestamp.after.max.ms"],
+        doc: "This configuration sets the allowable timestamp difference between the message timestamp and the broker's timestamp. The message timestamp can be later than or equal to the broker's timestamp, with the maximum allowable difference determined by the value set in this configuration. If message.timestamp.type=CreateTime, the message will be rejected if the difference in timestamps exceeds this specified threshold. This configuration is ignored if message.timestamp.type=LogAppendTime.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "message.timestamp.before.max.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: None,
+        broker_synonyms: &["log.message.timestamp.before.max.ms"],
+        doc: "This configuration sets the allowable timestamp difference between the broker's timestamp and the message timestamp. The message timestamp can be earlier than or equal to the broker's timestamp, with the maximum allowable difference determined by the value set in this configuration. If message.timestamp.type=CreateTime, the message will be rejected if the difference in timestamps exceeds this specified threshold. This configuration is ignored if message.timestamp.type=LogAppendTime.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "message.timestamp.type",
+        config_type: ConfigType::String,
+        valid: ValidRange::OneOf(&["CreateTime", "LogAppendTime"]),
+        default: None,
+        broker_synonyms: &["log.message.timestamp.type"],
+        doc: "Define whether the timestamp in the message is message create time or log append time. The value should be either `CreateTime` or `LogAppendTime`",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "min.cleanable.dirty.ratio",
+        config_type: ConfigType::Double,
+        valid: ValidRange::BetweenF64(0.0, 1.0),
+        default: Some("0.5"),
+        broker_synonyms: &["log.cleaner.min.cleanable.ratio"],
+        doc: "This configuration controls how frequently the log compactor will attempt to clean the log (assuming log compaction is enabled). By default we will avoid cleaning a log where more than 50% of the log has been compacted.",
+        no_effect: Some(NO_COMPACTION),
+    },
+    TopicConfigDef {
+        name: "min.compaction.lag.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: Some("0"),
+        broker_synonyms: &["log.cleaner.min.compaction.lag.ms"],
+        doc: "The minimum time a message will remain uncompacted in the log. Only applicable for logs that are being compacted.",
+        no_effect: Some(NO_COMPACTION),
+    },
+    TopicConfigDef {
+        name: "min.insync.replicas",
+        config_type: ConfigType::Int,
+        valid: ValidRange::AtLeast(1),
+        default: Some("1"),
+        broker_synonyms: &["min.insync.replicas"],
+        doc: "When a producer sets acks to \"all\" (or \"-1\"), this configuration specifies the minimum number of replicas that must acknowledge a write for the write to be considered successful. If this minimum cannot be met, then the producer will raise an exception (either NotEnoughReplicas or NotEnoughReplicasAfterAppend).",
+        no_effect: Some("acks=all is satisfied by the local append until replication (issue 9) enforces it"),
+    },
+    TopicConfigDef {
+        name: "preallocate",
+        config_type: ConfigType::Boolean,
+        valid: ValidRange::Any,
+        default: Some("false"),
+        broker_synonyms: &["log.preallocate"],
+        doc: "True if we should preallocate the file on disk when creating a new log segment.",
+        no_effect: Some("Ferrite never preallocates segment files"),
+    },
+    TopicConfigDef {
+        name: "remote.log.copy.disable",
+        config_type: ConfigType::Boolean,
+        valid: ValidRange::Any,
+        default: Some("false"),
+        broker_synonyms: &[],
+        doc: "Determines whether tiered data for a topic should become read only, and no more data uploading on a topic.",
+        no_effect: Some(NO_TIERED),
+    },
+    TopicConfigDef {
+        name: "remote.log.delete.on.disable",
+        config_type: ConfigType::Boolean,
+        valid: ValidRange::Any,
+        default: Some("false"),
+        broker_synonyms: &[],
+        doc: "Determines whether tiered data for a topic should be deleted after tiered storage is disabled on a topic.",
+        no_effect: Some(NO_TIERED),
+    },
+    TopicConfigDef {
+        name: "remote.storage.enable",
+        config_type: ConfigType::Boolean,
+        valid: ValidRange::Any,
+        default: Some("false"),
+        broker_synonyms: &[],
+        doc: "To enable tiered storage for a topic, set this configuration as true. You can not disable this config once it is enabled.",
+        no_effect: Some("Ferrite has no tiered storage: true is refused, as Kafka refuses it with remote.log.storage.system.enable=false"),
+    },
+    TopicConfigDef {
+        name: "retention.bytes",
+        config_type: ConfigType::Long,
+        valid: ValidRange::Any,
+        default: None,
+        broker_synonyms: &["log.retention.bytes"],
+        doc: "This configuration controls the maximum size a partition (which consists of log segments) can grow to before we will discard old log segments to free up space if we are using the \"delete\" retention policy. By default there is no size limit only a time limit.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "retention.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(-1),
+        default: None,
+        broker_synonyms: &["log.retention.ms", "log.retention.minutes", "log.retention.hours"],
+        doc: "This configuration controls the maximum time we will retain a log before we will discard old log segments to free up space if we are using the \"delete\" retention policy. This represents an SLA on how soon consumers must read their data. If set to -1, no time limit is applied.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "segment.bytes",
+        config_type: ConfigType::Int,
+        // Kafka 4.x requires at least 1 MiB (KIP-1030); Ferrite keeps 1 KiB so that tests
+        // and small deployments can roll segments quickly.
+        valid: ValidRange::AtLeast(limits::SEGMENT_BYTES_MIN),
+        default: None,
+        broker_synonyms: &["log.segment.bytes"],
+        doc: "This configuration controls the segment file size for the log. Retention and cleaning is always done a file at a time so a larger segment size means fewer files but less granular control over retention.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "segment.index.bytes",
+        config_type: ConfigType::Int,
+        valid: ValidRange::AtLeast(4),
+        default: Some("10485760"),
+        broker_synonyms: &["log.index.size.max.bytes"],
+        doc: "This configuration controls the size of the index that maps offsets to file positions. We preallocate this index file and shrink it only after log rolls. You generally should not need to change this setting.",
+        no_effect: Some("Ferrite's sparse indexes grow with the segment and are not preallocated"),
+    },
+    TopicConfigDef {
+        name: "segment.jitter.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(0),
+        default: Some("0"),
+        broker_synonyms: &["log.roll.jitter.ms", "log.roll.jitter.hours"],
+        doc: "The maximum random jitter subtracted from the scheduled segment roll time to avoid thundering herds of segment rolling",
+        no_effect: Some("Ferrite rolls at segment.ms without jitter"),
+    },
+    TopicConfigDef {
+        name: "segment.ms",
+        config_type: ConfigType::Long,
+        valid: ValidRange::AtLeast(1),
+        default: None,
+        broker_synonyms: &["log.roll.ms", "log.roll.hours"],
+        doc: "This configuration controls the period of time after which Kafka will force the log to roll even if the segment file isn't full to ensure that retention can delete or compact old data.",
+        no_effect: None,
+    },
+    TopicConfigDef {
+        name: "unclean.leader.election.enable",
+        config_type: ConfigType::Boolean,
+        valid: ValidRange::Any,
+        default: Some("false"),
+        broker_synonyms: &["unclean.leader.election.enable"],
+        doc: "Indicates whether to enable replicas not in the ISR set to be elected as leader as a last resort, even though doing so may result in data loss.",
+        no_effect: Some("one node has no other replica to elect; the cluster controller (ferrite-controller) reads it once wired"),
+    },
 ];
 
+/// Every topic config key, in [`TOPIC_CONFIGS`] order (DescribeConfigs lists them so).
+pub const TOPIC_CONFIG_KEYS: &[&str] = &[
+    "cleanup.policy",
+    "compression.type",
+    "compression.gzip.level",
+    "compression.lz4.level",
+    "compression.zstd.level",
+    "delete.retention.ms",
+    "file.delete.delay.ms",
+    "flush.messages",
+    "flush.ms",
+    "follower.replication.throttled.replicas",
+    "index.interval.bytes",
+    "leader.replication.throttled.replicas",
+    "local.retention.bytes",
+    "local.retention.ms",
+    "max.compaction.lag.ms",
+    "max.message.bytes",
+    "message.timestamp.after.max.ms",
+    "message.timestamp.before.max.ms",
+    "message.timestamp.type",
+    "min.cleanable.dirty.ratio",
+    "min.compaction.lag.ms",
+    "min.insync.replicas",
+    "preallocate",
+    "remote.log.copy.disable",
+    "remote.log.delete.on.disable",
+    "remote.storage.enable",
+    "retention.bytes",
+    "retention.ms",
+    "segment.bytes",
+    "segment.index.bytes",
+    "segment.jitter.ms",
+    "segment.ms",
+    "unclean.leader.election.enable",
+];
+
+pub fn topic_config_def(name: &str) -> Option<&'static TopicConfigDef> {
+    TOPIC_CONFIGS.iter().find(|d| d.name == name)
+}
+
+/// The codec of a `compression.type` other than `producer`, as the batch attribute bits
+/// (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).
+pub fn compression_codec(value: &str) -> Option<u8> {
+    match value.trim() {
+        "uncompressed" => Some(0),
+        "gzip" => Some(1),
+        "snappy" => Some(2),
+        "lz4" => Some(3),
+        "zstd" => Some(4),
+        _ => None,
+    }
+}
+
+/// Kafka's type and range check of one topic config value.
+fn validate_topic_value(def: &TopicConfigDef, value: &str) -> Result<(), ConfigError> {
+    let key = def.name;
+    let v = value.trim();
+    let int = |v: &str| -> Result<i64, ConfigError> {
+        match def.config_type {
+            ConfigType::Int => v
+                .parse::<i32>()
+                .map(i64::from)
+                .map_err(|_| invalid(key, value, "not a 32-bit integer")),
+            _ => v
+                .parse::<i64>()
+                .map_err(|_| invalid(key, value, "not a 64-bit integer")),
+        }
+    };
+    match def.config_type {
+        ConfigType::Boolean => {
+            if !v.eq_ignore_ascii_case("true") && !v.eq_ignore_ascii_case("false") {
+                return Err(invalid(key, value, "expected true or false"));
+            }
+        }
+        ConfigType::Int | ConfigType::Long => {
+            let n = int(v)?;
+            match def.valid {
+                ValidRange::AtLeast(min) if n < min => {
+                    return Err(invalid(key, value, &format!("must be at least {min}")))
+                }
+                ValidRange::Between(min, max) if n < min || n > max => {
+                    return Err(invalid(
+                        key,
+                        value,
+                        &format!("must be between {min} and {max}"),
+                    ))
+                }
+                ValidRange::GzipLevel if n != -1 && !(1..=9).contains(&n) => {
+                    return Err(invalid(key, value, "must be -1 or between 1 and 9"))
+                }
+                _ => {}
+            }
+        }
+        ConfigType::Double => {
+            let n: f64 = v
+                .parse()
+                .ok()
+                .filter(|n: &f64| n.is_finite())
+                .ok_or_else(|| invalid(key, value, "not a number"))?;
+            if let ValidRange::BetweenF64(min, max) = def.valid {
+                if n < min || n > max {
+                    return Err(invalid(
+                        key,
+                        value,
+                        &format!("must be between {min} and {max}"),
+                    ));
+                }
+            }
+        }
+        ConfigType::String => {
+            if let ValidRange::OneOf(allowed) = def.valid {
+                if !allowed.contains(&v) {
+                    return Err(invalid(
+                        key,
+                        value,
+                        &format!("must be one of {}", allowed.join(", ")),
+                    ));
+                }
+            }
+        }
+        ConfigType::List => {
+            let items: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            match def.valid {
+                ValidRange::ListOf(allowed) => {
+                    if items.is_empty() {
+                        return Err(invalid(key, value, "must not be empty"));
+                    }
+                    if let Some(bad) = items.iter().find(|i| !allowed.contains(i)) {
+                        return Err(invalid(
+                            key,
+                            value,
+                            &format!("`{bad}` is not one of {}", allowed.join(", ")),
+                        ));
+                    }
+                }
+                ValidRange::ThrottledReplicas => {
+                    let pair = |i: &str| {
+                        i.split_once(':').is_some_and(|(p, b)| {
+                            p.trim().parse::<i32>().is_ok() && b.trim().parse::<i32>().is_ok()
+                        })
+                    };
+                    let ok = items == ["*"] || items.iter().all(|i| pair(i));
+                    if !ok {
+                        return Err(invalid(
+                            key,
+                            value,
+                            "must be `*` or a list of [PartitionId]:[BrokerId]",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Validates one topic config and applies it to `c`.
+/// Every key of Kafka's topic configs is accepted once its value passes Kafka's type and
+/// range check; the ones Ferrite gives no effect yet are marked in [`TOPIC_CONFIGS`].
 pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(), ConfigError> {
+    let def = topic_config_def(key).ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+    validate_topic_value(def, value)?;
     match key {
         "retention.ms" => c.retention_ms = parse_num(key, value, -1)?,
         "retention.bytes" => c.retention_bytes = parse_num(key, value, -1)?,
@@ -399,7 +930,7 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
         "segment.ms" => c.segment_ms = parse_num(key, value, 1)?,
         "max.message.bytes" => c.max_message_bytes = parse_num::<i32>(key, value, 0)? as usize,
         "cleanup.policy" => {
-            if value.trim() != "delete" {
+            if value.split(',').any(|p| p.trim() == "compact") {
                 return Err(invalid(
                     key,
                     value,
@@ -419,11 +950,24 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
             c.message_timestamp_after_max_ms = parse_num(key, value, 0)?
         }
         "flush.messages" => c.flush_messages = parse_num::<i64>(key, value, 1)? as u64,
+        "index.interval.bytes" => c.index_interval_bytes = parse_num::<i32>(key, value, 0)? as u64,
+        "compression.type" => c.recompress_codec = compression_codec(value),
+        "remote.storage.enable" => {
+            if value.trim().eq_ignore_ascii_case("true") {
+                // Kafka's answer when remote.log.storage.system.enable is false.
+                return Err(invalid(
+                    key,
+                    value,
+                    "Tiered Storage functionality is disabled in the broker. Topic cannot be configured with remote log storage.",
+                ));
+            }
+        }
         "flush.ms" => {
             let v: i64 = parse_num(key, value, 0)?;
             c.flush_ms = if v == i64::MAX { -1 } else { v };
         }
-        _ => return Err(ConfigError::UnknownKey(key.to_string())),
+        // Accepted without effect (TopicConfigDef::no_effect says why).
+        _ => {}
     }
     Ok(())
 }
@@ -485,7 +1029,74 @@ mod tests {
         let mut lc = LogConfig::default();
         assert!(apply_topic_config(&mut lc, "cleanup.policy", "compact").is_err());
         assert!(apply_topic_config(&mut lc, "unknown.key", "1").is_err());
+        assert!(apply_topic_config(&mut lc, "cleanup.policy", "delete,compact").is_err());
         assert!(apply_topic_config(&mut lc, "message.timestamp.type", "LogAppendTime").is_ok());
         assert!(lc.log_append_time);
+    }
+
+    #[test]
+    fn every_kafka_topic_config_is_defined_once_with_a_valid_default() {
+        let names: Vec<&str> = TOPIC_CONFIGS.iter().map(|d| d.name).collect();
+        assert_eq!(names, TOPIC_CONFIG_KEYS);
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+        let c = BrokerConfig::default();
+        for def in TOPIC_CONFIGS {
+            let d = c.topic_config_default(def.name).unwrap();
+            let mut lc = LogConfig::default();
+            apply_topic_config(&mut lc, def.name, &d)
+                .unwrap_or_else(|e| panic!("default of {}: {e}", def.name));
+            assert!(!def.doc.is_empty());
+        }
+    }
+
+    #[test]
+    fn kafkas_types_and_ranges() {
+        let ok = |k: &str, v: &str| apply_topic_config(&mut LogConfig::default(), k, v).is_ok();
+        for (k, v) in [
+            ("compression.type", "zstd"),
+            ("compression.gzip.level", "-1"),
+            ("compression.gzip.level", "9"),
+            ("compression.zstd.level", "-131072"),
+            ("min.cleanable.dirty.ratio", "0.25"),
+            ("preallocate", "TRUE"),
+            ("min.insync.replicas", "2"),
+            ("follower.replication.throttled.replicas", "*"),
+            ("leader.replication.throttled.replicas", "0:1, 1:2"),
+            ("leader.replication.throttled.replicas", ""),
+            ("local.retention.ms", "-2"),
+            ("retention.bytes", "-5"),
+            ("remote.storage.enable", "false"),
+        ] {
+            assert!(ok(k, v), "{k}={v}");
+        }
+        for (k, v) in [
+            ("compression.type", "brotli"),
+            ("compression.gzip.level", "0"),
+            ("compression.lz4.level", "18"),
+            ("compression.zstd.level", "23"),
+            ("min.cleanable.dirty.ratio", "1.5"),
+            ("min.cleanable.dirty.ratio", "NaN"),
+            ("preallocate", "yes"),
+            ("min.insync.replicas", "0"),
+            ("segment.index.bytes", "3"),
+            ("max.message.bytes", "3000000000"),
+            ("follower.replication.throttled.replicas", "0-1"),
+            ("local.retention.ms", "-3"),
+            ("remote.storage.enable", "true"),
+            ("message.timestamp.type", "Now"),
+            ("cleanup.policy", "shred"),
+        ] {
+            assert!(!ok(k, v), "{k}={v}");
+        }
+        let mut lc = LogConfig::default();
+        apply_topic_config(&mut lc, "compression.type", "lz4").unwrap();
+        assert_eq!(lc.recompress_codec, Some(3));
+        apply_topic_config(&mut lc, "compression.type", "producer").unwrap();
+        assert_eq!(lc.recompress_codec, None);
+        apply_topic_config(&mut lc, "index.interval.bytes", "100").unwrap();
+        assert_eq!(lc.index_interval_bytes, 100);
     }
 }

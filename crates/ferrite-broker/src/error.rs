@@ -63,3 +63,10 @@ pub const NONE: i16 = 0;
 pub fn code(e: ResponseError) -> i16 {
     e.code()
 }
+
+pub fn recompress_error_code(e: &crate::recompress::RecompressError) -> i16 {
+    match e {
+        crate::recompress::RecompressError::Decode(_) => ResponseError::CorruptMessage.code(),
+        crate::recompress::RecompressError::Encode(_) => ResponseError::UnknownServerError.code(),
+    }
+}

@@ -8,6 +8,7 @@ pub mod error;
 pub mod group_manager;
 pub mod handlers;
 pub mod producer_ids;
+pub mod recompress;
 pub mod replica_manager;
 pub mod server;
 

@@ -258,7 +258,11 @@ impl GroupValue {
         let mut members = Vec::new();
         for _ in 0..count {
             let member_id = string(&mut r)?;
-            let group_instance_id = if version >= 3 { nullable(&mut r)? } else { None };
+            let group_instance_id = if version >= 3 {
+                nullable(&mut r)?
+            } else {
+                None
+            };
             let client_id = string(&mut r)?;
             let client_host = string(&mut r)?;
             let rebalance_timeout_ms = if version >= 1 { Some(r.i32()?) } else { None };
@@ -449,10 +453,10 @@ mod tests {
             value: None,
         };
         let expected: Vec<u8> = [
-            &[0u8, 1][..],    // version 1
-            &[0, 1, b'g'],    // group
+            &[0u8, 1][..],       // version 1
+            &[0, 1, b'g'],       // group
             &[0, 2, b't', b'p'], // topic
-            &[0, 0, 0, 7],    // partition
+            &[0, 0, 0, 7],       // partition
         ]
         .concat();
         let (k, v) = r.encode();
@@ -537,21 +541,21 @@ mod tests {
         let v3: Vec<u8> = [
             &[0u8, 3][..], // version 3
             &[0, 8],
-            b"consumer", // protocolType
+            b"consumer",   // protocolType
             &[0, 0, 0, 3], // generation
             &[0, 5],
-            b"range", // protocol
-            &[0, 2, b'm', b'1'], // leader
+            b"range",                        // protocol
+            &[0, 2, b'm', b'1'],             // leader
             &[0, 0, 0, 0, 0, 0, 0x03, 0x84], // currentStateTimestamp 900
-            &[0, 0, 0, 1], // one member
-            &[0, 2, b'm', b'1'], // memberId
-            &[0, 1, b'i'], // groupInstanceId
-            &[0, 1, b'c'], // clientId
-            &[0, 2, b'/', b'h'], // clientHost
-            &[0, 4, 0x93, 0xe0], // rebalanceTimeout 300000
-            &[0, 0, 0x27, 0x10], // sessionTimeout 10000
-            &[0, 0, 0, 2, 1, 2], // subscription
-            &[0, 0, 0, 1, 3], // assignment
+            &[0, 0, 0, 1],                   // one member
+            &[0, 2, b'm', b'1'],             // memberId
+            &[0, 1, b'i'],                   // groupInstanceId
+            &[0, 1, b'c'],                   // clientId
+            &[0, 2, b'/', b'h'],             // clientHost
+            &[0, 4, 0x93, 0xe0],             // rebalanceTimeout 300000
+            &[0, 0, 0x27, 0x10],             // sessionTimeout 10000
+            &[0, 0, 0, 2, 1, 2],             // subscription
+            &[0, 0, 0, 1, 3],                // assignment
         ]
         .concat();
         assert_eq!(v.as_deref(), Some(&v3[..]));
@@ -612,10 +616,16 @@ mod tests {
         .encode();
         let v = v.unwrap();
         for cut in 0..v.len() {
-            assert!(GroupRecord::decode(&k, Some(&v[..cut])).is_err(), "cut at {cut}");
+            assert!(
+                GroupRecord::decode(&k, Some(&v[..cut])).is_err(),
+                "cut at {cut}"
+            );
         }
         for cut in 0..k.len() {
-            assert!(GroupRecord::decode(&k[..cut], None).is_err(), "cut at {cut}");
+            assert!(
+                GroupRecord::decode(&k[..cut], None).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut trailing = v.clone();
         trailing.push(0);

@@ -60,6 +60,10 @@ pub struct LogConfig {
     pub compacted: bool,
     /// `producer.id.expiration.ms`: a producer whose last batch is this old is forgotten.
     pub producer_id_expiration_ms: i64,
+    /// `compression.type` other than `producer`: the codec (batch attribute bits 0-2) the
+    /// broker rewrites produced batches in before appending them. `None` (`producer`)
+    /// stores batches as sent. Storage itself does not read it.
+    pub recompress_codec: Option<u8>,
 }
 
 impl LogConfig {
@@ -88,6 +92,7 @@ impl Default for LogConfig {
             message_timestamp_after_max_ms: i64::MAX,
             compacted: false,
             producer_id_expiration_ms: PRODUCER_ID_EXPIRATION_MS_DEFAULT,
+            recompress_codec: None,
         }
     }
 }

@@ -873,7 +873,7 @@ async fn json_consumer_offsets_are_migrated_to_kafkas_format() {
     let mut server = Server::start(&["offsets.topic.num.partitions=1"]);
     server.create_topic("mig", 2, &[]).await;
     produce(&server, "mig", 0, 20).await;
-    let commit = |group: &str, offset: i64| {
+    fn commit(server: &Server, group: &str, offset: i64) {
         let c: BaseConsumer = server
             .config()
             .set("group.id", group)
@@ -884,8 +884,8 @@ async fn json_consumer_offsets_are_migrated_to_kafkas_format() {
         tpl.add_partition_offset("mig", 0, Offset::Offset(offset))
             .unwrap();
         c.commit(&tpl, CommitMode::Sync).unwrap();
-    };
-    commit("binary-group", 5);
+    }
+    commit(&server, "binary-group", 5);
     server.stop();
 
     // What Ferrite wrote before: JSON keys and values, a commit and a deleted group.
@@ -945,20 +945,20 @@ async fn json_consumer_offsets_are_migrated_to_kafkas_format() {
     log.close().unwrap();
 
     server.restart();
-    let committed = |group: &str, partition: i32| {
+    fn committed(server: &Server, group: &str, partition: i32) -> (Offset, String) {
         let c: BaseConsumer = server.config().set("group.id", group).create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition("mig", partition);
         let got = c.committed_offsets(tpl, OP_TIMEOUT).unwrap();
         let e = &got.elements()[0];
         (e.offset(), e.metadata().to_string())
-    };
-    assert_eq!(committed("binary-group", 0).0, Offset::Offset(5));
+    }
+    assert_eq!(committed(&server, "binary-group", 0).0, Offset::Offset(5));
     assert_eq!(
-        committed("json-group", 1),
+        committed(&server, "json-group", 1),
         (Offset::Offset(7), "from json".to_string())
     );
-    assert_eq!(committed("gone", 0).0, Offset::Invalid);
+    assert_eq!(committed(&server, "gone", 0).0, Offset::Invalid);
 
     // The topic now holds Kafka's records only: OffsetCommitKey version 1, value version 3.
     let check_kafka_format = |records: &[(Vec<u8>, Option<Vec<u8>>)]| {
@@ -989,8 +989,8 @@ async fn json_consumer_offsets_are_migrated_to_kafkas_format() {
     // A second start has nothing to migrate and keeps the same state.
     server.stop();
     server.restart();
-    assert_eq!(committed("json-group", 1).0, Offset::Offset(7));
-    commit("binary-group", 9);
-    assert_eq!(committed("binary-group", 0).0, Offset::Offset(9));
+    assert_eq!(committed(&server, "json-group", 1).0, Offset::Offset(7));
+    commit(&server, "binary-group", 9);
+    assert_eq!(committed(&server, "binary-group", 0).0, Offset::Offset(9));
     check_kafka_format(&read_offsets_topic(&server));
 }

@@ -880,3 +880,76 @@ async fn sarama_style_max_timestamps_neither_lose_data_nor_hide_it() {
         assert_eq!(ts, bases[batch] + (offset % 3) * 10);
     }
 }
+
+/// DescribeConfigs v4 with synonyms and documentation (KIP-569), on the raw wire since
+/// librdkafka does not ask for the documentation: every Kafka topic config is listed with
+/// its type, the keys Ferrite gives no effect yet say so, and a broker setting given at
+/// start-up is the STATIC_BROKER_CONFIG source of its topic config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_configs_documents_every_topic_config() {
+    use ferrite_protocol::kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use ferrite_protocol::kafka_protocol::messages::{
+        ApiKey, DescribeConfigsRequest, DescribeConfigsResponse,
+    };
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    let server = Server::start(&["log.retention.hours=2"]);
+    server
+        .create_topic("doc", 1, &[("segment.jitter.ms", "5")])
+        .await;
+    let req = DescribeConfigsRequest::default()
+        .with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_static_str("doc"))])
+        .with_include_synonyms(true)
+        .with_include_documentation(true);
+    let resp: DescribeConfigsResponse = common::raw(&server.addr, ApiKey::DescribeConfigs, 4, &req);
+    let result = &resp.results[0];
+    assert_eq!(result.error_code, 0);
+    let by_name: HashMap<&str, _> = result
+        .configs
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    assert_eq!(by_name.len(), 33, "Kafka 4.x's topic configs");
+    for c in &result.configs {
+        let doc = c.documentation.as_deref().unwrap_or_default();
+        assert!(!doc.is_empty(), "{} has documentation", c.name.as_str());
+        assert_ne!(c.config_type, 0, "{} has a type", c.name.as_str());
+    }
+    let doc = |k: &str| by_name[k].documentation.as_deref().unwrap().to_string();
+    assert!(doc("segment.jitter.ms").contains("no effect in Ferrite yet"));
+    assert!(doc("delete.retention.ms").contains("no effect in Ferrite yet"));
+    assert!(!doc("compression.type").contains("no effect"));
+    assert!(!doc("retention.ms").contains("no effect"));
+    // Types: LONG 5, INT 3, BOOLEAN 1, DOUBLE 6, LIST 7, STRING 2.
+    assert_eq!(by_name["retention.ms"].config_type, 5);
+    assert_eq!(by_name["min.insync.replicas"].config_type, 3);
+    assert_eq!(by_name["preallocate"].config_type, 1);
+    assert_eq!(by_name["min.cleanable.dirty.ratio"].config_type, 6);
+    assert_eq!(by_name["cleanup.policy"].config_type, 7);
+    assert_eq!(by_name["compression.type"].config_type, 2);
+    // Sources: the topic override (1), the broker's --set (4) and the default (5).
+    let jitter = by_name["segment.jitter.ms"];
+    assert_eq!(
+        (jitter.value.as_deref(), jitter.config_source),
+        (Some("5"), 1)
+    );
+    let retention = by_name["retention.ms"];
+    assert_eq!(
+        (retention.value.as_deref(), retention.config_source),
+        (Some("7200000"), 4)
+    );
+    let syn: Vec<(&str, Option<&str>, i8)> = retention
+        .synonyms
+        .iter()
+        .map(|s| (s.name.as_str(), s.value.as_deref(), s.source))
+        .collect();
+    assert_eq!(
+        syn,
+        vec![
+            ("log.retention.hours", Some("2"), 4),
+            ("log.retention.hours", Some("168"), 5)
+        ]
+    );
+    assert_eq!(by_name["min.insync.replicas"].config_source, 5);
+}

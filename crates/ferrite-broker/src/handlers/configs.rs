@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ferrite_metadata::MetadataRecord;
 use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::describe_configs_response::{
-    DescribeConfigsResourceResult, DescribeConfigsResult,
+    DescribeConfigsResourceResult, DescribeConfigsResult, DescribeConfigsSynonym,
 };
 use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResourceResponse;
 use kafka_protocol::messages::{
@@ -17,7 +17,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::ResponseError;
 
 use super::str_bytes;
-use crate::config::TOPIC_CONFIG_KEYS;
+use crate::config::{topic_config_def, ConfigType, TopicConfigDef, TOPIC_CONFIGS};
 use crate::controller::{validate_topic_configs, AdminError};
 use crate::Broker;
 
@@ -27,18 +27,92 @@ pub const SOURCE_TOPIC: i8 = 1;
 pub const SOURCE_STATIC_BROKER: i8 = 4;
 pub const SOURCE_DEFAULT: i8 = 5;
 
-/// Kafka's ConfigType, reported from DescribeConfigs v3 (KIP-569).
-fn config_type(key: &str) -> i8 {
-    const INT: i8 = 3;
-    const LONG: i8 = 5;
-    const STRING: i8 = 2;
-    const LIST: i8 = 7;
-    match key {
-        "segment.bytes" | "max.message.bytes" => INT,
-        "cleanup.policy" => LIST,
-        "message.timestamp.type" => STRING,
-        _ => LONG,
+/// A value of a `*.ms` topic config in the unit of a broker synonym (`log.retention.hours`).
+fn in_synonym_unit(synonym: &str, value: String) -> String {
+    let per = if synonym.ends_with(".hours") {
+        3_600_000
+    } else if synonym.ends_with(".minutes") {
+        60_000
+    } else {
+        return value;
+    };
+    match value.parse::<i64>() {
+        Ok(ms) if ms > 0 && ms % per == 0 => (ms / per).to_string(),
+        _ => value,
     }
+}
+
+/// One topic config as DescribeConfigs reports it: value and source (topic override, a
+/// broker setting given at start-up, or the default), with Kafka's synonyms (v1+) and the
+/// documentation (v3+), which says when Ferrite gives the config no effect yet.
+fn topic_config_entry(
+    broker: &Broker,
+    def: &TopicConfigDef,
+    topic_value: Option<&String>,
+    include_synonyms: bool,
+    include_documentation: bool,
+) -> DescribeConfigsResourceResult {
+    let config = &broker.config;
+    let static_broker: Vec<(&str, &String)> = def
+        .broker_synonyms
+        .iter()
+        .filter_map(|s| config.explicit.get(*s).map(|v| (*s, v)))
+        .collect();
+    let (value, source) = match topic_value {
+        Some(v) => (Some(v.clone()), SOURCE_TOPIC),
+        None if !static_broker.is_empty() => {
+            (config.topic_config_default(def.name), SOURCE_STATIC_BROKER)
+        }
+        None => (config.topic_config_default(def.name), SOURCE_DEFAULT),
+    };
+    let mut entry = DescribeConfigsResourceResult::default()
+        .with_name(str_bytes(def.name))
+        .with_value(value.map(str_bytes))
+        .with_config_source(source)
+        .with_config_type(def.config_type as i8);
+    if include_synonyms {
+        let mut synonyms = Vec::new();
+        if let Some(v) = topic_value {
+            synonyms.push(
+                DescribeConfigsSynonym::default()
+                    .with_name(str_bytes(def.name))
+                    .with_value(Some(str_bytes(v.as_str())))
+                    .with_source(SOURCE_TOPIC),
+            );
+        }
+        for (name, v) in &static_broker {
+            synonyms.push(
+                DescribeConfigsSynonym::default()
+                    .with_name(str_bytes(*name))
+                    .with_value(Some(str_bytes(v.as_str())))
+                    .with_source(SOURCE_STATIC_BROKER),
+            );
+        }
+        // The built-in default, under the broker config that carries it (Kafka lists
+        // the lowest-precedence synonym, e.g. log.retention.hours=168); a config with no
+        // broker synonym has none.
+        if let Some(name) = def.broker_synonyms.last().copied() {
+            let builtin = crate::config::BrokerConfig::default().topic_config_default(def.name);
+            synonyms.push(
+                DescribeConfigsSynonym::default()
+                    .with_name(str_bytes(name))
+                    .with_value(builtin.map(|v| str_bytes(in_synonym_unit(name, v))))
+                    .with_source(SOURCE_DEFAULT),
+            );
+        }
+        entry = entry.with_synonyms(synonyms);
+    }
+    if include_documentation {
+        let doc = match def.no_effect {
+            None => def.doc.to_string(),
+            Some(why) => format!(
+                "{} [Ferrite: accepted and validated, but no effect in Ferrite yet: {why}.]",
+                def.doc
+            ),
+        };
+        entry = entry.with_documentation(Some(str_bytes(doc)));
+    }
+    entry
 }
 
 pub fn describe(
@@ -69,19 +143,17 @@ pub fn describe(
                                 "topic `{name}` does not exist"
                             ))));
                     };
-                    let configs = TOPIC_CONFIG_KEYS
+                    let configs = TOPIC_CONFIGS
                         .iter()
-                        .filter(|k| keys_wanted(k))
-                        .map(|k| {
-                            let (value, source) = match topic.configs.get(*k) {
-                                Some(v) => (Some(v.clone()), SOURCE_TOPIC),
-                                None => (broker.config.topic_config_default(k), SOURCE_DEFAULT),
-                            };
-                            DescribeConfigsResourceResult::default()
-                                .with_name(str_bytes(*k))
-                                .with_value(value.map(str_bytes))
-                                .with_config_source(source)
-                                .with_config_type(config_type(k))
+                        .filter(|d| keys_wanted(d.name))
+                        .map(|d| {
+                            topic_config_entry(
+                                broker,
+                                d,
+                                topic.configs.get(d.name),
+                                req.include_synonyms,
+                                req.include_documentation,
+                            )
                         })
                         .collect();
                     result.with_configs(configs)
@@ -284,19 +356,40 @@ pub async fn incremental_alter(
                                 next.remove(&key);
                             }
                             APPEND | SUBTRACT => {
-                                if config_type(&key) != 7 {
+                                if topic_config_def(&key).map(|d| d.config_type)
+                                    != Some(ConfigType::List)
+                                {
                                     return Err(AdminError::new(
                                         ResponseError::InvalidConfig,
                                         format!("`{key}` is not a list config"),
                                     ));
                                 }
-                                // cleanup.policy is the only list config and only `delete`
-                                // is supported, so APPEND sets it and SUBTRACT resets it.
+                                // Kafka's AppendOnly/Subtract: on the current value, or
+                                // the default when the topic does not override it.
+                                let current = next
+                                    .get(&key)
+                                    .cloned()
+                                    .or_else(|| broker.config.topic_config_default(&key))
+                                    .unwrap_or_default();
+                                let mut items: Vec<String> = current
+                                    .split(',')
+                                    .map(|i| i.trim().to_string())
+                                    .filter(|i| !i.is_empty())
+                                    .collect();
+                                let given = value.unwrap_or_default();
+                                let given =
+                                    given.split(',').map(str::trim).filter(|i| !i.is_empty());
                                 if op == APPEND {
-                                    next.insert(key, value.unwrap_or_default());
+                                    for g in given {
+                                        if !items.iter().any(|i| i == g) {
+                                            items.push(g.to_string());
+                                        }
+                                    }
                                 } else {
-                                    next.remove(&key);
+                                    let drop: Vec<&str> = given.collect();
+                                    items.retain(|i| !drop.contains(&i.as_str()));
                                 }
+                                next.insert(key, items.join(","));
                             }
                             other => {
                                 return Err(AdminError::new(

@@ -8,7 +8,7 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
 use super::str_bytes;
-use crate::error::storage_error_code;
+use crate::error::{recompress_error_code, storage_error_code};
 use crate::{now_ms, Broker};
 
 /// Returns `None` for acks=0, which gets no response.
@@ -88,6 +88,14 @@ fn append_partition(
         ));
     };
     let records = records.unwrap_or_default();
-    p.append(records, now)
+    // Topic compression.type other than `producer` (recompress.rs); the default keeps the
+    // producer's bytes and never decodes them.
+    let codec = p.log().config().recompress_codec;
+    let recompressed = match codec {
+        Some(codec) => crate::recompress::recompress(records, codec)
+            .map_err(|e| (recompress_error_code(&e), e.to_string()))?,
+        None => None,
+    };
+    p.append(recompressed.as_deref().unwrap_or(records), now)
         .map_err(|e| (storage_error_code(&e), e.to_string()))
 }
