@@ -899,7 +899,8 @@ async fn describe_configs_documents_every_topic_config() {
     let req = DescribeConfigsRequest::default()
         .with_resources(vec![DescribeConfigsResource::default()
             .with_resource_type(2)
-            .with_resource_name(StrBytes::from_static_str("doc"))])
+            .with_resource_name(StrBytes::from_static_str("doc"))
+            .with_configuration_keys(None)])
         .with_include_synonyms(true)
         .with_include_documentation(true);
     let resp: DescribeConfigsResponse = common::raw(&server.addr, ApiKey::DescribeConfigs, 4, &req);
