@@ -929,14 +929,12 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
         }
         "segment.ms" => c.segment_ms = parse_num(key, value, 1)?,
         "max.message.bytes" => c.max_message_bytes = parse_num::<i32>(key, value, 0)? as usize,
-        "cleanup.policy" => {
-            if value.split(',').any(|p| p.trim() == "compact") {
-                return Err(invalid(
-                    key,
-                    value,
-                    "only cleanup.policy=delete is supported; compaction is not implemented yet",
-                ));
-            }
+        "cleanup.policy" if value.split(',').any(|p| p.trim() == "compact") => {
+            return Err(invalid(
+                key,
+                value,
+                "only cleanup.policy=delete is supported; compaction is not implemented yet",
+            ));
         }
         "message.timestamp.type" => {
             c.log_append_time = TimestampType::parse(value.trim())
@@ -952,15 +950,13 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
         "flush.messages" => c.flush_messages = parse_num::<i64>(key, value, 1)? as u64,
         "index.interval.bytes" => c.index_interval_bytes = parse_num::<i32>(key, value, 0)? as u64,
         "compression.type" => c.recompress_codec = compression_codec(value),
-        "remote.storage.enable" => {
-            if value.trim().eq_ignore_ascii_case("true") {
-                // Kafka's answer when remote.log.storage.system.enable is false.
-                return Err(invalid(
-                    key,
-                    value,
-                    "Tiered Storage functionality is disabled in the broker. Topic cannot be configured with remote log storage.",
-                ));
-            }
+        // Kafka's answer when remote.log.storage.system.enable is false.
+        "remote.storage.enable" if value.trim().eq_ignore_ascii_case("true") => {
+            return Err(invalid(
+                key,
+                value,
+                "Tiered Storage functionality is disabled in the broker. Topic cannot be configured with remote log storage.",
+            ));
         }
         "flush.ms" => {
             let v: i64 = parse_num(key, value, 0)?;
