@@ -923,7 +923,8 @@ pub fn apply_topic_config(c: &mut LogConfig, key: &str, value: &str) -> Result<(
     validate_topic_value(def, value)?;
     match key {
         "retention.ms" => c.retention_ms = parse_num(key, value, -1)?,
-        "retention.bytes" => c.retention_bytes = parse_num(key, value, -1)?,
+        // Kafka puts no bound on it; any negative value means no size limit.
+        "retention.bytes" => c.retention_bytes = parse_num(key, value, i64::MIN)?,
         "segment.bytes" => {
             c.segment_bytes = parse_num::<i32>(key, value, limits::SEGMENT_BYTES_MIN as i32)? as u64
         }
