@@ -85,6 +85,42 @@ pub struct BrokerConfig {
     /// Every setting given with `--set`, as given: DescribeConfigs reports them as
     /// STATIC_BROKER_CONFIG sources of the topic configs they are synonyms of.
     pub explicit: BTreeMap<String, String>,
+    /// Replication (`replica.*`, `min.insync.replicas`, `num.replica.fetchers`).
+    pub replication: ReplicationSettings,
+}
+
+/// Kafka's replication broker configs, with Kafka's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationSettings {
+    /// `replica.lag.time.max.ms`: a follower that has not caught up for this long leaves
+    /// the ISR.
+    pub replica_lag_time_max_ms: u64,
+    /// `min.insync.replicas`: the broker default of the topic config.
+    pub min_insync_replicas: usize,
+    /// `num.replica.fetchers`: fetcher tasks per source broker.
+    pub num_replica_fetchers: usize,
+    /// `replica.fetch.max.bytes`: per partition in one follower fetch.
+    pub replica_fetch_max_bytes: i32,
+    /// `replica.fetch.response.max.bytes`: per follower fetch response.
+    pub replica_fetch_response_max_bytes: i32,
+    /// `replica.fetch.wait.max.ms`: how long a follower fetch waits at the leader.
+    pub replica_fetch_wait_max_ms: i32,
+    /// `replica.fetch.backoff.ms`: pause after a failed fetch before the next try.
+    pub replica_fetch_backoff_ms: u64,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        Self {
+            replica_lag_time_max_ms: 30_000,
+            min_insync_replicas: 1,
+            num_replica_fetchers: 1,
+            replica_fetch_max_bytes: 1024 * 1024,
+            replica_fetch_response_max_bytes: 10 * 1024 * 1024,
+            replica_fetch_wait_max_ms: 500,
+            replica_fetch_backoff_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +167,7 @@ impl Default for BrokerConfig {
             group: ferrite_coordinator::GroupConfig::default(),
             fetch_zero_copy: true,
             explicit: BTreeMap::new(),
+            replication: ReplicationSettings::default(),
         }
     }
 }
@@ -190,6 +227,27 @@ impl BrokerConfig {
         let d = &mut self.log_defaults;
         match key {
             "node.id" => self.node_id = parse_num(key, value, 0)?,
+            "replica.lag.time.max.ms" => {
+                self.replication.replica_lag_time_max_ms = parse_num(key, value, 1)?
+            }
+            "min.insync.replicas" => {
+                self.replication.min_insync_replicas = parse_num(key, value, 1)?
+            }
+            "num.replica.fetchers" => {
+                self.replication.num_replica_fetchers = parse_num(key, value, 1)?
+            }
+            "replica.fetch.max.bytes" => {
+                self.replication.replica_fetch_max_bytes = parse_num(key, value, 1)?
+            }
+            "replica.fetch.response.max.bytes" => {
+                self.replication.replica_fetch_response_max_bytes = parse_num(key, value, 1)?
+            }
+            "replica.fetch.wait.max.ms" => {
+                self.replication.replica_fetch_wait_max_ms = parse_num(key, value, 0)?
+            }
+            "replica.fetch.backoff.ms" => {
+                self.replication.replica_fetch_backoff_ms = parse_num(key, value, 0)?
+            }
             "broker.rack" => self.rack = Some(value.to_string()).filter(|r| !r.is_empty()),
             "listeners" => {
                 let addr = client_listener(value);

@@ -22,7 +22,11 @@ pub fn storage_error_code(e: &StorageError) -> i16 {
         StorageError::Io { .. }
         | StorageError::Corruption { .. }
         | StorageError::LogOffline(_)
-        | StorageError::InvalidFileName(_) => ResponseError::KafkaStorageError,
+        | StorageError::InvalidFileName(_)
+        | StorageError::LeaderEpoch { .. } => ResponseError::KafkaStorageError,
+        // Only a replica fetcher appends as a follower; a leader's batches that do not
+        // continue the log are answered like a bad batch.
+        StorageError::NonContiguousFollowerAppend { .. } => ResponseError::CorruptMessage,
     };
     code.code()
 }
@@ -68,5 +72,32 @@ pub fn recompress_error_code(e: &crate::recompress::RecompressError) -> i16 {
     match e {
         crate::recompress::RecompressError::Decode(_) => ResponseError::CorruptMessage.code(),
         crate::recompress::RecompressError::Encode(_) => ResponseError::UnknownServerError.code(),
+    }
+}
+
+/// Kafka error code for a replication refusal (produce, fetch, ListOffsets).
+pub fn replication_error_code(e: &ferrite_replication::ReplicationError) -> i16 {
+    use ferrite_replication::ReplicationError as R;
+    let code = match e {
+        R::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
+        R::NotEnoughReplicasAfterAppend { .. } => ResponseError::NotEnoughReplicasAfterAppend,
+        R::RequestTimedOut { .. } | R::TooManyPendingProduces(_) => ResponseError::RequestTimedOut,
+        R::FencedLeaderEpoch { .. } => ResponseError::FencedLeaderEpoch,
+        R::UnknownLeaderEpoch { .. } => ResponseError::UnknownLeaderEpoch,
+        R::NotLeaderOrFollower(_) => ResponseError::NotLeaderOrFollower,
+        R::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+        R::OffsetNotAvailable { .. } => ResponseError::OffsetNotAvailable,
+        R::EpochRegression { .. } | R::InvalidEpochHistory { .. } => {
+            ResponseError::KafkaStorageError
+        }
+    };
+    code.code()
+}
+
+/// Kafka error code for a refused produce.
+pub fn produce_error_code(e: &crate::replica_manager::ProduceError) -> i16 {
+    match e {
+        crate::replica_manager::ProduceError::Storage(e) => storage_error_code(e),
+        crate::replica_manager::ProduceError::Replication(e) => replication_error_code(e),
     }
 }

@@ -9,6 +9,7 @@ pub mod group_manager;
 pub mod handlers;
 pub mod producer_ids;
 pub mod recompress;
+pub mod replica_fetcher;
 pub mod replica_manager;
 pub mod server;
 
@@ -286,9 +287,13 @@ impl Broker {
         let mut ticker = tokio::time::interval(Duration::from_millis(period_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_retention = now_ms();
+        // Replication: the fetchers of partitions followed here (issue 9).
+        tokio::spawn(replica_fetcher::run(self.clone()));
         loop {
             ticker.tick().await;
             let now = now_ms();
+            // ISR shrink of partitions led here (followers that stopped fetching).
+            self.replicas.check_isr(now);
             let retention_due =
                 now - last_retention >= self.config.retention_check_interval_ms as i64;
             if retention_due {

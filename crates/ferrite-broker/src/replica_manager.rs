@@ -1,21 +1,81 @@
-//! The partitions this broker hosts: their logs, leader epochs and the watch channels that
-//! wake long-polling fetches. On one node every hosted partition is led here, its ISR is
-//! this broker alone and the high watermark is the log end offset; the replication work
-//! replaces `high_watermark` with the ISR-driven value without changing callers.
+//! The partitions this broker hosts: their logs, their role in replication (leader or
+//! follower, from the metadata image) and the watch channels that wake long-polling
+//! fetches.
+//!
+//! A partition this broker leads holds a `ferrite_replication::PartitionLeader`: the
+//! followers' log end offsets (from their fetches), the high watermark, ISR change
+//! proposals and the acks=all purgatory. On one node the ISR is this broker alone, so
+//! the high watermark is the log end offset after every append and nothing is ever
+//! proposed. Lock order: `replication`, then `log`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use ferrite_metadata::MetadataImage;
+use ferrite_metadata::{MetadataImage, PartitionImage};
+use ferrite_replication::{
+    AlterPartitionProposal, BrokerState, EpochEndOffset, FetchOutcome, FollowerFetch,
+    PartitionLeader, PartitionState, ProduceCompletion, ReplicationConfig, ReplicationError,
+};
 use ferrite_storage::{AppendInfo, LogConfig, PartitionLog, ReadPlan, StorageError};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::config::BrokerConfig;
 
 pub type TopicPartition = (Arc<str>, i32);
+
+/// AlterPartition requests waiting to be sent to the active controller, at most.
+pub const ALTER_PARTITION_QUEUED_MAX: usize = 1024;
+
+/// An ISR change this broker, as leader, asks the controller for (Kafka's
+/// AlterPartition, one partition per item). The broker's controller wiring takes these
+/// from [`ReplicaManager::take_alter_partition_receiver`], sends them to the active
+/// controller and reports the outcome with [`ReplicaManager::alter_partition_done`]
+/// (the committed partition state, or the error code). Until then the partition sends
+/// no other change (one AlterPartition in flight per partition); the metadata image
+/// settles it too when it shows a newer partition epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterPartitionItem {
+    pub topic: Arc<str>,
+    pub topic_id: Uuid,
+    pub partition: i32,
+    pub proposal: AlterPartitionProposal,
+}
+
+/// This broker's part in one partition.
+enum Role {
+    Leader(Box<LeaderRole>),
+    /// Following `leader` (-1: none elected); its high watermark as last fetched.
+    Follower,
+}
+
+struct LeaderRole {
+    state: PartitionLeader,
+    /// acks=all produces waiting for the high watermark, by token.
+    waiters: HashMap<u64, oneshot::Sender<Result<(), ReplicationError>>>,
+}
+
+struct Replication {
+    role: Role,
+    next_token: u64,
+}
+
+/// An acks=all produce appended and waiting in the purgatory.
+pub struct ProduceWaiter {
+    deadline_ms: i64,
+    rx: oneshot::Receiver<Result<(), ReplicationError>>,
+}
+
+/// Why a produce to this partition is refused before or after the append.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+}
 
 pub struct Partition {
     pub topic: Arc<str>,
@@ -23,7 +83,14 @@ pub struct Partition {
     pub index: i32,
     log: Mutex<PartitionLog>,
     leader_epoch: AtomicI32,
-    /// The high watermark, published after every append for long-polling fetches.
+    /// The leader as the metadata image says (-1: none).
+    leader_id: AtomicI32,
+    replication: Mutex<Replication>,
+    /// The high watermark: the leader's, or on a follower the leader's as last fetched
+    /// (never above its own log end).
+    high_watermark: AtomicI64,
+    /// Bumped after every append and every high watermark change, for long-polling
+    /// fetches (consumers wait for the high watermark, followers for the log end).
     high_watermark_tx: watch::Sender<i64>,
     /// Closed-segment bytes after the last compaction pass; no new pass until they grow.
     pub compacted_closed_bytes: AtomicU64,
@@ -42,18 +109,351 @@ impl Partition {
         self.leader_epoch.load(Ordering::Acquire)
     }
 
-    pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, StorageError> {
-        let epoch = self.leader_epoch();
+    /// The leader the metadata names, -1 if none.
+    pub fn leader_id(&self) -> i32 {
+        self.leader_id.load(Ordering::Acquire)
+    }
+
+    fn replication(&self) -> MutexGuard<'_, Replication> {
+        self.replication.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this broker leads the partition now.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.replication().role, Role::Leader(_))
+    }
+
+    /// An append by this broker as leader with acks=1 semantics (the group coordinator's
+    /// writes). Refused with NOT_LEADER_OR_FOLLOWER when this broker does not lead.
+    pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, ProduceError> {
+        self.append_as_leader(records, now_ms, 1, 0)
+            .map(|(info, _)| info)
+    }
+
+    /// A produce: appended under the leader's epoch. With `acks` -1 it is refused with
+    /// NOT_ENOUGH_REPLICAS while the ISR is below min.insync.replicas, and otherwise
+    /// returns a waiter that completes when the ISR has the batch ([`Self::wait`]).
+    pub fn append_as_leader(
+        &self,
+        records: &[u8],
+        now_ms: i64,
+        acks: i16,
+        timeout_ms: i64,
+    ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
+        let mut repl = self.replication();
+        let Replication { role, next_token } = &mut *repl;
+        let Role::Leader(leader) = role else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()).into());
+        };
+        if acks == -1 {
+            leader.state.check_acks_all()?;
+        }
+        let epoch = leader.state.leader_epoch();
         let (info, leo) = {
             let mut log = self.log();
             let info = log.append(records, epoch, now_ms);
             self.note_disk_space(&log, &info);
             (info?, log.log_end_offset())
         };
-        self.high_watermark_tx.send_replace(leo);
+        leader.state.on_append(leo);
+        let now = clock(now_ms);
+        let waiter = if acks == -1 {
+            let token = *next_token;
+            *next_token += 1;
+            let deadline_ms = now_ms.saturating_add(timeout_ms.max(0));
+            leader
+                .state
+                .add_pending_produce(token, info.last_offset + 1, clock(deadline_ms))?;
+            let (tx, rx) = oneshot::channel();
+            leader.waiters.insert(token, tx);
+            Some(ProduceWaiter { deadline_ms, rx })
+        } else {
+            None
+        };
+        let completions = leader.state.poll_produces(now);
+        complete(leader, completions);
+        self.publish(leader.state.high_watermark());
+        Ok((info, waiter))
+    }
+
+    /// Waits until an acks=all produce is acknowledged, refused
+    /// (NOT_ENOUGH_REPLICAS_AFTER_APPEND, NOT_LEADER_OR_FOLLOWER) or times out
+    /// (REQUEST_TIMED_OUT). Woken by the events that decide it, never by polling; the
+    /// deadline itself is a timer.
+    pub async fn wait(&self, waiter: ProduceWaiter) -> Result<(), ReplicationError> {
+        let ProduceWaiter {
+            deadline_ms,
+            mut rx,
+        } = waiter;
+        let wait_ms = u64::try_from(deadline_ms.saturating_sub(crate::now_ms())).unwrap_or(0);
+        if let Ok(result) =
+            tokio::time::timeout(std::time::Duration::from_millis(wait_ms), &mut rx).await
+        {
+            return result.unwrap_or(Err(ReplicationError::NotLeaderOrFollower(self.leader_id())));
+        }
+        {
+            let mut repl = self.replication();
+            if let Role::Leader(leader) = &mut repl.role {
+                // Past the deadline by the clock the purgatory is given: it answers this
+                // produce (and any other due) now.
+                let now = clock(deadline_ms.max(crate::now_ms()));
+                let completions = leader.state.poll_produces(now);
+                complete(leader, completions);
+            }
+        }
+        match rx.try_recv() {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::RequestTimedOut {
+                required_offset: -1,
+            }),
+        }
+    }
+
+    /// A follower's fetch at this leader: checks its epochs, records its log end offset,
+    /// advances the high watermark, answers produces that waited for it and proposes an
+    /// ISR change if one is due. Returns what to answer and the high watermark.
+    pub fn on_follower_fetch(
+        &self,
+        fetch: FollowerFetch,
+        now_ms: i64,
+        brokers: impl Fn(i32) -> Option<BrokerState>,
+    ) -> Result<(FetchOutcome, Option<AlterPartitionProposal>), ReplicationError> {
+        let mut repl = self.replication();
+        let Role::Leader(leader) = &mut repl.role else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()));
+        };
+        let now = clock(now_ms);
+        let outcome = {
+            let log = self.log();
+            leader
+                .state
+                .on_follower_fetch(fetch, log.leader_epochs(), now)?
+        };
+        let completions = leader.state.poll_produces(now);
+        complete(leader, completions);
+        let proposal = leader.state.isr_proposal(now, brokers);
+        self.publish(leader.state.high_watermark());
+        Ok((outcome, proposal))
+    }
+
+    /// Periodic ISR check of a leader (followers that stopped fetching leave the ISR).
+    pub fn isr_proposal(
+        &self,
+        now_ms: i64,
+        brokers: impl Fn(i32) -> Option<BrokerState>,
+    ) -> Option<AlterPartitionProposal> {
+        let mut repl = self.replication();
+        let Role::Leader(leader) = &mut repl.role else {
+            return None;
+        };
+        leader.state.isr_proposal(clock(now_ms), brokers)
+    }
+
+    /// The controller answered an AlterPartition of this partition.
+    pub fn alter_partition_done(
+        &self,
+        proposal: &AlterPartitionProposal,
+        result: Result<PartitionState, i16>,
+        now_ms: i64,
+    ) {
+        let mut repl = self.replication();
+        let Role::Leader(leader) = &mut repl.role else {
+            return;
+        };
+        if result
+            .as_ref()
+            .is_ok_and(|s| s.leader_epoch != leader.state.leader_epoch())
+        {
+            return; // A new epoch: the metadata image makes the next role.
+        }
+        leader.state.on_alter_partition_response(proposal, result);
+        let completions = leader.state.poll_produces(clock(now_ms));
+        complete(leader, completions);
+        self.publish(leader.state.high_watermark());
+    }
+
+    /// OffsetForLeaderEpoch: the largest epoch at most `epoch` and where it ends in this
+    /// log (the log end offset for the latest epoch).
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> EpochEndOffset {
+        let log = self.log();
+        log.leader_epochs()
+            .end_offset_for(epoch, log.log_end_offset())
+    }
+
+    /// ListOffsets latest for a client: the high watermark; on a new leader whose high
+    /// watermark has not reached its epoch's start, OFFSET_NOT_AVAILABLE (KIP-207).
+    pub fn list_offsets_latest(&self) -> Result<i64, ReplicationError> {
+        match &self.replication().role {
+            Role::Leader(leader) => leader.state.list_offsets_latest(),
+            Role::Follower => Ok(self.high_watermark()),
+        }
+    }
+
+    /// A follower's append of the leader's batches, then its high watermark from the
+    /// leader's (never above its own log end).
+    pub fn append_as_follower(
+        &self,
+        records: &[u8],
+        leader_high_watermark: i64,
+        now_ms: i64,
+    ) -> Result<Option<AppendInfo>, StorageError> {
+        let mut log = self.log();
+        let info = if records.is_empty() {
+            None
+        } else {
+            let info = log.append_as_follower(records, now_ms);
+            self.note_disk_space(&log, &info);
+            Some(info?)
+        };
+        let hw = ferrite_replication::follower_high_watermark(
+            leader_high_watermark,
+            log.log_end_offset(),
+        );
+        drop(log);
+        if hw > self.high_watermark() || info.is_some() {
+            self.publish(hw.max(self.high_watermark()));
+        }
         Ok(info)
     }
 
+    /// A follower's truncation (KIP-101/279): the log, its epochs and producer state end
+    /// at `offset`, and the high watermark is kept at or below it.
+    pub fn truncate_to(&self, offset: i64) -> Result<bool, StorageError> {
+        let mut log = self.log();
+        let cut = log.truncate_to(offset)?;
+        let leo = log.log_end_offset();
+        drop(log);
+        if self.high_watermark() > leo {
+            self.high_watermark.store(leo, Ordering::Release);
+        }
+        Ok(cut)
+    }
+
+    /// Empties a follower's log to start at `offset` (its log lies wholly outside the
+    /// leader's).
+    pub fn truncate_fully_and_start_at(&self, offset: i64) -> Result<(), StorageError> {
+        let mut log = self.log();
+        log.truncate_fully_and_start_at(offset)?;
+        drop(log);
+        self.high_watermark.store(offset, Ordering::Release);
+        self.high_watermark_tx.send_modify(|v| *v = offset);
+        Ok(())
+    }
+
+    fn publish(&self, high_watermark: i64) {
+        self.high_watermark.store(high_watermark, Ordering::Release);
+        // Wake fetches whatever moved: consumers wait for the high watermark, followers
+        // for the log end.
+        self.high_watermark_tx.send_modify(|v| *v = high_watermark);
+    }
+
+    /// Makes this broker's role match the image's partition: leader (a new
+    /// `PartitionLeader` for a new leader epoch, an update of the ISR within one) or
+    /// follower. Leaving leadership answers every waiting produce NOT_LEADER_OR_FOLLOWER.
+    /// Returns whether this broker now follows a leader it must fetch from.
+    fn apply_image(
+        &self,
+        node_id: i32,
+        broker_epoch: i64,
+        config: ReplicationConfig,
+        image: &PartitionImage,
+        now_ms: i64,
+    ) {
+        self.leader_epoch
+            .store(image.leader_epoch, Ordering::Release);
+        self.leader_id.store(image.leader, Ordering::Release);
+        let state = PartitionState {
+            leader_epoch: image.leader_epoch,
+            partition_epoch: image.partition_epoch,
+            replicas: image.replicas.clone(),
+            isr: image.isr.clone(),
+        };
+        let mut repl = self.replication();
+        let leads = image.leader == node_id
+            && image.replicas.contains(&node_id)
+            && image.isr.contains(&node_id);
+        if leads {
+            if let Role::Leader(leader) = &mut repl.role {
+                if leader.state.leader_epoch() == image.leader_epoch {
+                    leader.state.update_partition_state(state);
+                    let completions = leader.state.poll_produces(clock(now_ms));
+                    complete(leader, completions);
+                    let hw = leader.state.high_watermark();
+                    drop(repl);
+                    self.publish(hw);
+                    return;
+                }
+            }
+            let (leo, hw) = {
+                let mut log = self.log();
+                if let Err(e) = log.begin_leader_epoch(image.leader_epoch) {
+                    // The first append of the epoch retries the write and fails the
+                    // produce if it still cannot be made durable.
+                    tracing::error!(topic = %self.topic, partition = self.index, epoch = image.leader_epoch, error = %e, "cannot record the new leader epoch");
+                }
+                (
+                    log.log_end_offset(),
+                    self.high_watermark().min(log.log_end_offset()),
+                )
+            };
+            let state = PartitionLeader::become_leader(
+                node_id,
+                broker_epoch,
+                config,
+                state,
+                leo,
+                hw.max(0),
+                clock(now_ms),
+            );
+            let previous = std::mem::replace(
+                &mut repl.role,
+                Role::Leader(Box::new(LeaderRole {
+                    state,
+                    waiters: HashMap::new(),
+                })),
+            );
+            resign(previous);
+            if let Role::Leader(leader) = &repl.role {
+                let hw = leader.state.high_watermark();
+                drop(repl);
+                self.publish(hw);
+            }
+        } else {
+            if image.leader == node_id {
+                tracing::error!(topic = %self.topic, partition = self.index, isr = ?image.isr, "the metadata names this broker leader outside its ISR; not leading");
+            }
+            let previous = std::mem::replace(&mut repl.role, Role::Follower);
+            resign(previous);
+        }
+    }
+}
+
+/// `now_ms` for the sans-I/O state machines (wall clock, never negative).
+fn clock(now_ms: i64) -> u64 {
+    u64::try_from(now_ms).unwrap_or(0)
+}
+
+fn complete(leader: &mut LeaderRole, completions: Vec<ProduceCompletion>) {
+    for c in completions {
+        if let Some(tx) = leader.waiters.remove(&c.token) {
+            // The produce may have stopped waiting (its connection closed): nothing to do.
+            let _ = tx.send(c.result);
+        }
+    }
+}
+
+fn resign(previous: Role) {
+    if let Role::Leader(leader) = previous {
+        let LeaderRole { state, mut waiters } = *leader;
+        for c in state.resign() {
+            if let Some(tx) = waiters.remove(&c.token) {
+                let _ = tx.send(c.result);
+            }
+        }
+    }
+}
+
+impl Partition {
     /// One WARN when the log directory fills up and one when an append succeeds again,
     /// however many produce requests fail in between.
     fn note_disk_space<T>(&self, log: &PartitionLog, result: &Result<T, StorageError>) {
@@ -82,28 +482,83 @@ impl Partition {
     }
 
     pub fn high_watermark(&self) -> i64 {
-        *self.high_watermark_tx.borrow()
+        self.high_watermark.load(Ordering::Acquire)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.high_watermark_tx.subscribe()
     }
 
-    /// `(log_start_offset, high_watermark, read plan)` taken under one lock.
+    /// `(log_start_offset, high_watermark, read plan)` taken under one lock; the plan
+    /// reads to the log end (followers, the coordinator's load).
     pub fn read_plan(
         &self,
         fetch_offset: i64,
     ) -> (i64, i64, Result<Option<ReadPlan>, StorageError>) {
         let log = self.log();
-        let hw = log.log_end_offset();
+        let hw = self.high_watermark();
         (log.log_start_offset(), hw, log.read_plan(fetch_offset))
+    }
+
+    /// A consumer's read: nothing at or above the high watermark. A fetch offset between
+    /// the high watermark and the log end reads nothing (not out of range), as in Kafka.
+    pub fn consumer_read_plan(
+        &self,
+        fetch_offset: i64,
+    ) -> (i64, i64, Result<Option<ReadPlan>, StorageError>) {
+        let log = self.log();
+        let hw = self.high_watermark();
+        let plan = if fetch_offset >= hw && fetch_offset <= log.log_end_offset() {
+            log.read_plan(fetch_offset).map(|_| None)
+        } else {
+            log.read_plan(fetch_offset)
+                .map(|plan| plan.map(|plan| plan.up_to(hw)))
+        };
+        (log.log_start_offset(), hw, plan)
+    }
+
+    /// `(log_start_offset, log_end_offset, last fetched epoch)` of a follower.
+    pub fn follower_position(&self) -> (i64, i64, Option<i32>) {
+        let log = self.log();
+        (
+            log.log_start_offset(),
+            log.log_end_offset(),
+            log.last_leader_epoch(),
+        )
     }
 }
 
-#[derive(Default)]
 pub struct ReplicaManager {
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
     log_dir_full: Arc<AtomicBool>,
+    alter_partition_tx: mpsc::Sender<AlterPartitionItem>,
+    alter_partition_rx: Mutex<Option<mpsc::Receiver<AlterPartitionItem>>>,
+    /// Brokers as the last applied image knows them (ISR expansion checks, KIP-903).
+    brokers: RwLock<HashMap<i32, BrokerState>>,
+    /// Partitions this broker follows, by leader: what the replica fetchers fetch.
+    followed: watch::Sender<HashMap<TopicPartition, FollowedPartition>>,
+}
+
+/// A partition this broker follows: fetched from `leader` at `leader_epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowedPartition {
+    pub leader: i32,
+    pub leader_epoch: i32,
+    pub topic_id: Uuid,
+}
+
+impl Default for ReplicaManager {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(ALTER_PARTITION_QUEUED_MAX);
+        Self {
+            partitions: RwLock::default(),
+            log_dir_full: Arc::default(),
+            alter_partition_tx: tx,
+            alter_partition_rx: Mutex::new(Some(rx)),
+            brokers: RwLock::default(),
+            followed: watch::channel(HashMap::new()).0,
+        }
+    }
 }
 
 /// Logs opened for partitions an admin change is about to add, before the change is
@@ -150,6 +605,79 @@ impl ReplicaManager {
     pub fn all(&self) -> Vec<Arc<Partition>> {
         let map = self.partitions.read().unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
+    }
+
+    /// The AlterPartition requests leaders here propose; taken once by the broker's
+    /// controller wiring. Until it is taken (one node) nothing is ever proposed anyway:
+    /// a partition without followers has no ISR change to make.
+    pub fn take_alter_partition_receiver(&self) -> Option<mpsc::Receiver<AlterPartitionItem>> {
+        self.alter_partition_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The controller's answer to an [`AlterPartitionItem`]: the partition state it
+    /// committed, or its error code (the leader may propose again later).
+    pub fn alter_partition_done(
+        &self,
+        item: &AlterPartitionItem,
+        result: Result<PartitionState, i16>,
+    ) {
+        if let Some(p) = self.get(&item.topic, item.partition) {
+            if p.topic_id == item.topic_id {
+                p.alter_partition_done(&item.proposal, result, crate::now_ms());
+            }
+        }
+    }
+
+    /// Queues an ISR change for the controller; when the queue is full the proposal is
+    /// dropped as refused, so that the leader proposes again later.
+    pub fn send_alter_partition(&self, p: &Partition, proposal: AlterPartitionProposal) {
+        let item = AlterPartitionItem {
+            topic: p.topic.clone(),
+            topic_id: p.topic_id,
+            partition: p.index,
+            proposal,
+        };
+        tracing::info!(topic = %item.topic, partition = item.partition, isr = ?item.proposal.new_isr, "proposing an ISR change");
+        if let Err(e) = self.alter_partition_tx.try_send(item) {
+            let item = match e {
+                mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
+            };
+            tracing::warn!(topic = %item.topic, partition = item.partition, "AlterPartition queue full or closed; the ISR change waits for the next check");
+            p.alter_partition_done(
+                &item.proposal,
+                Err(kafka_protocol::ResponseError::RequestTimedOut.code()),
+                crate::now_ms(),
+            );
+        }
+    }
+
+    /// The image's view of broker `id` for ISR decisions.
+    pub fn broker_state(&self, id: i32) -> Option<BrokerState> {
+        self.brokers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
+    }
+
+    /// Periodic ISR check of every partition led here (Kafka's `isr-expiration`
+    /// task, every `replica.lag.time.max.ms / 2`).
+    pub fn check_isr(&self, now_ms: i64) {
+        for p in self.all() {
+            if let Some(proposal) = p.isr_proposal(now_ms, |id| self.broker_state(id)) {
+                self.send_alter_partition(&p, proposal);
+            }
+        }
+    }
+
+    /// The partitions this broker follows, by leader; changes with every image.
+    pub fn subscribe_followed(
+        &self,
+    ) -> watch::Receiver<HashMap<TopicPartition, FollowedPartition>> {
+        self.followed.subscribe()
     }
 
     fn wanted(
@@ -298,12 +826,24 @@ impl ReplicaManager {
                         }
                     };
                     let (tx, _) = watch::channel(log.log_end_offset());
+                    // Nothing is known committed until a leader says so (a follower's
+                    // fetch) or, leading, until the ISR has it: the high watermark
+                    // starts at the log start (Kafka keeps a checkpoint of it; Ferrite
+                    // does not yet). On one node the ISR is this broker alone, so
+                    // becoming leader moves it to the log end at once.
+                    let hw = log.log_start_offset();
                     let partition = Partition {
                         topic: key.0.clone(),
                         topic_id,
                         index: key.1,
                         log: Mutex::new(log),
                         leader_epoch: AtomicI32::new(epoch),
+                        leader_id: AtomicI32::new(-1),
+                        replication: Mutex::new(Replication {
+                            role: Role::Follower,
+                            next_token: 0,
+                        }),
+                        high_watermark: AtomicI64::new(hw),
                         high_watermark_tx: tx,
                         compacted_closed_bytes: AtomicU64::new(0),
                         log_dir_full: self.log_dir_full.clone(),
@@ -312,6 +852,58 @@ impl ReplicaManager {
                 }
             }
         }
+        // Roles from the image: lead, or follow (and tell the fetchers).
+        let now = crate::now_ms();
+        let broker_epoch = image.broker(config.node_id).map_or(-1, |b| b.broker_epoch);
+        {
+            let mut brokers = self.brokers.write().unwrap_or_else(|p| p.into_inner());
+            brokers.clear();
+            for b in image.brokers() {
+                brokers.insert(
+                    b.broker_id,
+                    BrokerState {
+                        broker_epoch: b.broker_epoch,
+                        fenced: b.fenced,
+                        in_controlled_shutdown: b.in_controlled_shutdown,
+                    },
+                );
+            }
+        }
+        let mut followed = HashMap::new();
+        for topic in image.topics() {
+            let min_insync_replicas = topic
+                .configs
+                .get("min.insync.replicas")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(config.replication.min_insync_replicas);
+            let replication = ReplicationConfig {
+                replica_lag_time_max_ms: config.replication.replica_lag_time_max_ms,
+                min_insync_replicas,
+            };
+            for pi in topic.partitions.values() {
+                let key: TopicPartition = (Arc::from(topic.name.as_str()), pi.partition);
+                let Some(p) = map.get(&key) else { continue };
+                p.apply_image(config.node_id, broker_epoch, replication, pi, now);
+                if pi.leader >= 0 && pi.leader != config.node_id {
+                    followed.insert(
+                        key,
+                        FollowedPartition {
+                            leader: pi.leader,
+                            leader_epoch: pi.leader_epoch,
+                            topic_id: topic.topic_id,
+                        },
+                    );
+                }
+            }
+        }
+        self.followed.send_if_modified(|f| {
+            if *f == followed {
+                false
+            } else {
+                *f = followed;
+                true
+            }
+        });
         if recovered.0 > 0 {
             tracing::info!(
                 partitions = recovered.0,
@@ -489,4 +1081,324 @@ fn delete_partition_dir(dir: &Path) {
 
 pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
     data_dir.join(format!("{topic}-{partition}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    //! Two replica managers (two brokers' partitions) with the follower's fetches
+    //! carried out by hand: the leader's purgatory, high watermark, ISR proposals and
+    //! the follower's truncation, without sockets. The socket path is the replica
+    //! fetcher's, tested with real processes.
+    use super::*;
+    use ferrite_metadata::{BrokerEndpoint, MetadataRecord};
+    use ferrite_storage::test_support::make_batch;
+    use kafka_protocol::ResponseError;
+
+    struct Node {
+        _dir: tempfile::TempDir,
+        config: BrokerConfig,
+        rm: ReplicaManager,
+    }
+
+    fn node(id: i32) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            node_id: id,
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        Node {
+            _dir: dir,
+            config,
+            rm: ReplicaManager::default(),
+        }
+    }
+
+    fn image(topic_id: Uuid, isr: Vec<i32>, leader: i32, leader_epoch: i32) -> MetadataImage {
+        let mut img = MetadataImage::default();
+        let mut records = Vec::new();
+        for id in [0, 1] {
+            records.push(MetadataRecord::RegisterBroker {
+                broker_id: id,
+                incarnation_id: Uuid::new_v4(),
+                broker_epoch: 10 + i64::from(id),
+                endpoints: vec![BrokerEndpoint {
+                    name: "PLAINTEXT".into(),
+                    host: "127.0.0.1".into(),
+                    port: 9092,
+                    security_protocol: 0,
+                }],
+                rack: None,
+                fenced: false,
+            });
+        }
+        records.push(MetadataRecord::Topic {
+            name: "t".into(),
+            topic_id,
+        });
+        records.push(MetadataRecord::TopicConfig {
+            topic_id,
+            key: "min.insync.replicas".into(),
+            value: Some("2".into()),
+        });
+        records.push(MetadataRecord::Partition {
+            topic_id,
+            partition: 0,
+            replicas: vec![0, 1],
+            isr,
+            leader,
+            leader_epoch,
+            partition_epoch: leader_epoch,
+        });
+        img.apply_all(&records);
+        for b in [0, 1] {
+            img.apply(&MetadataRecord::BrokerRegistrationChange {
+                broker_id: b,
+                broker_epoch: 10 + i64::from(b),
+                fenced: Some(false),
+                in_controlled_shutdown: None,
+            });
+        }
+        img
+    }
+
+    /// One follower fetch by hand: the leader records it, the follower appends what the
+    /// leader's log holds from its log end.
+    fn replicate(leader: &Partition, follower: &Partition, follower_id: i32) -> FetchOutcome {
+        let (_, leo, last) = follower.follower_position();
+        let (outcome, _) = leader
+            .on_follower_fetch(
+                FollowerFetch {
+                    replica_id: follower_id,
+                    replica_epoch: 10 + i64::from(follower_id),
+                    current_leader_epoch: leader.leader_epoch(),
+                    fetch_offset: leo,
+                    last_fetched_epoch: last,
+                },
+                crate::now_ms(),
+                |_| {
+                    Some(BrokerState {
+                        broker_epoch: 10 + i64::from(follower_id),
+                        fenced: false,
+                        in_controlled_shutdown: false,
+                    })
+                },
+            )
+            .unwrap();
+        if let FetchOutcome::Read { high_watermark } = outcome {
+            let (_, _, plan) = leader.read_plan(leo);
+            let bytes = match plan.unwrap() {
+                Some(plan) => plan.read(1 << 30, true).unwrap().to_vec(),
+                None => Vec::new(),
+            };
+            follower
+                .append_as_follower(&bytes, high_watermark, crate::now_ms())
+                .unwrap();
+        }
+        outcome
+    }
+
+    fn bytes_of(p: &Partition) -> Vec<u8> {
+        let (_, _, plan) = p.read_plan(0);
+        plan.unwrap()
+            .map(|plan| plan.read(1 << 30, true).unwrap().to_vec())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn acks_all_waits_for_the_isr_and_the_high_watermark_bounds_consumers() {
+        let (n0, n1) = (node(0), node(1));
+        let id = Uuid::new_v4();
+        let img = image(id, vec![0, 1], 0, 1);
+        n0.rm.reconcile(&img, &n0.config, true).unwrap();
+        n1.rm.reconcile(&img, &n1.config, true).unwrap();
+        let leader = n0.rm.get("t", 0).unwrap();
+        let follower = n1.rm.get("t", 0).unwrap();
+        assert!(leader.is_leader() && !follower.is_leader());
+
+        let (info, waiter) = leader
+            .append_as_leader(&make_batch(3, 1, b"v"), crate::now_ms(), -1, 30_000)
+            .unwrap();
+        assert_eq!(info.base_offset, 0);
+        let waiter = waiter.expect("acks=all waits");
+        assert_eq!(leader.high_watermark(), 0);
+        // A consumer sees nothing yet; a follower reads to the log end.
+        let (_, hw, plan) = leader.consumer_read_plan(0);
+        assert_eq!(hw, 0);
+        assert!(plan.unwrap().is_none());
+        // A non-leader refuses produces.
+        assert!(matches!(
+            follower.append_as_leader(&make_batch(1, 1, b"x"), 0, 1, 0),
+            Err(ProduceError::Replication(
+                ReplicationError::NotLeaderOrFollower(0)
+            ))
+        ));
+
+        replicate(&leader, &follower, 1); // brings the batch
+        assert_eq!(
+            leader.high_watermark(),
+            0,
+            "the follower has not confirmed yet"
+        );
+        replicate(&leader, &follower, 1); // fetches from 3: confirms it
+        assert_eq!(leader.high_watermark(), 3);
+        assert_eq!(leader.wait(waiter).await, Ok(()));
+        // The follower learns the high watermark from the leader's answer.
+        assert_eq!(follower.high_watermark(), 3);
+        assert_eq!(bytes_of(&leader), bytes_of(&follower));
+        assert_eq!(
+            leader.log().leader_epochs().entries(),
+            follower.log().leader_epochs().entries()
+        );
+        let (_, _, plan) = leader.consumer_read_plan(0);
+        assert!(plan.unwrap().is_some());
+
+        // The ISR shrinks to the leader: below min.insync.replicas 2.
+        let (_, waiter) = leader
+            .append_as_leader(&make_batch(1, 1, b"w"), crate::now_ms(), -1, 30_000)
+            .unwrap();
+        let mut img2 = img.clone();
+        img2.apply(&MetadataRecord::PartitionChange {
+            topic_id: id,
+            partition: 0,
+            leader: ferrite_metadata::records::NO_LEADER_CHANGE,
+            isr: Some(vec![0]),
+        });
+        n0.rm.reconcile(&img2, &n0.config, true).unwrap();
+        assert!(matches!(
+            leader.wait(waiter.unwrap()).await,
+            Err(ReplicationError::NotEnoughReplicasAfterAppend { .. })
+        ));
+        let before = leader.log().log_end_offset();
+        assert!(matches!(
+            leader.append_as_leader(&make_batch(1, 1, b"z"), crate::now_ms(), -1, 30_000),
+            Err(ProduceError::Replication(
+                ReplicationError::NotEnoughReplicas { .. }
+            ))
+        ));
+        assert_eq!(
+            leader.log().log_end_offset(),
+            before,
+            "refused before the append"
+        );
+        // acks=1 still works.
+        assert!(leader
+            .append_as_leader(&make_batch(1, 1, b"one"), crate::now_ms(), 1, 30_000)
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_follower_at_the_high_watermark_is_proposed_for_the_isr() {
+        let (n0, n1) = (node(0), node(1));
+        let id = Uuid::new_v4();
+        let img = image(id, vec![0], 0, 1);
+        n0.rm.reconcile(&img, &n0.config, true).unwrap();
+        n1.rm.reconcile(&img, &n1.config, true).unwrap();
+        let mut rx = n0.rm.take_alter_partition_receiver().unwrap();
+        let leader = n0.rm.get("t", 0).unwrap();
+        leader
+            .append_as_leader(&make_batch(2, 1, b"v"), crate::now_ms(), 1, 0)
+            .unwrap();
+        // The high watermark does not move while the ISR is below min.insync.replicas
+        // (KIP-966), so a follower at it is in sync (Kafka's rule: log end offset at
+        // least the high watermark and the epoch's start offset).
+        assert_eq!(leader.high_watermark(), 0);
+        let fetch = |fetch_offset| FollowerFetch {
+            replica_id: 1,
+            replica_epoch: 11,
+            current_leader_epoch: 1,
+            fetch_offset,
+            last_fetched_epoch: None,
+        };
+        let (_, proposal) = leader
+            .on_follower_fetch(fetch(0), crate::now_ms(), |id| n0.rm.broker_state(id))
+            .unwrap();
+        let proposal = proposal.expect("in sync: join the ISR");
+        let members: Vec<i32> = proposal.new_isr.iter().map(|m| m.broker_id).collect();
+        assert_eq!(members, vec![0, 1]);
+        assert_eq!(
+            proposal.new_isr[1].broker_epoch, 11,
+            "KIP-903: its broker epoch"
+        );
+        n0.rm.send_alter_partition(&leader, proposal.clone());
+        let item = rx.try_recv().unwrap();
+        assert_eq!(item.proposal, proposal);
+        assert_eq!((item.topic.as_ref(), item.partition), ("t", 0));
+        // One AlterPartition in flight: no second proposal.
+        let (_, again) = leader
+            .on_follower_fetch(fetch(0), crate::now_ms(), |id| n0.rm.broker_state(id))
+            .unwrap();
+        assert!(again.is_none());
+        // A stale broker epoch (a wiped disk re-registered) never joins (KIP-903).
+        n0.rm
+            .alter_partition_done(&item, Err(ResponseError::InvalidRequest.code()));
+        let stale = FollowerFetch {
+            replica_epoch: 3,
+            ..fetch(0)
+        };
+        let (_, proposal) = leader
+            .on_follower_fetch(stale, crate::now_ms(), |id| n0.rm.broker_state(id))
+            .unwrap();
+        assert!(proposal.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_truncates_its_unreplicated_tail_by_epoch() {
+        let (n0, n1) = (node(0), node(1));
+        let id = Uuid::new_v4();
+        let img = image(id, vec![0, 1], 0, 1);
+        n0.rm.reconcile(&img, &n0.config, true).unwrap();
+        n1.rm.reconcile(&img, &n1.config, true).unwrap();
+        let p0 = n0.rm.get("t", 0).unwrap();
+        let p1 = n1.rm.get("t", 0).unwrap();
+        p0.append_as_leader(&make_batch(2, 1, b"a"), crate::now_ms(), 1, 0)
+            .unwrap();
+        replicate(&p0, &p1, 1);
+        replicate(&p0, &p1, 1);
+        // Appended at the old leader, never replicated, while an acks=all waits.
+        let (_, waiter) = p0
+            .append_as_leader(&make_batch(3, 1, b"lost"), crate::now_ms(), -1, 30_000)
+            .unwrap();
+        // Broker 1 becomes leader of epoch 2 (broker 0 fenced, say).
+        let mut img2 = img.clone();
+        img2.apply(&MetadataRecord::PartitionChange {
+            topic_id: id,
+            partition: 0,
+            leader: 1,
+            isr: Some(vec![1]),
+        });
+        n0.rm.reconcile(&img2, &n0.config, true).unwrap();
+        n1.rm.reconcile(&img2, &n1.config, true).unwrap();
+        assert!(matches!(
+            p0.wait(waiter.unwrap()).await,
+            Err(ReplicationError::NotLeaderOrFollower(_))
+        ));
+        assert!(p1.is_leader() && !p0.is_leader());
+        p1.append_as_leader(&make_batch(1, 1, b"new"), crate::now_ms(), 1, 0)
+            .unwrap();
+        // The old leader truncates as its fetcher would: OffsetForLeaderEpoch for its
+        // last epoch (1) at the new leader.
+        let (_, leo, last) = p0.follower_position();
+        assert_eq!((leo, last), (5, Some(1)));
+        let answer = p1.end_offset_for_epoch(1);
+        assert_eq!(answer.end_offset, 2, "epoch 1 ended at 2 on the new leader");
+        let t = {
+            let log = p0.log();
+            ferrite_replication::follower_truncation(
+                log.leader_epochs(),
+                leo,
+                p0.high_watermark().min(leo),
+                answer,
+            )
+        };
+        assert!(t.complete);
+        assert!(p0.truncate_to(t.offset).unwrap());
+        replicate(&p1, &p0, 0);
+        assert_eq!(bytes_of(&p0), bytes_of(&p1));
+        assert_eq!(
+            p0.log().leader_epochs().entries(),
+            p1.log().leader_epochs().entries()
+        );
+    }
 }

@@ -27,6 +27,9 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 11),
     // v13 fetches by topic id (KIP-516); v15 drops ReplicaId for ReplicaState (KIP-903).
     (ApiKey::Fetch, 4, 16),
+    // Kafka 4.0's floor is v2 (KIP-896); v3 adds CurrentLeaderEpoch (KIP-320), v4 is
+    // flexible. Followers and librdkafka (after a leader change) use it.
+    (ApiKey::OffsetForLeaderEpoch, 2, 4),
     // v7 adds MAX_TIMESTAMP (-3, KIP-734); v8 EARLIEST_LOCAL (-4, KIP-405) is not offered.
     (ApiKey::ListOffsets, 1, 7),
     // v10 adds topic ids (KIP-516); v13 adds top-level error code (KIP-1102): not yet.

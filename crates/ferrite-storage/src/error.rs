@@ -71,6 +71,17 @@ pub enum StorageError {
     Producer(#[from] crate::producer_state::ProducerStateError),
     #[error("invalid segment file name {0}")]
     InvalidFileName(PathBuf),
+    /// A batch's leader epoch goes back in the epoch history, or the
+    /// `leader-epoch-checkpoint` is not a valid history.
+    #[error("leader epoch history of {path}: {source}")]
+    LeaderEpoch {
+        path: PathBuf,
+        source: ferrite_replication::ReplicationError,
+    },
+    /// A follower was given batches that do not continue its log (offsets not at its
+    /// log end, or going backwards).
+    #[error("follower append at log end offset {log_end_offset}: {reason}")]
+    NonContiguousFollowerAppend { log_end_offset: i64, reason: String },
 }
 
 impl StorageError {

@@ -21,14 +21,18 @@ use bytes::Bytes;
 
 use crate::batch::{
     assign_offset_and_epoch, check_producer_timestamps, set_max_timestamp, stamp_log_append_time,
-    validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
+    validate_batch, validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
+use crate::leader_epoch::{
+    read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
+};
 use crate::producer_state::{
     ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
     PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
 };
 use crate::segment::{parse_segment_file_name, segment_file_name, Segment, LOG_SUFFIX};
+use ferrite_replication::LeaderEpochCache;
 
 /// Per-partition settings, from topic configs over broker defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +163,9 @@ pub struct ReadPlan {
     end_position: u64,
     fetch_offset: i64,
     index_interval_bytes: u64,
+    /// Batches starting at or after this offset are not read: a consumer's fetch stops
+    /// at the high watermark ([`ReadPlan::up_to`]). `i64::MAX` otherwise.
+    max_offset: i64,
 }
 
 #[derive(Debug)]
@@ -180,6 +187,9 @@ pub struct PartitionLog {
     producers: ProducerStateManager,
     /// Offsets of the `.snapshot` files in `dir`.
     snapshots: BTreeSet<i64>,
+    /// Leader epoch → start offset of the records in this log, mirrored durably in
+    /// `leader-epoch-checkpoint` before the first append of a new epoch.
+    leader_epochs: LeaderEpochCache,
 }
 
 impl PartitionLog {
@@ -320,9 +330,11 @@ impl PartitionLog {
             offline: false,
             producers: ProducerStateManager::default(),
             snapshots,
+            leader_epochs: LeaderEpochCache::new(),
         };
         log.write_checkpoint()?;
         log.load_producer_state(&mut report)?;
+        log.load_leader_epochs()?;
         Ok((log, report))
     }
 
@@ -358,6 +370,15 @@ impl PartitionLog {
     /// The idempotent producers this partition knows (DescribeProducers).
     pub fn producers(&self) -> &ProducerStateManager {
         &self.producers
+    }
+    /// The leader epochs of this log's records (OffsetForLeaderEpoch, truncation).
+    pub fn leader_epochs(&self) -> &LeaderEpochCache {
+        &self.leader_epochs
+    }
+    /// The epoch of the last record, `None` for a log without records of a known epoch
+    /// (a follower's `LastFetchedEpoch`).
+    pub fn last_leader_epoch(&self) -> Option<i32> {
+        self.leader_epochs.latest_epoch()
     }
     /// Offsets of the producer state snapshots on disk.
     pub fn producer_snapshot_offsets(&self) -> impl Iterator<Item = i64> + '_ {
@@ -453,6 +474,11 @@ impl PartitionLog {
 
         // Pass 2: copy, assign offsets, write once.
         let base_offset = self.log_end_offset();
+        if leader_epoch >= 0 {
+            // Durable before the epoch's first record, so that after a crash the history
+            // covers every record on disk (KIP-101).
+            self.assign_leader_epoch(leader_epoch, base_offset)?;
+        }
         let mut buf = std::mem::take(&mut self.write_buf);
         buf.clear();
         buf.extend_from_slice(records);
@@ -605,6 +631,7 @@ impl PartitionLog {
             end_position: seg.size,
             fetch_offset,
             index_interval_bytes: self.config.index_interval_bytes,
+            max_offset: i64::MAX,
         }))
     }
 
@@ -621,6 +648,7 @@ impl PartitionLog {
             end_position: seg.size,
             fetch_offset: self.log_start_offset.max(seg.base_offset),
             index_interval_bytes: self.config.index_interval_bytes,
+            max_offset: i64::MAX,
         })
     }
 
@@ -820,6 +848,276 @@ impl PartitionLog {
             self.segments.insert(base, new_seg);
         }
         Ok(report)
+    }
+
+    /// Records that `epoch` starts at `start_offset` and, if that changed the history,
+    /// writes the checkpoint (fsynced) before returning.
+    fn assign_leader_epoch(&mut self, epoch: i32, start_offset: i64) -> Result<()> {
+        let changed = self
+            .leader_epochs
+            .assign(epoch, start_offset)
+            .map_err(|source| StorageError::LeaderEpoch {
+                path: self.dir.clone(),
+                source,
+            })?;
+        if changed {
+            self.write_leader_epochs()?;
+        }
+        Ok(())
+    }
+
+    /// This replica became leader of `epoch`: the epoch starts at the log end offset,
+    /// recorded durably now (Kafka's `makeLeader`), so that OffsetForLeaderEpoch answers
+    /// a follower about the new epoch before its first append.
+    pub fn begin_leader_epoch(&mut self, epoch: i32) -> Result<()> {
+        let leo = self.log_end_offset();
+        self.assign_leader_epoch(epoch, leo)
+    }
+
+    fn write_leader_epochs(&self) -> Result<()> {
+        let entries: Vec<EpochEntry> = self
+            .leader_epochs
+            .entries()
+            .iter()
+            .map(|&(epoch, start_offset)| EpochEntry {
+                epoch,
+                start_offset,
+            })
+            .collect();
+        write_leader_epoch_checkpoint(&self.dir, &entries)
+    }
+
+    /// Loads `leader-epoch-checkpoint` at open. Entries at or past the log end go (the
+    /// checkpoint is written before an epoch's first append, which a crash may have
+    /// lost). A log with records but no checkpoint (written before the file existed)
+    /// gets its history from the batch headers, once.
+    fn load_leader_epochs(&mut self) -> Result<()> {
+        let leo = self.log_end_offset();
+        let entries = read_leader_epoch_checkpoint(&self.dir)?;
+        let missing = entries.is_empty()
+            && !self
+                .dir
+                .join(crate::leader_epoch::LEADER_EPOCH_CHECKPOINT_FILE)
+                .exists();
+        let cache =
+            LeaderEpochCache::from_entries(entries.iter().map(|e| (e.epoch, e.start_offset)))
+                .map_err(|source| StorageError::LeaderEpoch {
+                    path: self.dir.clone(),
+                    source,
+                })?;
+        self.leader_epochs = cache;
+        if missing && leo > self.log_start_offset {
+            for seg in self.segments.values() {
+                scan_leader_epochs(seg, &mut self.leader_epochs).map_err(|e| match e {
+                    ScanError::Storage(e) => e,
+                    ScanError::Epoch(source) => StorageError::LeaderEpoch {
+                        path: seg.log_path.clone(),
+                        source,
+                    },
+                })?;
+            }
+            self.write_leader_epochs()?;
+        } else if self.leader_epochs.truncate_from_end(leo) {
+            self.write_leader_epochs()?;
+        }
+        Ok(())
+    }
+
+    /// Appends batches exactly as the leader wrote them (a follower's append): offsets,
+    /// leader epochs, timestamps and every other byte unchanged. Each batch is checked
+    /// (magic 2, length, CRC-32C) and the offsets must continue this log: the first batch
+    /// starts at the log end offset (a compacted log may skip offsets, never go back).
+    /// A batch of a newer leader epoch is recorded in the epoch history, durably, before
+    /// the write.
+    pub fn append_as_follower(&mut self, records: &[u8], now_ms: i64) -> Result<AppendInfo> {
+        if self.offline {
+            return Err(StorageError::LogOffline(self.dir.clone()));
+        }
+        let leo = self.log_end_offset();
+        let non_contiguous = |reason: String| StorageError::NonContiguousFollowerAppend {
+            log_end_offset: leo,
+            reason,
+        };
+        let mut next = leo;
+        let mut base_offset = None;
+        let mut epochs: Vec<(i32, i64)> = Vec::new();
+        let mut record_count = 0i64;
+        let mut iter = BatchIter::new(records);
+        for item in iter.by_ref() {
+            let (_, _, batch) = item?;
+            let header = validate_batch(batch)?;
+            if header.last_offset_delta < 0 {
+                return Err(BatchError::BadRecordCount {
+                    record_count: header.record_count,
+                    last_offset_delta: header.last_offset_delta,
+                }
+                .into());
+            }
+            let dense = !self.config.compacted;
+            if header.base_offset < next || (dense && header.base_offset != next) {
+                return Err(non_contiguous(format!(
+                    "batch at offset {} where offset {next} was expected",
+                    header.base_offset
+                )));
+            }
+            base_offset.get_or_insert(header.base_offset);
+            let epoch = header.partition_leader_epoch;
+            if epoch >= 0
+                && epochs.last().map_or(
+                    self.leader_epochs.latest_epoch() != Some(epoch),
+                    |&(e, _)| e != epoch,
+                )
+            {
+                epochs.push((epoch, header.base_offset));
+            }
+            record_count += i64::from(header.last_offset_delta) + 1;
+            next = header.last_offset() + 1;
+        }
+        if iter.position() != records.len() {
+            return Err(BatchError::Truncated {
+                have: records.len() - iter.position(),
+                need: HEADER_BYTES,
+            }
+            .into());
+        }
+        let Some(base_offset) = base_offset else {
+            return Err(BatchError::Truncated {
+                have: 0,
+                need: HEADER_BYTES,
+            }
+            .into());
+        };
+        self.maybe_roll(records.len() as u64, next - leo, now_ms)?;
+        for (epoch, start_offset) in epochs {
+            self.assign_leader_epoch(epoch, start_offset)?;
+        }
+        self.write_active(records, now_ms)?;
+        assert_eq!(
+            self.log_end_offset(),
+            next,
+            "follower offsets as the leader's"
+        );
+        for item in BatchIter::new(records) {
+            let (_, header, _) = item?;
+            if !header.is_control() {
+                if let Some(pb) = ProducerBatch::from_header(&header) {
+                    self.producers.update(&pb, header.base_offset);
+                }
+            }
+        }
+        self.unflushed_messages += record_count as u64;
+        self.first_unflushed_ms.get_or_insert(now_ms);
+        if self.unflushed_messages >= self.config.flush_messages {
+            self.flush()?;
+        }
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: next - 1,
+            log_append_time_ms: -1,
+            log_start_offset: self.log_start_offset,
+            record_count,
+            duplicate: false,
+        })
+    }
+
+    /// Removes every record at or after `offset` (a follower's truncation, KIP-101), and
+    /// the epochs and producer state that described them. Returns whether anything was
+    /// removed. The log then ends at `offset`, or at the start of the batch holding it.
+    ///
+    /// Zero-copy safety: a `FileRegion` handed to `sendfile` after the lock is released
+    /// must never see bytes change under it. So bytes are never cut in place: segments
+    /// wholly at or after `offset` are unlinked (open handles keep their inode), and the
+    /// segment that holds `offset` is replaced by a new file with its kept prefix,
+    /// fsynced and renamed over it, as compaction does. New appends go to the new inode;
+    /// a region planned before sees the old file to its old end.
+    pub fn truncate_to(&mut self, offset: i64) -> Result<bool> {
+        let leo = self.log_end_offset();
+        if offset >= leo {
+            return Ok(false);
+        }
+        if offset <= self.log_start_offset {
+            self.truncate_fully_and_start_at(offset.max(0))?;
+            return Ok(true);
+        }
+        let interval = self.config.index_interval_bytes;
+        let dense = !self.config.compacted;
+        let doomed: Vec<i64> = self.segments.range(offset..).map(|(b, _)| *b).collect();
+        for base in doomed {
+            if let Some(seg) = self.segments.remove(&base) {
+                seg.delete_files()?;
+            }
+        }
+        if let Some((&base, seg)) = self.segments.iter().next_back() {
+            if seg.next_offset > offset {
+                // Where the first batch holding `offset` or later starts.
+                let cut = batch_position_at(seg, offset)?;
+                let kept = FileRegion {
+                    file: seg.file.clone(),
+                    path: seg.log_path.clone(),
+                    position: 0,
+                    len: cut,
+                    prefetched: None,
+                }
+                .read()?;
+                let log_path = seg.log_path.clone();
+                let cleaned = log_path.with_extension("cleaned");
+                {
+                    let mut f =
+                        File::create(&cleaned).map_err(|e| StorageError::io(&cleaned, e))?;
+                    std::io::Write::write_all(&mut f, &kept)
+                        .map_err(|e| StorageError::io(&cleaned, e))?;
+                    f.sync_all().map_err(|e| StorageError::io(&cleaned, e))?;
+                }
+                std::fs::rename(&cleaned, &log_path).map_err(|e| StorageError::io(&log_path, e))?;
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| StorageError::io(&self.dir, e))?;
+                let (mut new_seg, outcome) = Segment::open(log_path, base, true, interval, dense)?;
+                assert_eq!(outcome.truncated_bytes, 0, "a kept prefix of whole batches");
+                new_seg.write_index_files()?;
+                self.segments.insert(base, new_seg);
+            }
+        }
+        if self.segments.is_empty() {
+            let seg = Segment::create(&self.dir, offset)?;
+            self.segments.insert(offset, seg);
+        }
+        self.after_truncation()?;
+        Ok(true)
+    }
+
+    /// Empties the log and makes it start at `offset` (a follower whose log is entirely
+    /// below, or entirely beyond, the leader's: Kafka's `truncateFullyAndStartAt`).
+    /// Segments are unlinked, never cut, so zero-copy regions in flight stay valid.
+    pub fn truncate_fully_and_start_at(&mut self, offset: i64) -> Result<()> {
+        assert!(offset >= 0);
+        for (_, seg) in std::mem::take(&mut self.segments) {
+            seg.delete_files()?;
+        }
+        let seg = Segment::create(&self.dir, offset)?;
+        self.segments.insert(offset, seg);
+        self.log_start_offset = offset;
+        // No record is left, so no epoch describes any (Kafka's `clearAndFlush`).
+        self.leader_epochs = LeaderEpochCache::new();
+        self.write_leader_epochs()?;
+        self.after_truncation()
+    }
+
+    /// The log end moved back: the recovery point, the producer state (rebuilt from the
+    /// snapshots that are still below the log end) and the epoch history follow it.
+    fn after_truncation(&mut self) -> Result<()> {
+        let leo = self.log_end_offset();
+        self.log_start_offset = self.log_start_offset.min(leo);
+        self.recovery_point = self.recovery_point.min(leo);
+        self.unflushed_messages = 0;
+        self.first_unflushed_ms = None;
+        self.write_checkpoint()?;
+        self.producers = ProducerStateManager::default();
+        self.load_producer_state(&mut OpenReport::default())?;
+        if self.leader_epochs.truncate_from_end(leo) {
+            self.write_leader_epochs()?;
+        }
+        Ok(())
     }
 
     /// Files of rolled segments that still need an fsync; the caller syncs them outside
@@ -1090,6 +1388,93 @@ fn replay_producer_batches(
     Ok(replayed)
 }
 
+enum ScanError {
+    Storage(StorageError),
+    Epoch(ferrite_replication::ReplicationError),
+}
+
+/// Walks the batch headers of `seg` from position `from`, calling `visit` with each header and its
+/// position until it returns `false`.
+fn walk_headers(
+    seg: &Segment,
+    from: u64,
+    mut visit: impl FnMut(u64, &BatchHeader) -> std::result::Result<bool, ScanError>,
+) -> std::result::Result<(), ScanError> {
+    let corrupt = |position: u64, reason: String| {
+        ScanError::Storage(StorageError::Corruption {
+            path: seg.log_path.clone(),
+            position,
+            reason,
+        })
+    };
+    let mut window = vec![0u8; REPLAY_WINDOW_BYTES];
+    let (mut window_at, mut window_len) = (0u64, 0usize);
+    let mut pos = from;
+    while pos < seg.size {
+        if seg.size - pos < HEADER_BYTES as u64 {
+            return Err(corrupt(
+                pos,
+                "partial batch header at the segment end".into(),
+            ));
+        }
+        if !(pos >= window_at && pos + HEADER_BYTES as u64 <= window_at + window_len as u64) {
+            window_len = (seg.size - pos).min(REPLAY_WINDOW_BYTES as u64) as usize;
+            let buf = window.get_mut(..window_len).unwrap_or_default();
+            seg.file
+                .read_exact_at(buf, pos)
+                .map_err(|e| ScanError::Storage(StorageError::io(&seg.log_path, e)))?;
+            window_at = pos;
+        }
+        let at = (pos - window_at) as usize;
+        let header = BatchHeader::parse(window.get(at..window_len).unwrap_or_default())
+            .map_err(|e| corrupt(pos, e.to_string()))?;
+        if !visit(pos, &header)? {
+            return Ok(());
+        }
+        pos += header
+            .total_bytes()
+            .map_err(|e| ScanError::Storage(e.into()))? as u64;
+    }
+    Ok(())
+}
+
+/// Folds the leader epochs of `seg`'s batches into `cache` (a log without checkpoint).
+fn scan_leader_epochs(
+    seg: &Segment,
+    cache: &mut LeaderEpochCache,
+) -> std::result::Result<(), ScanError> {
+    walk_headers(seg, 0, |_, header| {
+        if header.partition_leader_epoch >= 0 {
+            cache
+                .assign(header.partition_leader_epoch, header.base_offset)
+                .map_err(ScanError::Epoch)?;
+        }
+        Ok(true)
+    })
+}
+
+/// The position in `seg` of the first batch whose last offset is at least `offset` (or
+/// the segment's end).
+fn batch_position_at(seg: &Segment, offset: i64) -> Result<u64> {
+    let mut found = seg.size;
+    // The offset index points at a batch at or before `offset`.
+    walk_headers(seg, seg.lookup(offset), |pos, header| {
+        if header.last_offset() >= offset {
+            found = pos;
+            return Ok(false);
+        }
+        Ok(true)
+    })
+    .map_err(|e| match e {
+        ScanError::Storage(e) => e,
+        ScanError::Epoch(source) => StorageError::LeaderEpoch {
+            path: seg.log_path.clone(),
+            source,
+        },
+    })?;
+    Ok(found)
+}
+
 /// Where whole batches lie in one segment file: what a zero-copy fetch hands to
 /// `sendfile(2)`. The file handle keeps the bytes readable even if retention or
 /// compaction unlinks the segment meanwhile.
@@ -1129,6 +1514,14 @@ impl FileRegion {
 const LOCATE_WINDOW_BYTES: usize = 8 * 1024;
 
 impl ReadPlan {
+    /// The plan, reading no batch that starts at or after `max_offset` (the high
+    /// watermark of a consumer's fetch: whole batches, which the leader's high watermark
+    /// never splits since followers fetch whole batches).
+    pub fn up_to(mut self, max_offset: i64) -> ReadPlan {
+        self.max_offset = max_offset;
+        self
+    }
+
     /// The same batches [`ReadPlan::read`] returns, located by reading only their
     /// headers: nothing of the records is copied into user space.
     pub fn locate(&self, max_bytes: usize, min_one_batch: bool) -> Result<Option<FileRegion>> {
@@ -1170,6 +1563,9 @@ impl ReadPlan {
             let at = (pos - window_at) as usize;
             let header = BatchHeader::parse(window.get(at..window_len).unwrap_or_default())
                 .map_err(|e| corrupt(pos, e.to_string()))?;
+            if header.base_offset >= self.max_offset {
+                break;
+            }
             let total = header.total_bytes()? as u64;
             if pos + total > self.end_position {
                 return Err(corrupt(pos, "batch runs past the segment".into()));
@@ -1255,6 +1651,7 @@ impl ReadPlan {
                 .map_err(|e| StorageError::io(&self.path, e))?;
             let mut skipped = 0usize;
             let mut first: Option<(usize, usize)> = None; // (start, end) of whole batches taken
+            let mut at_max_offset = false;
             for item in BatchIter::new(&chunk) {
                 let (at, header, batch) = match item {
                     Ok(x) => x,
@@ -1267,6 +1664,10 @@ impl ReadPlan {
                         })
                     }
                 };
+                if header.base_offset >= self.max_offset {
+                    at_max_offset = true;
+                    break;
+                }
                 match first {
                     None if !start_at(&header) => skipped = at + batch.len(),
                     None => first = Some((at, at + batch.len())),
@@ -1289,6 +1690,9 @@ impl ReadPlan {
                 }
                 return Ok(Bytes::from(chunk).slice(s..e));
             }
+            if at_max_offset {
+                return Ok(Bytes::new());
+            }
             // The batch we need starts at `skipped` but is not whole in the chunk.
             let next_pos = pos + skipped as u64;
             let header_bytes = chunk.get(skipped..).unwrap_or_default();
@@ -1309,6 +1713,7 @@ impl ReadPlan {
                 }
             };
             match header {
+                Some(h) if h.base_offset >= self.max_offset => return Ok(Bytes::new()),
                 Some(h) if start_at(&h) => {
                     let total = h.total_bytes()? as u64;
                     if total as usize > max_bytes && !min_one_batch {

@@ -5,6 +5,13 @@
 //! each partition's batches are located by their headers and the response carries
 //! file regions that the connection writes with `sendfile`. Otherwise they are copied
 //! once into memory.
+//!
+//! A consumer (replica id -1) reads only below the high watermark and only from the
+//! leader. A follower (its broker id: `ReplicaId` before v15, `ReplicaState` from v15,
+//! KIP-903) reads to the log end; its fetch offset is its log end offset, which the
+//! leader records to advance the high watermark (and acknowledge acks=all produces).
+//! A follower whose `LastFetchedEpoch` (v12+) diverges from the leader's log gets
+//! `DivergingEpoch` and no records (KIP-320), and truncates.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::select_all;
 use kafka_protocol::messages::fetch_request::FetchPartition;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::fetch_response::{
+    EpochEndOffset, FetchableTopicResponse, LeaderIdAndEpoch, PartitionData,
+};
 use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, TopicName};
 use kafka_protocol::ResponseError;
 use tokio::sync::watch;
@@ -30,6 +39,13 @@ struct Wanted {
     partitions: Vec<(FetchPartition, Option<Arc<Partition>>, i16)>,
 }
 
+/// Who fetches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetcher {
+    Consumer,
+    Follower,
+}
+
 /// The response, and the file regions its placeholders stand for (empty when copying).
 pub async fn handle(
     broker: &Arc<Broker>,
@@ -38,6 +54,22 @@ pub async fn handle(
 ) -> (FetchResponse, Vec<FileRegion>) {
     let zero_copy = broker.config.fetch_zero_copy;
     let image = broker.controller.image();
+    let (replica_id, replica_epoch) = if version >= 15 {
+        (
+            req.replica_state.replica_id.0,
+            req.replica_state.replica_epoch,
+        )
+    } else {
+        (req.replica_id.0, -1)
+    };
+    // Negative ids are consumers (-1) and tools reading like one.
+    let fetcher = if replica_id >= 0 {
+        Fetcher::Follower
+    } else {
+        Fetcher::Consumer
+    };
+    // (topic position, partition position) -> the leader's DivergingEpoch answer.
+    let mut diverging: Vec<(usize, usize, ferrite_replication::EpochEndOffset)> = Vec::new();
     // Resolve every requested partition once; v13+ names topics by id (KIP-516).
     let mut wanted = Vec::with_capacity(req.topics.len());
     for t in req.topics {
@@ -74,6 +106,42 @@ pub async fn handle(
                 (fp, p, code)
             })
             .collect();
+        let mut partitions: Vec<(FetchPartition, Option<Arc<Partition>>, i16)> = partitions;
+        let now = crate::now_ms();
+        for (i, (fp, p, code)) in partitions.iter_mut().enumerate() {
+            let Some(part) = p.as_ref().filter(|_| *code == 0) else {
+                continue;
+            };
+            match fetcher {
+                Fetcher::Consumer => {
+                    if !part.is_leader() {
+                        *code = ResponseError::NotLeaderOrFollower.code();
+                    }
+                }
+                Fetcher::Follower => {
+                    let fetch = ferrite_replication::FollowerFetch {
+                        replica_id,
+                        replica_epoch,
+                        current_leader_epoch: fp.current_leader_epoch,
+                        fetch_offset: fp.fetch_offset,
+                        last_fetched_epoch: (version >= 12 && fp.last_fetched_epoch >= 0)
+                            .then_some(fp.last_fetched_epoch),
+                    };
+                    match part.on_follower_fetch(fetch, now, |id| broker.replicas.broker_state(id))
+                    {
+                        Ok((outcome, proposal)) => {
+                            if let Some(proposal) = proposal {
+                                broker.replicas.send_alter_partition(part, proposal);
+                            }
+                            if let ferrite_replication::FetchOutcome::Diverging(eo) = outcome {
+                                diverging.push((wanted.len(), i, eo));
+                            }
+                        }
+                        Err(e) => *code = crate::error::replication_error_code(&e),
+                    }
+                }
+            }
+        }
         wanted.push(Wanted {
             topic: if version >= 13 {
                 t.topic
@@ -107,14 +175,15 @@ pub async fn handle(
         for w in &mut watchers {
             w.borrow_and_update();
         }
-        let read = read_all(&wanted, max_bytes, version, zero_copy);
+        let read = read_all(&wanted, &diverging, fetcher, max_bytes, version, zero_copy);
         let now = tokio::time::Instant::now();
         if read.bytes >= min_bytes || read.errors || now >= deadline || watchers.is_empty() {
             return read.into_response();
         }
         let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            return read_all(&wanted, max_bytes, version, zero_copy).into_response();
+            return read_all(&wanted, &diverging, fetcher, max_bytes, version, zero_copy)
+                .into_response();
         }
     }
 }
@@ -168,15 +237,22 @@ impl Read {
 }
 
 /// Reads (or, zero-copy, locates) every partition's batches once.
-fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16, zero_copy: bool) -> Read {
+fn read_all(
+    wanted: &[Wanted],
+    diverging: &[(usize, usize, ferrite_replication::EpochEndOffset)],
+    fetcher: Fetcher,
+    max_bytes: usize,
+    version: i16,
+    zero_copy: bool,
+) -> Read {
     let mut remaining = max_bytes;
     let mut total = 0usize;
     let mut errors = false;
     let mut regions = Vec::new();
     let mut out = Vec::with_capacity(wanted.len());
-    for w in wanted {
+    for (ti, w) in wanted.iter().enumerate() {
         let mut partitions = Vec::with_capacity(w.partitions.len());
-        for (fp, p, code) in &w.partitions {
+        for (pi, (fp, p, code)) in w.partitions.iter().enumerate() {
             let mut pd = PartitionData::default()
                 .with_partition_index(fp.partition)
                 .with_high_watermark(-1)
@@ -186,15 +262,41 @@ fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16, zero_copy: bool) 
                 .with_aborted_transactions(if version >= 4 { Some(Vec::new()) } else { None });
             let Some(p) = p.as_ref().filter(|_| *code == 0) else {
                 errors = true;
+                if let Some(p) = p.as_ref().filter(|_| version >= 12 && leader_hint(*code)) {
+                    pd = pd.with_current_leader(current_leader(p));
+                }
                 partitions.push(pd.with_error_code(*code));
                 continue;
             };
             if let Some(code) = epoch_error(fp.current_leader_epoch, p.leader_epoch()) {
                 errors = true;
+                if version >= 12 {
+                    pd = pd.with_current_leader(current_leader(p));
+                }
                 partitions.push(pd.with_error_code(code));
                 continue;
             }
-            let (log_start, hw, plan) = p.read_plan(fp.fetch_offset);
+            if let Some((_, _, eo)) = diverging.iter().find(|(t, i, _)| *t == ti && *i == pi) {
+                // KIP-320: no records; the follower truncates to where the epochs agree.
+                errors = true;
+                let hw = p.high_watermark();
+                partitions.push(
+                    pd.with_high_watermark(hw)
+                        .with_last_stable_offset(hw)
+                        .with_log_start_offset(p.log().log_start_offset())
+                        .with_diverging_epoch(
+                            EpochEndOffset::default()
+                                .with_epoch(eo.leader_epoch)
+                                .with_end_offset(eo.end_offset),
+                        )
+                        .with_records(Some(Bytes::new())),
+                );
+                continue;
+            }
+            let (log_start, hw, plan) = match fetcher {
+                Fetcher::Follower => p.read_plan(fp.fetch_offset),
+                Fetcher::Consumer => p.consumer_read_plan(fp.fetch_offset),
+            };
             pd = pd
                 .with_high_watermark(hw)
                 .with_last_stable_offset(hw)
@@ -260,6 +362,19 @@ fn read_all(wanted: &[Wanted], max_bytes: usize, version: i16, zero_copy: bool) 
 enum Records {
     Copied(Bytes),
     Region(Option<FileRegion>),
+}
+
+/// Errors after which the client should look for the leader (KIP-951 hint).
+fn leader_hint(code: i16) -> bool {
+    code == ResponseError::NotLeaderOrFollower.code()
+        || code == ResponseError::FencedLeaderEpoch.code()
+}
+
+/// KIP-951: the leader and epoch this broker's metadata knows.
+fn current_leader(p: &Partition) -> LeaderIdAndEpoch {
+    LeaderIdAndEpoch::default()
+        .with_leader_id(BrokerId(p.leader_id()))
+        .with_leader_epoch(p.leader_epoch())
 }
 
 /// KIP-320 leader epoch fencing: -1 means the client did not say.

@@ -21,6 +21,8 @@ const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
 
 pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+    // A client (negative replica id) asks the leader; a broker may ask any replica.
+    let from_client = req.replica_id.0 < 0;
     let topics = req
         .topics
         .into_iter()
@@ -38,6 +40,9 @@ pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> Li
                     let Some(p) = broker.replicas.get(&name, lp.partition_index) else {
                         return resp.with_error_code(ResponseError::UnknownTopicOrPartition.code());
                     };
+                    if from_client && !p.is_leader() {
+                        return resp.with_error_code(ResponseError::NotLeaderOrFollower.code());
+                    }
                     if let Some(code) = epoch_error(lp.current_leader_epoch, p.leader_epoch()) {
                         return resp.with_error_code(code);
                     }
@@ -67,7 +72,15 @@ fn lookup(p: &Partition, timestamp: i64) -> Result<Option<(i64, i64, i32)>, i16>
         let log = p.log();
         match timestamp {
             EARLIEST => return Ok(Some((log.log_start_offset(), -1, epoch))),
-            LATEST => return Ok(Some((log.log_end_offset(), -1, epoch))),
+            // The high watermark, not the log end: what a consumer can read (KIP-207:
+            // OFFSET_NOT_AVAILABLE while a new leader's has not caught up).
+            LATEST => {
+                drop(log);
+                return p
+                    .list_offsets_latest()
+                    .map(|hw| Some((hw, -1, epoch)))
+                    .map_err(|e| crate::error::replication_error_code(&e));
+            }
             MAX_TIMESTAMP => {
                 let max = log.max_timestamp();
                 if max < 0 {

@@ -9,6 +9,7 @@ pub mod groups;
 pub mod list_offsets;
 pub mod log_dirs;
 pub mod metadata;
+pub mod offset_for_leader_epoch;
 pub mod produce;
 pub mod producers;
 
@@ -52,6 +53,7 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         }
         RequestKind::Produce(r) => {
             return produce::handle(broker, r, version)
+                .await
                 .map(|r| Reply::Body(ResponseKind::Produce(r)))
         }
         RequestKind::Fetch(r) => {
@@ -62,6 +64,9 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
             } else {
                 Reply::SplicedFetch(body, regions)
             });
+        }
+        RequestKind::OffsetForLeaderEpoch(r) => {
+            ResponseKind::OffsetForLeaderEpoch(offset_for_leader_epoch::handle(broker, r))
         }
         RequestKind::ListOffsets(r) => {
             ResponseKind::ListOffsets(list_offsets::handle(broker, r, version))

@@ -1,22 +1,40 @@
 //! Produce: validate each partition's batches and append them in one write. Records are
 //! never decoded here; storage checks the batch headers and CRCs.
+//!
+//! acks=0 gets no answer, acks=1 is answered after the leader's append, acks=-1 (all)
+//! once every ISR member has the batch: the partition's purgatory completes a waiter
+//! when the high watermark reaches it (a follower's fetch), refuses it with
+//! NOT_ENOUGH_REPLICAS_AFTER_APPEND when the ISR shrinks below `min.insync.replicas`,
+//! or REQUEST_TIMED_OUT at the request's `timeout_ms`. With fewer in-sync replicas than
+//! `min.insync.replicas` nothing is appended: NOT_ENOUGH_REPLICAS.
 
 use std::sync::Arc;
 
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    LeaderIdAndEpoch, PartitionProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::{BrokerId, ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
 use super::str_bytes;
-use crate::error::{recompress_error_code, storage_error_code};
+use crate::error::{produce_error_code, recompress_error_code, replication_error_code};
+use crate::replica_manager::{Partition, ProduceWaiter};
 use crate::{now_ms, Broker};
 
 /// Returns `None` for acks=0, which gets no response.
-pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Option<ProduceResponse> {
+pub async fn handle(
+    broker: &Arc<Broker>,
+    req: ProduceRequest,
+    version: i16,
+) -> Option<ProduceResponse> {
     let acks = req.acks;
     let acks_valid = matches!(acks, -1..=1);
     let now = now_ms();
+    let timeout_ms = i64::from(req.timeout_ms.max(0));
     let mut responses = Vec::with_capacity(req.topic_data.len());
+    // acks=all appends, answered once the purgatory completes them: (topic, partition
+    // position, partition, waiter).
+    let mut waiting: Vec<(usize, usize, Arc<Partition>, ProduceWaiter)> = Vec::new();
     for topic in req.topic_data {
         let name = topic.name.0.to_string();
         let mut partition_responses = Vec::with_capacity(topic.partition_data.len());
@@ -30,27 +48,43 @@ pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Optio
                 Err((
                     ResponseError::InvalidRequiredAcks.code(),
                     format!("acks must be 0, 1 or -1, got {acks}"),
+                    None,
                 ))
             } else if req.transactional_id.is_some() {
                 Err((
                     ResponseError::TransactionalIdAuthorizationFailed.code(),
                     "transactions are not supported yet".to_string(),
+                    None,
                 ))
             } else {
-                append_partition(broker, &name, pd.index, pd.records.as_deref(), now)
+                append_partition(
+                    broker,
+                    &name,
+                    pd.index,
+                    pd.records.as_deref(),
+                    now,
+                    acks,
+                    timeout_ms,
+                )
             };
             match result {
-                Ok(info) => {
+                Ok((info, waiter)) => {
                     resp = resp
                         .with_base_offset(info.base_offset)
                         .with_log_append_time_ms(info.log_append_time_ms)
                         .with_log_start_offset(info.log_start_offset);
+                    if let Some((p, waiter)) = waiter {
+                        waiting.push((responses.len(), partition_responses.len(), p, waiter));
+                    }
                 }
-                Err((code, message)) => {
+                Err((code, message, leader)) => {
                     tracing::debug!(topic = %name, partition = pd.index, code, %message, "produce rejected");
                     resp = resp
                         .with_error_code(code)
                         .with_error_message(Some(str_bytes(message)));
+                    if let (Some(p), true) = (leader, version >= 10) {
+                        resp = resp.with_current_leader(current_leader(&p));
+                    }
                 }
             }
             partition_responses.push(resp);
@@ -61,11 +95,48 @@ pub fn handle(broker: &Arc<Broker>, req: ProduceRequest, _version: i16) -> Optio
                 .with_partition_responses(partition_responses),
         );
     }
+    // Every waiter runs at once; each ends by its own deadline at the latest.
+    let results = futures::future::join_all(
+        waiting
+            .into_iter()
+            .map(|(t, i, p, w)| async move { (t, i, p.wait(w).await, p) }),
+    )
+    .await;
+    for (t, i, result, p) in results {
+        let Err(e) = result else { continue };
+        let Some(resp) = responses
+            .get_mut(t)
+            .and_then(|t| t.partition_responses.get_mut(i))
+        else {
+            continue;
+        };
+        let code = replication_error_code(&e);
+        tracing::debug!(topic = %p.topic, partition = p.index, code, error = %e, "acks=all produce not acknowledged");
+        resp.error_code = code;
+        resp.error_message = Some(str_bytes(e.to_string()));
+        resp.base_offset = -1;
+        resp.log_append_time_ms = -1;
+        if version >= 10 && code == ResponseError::NotLeaderOrFollower.code() {
+            resp.current_leader = current_leader(&p);
+        }
+    }
     if acks == 0 {
         return None;
     }
     Some(ProduceResponse::default().with_responses(responses))
 }
+
+/// KIP-951: where the client should send next, as this broker's metadata knows it.
+fn current_leader(p: &Partition) -> LeaderIdAndEpoch {
+    LeaderIdAndEpoch::default()
+        .with_leader_id(BrokerId(p.leader_id()))
+        .with_leader_epoch(p.leader_epoch())
+}
+
+type Appended = (
+    ferrite_storage::AppendInfo,
+    Option<(Arc<Partition>, ProduceWaiter)>,
+);
 
 fn append_partition(
     broker: &Arc<Broker>,
@@ -73,18 +144,22 @@ fn append_partition(
     partition: i32,
     records: Option<&[u8]>,
     now: i64,
-) -> Result<ferrite_storage::AppendInfo, (i16, String)> {
+    acks: i16,
+    timeout_ms: i64,
+) -> Result<Appended, (i16, String, Option<Arc<Partition>>)> {
     if topic == crate::group_manager::OFFSETS_TOPIC {
         // Only the group coordinator writes its internal topic.
         return Err((
             ResponseError::InvalidTopicException.code(),
             format!("cannot produce to internal topic {topic}"),
+            None,
         ));
     }
     let Some(p) = broker.replicas.get(topic, partition) else {
         return Err((
             ResponseError::UnknownTopicOrPartition.code(),
             format!("{topic}-{partition} is not hosted here"),
+            None,
         ));
     };
     let records = records.unwrap_or_default();
@@ -93,9 +168,16 @@ fn append_partition(
     let codec = p.log().config().recompress_codec;
     let recompressed = match codec {
         Some(codec) => crate::recompress::recompress(records, codec)
-            .map_err(|e| (recompress_error_code(&e), e.to_string()))?,
+            .map_err(|e| (recompress_error_code(&e), e.to_string(), None))?,
         None => None,
     };
-    p.append(recompressed.as_deref().unwrap_or(records), now)
-        .map_err(|e| (storage_error_code(&e), e.to_string()))
+    let records = recompressed.as_deref().unwrap_or(records);
+    match p.append_as_leader(records, now, acks, timeout_ms) {
+        Ok((info, waiter)) => Ok((info, waiter.map(|w| (p, w)))),
+        Err(e) => {
+            let code = produce_error_code(&e);
+            let leader = (code == ResponseError::NotLeaderOrFollower.code()).then_some(p);
+            Err((code, e.to_string(), leader))
+        }
+    }
 }
