@@ -128,9 +128,8 @@ async fn fetch_from(
     let mut conn: Option<Connection> = None;
     let mut state: HashMap<TopicPartition, Fetched> = HashMap::new();
     loop {
-        match partitions.has_changed() {
-            Err(_) => return,
-            Ok(true) | Ok(false) => {}
+        if partitions.has_changed().is_err() {
+            return; // The manager dropped this fetcher.
         }
         let wanted = partitions.borrow_and_update().clone();
         state.retain(|tp, f| wanted.get(tp) == Some(&f.followed));
