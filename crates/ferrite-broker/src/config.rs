@@ -87,6 +87,10 @@ pub struct BrokerConfig {
     pub explicit: BTreeMap<String, String>,
     /// Replication (`replica.*`, `min.insync.replicas`, `num.replica.fetchers`).
     pub replication: ReplicationSettings,
+    /// `log.segment.fds.max` (Ferrite's own): segment files kept open at once, the least
+    /// recently used closed first. 0 derives it from `RLIMIT_NOFILE` at start: the limit
+    /// less the descriptors open then and those kept for connections.
+    pub segment_fds_max: usize,
 }
 
 /// Kafka's replication broker configs, with Kafka's defaults.
@@ -168,6 +172,7 @@ impl Default for BrokerConfig {
             fetch_zero_copy: true,
             explicit: BTreeMap::new(),
             replication: ReplicationSettings::default(),
+            segment_fds_max: 0,
         }
     }
 }
@@ -289,6 +294,7 @@ impl BrokerConfig {
                 d.recompress_codec = compression_codec(value);
             }
             "fetch.zero.copy.enable" => self.fetch_zero_copy = parse_bool(key, value)?,
+            "log.segment.fds.max" => self.segment_fds_max = parse_num(key, value, 0)?,
             "auto.create.topics.enable" => self.auto_create_topics_enable = parse_bool(key, value)?,
             "num.partitions" => self.num_partitions = parse_num(key, value, 1)?,
             "default.replication.factor" => {

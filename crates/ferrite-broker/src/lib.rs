@@ -140,6 +140,7 @@ impl Broker {
         }
 
         raise_file_descriptor_limit();
+        size_segment_file_cache(config.segment_fds_max);
 
         // Read and check everything; write nothing yet.
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
@@ -346,9 +347,46 @@ impl Broker {
     }
 }
 
-/// Every partition log holds an open file per segment, so the default soft limit (often
-/// 1024) runs out at a few hundred partitions: raise it to the hard limit, as Kafka's
-/// packaging does with `ulimit -n`, and log both so the ceiling is known.
+/// Sizes the shared cache of open segment files (`ferrite_storage::fd_cache`) to what the
+/// descriptor limit leaves after the descriptors open now and those kept for connections
+/// (`replica_manager::FILE_DESCRIPTORS_RESERVED`); `configured` (`log.segment.fds.max`)
+/// lowers it, and is clamped with a WARN when the limit cannot hold it.
+fn size_segment_file_cache(configured: usize) {
+    use ferrite_storage::fd_cache::{DescriptorCache, SEGMENT_FDS_MIN};
+    let fits = replica_manager::file_descriptors().map(|(open, limit)| {
+        let room = limit.saturating_sub(open.saturating_add(replica_manager::FILE_DESCRIPTORS_RESERVED));
+        usize::try_from(room).unwrap_or(usize::MAX)
+    });
+    let capacity = match (configured, fits) {
+        (0, Some(fits)) => fits,
+        (0, None) => ferrite_storage::fd_cache::SEGMENT_FDS_MAX_DEFAULT,
+        (c, Some(fits)) if c > fits => {
+            tracing::warn!(
+                log_segment_fds_max = c,
+                capacity = fits,
+                "log.segment.fds.max is more than the file descriptor limit leaves (less {} kept for connections); using {fits}",
+                replica_manager::FILE_DESCRIPTORS_RESERVED
+            );
+            fits
+        }
+        (c, _) => c,
+    };
+    if capacity < SEGMENT_FDS_MIN {
+        tracing::warn!(
+            capacity = SEGMENT_FDS_MIN,
+            "the file descriptor limit leaves almost none for segment files; raise `ulimit -n`"
+        );
+    }
+    DescriptorCache::shared().set_capacity(capacity);
+    tracing::info!(
+        capacity = DescriptorCache::shared().capacity(),
+        "segment files open at most (log.segment.fds.max; least recently used closed first)"
+    );
+}
+
+/// The segment file cache and every connection need descriptors, and the default soft
+/// limit (often 1024) is small: raise it to the hard limit, as Kafka's packaging does
+/// with `ulimit -n`, and log both so the ceiling is known.
 fn raise_file_descriptor_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let before = getrlimit(Resource::Nofile);

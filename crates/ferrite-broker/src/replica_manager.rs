@@ -585,8 +585,8 @@ impl Prepared {
     }
 }
 
-/// File descriptors kept free beyond one per partition log: connections, segment rolls,
-/// index and checkpoint writes, the metadata log.
+/// File descriptors kept free beyond the segment file cache: connections, reads and
+/// fsyncs in flight (each holds its file), index and checkpoint writes.
 pub const FILE_DESCRIPTORS_RESERVED: u64 = 1024;
 
 /// `(open descriptors, soft RLIMIT_NOFILE)` of this process, when they can be read.
@@ -722,20 +722,38 @@ impl ReplicaManager {
             return Ok(Prepared::default());
         }
         if let Some((open, limit)) = file_descriptors() {
-            let needed = open
-                .saturating_add(new.len() as u64)
-                .saturating_add(FILE_DESCRIPTORS_RESERVED);
-            if needed > limit {
-                let can_add = limit.saturating_sub(open.saturating_add(FILE_DESCRIPTORS_RESERVED));
+            // Segment files are opened through a bounded cache, so new partitions need no
+            // descriptor of their own: past the cache's capacity they share its slots.
+            // What must fit is the cache itself, beside everything else open now and the
+            // descriptors kept for connections.
+            let files = ferrite_storage::DescriptorCache::shared();
+            let cache = files.stats();
+            let others = open.saturating_sub(cache.open as u64);
+            let room = limit.saturating_sub(others.saturating_add(FILE_DESCRIPTORS_RESERVED));
+            let room = usize::try_from(room).unwrap_or(usize::MAX);
+            if room < ferrite_storage::fd_cache::SEGMENT_FDS_MIN {
                 let message = format!(
-                    "this broker cannot hold {} more partitions: each needs an open file, {open} of the process's {limit} file descriptors (RLIMIT_NOFILE) are in use and {FILE_DESCRIPTORS_RESERVED} are kept for connections; at most {can_add} more fit. Raise `ulimit -n` (the hard limit) and restart, or create fewer partitions",
-                    new.len()
+                    "this broker cannot create {} more partitions now: {others} of the process's {limit} file descriptors (RLIMIT_NOFILE) are in use besides segment files and {FILE_DESCRIPTORS_RESERVED} are kept for connections, which leaves {room} for segment files (at least {} are needed). Close connections, or raise `ulimit -n` (the hard limit) and restart",
+                    new.len(),
+                    ferrite_storage::fd_cache::SEGMENT_FDS_MIN
                 );
                 tracing::warn!("{message}");
                 return Err(crate::controller::AdminError::new(
                     kafka_protocol::ResponseError::InvalidPartitions,
                     message,
                 ));
+            }
+            if room < cache.capacity {
+                // More is open besides segment files than at start (connections): the
+                // cache gives way rather than the descriptors kept for connections.
+                tracing::warn!(
+                    from = cache.capacity,
+                    to = room,
+                    open = open,
+                    limit = limit,
+                    "segment file cache lowered to fit the file descriptor limit"
+                );
+                files.set_capacity(room);
             }
         }
         let mut prepared = Prepared::default();

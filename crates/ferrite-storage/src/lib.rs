@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod fd_cache;
 pub mod leader_epoch;
 pub mod log;
 pub mod producer_state;
@@ -12,6 +13,7 @@ pub mod test_support;
 
 pub use batch::{validate_batch, validate_producer_batch, BatchHeader, BatchIter};
 pub use error::{BatchError, StorageError};
+pub use fd_cache::{CacheStats, DescriptorCache, SegmentFile};
 pub use leader_epoch::{
     read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
     LEADER_EPOCH_CHECKPOINT_FILE,

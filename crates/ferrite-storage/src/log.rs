@@ -27,6 +27,7 @@ use crate::error::{BatchError, Result, StorageError};
 use crate::leader_epoch::{
     read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
 };
+use crate::fd_cache::{DescriptorCache, SegmentFile};
 use crate::producer_state::{
     ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
     PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
@@ -179,7 +180,9 @@ pub struct PartitionLog {
     unflushed_messages: u64,
     first_unflushed_ms: Option<i64>,
     /// Rolled segments whose data has not been fsynced yet: `(file, next_offset)`.
-    pending_syncs: Vec<(Arc<File>, i64)>,
+    pending_syncs: Vec<(SegmentFile, i64)>,
+    /// Where the segments' descriptors are kept (shared by the broker's logs).
+    files: Arc<DescriptorCache>,
     /// Reused buffer for the one write of an append.
     write_buf: Vec<u8>,
     offline: bool,
@@ -195,7 +198,18 @@ pub struct PartitionLog {
 impl PartitionLog {
     /// Opens or creates the log in `dir`. `clean` says the broker shut down cleanly, so
     /// that only the tail after the last index entry of the active segment is read.
+    /// Its segment files are opened through the process's shared [`DescriptorCache`].
     pub fn open(dir: &Path, config: LogConfig, clean: bool) -> Result<(PartitionLog, OpenReport)> {
+        Self::open_with_cache(dir, config, clean, DescriptorCache::shared().clone())
+    }
+
+    /// [`PartitionLog::open`] with segment descriptors kept in `files`.
+    pub fn open_with_cache(
+        dir: &Path,
+        config: LogConfig,
+        clean: bool,
+        files: Arc<DescriptorCache>,
+    ) -> Result<(PartitionLog, OpenReport)> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let (mut log_start_offset, mut recovery_point) = read_checkpoint(dir)?;
         let mut bases = Vec::new();
@@ -263,6 +277,7 @@ impl PartitionLog {
                 recover,
                 config.index_interval_bytes,
                 !config.compacted,
+                &files,
             )?;
             if recover {
                 report.recovered_segments += 1;
@@ -306,7 +321,7 @@ impl PartitionLog {
         }
         if segments.is_empty() {
             let base = log_start_offset.max(0);
-            segments.insert(base, Segment::create(dir, base)?);
+            segments.insert(base, Segment::create(dir, base, &files)?);
         }
         report.segments = segments.len();
         let log_end_offset = segments
@@ -326,6 +341,7 @@ impl PartitionLog {
             unflushed_messages: 0,
             first_unflushed_ms: None,
             pending_syncs: Vec::new(),
+            files,
             write_buf: Vec::new(),
             offline: false,
             producers: ProducerStateManager::default(),
@@ -538,10 +554,12 @@ impl PartitionLog {
         let interval = self.config.index_interval_bytes;
         let seg = self.active_mut();
         let start = seg.size;
-        if let Err(e) = seg.file.write_all_at(buf, start) {
+        // Nothing is written when the file cannot be (re)opened: nothing to undo.
+        let file = seg.file.get()?;
+        if let Err(e) = file.write_all_at(buf, start) {
             // Nothing partial may stay behind: cut back to the last whole batch.
             let err = StorageError::io(&seg.log_path, e);
-            if seg.file.set_len(start).is_err() {
+            if file.set_len(start).is_err() {
                 tracing::error!(log = %seg.log_path.display(), "cannot truncate after failed write; log offline");
                 self.offline = true;
             }
@@ -593,7 +611,7 @@ impl PartitionLog {
         let file = old.file.clone();
         let next_offset = old.next_offset;
         self.pending_syncs.push((file, next_offset));
-        let seg = Segment::create(&self.dir, base)?;
+        let seg = Segment::create(&self.dir, base, &self.files)?;
         self.segments.insert(base, seg);
         // Recovery then replays only the segments after this one (Kafka snapshots at
         // every roll too). Not fsynced: a damaged snapshot fails its CRC and recovery
@@ -625,7 +643,8 @@ impl PartitionLog {
             .or_else(|| self.segments.range(fetch_offset..).next().map(|(_, s)| s));
         let Some(seg) = seg else { return Ok(None) };
         Ok(Some(ReadPlan {
-            file: seg.file.clone(),
+            // The plan holds its own descriptor: eviction cannot close it under the read.
+            file: seg.file.get()?,
             path: seg.log_path.clone(),
             start_position: seg.lookup(fetch_offset),
             end_position: seg.size,
@@ -636,20 +655,23 @@ impl PartitionLog {
     }
 
     /// Plans the scan for the first batch whose max timestamp is >= `timestamp`.
-    pub fn time_plan(&self, timestamp: i64) -> Option<ReadPlan> {
-        let seg = self
+    pub fn time_plan(&self, timestamp: i64) -> Result<Option<ReadPlan>> {
+        let Some(seg) = self
             .segments
             .values()
-            .find(|s| !s.is_empty() && s.max_timestamp >= timestamp)?;
-        Some(ReadPlan {
-            file: seg.file.clone(),
+            .find(|s| !s.is_empty() && s.max_timestamp >= timestamp)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ReadPlan {
+            file: seg.file.get()?,
             path: seg.log_path.clone(),
             start_position: seg.lookup_time(timestamp),
             end_position: seg.size,
             fetch_offset: self.log_start_offset.max(seg.base_offset),
             index_interval_bytes: self.config.index_interval_bytes,
             max_offset: i64::MAX,
-        })
+        }))
     }
 
     /// The largest timestamp in the log and the batch that holds it (ListOffsets -3, KIP-734).
@@ -792,7 +814,7 @@ impl PartitionLog {
                 continue;
             };
             let raw = FileRegion {
-                file: seg.file.clone(),
+                file: seg.file.get()?,
                 path: seg.log_path.clone(),
                 position: 0,
                 len: seg.size,
@@ -839,7 +861,8 @@ impl PartitionLog {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| StorageError::io(&self.dir, e))?;
-            let (mut new_seg, outcome) = Segment::open(log_path, base, true, interval, false)?;
+            let (mut new_seg, outcome) =
+                Segment::open(log_path, base, true, interval, false, &self.files)?;
             assert_eq!(
                 outcome.truncated_bytes, 0,
                 "a freshly written compacted segment must scan clean"
@@ -1122,7 +1145,7 @@ impl PartitionLog {
 
     /// Files of rolled segments that still need an fsync; the caller syncs them outside
     /// the lock and reports back with [`Self::mark_synced`].
-    pub fn take_pending_syncs(&mut self) -> Vec<(Arc<File>, i64)> {
+    pub fn take_pending_syncs(&mut self) -> Vec<(SegmentFile, i64)> {
         std::mem::take(&mut self.pending_syncs)
     }
 
@@ -1137,11 +1160,11 @@ impl PartitionLog {
     /// fsyncs everything appended so far.
     pub fn flush(&mut self) -> Result<()> {
         for (file, _) in std::mem::take(&mut self.pending_syncs) {
-            file.sync_data()
-                .map_err(|e| StorageError::io(&self.dir, e))?;
+            file.sync_data()?;
         }
         let seg = self.active();
         seg.file
+            .get()?
             .sync_data()
             .map_err(|e| StorageError::io(&seg.log_path, e))?;
         self.unflushed_messages = 0;
@@ -1359,6 +1382,7 @@ fn replay_producer_batches(
     let (mut window_at, mut window_len) = (0u64, 0usize);
     let mut pos = seg.lookup(from_offset);
     let mut replayed = 0;
+    let file = seg.file.get()?;
     while pos < seg.size {
         if seg.size - pos < HEADER_BYTES as u64 {
             return Err(corrupt(
@@ -1369,8 +1393,7 @@ fn replay_producer_batches(
         if !(pos >= window_at && pos + HEADER_BYTES as u64 <= window_at + window_len as u64) {
             window_len = (seg.size - pos).min(REPLAY_WINDOW_BYTES as u64) as usize;
             let buf = window.get_mut(..window_len).unwrap_or_default();
-            seg.file
-                .read_exact_at(buf, pos)
+            file.read_exact_at(buf, pos)
                 .map_err(|e| StorageError::io(&seg.log_path, e))?;
             window_at = pos;
         }

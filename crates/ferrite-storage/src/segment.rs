@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::batch::{max_timestamp_plausible, validate_batch, BatchHeader, HEADER_BYTES};
 use crate::error::{Result, StorageError};
+use crate::fd_cache::{DescriptorCache, SegmentFile};
 
 pub const LOG_SUFFIX: &str = "log";
 pub const INDEX_SUFFIX: &str = "index";
@@ -49,7 +50,9 @@ pub fn parse_segment_file_name(path: &Path) -> Option<i64> {
 pub(crate) struct Segment {
     pub base_offset: i64,
     pub log_path: PathBuf,
-    pub file: Arc<File>,
+    /// Opened on demand through the log's [`DescriptorCache`]: take `file.get()` for as
+    /// long as a read or write needs the descriptor.
+    pub file: SegmentFile,
     /// Bytes of whole batches in the file.
     pub size: u64,
     /// One past the last offset stored here; `base_offset` when empty.
@@ -72,7 +75,7 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub fn create(dir: &Path, base_offset: i64) -> Result<Segment> {
+    pub fn create(dir: &Path, base_offset: i64, files: &Arc<DescriptorCache>) -> Result<Segment> {
         let log_path = dir.join(segment_file_name(base_offset, LOG_SUFFIX));
         let file = OpenOptions::new()
             .read(true)
@@ -83,8 +86,8 @@ impl Segment {
             .map_err(|e| StorageError::io(&log_path, e))?;
         Ok(Segment {
             base_offset,
+            file: files.adopt(log_path.clone(), file),
             log_path,
-            file: Arc::new(file),
             size: 0,
             next_offset: base_offset,
             max_timestamp: -1,
@@ -106,6 +109,7 @@ impl Segment {
         recover: bool,
         index_interval_bytes: u64,
         dense: bool,
+        files: &Arc<DescriptorCache>,
     ) -> Result<(Segment, RecoveryOutcome)> {
         let file = OpenOptions::new()
             .read(true)
@@ -118,8 +122,8 @@ impl Segment {
             .len();
         let mut seg = Segment {
             base_offset,
+            file: files.adopt(log_path.clone(), file),
             log_path,
-            file: Arc::new(file),
             size: file_len,
             next_offset: base_offset,
             max_timestamp: -1,
@@ -243,6 +247,7 @@ impl Segment {
                 let len = want.min(file_len - pos) as usize;
                 buf.resize(len, 0);
                 self.file
+                    .get()?
                     .read_exact_at(&mut buf, pos)
                     .map_err(|e| StorageError::io(&self.log_path, e))?;
                 buf_start = pos;
@@ -293,9 +298,9 @@ impl Segment {
             });
         }
         let truncated_bytes = self.size - pos;
-        let claimed_end_offset = claimed_end_offset(&self.file, pos, self.size);
-        self.file
-            .set_len(pos)
+        let file = self.file.get()?;
+        let claimed_end_offset = claimed_end_offset(&file, pos, self.size);
+        file.set_len(pos)
             .map_err(|e| StorageError::io(&self.log_path, e))?;
         self.size = pos;
         Ok(RecoveryOutcome {
@@ -354,9 +359,8 @@ impl Segment {
             self.check_timestamps_on_disk()?;
         }
         if self.unknown_timestamps || self.max_timestamp < 0 {
-            let modified = self
-                .file
-                .metadata()
+            // By path: asking needs no descriptor.
+            let modified = std::fs::metadata(&self.log_path)
                 .and_then(|m| m.modified())
                 .map_err(|e| StorageError::io(&self.log_path, e))?;
             let modified_ms = modified
@@ -374,9 +378,9 @@ impl Segment {
     fn check_timestamps_on_disk(&mut self) -> Result<()> {
         let mut header = [0u8; HEADER_BYTES];
         let mut pos = 0u64;
+        let file = self.file.get()?;
         while pos + HEADER_BYTES as u64 <= self.size {
-            self.file
-                .read_exact_at(&mut header, pos)
+            file.read_exact_at(&mut header, pos)
                 .map_err(|e| StorageError::io(&self.log_path, e))?;
             let total = BatchHeader::parse(&header).and_then(|h| {
                 let total = h.total_bytes()?;

@@ -1,8 +1,10 @@
 //! Machine limits tell the truth (issue 14, items 3 to 5): a full disk (a small tmpfs as
 //! the data directory) is logged once when it fills and once when it recovers, admin
 //! changes that cannot be stored fail whole, a group whose rebalance cannot be persisted
-//! does not flood the log; a file descriptor limit too low for a CreateTopics refuses it
-//! with a clear error before anything is created.
+//! does not flood the log, and reads keep working meanwhile; more partitions than file
+//! descriptors are hosted through the bounded segment file cache, and a CreateTopics that
+//! would leave no descriptor for segment files is refused with a clear error before
+//! anything is created.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod common;
@@ -100,6 +102,12 @@ impl Broker {
         }
     }
 
+    /// Descriptors the broker process has open.
+    fn open_fds(&self) -> usize {
+        let pid = self.child.as_ref().unwrap().id();
+        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    }
+
     fn log_lines(&self, needle: &str) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -167,6 +175,10 @@ fn topic_name(s: &str) -> TopicName {
 }
 
 fn produce(addr: &str, topic: &str) -> i16 {
+    produce_to(addr, topic, 0)
+}
+
+fn produce_to(addr: &str, topic: &str, partition: i32) -> i16 {
     let batch = ferrite_storage::test_support::make_batch(10, 1_700_000_000_000, &[b'x'; 2000]);
     let req = ProduceRequest::default()
         .with_acks(1)
@@ -174,7 +186,7 @@ fn produce(addr: &str, topic: &str) -> i16 {
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(topic_name(topic))
             .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(0)
+                .with_index(partition)
                 .with_records(Some(batch.into()))])]);
     let resp: ProduceResponse = common::raw(addr, ApiKey::Produce, 9, &req);
     resp.responses[0].partition_responses[0].error_code
@@ -206,6 +218,25 @@ fn delete_topic(addr: &str, topic: &str) -> i16 {
         ]);
     let resp: DeleteTopicsResponse = common::raw(addr, ApiKey::DeleteTopics, 6, &req);
     resp.responses[0].error_code
+}
+
+/// `(error code, record bytes)` of a Fetch of `topic`-0 from offset 0.
+fn fetch(addr: &str, topic: &str) -> (i16, usize) {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse};
+    let req = FetchRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(topic_name(topic))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(0)
+                .with_partition_max_bytes(1 << 20)])]);
+    let resp: FetchResponse = common::raw(addr, ApiKey::Fetch, 12, &req);
+    let p = &resp.responses[0].partitions[0];
+    (p.error_code, p.records.as_ref().map_or(0, |r| r.len()))
 }
 
 /// Whether the broker lists `topic`, and with how many partitions.
@@ -246,6 +277,10 @@ fn full_disk_is_logged_once_and_admin_changes_fail_whole() {
         assert_eq!(produce(&b.addr, "a"), KAFKA_STORAGE_ERROR);
     }
     assert_eq!(b.log_lines("log directory is full"), 1);
+    // Reads keep working on a full disk.
+    let (code, bytes) = fetch(&b.addr, "a");
+    assert_eq!(code, 0);
+    assert!(bytes > 2000, "fetched {bytes} bytes");
 
     // CreateTopics fails whole: nothing listed, no directory left behind.
     let (code, message) = create_topic(&b.addr, "b", 8);
@@ -309,19 +344,48 @@ fn full_disk_is_logged_once_and_admin_changes_fail_whole() {
 }
 
 #[test]
-fn create_topics_beyond_the_descriptor_limit_is_refused_before_anything_is_created() {
+fn more_partitions_than_descriptors_are_hosted_and_a_change_leaving_none_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let log = tmp.path().join("broker.log");
-    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(1400));
+    const LIMIT: u32 = 1200;
+    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(LIMIT));
     assert_eq!(b.log_lines("file descriptor limit"), 1);
-    let (code, message) = create_topic(&b.addr, "many", 1000);
+    assert_eq!(b.log_lines("segment files open at most"), 1);
+    // More partitions than the process may open files: the cache holds a bounded number.
+    let (code, message) = create_topic(&b.addr, "many", 1500);
+    assert_eq!(code, 0, "{message}");
+    assert_eq!(listed(&b.addr, "many"), Some(1500));
+    for p in [0, 700, 1499, 3] {
+        assert_eq!(produce_to(&b.addr, "many", p), 0, "partition {p}");
+    }
+    let fds = b.open_fds();
+    // What the broker keeps for connections (1024) is left free.
+    assert!(fds < LIMIT as usize - 1000, "{fds} descriptors open");
+    drop(b);
+    // And it starts again on that directory, under the same limit.
+    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(LIMIT));
+    assert_eq!(listed(&b.addr, "many"), Some(1500));
+    assert_eq!(produce_to(&b.addr, "many", 1499), 0);
+
+    // Connections take what was kept for them: no descriptor is left for segment files,
+    // and a CreateTopics is refused before anything is created.
+    let idle = b.open_fds();
+    let conns: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&b.addr).unwrap())
+        .collect();
+    common::wait_for("the broker to accept 300 connections", OP_TIMEOUT, || {
+        (b.open_fds() >= idle + 290).then_some(())
+    });
+    let (code, message) = create_topic(&b.addr, "more", 10);
     assert_eq!(code, INVALID_PARTITIONS, "{message}");
     assert!(message.contains("file descriptors"), "{message}");
-    assert_eq!(listed(&b.addr, "many"), None);
-    assert!(!data.join("many-0").exists());
-    // What fits is created, whole.
-    assert_eq!(create_topic(&b.addr, "some", 200).0, 0);
-    assert_eq!(listed(&b.addr, "some"), Some(200));
-    assert!((0..200).all(|p| data.join(format!("some-{p}")).is_dir()));
+    assert_eq!(listed(&b.addr, "more"), None);
+    assert!(!data.join("more-0").exists());
+    drop(conns);
+    common::wait_for("the connections to close", OP_TIMEOUT, || {
+        (b.open_fds() < idle + 20).then_some(())
+    });
+    assert_eq!(create_topic(&b.addr, "more", 10).0, 0);
+    assert!((0..10).all(|p| data.join(format!("more-{p}")).is_dir()));
 }

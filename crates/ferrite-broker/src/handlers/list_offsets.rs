@@ -92,7 +92,9 @@ fn lookup(p: &Partition, timestamp: i64) -> Result<Option<(i64, i64, i32)>, i16>
             t => (log.time_plan(t), t),
         }
     };
-    let Some(plan) = plan else { return Ok(None) };
+    let Some(plan) = plan.map_err(|e| storage_error_code(&e))? else {
+        return Ok(None);
+    };
     let batch = plan
         .read_first_batch_at_time(target)
         .map_err(|e| storage_error_code(&e))?;
