@@ -2221,12 +2221,12 @@ mod tests {
                 .unwrap();
         }
         for target in [0, 5, 10, 455, 990] {
-            let plan = log.time_plan(target).unwrap();
+            let plan = log.time_plan(target).unwrap().unwrap();
             let batch = plan.read_first_batch_at_time(target).unwrap().unwrap();
             let h = BatchHeader::parse(&batch).unwrap();
             assert_eq!(h.base_offset, (target + 9) / 10, "target {target}");
         }
-        assert!(log.time_plan(991).is_none());
+        assert!(log.time_plan(991).unwrap().is_none());
     }
 }
 
@@ -2314,7 +2314,7 @@ mod timestamp_tests {
                 log.append(&batch(base + 100, claimed, zstd), 0, now)
                     .unwrap();
                 for (target, want) in [(base, 0), (base + 25, 0), (base + 31, 4), (base + 130, 4)] {
-                    let plan = log.time_plan(target).unwrap();
+                    let plan = log.time_plan(target).unwrap().unwrap();
                     let found = plan.read_first_batch_at_time(target).unwrap().unwrap();
                     let h = BatchHeader::parse(&found).unwrap();
                     assert_eq!(
@@ -2322,7 +2322,7 @@ mod timestamp_tests {
                         "zstd {zstd} claimed {claimed} t {target}"
                     );
                 }
-                assert!(log.time_plan(base + 131).is_none());
+                assert!(log.time_plan(base + 131).unwrap().is_none());
                 assert_eq!(log.max_timestamp(), base + 130);
             }
         }
