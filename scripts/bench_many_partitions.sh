@@ -8,8 +8,8 @@
 set -u
 BIN=$(realpath "$1"); N=$2; shift 2
 EXTRA=("$@")
-D=$(mktemp -d /var/tmp/manyparts.XXXX)
-trap 'kill -9 $PID 2>/dev/null; rm -rf "$D"' EXIT
+D=$(mktemp -d "${BENCH_DIR:-/var/tmp}/manyparts.XXXX")
+trap 'kill -9 $PID 2>/dev/null; cp "$D/err" "${BENCH_LOG:-/dev/null}"; rm -rf "$D"' EXIT
 echo "RLIMIT_NOFILE soft $(ulimit -Sn) hard $(ulimit -Hn); partitions $N; extra: ${EXTRA[*]:-none}"
 
 start() { # $1: label
