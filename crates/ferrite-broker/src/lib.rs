@@ -354,7 +354,8 @@ impl Broker {
 fn size_segment_file_cache(configured: usize) {
     use ferrite_storage::fd_cache::{DescriptorCache, SEGMENT_FDS_MIN};
     let fits = replica_manager::file_descriptors().map(|(open, limit)| {
-        let room = limit.saturating_sub(open.saturating_add(replica_manager::FILE_DESCRIPTORS_RESERVED));
+        let room =
+            limit.saturating_sub(open.saturating_add(replica_manager::FILE_DESCRIPTORS_RESERVED));
         usize::try_from(room).unwrap_or(usize::MAX)
     });
     let capacity = match (configured, fits) {

@@ -743,16 +743,20 @@ impl ReplicaManager {
                     message,
                 ));
             }
-            if room < cache.capacity {
-                // More is open besides segment files than at start (connections): the
-                // cache gives way rather than the descriptors kept for connections.
-                tracing::warn!(
-                    from = cache.capacity,
-                    to = room,
-                    open = open,
-                    limit = limit,
-                    "segment file cache lowered to fit the file descriptor limit"
-                );
+            let growth = new.len().min(cache.capacity.saturating_sub(cache.open));
+            if cache.open.saturating_add(growth) > room {
+                // More is open besides segment files than at start (connections), and
+                // this change would fill the cache into the descriptors kept for them:
+                // the cache gives way instead. A few descriptors' difference is routine.
+                if cache.capacity.saturating_sub(room) > FILE_DESCRIPTORS_RESERVED as usize / 16 {
+                    tracing::warn!(
+                        from = cache.capacity,
+                        to = room,
+                        open,
+                        limit,
+                        "segment file cache lowered to fit the file descriptor limit"
+                    );
+                }
                 files.set_capacity(room);
             }
         }

@@ -264,7 +264,14 @@ mod tests {
         let path = dir.join(name);
         let mut f = File::create(&path).unwrap();
         f.write_all(bytes).unwrap();
-        (path.clone(), OpenOptions::new().read(true).write(true).open(&path).unwrap())
+        (
+            path.clone(),
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        )
     }
 
     #[test]
@@ -273,7 +280,8 @@ mod tests {
         let cache = DescriptorCache::new(SEGMENT_FDS_MIN);
         let files: Vec<SegmentFile> = (0..SEGMENT_FDS_MIN + 4)
             .map(|i| {
-                let (p, f) = file_with(dir.path(), &format!("{i}"), format!("bytes {i}").as_bytes());
+                let (p, f) =
+                    file_with(dir.path(), &format!("{i}"), format!("bytes {i}").as_bytes());
                 cache.adopt(p, f)
             })
             .collect();

@@ -90,7 +90,11 @@ fn many_more_segments_than_descriptors_read_back_the_same_bytes_before_and_after
         log.close().unwrap();
     }
     drop(logs);
-    assert_eq!(cache.stats().open, 0, "dropped logs left files in the cache");
+    assert_eq!(
+        cache.stats().open,
+        0,
+        "dropped logs left files in the cache"
+    );
     for clean in [true, false] {
         let logs: Vec<PartitionLog> = (0..6)
             .map(|l| open(&dir.path().join(format!("p-{l}")), &cache, clean))
@@ -111,7 +115,13 @@ fn a_region_in_flight_keeps_its_file_through_eviction_and_retention() {
             .unwrap();
     }
     let expected = all_batches(&log);
-    let region = log.read_plan(0).unwrap().unwrap().locate(1 << 20, true).unwrap().unwrap();
+    let region = log
+        .read_plan(0)
+        .unwrap()
+        .unwrap()
+        .locate(1 << 20, true)
+        .unwrap()
+        .unwrap();
     // Touch every other segment: the first one's descriptor leaves the cache...
     let _ = all_batches(&log);
     let mut offset = 40;
@@ -120,7 +130,13 @@ fn a_region_in_flight_keeps_its_file_through_eviction_and_retention() {
         if bytes.is_empty() {
             break;
         }
-        offset = BatchIter::new(&bytes).last().unwrap().unwrap().1.last_offset() + 1;
+        offset = BatchIter::new(&bytes)
+            .last()
+            .unwrap()
+            .unwrap()
+            .1
+            .last_offset()
+            + 1;
     }
     // ...and DeleteRecords removes its file.
     log.advance_log_start_offset(20).unwrap();
@@ -136,12 +152,19 @@ fn concurrent_reads_and_appends_under_eviction_return_the_bytes_written() {
     let dir = tempfile::tempdir().unwrap();
     let cache = DescriptorCache::new(SEGMENT_FDS_MIN);
     let logs: Vec<Arc<Mutex<PartitionLog>>> = (0..4)
-        .map(|l| Arc::new(Mutex::new(open(&dir.path().join(format!("p-{l}")), &cache, true))))
+        .map(|l| {
+            Arc::new(Mutex::new(open(
+                &dir.path().join(format!("p-{l}")),
+                &cache,
+                true,
+            )))
+        })
         .collect();
     for (l, log) in logs.iter().enumerate() {
         let mut log = log.lock().unwrap();
         for i in 0..30 {
-            log.append(&make_batch(1, 0, &value(l, i, 500)), 0, 0).unwrap();
+            log.append(&make_batch(1, 0, &value(l, i, 500)), 0, 0)
+                .unwrap();
         }
     }
     let readers: Vec<_> = (0..4)
@@ -212,7 +235,8 @@ fn retention_and_compaction_work_on_evicted_segments() {
         PartitionLog::open_with_cache(&dir.path().join("c"), compacted, true, cache.clone())
             .unwrap();
     for i in 0..60 {
-        log.append(&make_batch(1, 0, &value(0, i, 300)), 0, 0).unwrap();
+        log.append(&make_batch(1, 0, &value(0, i, 300)), 0, 0)
+            .unwrap();
     }
     // Other logs push every segment of `log` out of the cache.
     let mut others: Vec<PartitionLog> = (0..3)
@@ -220,7 +244,8 @@ fn retention_and_compaction_work_on_evicted_segments() {
         .collect();
     for o in &mut others {
         for i in 0..30 {
-            o.append(&make_batch(1, 0, &value(9, i, 300)), 0, 0).unwrap();
+            o.append(&make_batch(1, 0, &value(9, i, 300)), 0, 0)
+                .unwrap();
         }
     }
     // Keep every other batch: compaction reads and rewrites evicted segments.

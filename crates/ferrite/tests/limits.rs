@@ -105,7 +105,9 @@ impl Broker {
     /// Descriptors the broker process has open.
     fn open_fds(&self) -> usize {
         let pid = self.child.as_ref().unwrap().id();
-        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
     }
 
     fn log_lines(&self, needle: &str) -> usize {
@@ -349,7 +351,12 @@ fn more_partitions_than_descriptors_are_hosted_and_a_change_leaving_none_is_refu
     let data = tmp.path().join("data");
     let log = tmp.path().join("broker.log");
     const LIMIT: u32 = 1200;
-    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(LIMIT));
+    let b = Broker::start(
+        &data,
+        &log,
+        &["offsets.topic.num.partitions=1"],
+        Some(LIMIT),
+    );
     assert_eq!(b.log_lines("file descriptor limit"), 1);
     assert_eq!(b.log_lines("segment files open at most"), 1);
     // More partitions than the process may open files: the cache holds a bounded number.
@@ -364,7 +371,12 @@ fn more_partitions_than_descriptors_are_hosted_and_a_change_leaving_none_is_refu
     assert!(fds < LIMIT as usize - 1000, "{fds} descriptors open");
     drop(b);
     // And it starts again on that directory, under the same limit.
-    let b = Broker::start(&data, &log, &["offsets.topic.num.partitions=1"], Some(LIMIT));
+    let b = Broker::start(
+        &data,
+        &log,
+        &["offsets.topic.num.partitions=1"],
+        Some(LIMIT),
+    );
     assert_eq!(listed(&b.addr, "many"), Some(1500));
     assert_eq!(produce_to(&b.addr, "many", 1499), 0);
 
