@@ -24,10 +24,10 @@ use crate::batch::{
     validate_batch, validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
+use crate::fd_cache::{DescriptorCache, SegmentFile};
 use crate::leader_epoch::{
     read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
 };
-use crate::fd_cache::{DescriptorCache, SegmentFile};
 use crate::producer_state::{
     ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
     PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
@@ -1075,7 +1075,7 @@ impl PartitionLog {
                 // Where the first batch holding `offset` or later starts.
                 let cut = batch_position_at(seg, offset)?;
                 let kept = FileRegion {
-                    file: seg.file.clone(),
+                    file: seg.file.get()?,
                     path: seg.log_path.clone(),
                     position: 0,
                     len: cut,
@@ -1095,14 +1095,15 @@ impl PartitionLog {
                 File::open(&self.dir)
                     .and_then(|d| d.sync_all())
                     .map_err(|e| StorageError::io(&self.dir, e))?;
-                let (mut new_seg, outcome) = Segment::open(log_path, base, true, interval, dense)?;
+                let (mut new_seg, outcome) =
+                    Segment::open(log_path, base, true, interval, dense, &self.files)?;
                 assert_eq!(outcome.truncated_bytes, 0, "a kept prefix of whole batches");
                 new_seg.write_index_files()?;
                 self.segments.insert(base, new_seg);
             }
         }
         if self.segments.is_empty() {
-            let seg = Segment::create(&self.dir, offset)?;
+            let seg = Segment::create(&self.dir, offset, &self.files)?;
             self.segments.insert(offset, seg);
         }
         self.after_truncation()?;
@@ -1117,7 +1118,7 @@ impl PartitionLog {
         for (_, seg) in std::mem::take(&mut self.segments) {
             seg.delete_files()?;
         }
-        let seg = Segment::create(&self.dir, offset)?;
+        let seg = Segment::create(&self.dir, offset, &self.files)?;
         self.segments.insert(offset, seg);
         self.log_start_offset = offset;
         // No record is left, so no epoch describes any (Kafka's `clearAndFlush`).
@@ -1444,6 +1445,8 @@ fn walk_headers(
             window_len = (seg.size - pos).min(REPLAY_WINDOW_BYTES as u64) as usize;
             let buf = window.get_mut(..window_len).unwrap_or_default();
             seg.file
+                .get()
+                .map_err(ScanError::Storage)?
                 .read_exact_at(buf, pos)
                 .map_err(|e| ScanError::Storage(StorageError::io(&seg.log_path, e)))?;
             window_at = pos;
