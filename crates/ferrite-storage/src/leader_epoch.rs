@@ -224,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn opening_the_partition_log_deletes_a_leftover_temporary_file_and_drops_epochs_past_its_end() {
+    fn opening_the_partition_log_deletes_a_leftover_temporary_file_and_keeps_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         write_leader_epoch_checkpoint(dir.path(), &[e(0, 0), e(2, 7)]).unwrap();
         let tmp = dir.path().join("leader-epoch-checkpoint.tmp");
@@ -232,10 +232,10 @@ mod tests {
         let (_log, _report) =
             crate::PartitionLog::open(dir.path(), crate::LogConfig::default(), false).unwrap();
         assert!(!tmp.exists());
-        // The log is empty (log end offset 0), so every epoch starts at or past its end and
-        // is dropped, as Kafka's `truncateFromEnd(logEndOffset)` at load does; keeping
-        // entries below the log end is tested in tests/replication.rs.
-        assert_eq!(read_leader_epoch_checkpoint(dir.path()).unwrap(), vec![]);
+        assert_eq!(
+            read_leader_epoch_checkpoint(dir.path()).unwrap(),
+            vec![e(0, 0), e(2, 7)]
+        );
     }
 
     #[test]

@@ -193,6 +193,11 @@ pub struct PartitionLog {
     /// Leader epoch → start offset of the records in this log, mirrored durably in
     /// `leader-epoch-checkpoint` before the first append of a new epoch.
     leader_epochs: LeaderEpochCache,
+    /// The checkpoint file still holds entries that open dropped from `leader_epochs`
+    /// (at or past the log end). Open does not rewrite the file, because a start that is
+    /// refused later must leave the data directory unchanged (issue 14); it is rewritten
+    /// before the next append or truncation, so the stale entries never outlive a write.
+    leader_epochs_unsynced: bool,
 }
 
 impl PartitionLog {
@@ -347,6 +352,7 @@ impl PartitionLog {
             producers: ProducerStateManager::default(),
             snapshots,
             leader_epochs: LeaderEpochCache::new(),
+            leader_epochs_unsynced: false,
         };
         log.write_checkpoint()?;
         log.load_producer_state(&mut report)?;
@@ -422,6 +428,7 @@ impl PartitionLog {
         if self.offline {
             return Err(StorageError::LogOffline(self.dir.clone()));
         }
+        self.sync_leader_epochs()?;
         if records.is_empty() {
             return Err(BatchError::Truncated {
                 have: 0,
@@ -941,7 +948,16 @@ impl PartitionLog {
             }
             self.write_leader_epochs()?;
         } else if self.leader_epochs.truncate_from_end(leo) {
+            self.leader_epochs_unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the checkpoint if open dropped entries from it (see `leader_epochs_unsynced`).
+    fn sync_leader_epochs(&mut self) -> Result<()> {
+        if self.leader_epochs_unsynced {
             self.write_leader_epochs()?;
+            self.leader_epochs_unsynced = false;
         }
         Ok(())
     }
@@ -956,6 +972,7 @@ impl PartitionLog {
         if self.offline {
             return Err(StorageError::LogOffline(self.dir.clone()));
         }
+        self.sync_leader_epochs()?;
         let leo = self.log_end_offset();
         let non_contiguous = |reason: String| StorageError::NonContiguousFollowerAppend {
             log_end_offset: leo,
@@ -1138,8 +1155,9 @@ impl PartitionLog {
         self.write_checkpoint()?;
         self.producers = ProducerStateManager::default();
         self.load_producer_state(&mut OpenReport::default())?;
-        if self.leader_epochs.truncate_from_end(leo) {
+        if self.leader_epochs.truncate_from_end(leo) || self.leader_epochs_unsynced {
             self.write_leader_epochs()?;
+            self.leader_epochs_unsynced = false;
         }
         Ok(())
     }

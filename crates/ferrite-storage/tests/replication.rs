@@ -103,8 +103,12 @@ fn an_epoch_whose_first_append_was_lost_is_dropped_at_open() {
         ],
     )
     .unwrap();
-    let (log, _) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
+    let (mut log, _) = PartitionLog::open(dir.path(), cfg(), false).unwrap();
     assert_eq!(entries(&log), vec![(1, 0)]);
+    // Open leaves the file as it was (a refused start must change nothing); the next
+    // append rewrites it first.
+    assert_eq!(read_leader_epoch_checkpoint(dir.path()).unwrap().len(), 2);
+    log.append(&make_batch(2, 1, b"b"), 1, 0).unwrap();
     assert_eq!(
         read_leader_epoch_checkpoint(dir.path()).unwrap(),
         vec![EpochEntry {
