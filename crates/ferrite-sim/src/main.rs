@@ -1,0 +1,106 @@
+//! `ferrite-sim`: run simulated seeds.
+//!
+//! ```text
+//! cargo run -p ferrite-sim -- --seed N [--history FILE]   replay one seed
+//! cargo run -p ferrite-sim -- --seeds COUNT [--start S]   sweep seeds S..S+COUNT
+//! ```
+//! Exit status 1 when any seed fails (each failure prints its seed and replay command).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use ferrite_sim::{failure_text, run, SimConfig};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: ferrite-sim (--seed N [--history FILE] | --seeds COUNT [--start S]) [--faults-ms MS]");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seed = None;
+    let mut seeds = None;
+    let mut start = 0u64;
+    let mut history = None;
+    let mut faults_ms = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = || it.next().and_then(|v| v.parse::<u64>().ok());
+        match a.as_str() {
+            "--seed" => seed = num(),
+            "--seeds" => seeds = num(),
+            "--start" => start = num().unwrap_or(0),
+            "--faults-ms" => faults_ms = num(),
+            "--history" => history = it.next().cloned(),
+            _ => return usage(),
+        }
+    }
+    let config = |s: u64| {
+        let mut c = SimConfig::new(s);
+        if let Some(f) = faults_ms {
+            c.faults_ms = f;
+        }
+        c
+    };
+    if let Some(s) = seed {
+        let mut c = config(s);
+        c.keep_history = history.is_some();
+        let t = Instant::now();
+        let r = run(c);
+        if let (Some(path), Some(h)) = (&history, &r.history) {
+            if let Err(e) = std::fs::write(path, h) {
+                eprintln!("cannot write {path}: {e}");
+            }
+        }
+        println!(
+            "seed {s}: trace {:016x}, {} events, {} ms simulated in {:.2?}; faults {:?}; \
+             sends ok {} of {}; truncations {}; crash-dropped records {}; controller failovers {}",
+            r.trace_hash,
+            r.stats.events,
+            r.stats.end_ms,
+            t.elapsed(),
+            r.stats.faults,
+            r.report.sends.ok,
+            r.report.sends.invoked,
+            r.stats.truncations,
+            r.stats.crash_truncated_records,
+            r.stats.controller_failovers,
+        );
+        print!("{}", r.report.to_text());
+        if r.passed() {
+            return ExitCode::SUCCESS;
+        }
+        eprint!("{}", failure_text(&r));
+        return ExitCode::from(1);
+    }
+    let Some(count) = seeds else { return usage() };
+    let t = Instant::now();
+    let mut failed = Vec::new();
+    let (mut faults, mut sends_ok, mut sends, mut events) = (0u64, 0u64, 0u64, 0u64);
+    for s in start..start + count {
+        let r = run(config(s));
+        faults += r.stats.faults.values().sum::<u64>();
+        sends_ok += r.report.sends.ok;
+        sends += r.report.sends.invoked;
+        events += r.stats.events;
+        if !r.passed() {
+            eprint!("{}", failure_text(&r));
+            failed.push(s);
+        }
+        if (s - start + 1) % 100 == 0 {
+            eprintln!("{} seeds, {} failed, {:.0?}", s - start + 1, failed.len(), t.elapsed());
+        }
+    }
+    println!(
+        "{count} seeds from {start}: {} failed {:?}; {faults} faults, {sends_ok} of {sends} sends \
+         acknowledged, {events} events, in {:.1?}",
+        failed.len(),
+        failed,
+        t.elapsed()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
