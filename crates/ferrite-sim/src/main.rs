@@ -76,13 +76,14 @@ fn main() -> ExitCode {
     let Some(count) = seeds else { return usage() };
     let t = Instant::now();
     let mut failed = Vec::new();
-    let (mut faults, mut sends_ok, mut sends, mut events) = (0u64, 0u64, 0u64, 0u64);
+    let (mut faults, mut sends_ok, mut sends, mut events, mut dropped) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for s in start..start + count {
         let r = run(config(s));
         faults += r.stats.faults.values().sum::<u64>();
         sends_ok += r.report.sends.ok;
         sends += r.report.sends.invoked;
         events += r.stats.events;
+        dropped += r.stats.crash_truncated_records;
         if !r.passed() {
             eprint!("{}", failure_text(&r));
             failed.push(s);
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
     }
     println!(
         "{count} seeds from {start}: {} failed {:?}; {faults} faults, {sends_ok} of {sends} sends \
-         acknowledged, {events} events, in {:.1?}",
+         acknowledged, {dropped} unflushed records dropped by crashes, {events} events, in {:.1?}",
         failed.len(),
         failed,
         t.elapsed()

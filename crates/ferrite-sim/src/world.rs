@@ -64,7 +64,7 @@ const METADATA_ENTRIES_PER_REPLY_MAX: usize = 64;
 /// Bytes one fetch reads from a log, at most.
 const FETCH_BYTES_MAX: usize = 16 * 1024;
 /// A flush happens this long after the first unflushed append (ms range).
-const FLUSH_DELAY_MS: (u64, u64) = (1, 15);
+const FLUSH_DELAY_MS: (u64, u64) = (1, 40);
 /// One-way message latency (ms range), before any slow-link fault.
 const LATENCY_MS: (u64, u64) = (1, 4);
 const SLOW_LINK_EXTRA_MS: (u64, u64) = (50, 400);
@@ -199,9 +199,7 @@ enum Msg {
         id: u64,
         result: Result<FetchData, ReplicationError>,
     },
-    Metadata {
-        id: u64,
-    },
+    Metadata,
     MetadataReply {
         leaders: BTreeMap<i32, i32>,
     },
@@ -245,7 +243,7 @@ impl Msg {
             Msg::AlterPartitionReply { .. } => "alter-partition-reply",
             Msg::Fetch { .. } => "fetch",
             Msg::FetchReply { .. } => "fetch-reply",
-            Msg::Metadata { .. } => "metadata",
+            Msg::Metadata => "metadata",
             Msg::MetadataReply { .. } => "metadata-reply",
             Msg::Produce { .. } => "produce",
             Msg::ProduceReply { .. } => "produce-reply",
@@ -273,6 +271,8 @@ enum NodeTimer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Crash(i32),
+    /// Every node at once (a power loss): only fsynced data survives anywhere.
+    CrashAll,
     Pause(i32),
     Isolate(i32),
     OneWay(i32, i32),
@@ -283,6 +283,7 @@ impl Fault {
     fn kind(&self) -> &'static str {
         match self {
             Fault::Crash(_) => "crash",
+            Fault::CrashAll => "crash-all",
             Fault::Pause(_) => "pause",
             Fault::Isolate(_) => "isolate",
             Fault::OneWay(..) => "one-way",
@@ -292,6 +293,7 @@ impl Fault {
     fn describe(&self) -> String {
         match self {
             Fault::Crash(n) => format!("crash node {n} (unflushed data dropped)"),
+            Fault::CrashAll => "crash every node (unflushed data dropped)".to_string(),
             Fault::Pause(n) => format!("pause node {n}"),
             Fault::Isolate(n) => format!("isolate node {n}"),
             Fault::OneWay(a, b) => format!("drop messages {a} -> {b}"),
@@ -1273,7 +1275,7 @@ impl World {
                 id: fetch_id,
                 result,
             } => self.follower_fetch_reply(id, partition, fetch_id, result),
-            Msg::Metadata { .. } => {
+            Msg::Metadata => {
                 let leaders = self
                     .broker(id)
                     .and_then(|b| b.image.topic(TOPIC))
@@ -2013,10 +2015,9 @@ impl World {
     }
 
     fn client_metadata(&mut self, process: i64) {
-        let req = self.next_request_id();
         let node = self.random_node();
         let to = self.node_endpoint(node);
-        self.send(Self::client_endpoint(process), to, Msg::Metadata { id: req });
+        self.send(Self::client_endpoint(process), to, Msg::Metadata);
     }
 
     fn consumer_mut(&mut self, i: usize, final_reader: bool) -> Option<&mut Consumer> {
@@ -2205,7 +2206,7 @@ impl World {
                 self.inject(f);
                 let hold = match f {
                     Fault::Pause(_) => self.rng.range(200, 2_500),
-                    Fault::Crash(_) => self.rng.range(100, 3_000),
+                    Fault::Crash(_) | Fault::CrashAll => self.rng.range(100, 3_000),
                     _ => self.rng.range(300, 4_000),
                 };
                 let end = (self.now + hold).min(heal_at);
@@ -2235,8 +2236,12 @@ impl World {
                 }
                 _ => a,
             };
-            let f = match self.rng.index(5) {
-                0 => Fault::Crash(target),
+            let f = match self.rng.index(11) {
+                0 | 5 => Fault::Crash(target),
+                6 if self.active_faults.is_empty() => Fault::CrashAll,
+                6 | 7 => Fault::Isolate(target),
+                8 => Fault::Pause(target),
+                9 => Fault::OneWay(target, if target == b { a } else { b }),
                 1 => Fault::Pause(target),
                 2 => Fault::Isolate(target),
                 3 => Fault::OneWay(target, if target == b { a } else { b }),
@@ -2245,11 +2250,13 @@ impl World {
             let busy = |n: i32| {
                 self.active_faults.iter().any(|g| match g {
                     Fault::Crash(x) | Fault::Pause(x) | Fault::Isolate(x) => *x == n,
+                    Fault::CrashAll => true,
                     Fault::OneWay(x, y) | Fault::Slow(x, y) => *x == n || *y == n,
                 })
             };
             let ok = match f {
                 Fault::Crash(n) | Fault::Pause(n) | Fault::Isolate(n) => !busy(n) && self.is_up(n),
+                Fault::CrashAll => self.active_faults.is_empty(),
                 Fault::OneWay(x, y) | Fault::Slow(x, y) => x != y && !busy(x) && !busy(y),
             };
             if ok {
@@ -2281,6 +2288,11 @@ impl World {
         self.active_faults.push(f);
         match f {
             Fault::Crash(n) => self.crash_node(n),
+            Fault::CrashAll => {
+                for n in NODES {
+                    self.crash_node(n);
+                }
+            }
             Fault::Pause(n) => {
                 if let Some(node) = self.nodes.get_mut(&n) {
                     node.paused_until = u64::MAX;
@@ -2312,6 +2324,11 @@ impl World {
         self.trace(&["heal", &f.describe()]);
         match f {
             Fault::Crash(n) => self.start_node(n),
+            Fault::CrashAll => {
+                for n in NODES {
+                    self.start_node(n);
+                }
+            }
             Fault::Pause(n) => {
                 if let Some(node) = self.nodes.get_mut(&n) {
                     if node.paused_until == u64::MAX {
