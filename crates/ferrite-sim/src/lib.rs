@@ -41,7 +41,7 @@ mod world;
 use std::fmt::Write as _;
 
 pub use rng::Rng;
-pub use world::{run, SimConfig, SimResult, SimStats};
+pub use world::{run, PlantedBug, SimConfig, SimResult, SimStats};
 
 /// The command that replays `seed` (printed with every failure).
 pub fn replay_command(seed: u64) -> String {

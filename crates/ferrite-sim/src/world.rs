@@ -93,6 +93,19 @@ pub struct SimConfig {
     pub concurrent_faults_max: usize,
     /// Keep the history in the result (for `--history`).
     pub keep_history: bool,
+    /// A bug planted in the simulator's glue, to show that the checks catch it.
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Deliberate mistakes the tests plant to prove the simulation has teeth: each must
+/// make some seeds fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A follower reports its log end to the leader before flushing it, so acks=all
+    /// may acknowledge records that only sit in page caches (lost by a power loss).
+    FollowerAcksUnflushed,
+    /// Consumers read up to the leader's log end instead of the high watermark.
+    ReadPastHighWatermark,
 }
 
 impl SimConfig {
@@ -105,6 +118,7 @@ impl SimConfig {
             final_read_timeout_ms: 15_000,
             concurrent_faults_max: 2,
             keep_history: false,
+            planted_bug: None,
         }
     }
 }
@@ -120,6 +134,9 @@ pub struct SimStats {
     pub crash_truncated_records: u64,
     pub leader_elections_seen: u64,
     pub controller_failovers: u64,
+    /// Follower fetches the leader refused (fenced/unknown epoch, not leader, out of range).
+    pub follower_fetch_errors: u64,
+    pub diverging_epochs: u64,
     pub end_ms: u64,
 }
 
@@ -1785,10 +1802,13 @@ impl World {
         result: Result<FetchData, ReplicationError>,
     ) {
         let now = self.now;
+        let bug = self.cfg.planted_bug;
         let mut errors = Vec::new();
         let mut refetch = false;
         let mut flush = false;
         let mut truncated = false;
+        let mut fetch_error = false;
+        let mut diverging = false;
         {
             let Some(rep) = self.broker_mut(id).and_then(|b| b.replicas.get_mut(&partition)) else {
                 return;
@@ -1801,12 +1821,13 @@ impl World {
             rep.fetch = FetchState::Idle;
             match result {
                 Ok(FetchData::Diverging(eo)) => {
+                    diverging = true;
                     let leo = rep.log.log_end_offset();
                     let hw = rep.high_watermark.min(leo);
                     let t = follower_truncation(rep.log.leader_epochs(), leo, hw, eo);
                     match rep.log.truncate_to(t.offset) {
-                        Ok(_) => {
-                            truncated = true;
+                        Ok(removed) => {
+                            truncated = removed;
                             rep.high_watermark = rep.high_watermark.min(rep.log.log_end_offset());
                             refetch = true;
                         }
@@ -1825,16 +1846,23 @@ impl World {
                             Ok(_) => {
                                 let leo = rep.log.log_end_offset();
                                 rep.high_watermark = follower_high_watermark(high_watermark, leo);
-                                rep.fetch = FetchState::WaitFlush;
                                 flush = true;
+                                if bug == Some(PlantedBug::FollowerAcksUnflushed) {
+                                    refetch = true;
+                                } else {
+                                    rep.fetch = FetchState::WaitFlush;
+                                }
                             }
                             Err(e) => errors.push(format!("append_as_follower: {e}")),
                         }
                     }
                 }
-                Err(_) => {} // fenced / unknown epoch / not leader: the next tick retries
+                // Fenced / unknown epoch / not leader: the next tick retries.
+                Err(_) => fetch_error = true,
             }
         }
+        self.stats.follower_fetch_errors += u64::from(fetch_error);
+        self.stats.diverging_epochs += u64::from(diverging);
         if truncated {
             self.stats.truncations += 1;
             let leo = self
@@ -1936,14 +1964,19 @@ impl World {
         if offset > log_end_offset || offset < rep.log.log_start_offset() {
             return Err(OFFSET_OUT_OF_RANGE);
         }
-        let bytes = match read_batches(&rep.log, offset, high_watermark) {
+        let visible = if self.cfg.planted_bug == Some(PlantedBug::ReadPastHighWatermark) {
+            rep.log.log_end_offset()
+        } else {
+            high_watermark
+        };
+        let bytes = match read_batches(&rep.log, offset, visible) {
             Ok(b) => b,
             Err(e) => {
                 self.violation(format!("node {id} partition {partition}: consumer read: {e}"));
                 return Err(KAFKA_STORAGE_ERROR);
             }
         };
-        match decode_values(&bytes, offset, high_watermark) {
+        match decode_values(&bytes, offset, visible) {
             Ok(records) => Ok(ConsumerData {
                 records,
                 high_watermark,

@@ -5,7 +5,8 @@
 //! `FERRITE_SIM_SEEDS=N` changes the sweep's size (default 200), `FERRITE_SIM_START=S`
 //! its first seed; `cargo run -p ferrite-sim -- --seed N` replays one seed.
 
-use ferrite_sim::{failure_text, run, SimConfig};
+use ferrite_check::AnomalyKind;
+use ferrite_sim::{failure_text, run, PlantedBug, SimConfig};
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -53,4 +54,40 @@ fn sweep_of_seeds_finds_no_anomaly() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The checks have teeth: each planted bug makes some of the first seeds fail, with
+/// the anomaly it should cause.
+#[test]
+fn planted_bugs_are_caught() {
+    for (bug, seeds) in [
+        (PlantedBug::ReadPastHighWatermark, 40),
+        (PlantedBug::FollowerAcksUnflushed, 300),
+    ] {
+        let mut caught = None;
+        for seed in 0..seeds {
+            let mut c = SimConfig::new(seed);
+            c.planted_bug = Some(bug);
+            let r = run(c);
+            if !r.passed() {
+                caught = Some(r);
+                break;
+            }
+        }
+        let r = caught.unwrap_or_else(|| panic!("{bug:?} not caught in {seeds} seeds"));
+        assert!(r.violations.is_empty(), "{}", failure_text(&r));
+        let anomalies = |k: AnomalyKind| r.report.count(k);
+        match bug {
+            PlantedBug::ReadPastHighWatermark => assert!(
+                anomalies(AnomalyKind::InconsistentOffsets) + anomalies(AnomalyKind::LostWrite) > 0,
+                "{}",
+                failure_text(&r)
+            ),
+            PlantedBug::FollowerAcksUnflushed => assert!(
+                anomalies(AnomalyKind::LostWrite) + anomalies(AnomalyKind::Unseen) > 0,
+                "{}",
+                failure_text(&r)
+            ),
+        }
+    }
 }
