@@ -113,7 +113,7 @@ impl SimConfig {
         SimConfig {
             seed,
             faults_start_ms: 2_000,
-            faults_ms: 10_000,
+            faults_ms: 20_000,
             settle_ms: 4_000,
             final_read_timeout_ms: 15_000,
             concurrent_faults_max: 2,
@@ -195,6 +195,8 @@ enum Msg {
     HeartbeatReply {
         result: Result<BrokerHeartbeatReply, ControllerError>,
         entries: Vec<(i64, Vec<MetadataRecord>)>,
+        /// The offset of the last committed entry (the metadata log's end).
+        last_offset: i64,
     },
     AlterPartition {
         partition: i32,
@@ -293,6 +295,9 @@ enum Fault {
     Pause(i32),
     Isolate(i32),
     OneWay(i32, i32),
+    /// Both directions between two nodes, each still reaching the third (a partial
+    /// partition: the controller may see both sides).
+    Cut(i32, i32),
     Slow(i32, i32),
 }
 
@@ -304,6 +309,7 @@ impl Fault {
             Fault::Pause(_) => "pause",
             Fault::Isolate(_) => "isolate",
             Fault::OneWay(..) => "one-way",
+            Fault::Cut(..) => "cut-link",
             Fault::Slow(..) => "slow-link",
         }
     }
@@ -314,6 +320,7 @@ impl Fault {
             Fault::Pause(n) => format!("pause node {n}"),
             Fault::Isolate(n) => format!("isolate node {n}"),
             Fault::OneWay(a, b) => format!("drop messages {a} -> {b}"),
+            Fault::Cut(a, b) => format!("cut link {a} <-> {b}"),
             Fault::Slow(a, b) => format!("slow link {a} <-> {b}"),
         }
     }
@@ -385,6 +392,10 @@ struct Broker {
     heartbeat_sent_ms: Option<u64>,
     image: MetadataImage,
     metadata_offset: i64,
+    /// The image has reached the metadata log's end once since this process started.
+    /// Until then the broker takes no partition role: a partial replay shows old
+    /// leaderships (Kafka's broker also waits for its initial metadata catch-up).
+    caught_up: bool,
     replicas: BTreeMap<i32, Replica>,
     flush_scheduled: bool,
     next_token: u64,
@@ -1012,18 +1023,26 @@ impl World {
         let Some(c) = self.ctl.controller.as_mut() else {
             return;
         };
-        let (event, reply_with): (Event, fn(Reply, Vec<(i64, Vec<MetadataRecord>)>, Msg) -> Option<Msg>) =
+        #[allow(clippy::type_complexity)]
+        let (event, reply_with): (
+            Event,
+            fn(Reply, Vec<(i64, Vec<MetadataRecord>)>, i64, Msg) -> Option<Msg>,
+        ) =
             match msg.clone() {
-                Msg::Register(r) => (Event::RegisterBroker(r), |reply, _, _| match reply {
+                Msg::Register(r) => (Event::RegisterBroker(r), |reply, _, _, _| match reply {
                     Reply::RegisterBroker(r) => Some(Msg::RegisterReply(r)),
                     _ => None,
                 }),
-                Msg::Heartbeat(h) => (Event::Heartbeat(h), |reply, entries, _| match reply {
-                    Reply::Heartbeat(result) => Some(Msg::HeartbeatReply { result, entries }),
+                Msg::Heartbeat(h) => (Event::Heartbeat(h), |reply, entries, last_offset, _| match reply {
+                    Reply::Heartbeat(result) => Some(Msg::HeartbeatReply {
+                        result,
+                        entries,
+                        last_offset,
+                    }),
                     _ => None,
                 }),
                 Msg::AlterPartition { request, .. } => {
-                    (Event::AlterPartition(request), |reply, _, msg| match (reply, msg) {
+                    (Event::AlterPartition(request), |reply, _, _, msg| match (reply, msg) {
                         (
                             Reply::AlterPartition(result),
                             Msg::AlterPartition {
@@ -1060,7 +1079,11 @@ impl World {
                 .collect(),
             None => Vec::new(),
         };
-        if let (Some(reply), Some(me)) = (reply_with(out.reply, entries, msg), self.controller_endpoint()) {
+        let last_offset = self.ctl.log.last().map_or(-1, |(o, _)| *o);
+        if let (Some(reply), Some(me)) = (
+            reply_with(out.reply, entries, last_offset, msg),
+            self.controller_endpoint(),
+        ) {
             self.send(me, from, reply);
         }
     }
@@ -1127,6 +1150,7 @@ impl World {
             heartbeat_sent_ms: None,
             image: MetadataImage::default(),
             metadata_offset: -1,
+            caught_up: false,
             replicas: BTreeMap::new(),
             flush_scheduled: false,
             next_token: 0,
@@ -1251,11 +1275,15 @@ impl World {
                     Err(_) => {} // retried by the Register timer
                 }
             }
-            Msg::HeartbeatReply { result, entries } => {
+            Msg::HeartbeatReply {
+                result,
+                entries,
+                last_offset,
+            } => {
                 let Some(b) = self.broker_mut(id) else { return };
                 b.heartbeat_sent_ms = None;
                 match result {
-                    Ok(_) => self.apply_metadata(id, entries),
+                    Ok(_) => self.apply_metadata(id, entries, last_offset),
                     Err(ControllerError::StaleBrokerEpoch(_)) => {
                         // Registered again from scratch (the controller lost us).
                         b.broker_epoch = None;
@@ -1327,7 +1355,12 @@ impl World {
         }
     }
 
-    fn apply_metadata(&mut self, id: i32, entries: Vec<(i64, Vec<MetadataRecord>)>) {
+    fn apply_metadata(
+        &mut self,
+        id: i32,
+        entries: Vec<(i64, Vec<MetadataRecord>)>,
+        last_offset: i64,
+    ) {
         let Some(b) = self.broker_mut(id) else { return };
         let mut changed = false;
         for (offset, records) in entries {
@@ -1338,7 +1371,11 @@ impl World {
             b.metadata_offset = offset;
             changed = true;
         }
-        if changed {
+        if !b.caught_up && b.metadata_offset >= last_offset {
+            b.caught_up = true;
+            changed = true;
+        }
+        if changed && b.caught_up {
             self.reconcile(id);
         }
     }
@@ -2269,7 +2306,8 @@ impl World {
                 }
                 _ => a,
             };
-            let f = match self.rng.index(11) {
+            let f = match self.rng.index(12) {
+                11 => Fault::Cut(target, if target == b { a } else { b }),
                 0 | 5 => Fault::Crash(target),
                 6 if self.active_faults.is_empty() => Fault::CrashAll,
                 6 | 7 => Fault::Isolate(target),
@@ -2284,13 +2322,17 @@ impl World {
                 self.active_faults.iter().any(|g| match g {
                     Fault::Crash(x) | Fault::Pause(x) | Fault::Isolate(x) => *x == n,
                     Fault::CrashAll => true,
-                    Fault::OneWay(x, y) | Fault::Slow(x, y) => *x == n || *y == n,
+                    Fault::OneWay(x, y) | Fault::Cut(x, y) | Fault::Slow(x, y) => {
+                        *x == n || *y == n
+                    }
                 })
             };
             let ok = match f {
                 Fault::Crash(n) | Fault::Pause(n) | Fault::Isolate(n) => !busy(n) && self.is_up(n),
                 Fault::CrashAll => self.active_faults.is_empty(),
-                Fault::OneWay(x, y) | Fault::Slow(x, y) => x != y && !busy(x) && !busy(y),
+                Fault::OneWay(x, y) | Fault::Cut(x, y) | Fault::Slow(x, y) => {
+                    x != y && !busy(x) && !busy(y)
+                }
             };
             if ok {
                 return Some(f);
@@ -2340,6 +2382,10 @@ impl World {
                 }
             }
             Fault::OneWay(a, b) => self.block(a, b),
+            Fault::Cut(a, b) => {
+                self.block(a, b);
+                self.block(b, a);
+            }
             Fault::Slow(a, b) => {
                 *self.slow.entry((a.min(b), a.max(b))).or_insert(0) += 1;
             }
@@ -2389,6 +2435,10 @@ impl World {
                 }
             }
             Fault::OneWay(a, b) => self.unblock(a, b),
+            Fault::Cut(a, b) => {
+                self.unblock(a, b);
+                self.unblock(b, a);
+            }
             Fault::Slow(a, b) => {
                 let k = (a.min(b), a.max(b));
                 if let Some(c) = self.slow.get_mut(&k) {
