@@ -76,10 +76,15 @@ fn main() -> ExitCode {
     let Some(count) = seeds else { return usage() };
     let t = Instant::now();
     let mut failed = Vec::new();
-    let (mut faults, mut sends_ok, mut sends, mut events, mut dropped) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut by_kind = std::collections::BTreeMap::<String, u64>::new();
+    let (mut faults, mut sends_ok, mut sends, mut events, mut dropped) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for s in start..start + count {
         let r = run(config(s));
         faults += r.stats.faults.values().sum::<u64>();
+        for (k, n) in &r.stats.faults {
+            *by_kind.entry(k.clone()).or_insert(0) += n;
+        }
         sends_ok += r.report.sends.ok;
         sends += r.report.sends.invoked;
         events += r.stats.events;
@@ -88,8 +93,13 @@ fn main() -> ExitCode {
             eprint!("{}", failure_text(&r));
             failed.push(s);
         }
-        if (s - start + 1) % 100 == 0 {
-            eprintln!("{} seeds, {} failed, {:.0?}", s - start + 1, failed.len(), t.elapsed());
+        if (s - start + 1).is_multiple_of(100) {
+            eprintln!(
+                "{} seeds, {} failed, {:.0?}",
+                s - start + 1,
+                failed.len(),
+                t.elapsed()
+            );
         }
     }
     println!(
@@ -99,6 +109,7 @@ fn main() -> ExitCode {
         failed,
         t.elapsed()
     );
+    println!("faults by kind: {by_kind:?}");
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

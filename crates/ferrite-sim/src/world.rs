@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use ferrite_check::{Op, OpFunction, OpType, ReadRecord, Report, Value};
 use ferrite_controller::{
-    AlterPartition, AlterPartitionData, AlterPartitionResult, AlterPartitionTopic,
-    BrokerHeartbeat, BrokerHeartbeatReply, BrokerRegistration, BrokerRegistrationReply,
-    CreatableTopic, CreateTopics, Controller, ControllerConfig, ControllerError, Event, Reply,
+    AlterPartition, AlterPartitionData, AlterPartitionResult, AlterPartitionTopic, BrokerHeartbeat,
+    BrokerHeartbeatReply, BrokerRegistration, BrokerRegistrationReply, Controller,
+    ControllerConfig, ControllerError, CreatableTopic, CreateTopics, Event, Reply,
 };
 use ferrite_metadata::{BrokerEndpoint, MetadataImage, MetadataRecord};
 use ferrite_replication::{
@@ -329,12 +329,21 @@ impl Fault {
 #[derive(Debug, Clone)]
 enum EventKind {
     Deliver(Box<Envelope>),
-    Node { node: i32, gen: u64, timer: NodeTimer },
+    Node {
+        node: i32,
+        gen: u64,
+        timer: NodeTimer,
+    },
     ControllerTick,
-    ControllerElect { term: u64 },
+    ControllerElect {
+        term: u64,
+    },
     CreateTopic,
     ClientTick(i64),
-    ClientTimeout { process: i64, id: u64 },
+    ClientTimeout {
+        process: i64,
+        id: u64,
+    },
     FaultStart,
     FaultEnd(Fault),
     HealAll,
@@ -356,7 +365,10 @@ struct Disk {
 #[derive(Debug)]
 enum FetchState {
     Idle,
-    InFlight { id: u64, sent_ms: u64 },
+    InFlight {
+        id: u64,
+        sent_ms: u64,
+    },
     /// Appended; the next fetch waits for the flush.
     WaitFlush,
 }
@@ -763,7 +775,9 @@ impl World {
     }
 
     fn is_paused(&self, id: i32) -> bool {
-        self.nodes.get(&id).is_some_and(|n| n.paused_until > self.now)
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.paused_until > self.now)
     }
 
     fn next_request_id(&mut self) -> u64 {
@@ -810,8 +824,9 @@ impl World {
             self.now = at;
             self.stats.events += 1;
             if self.stats.events > EVENTS_MAX {
-                self.violations
-                    .push(format!("more than {EVENTS_MAX} events: the run did not end"));
+                self.violations.push(format!(
+                    "more than {EVENTS_MAX} events: the run did not end"
+                ));
                 break;
             }
             let _ = seq;
@@ -907,11 +922,19 @@ impl World {
                     return;
                 }
                 if self.is_paused(self.ctl.node) {
-                    let at = self.nodes.get(&self.ctl.node).map_or(self.now, |n| n.paused_until);
+                    let at = self
+                        .nodes
+                        .get(&self.ctl.node)
+                        .map_or(self.now, |n| n.paused_until);
                     self.schedule(at, EventKind::Deliver(Box::new(env)));
                     return;
                 }
-                self.trace(&["deliver", &format!("{:?}", env.from.addr), "controller", env.msg.tag()]);
+                self.trace(&[
+                    "deliver",
+                    &format!("{:?}", env.from.addr),
+                    "controller",
+                    env.msg.tag(),
+                ]);
                 self.controller_message(env.from, env.msg);
             }
         }
@@ -952,7 +975,11 @@ impl World {
     }
 
     fn elect_controller_now(&mut self) {
-        let candidates: Vec<i32> = NODES.iter().copied().filter(|&n| self.has_quorum(n)).collect();
+        let candidates: Vec<i32> = NODES
+            .iter()
+            .copied()
+            .filter(|&n| self.has_quorum(n))
+            .collect();
         if candidates.is_empty() {
             let term = self.ctl.term;
             let at = self.now + CONTROLLER_ELECTION_MS.0;
@@ -986,7 +1013,10 @@ impl World {
         if self.ctl.controller.take().is_some() {
             self.ctl.term += 1;
             let term = self.ctl.term;
-            let at = self.now + self.rng.range(CONTROLLER_ELECTION_MS.0, CONTROLLER_ELECTION_MS.1);
+            let at = self.now
+                + self
+                    .rng
+                    .range(CONTROLLER_ELECTION_MS.0, CONTROLLER_ELECTION_MS.1);
             self.schedule(at, EventKind::ControllerElect { term });
         }
     }
@@ -1027,22 +1057,25 @@ impl World {
         let (event, reply_with): (
             Event,
             fn(Reply, Vec<(i64, Vec<MetadataRecord>)>, i64, Msg) -> Option<Msg>,
-        ) =
-            match msg.clone() {
-                Msg::Register(r) => (Event::RegisterBroker(r), |reply, _, _, _| match reply {
-                    Reply::RegisterBroker(r) => Some(Msg::RegisterReply(r)),
-                    _ => None,
-                }),
-                Msg::Heartbeat(h) => (Event::Heartbeat(h), |reply, entries, last_offset, _| match reply {
+        ) = match msg.clone() {
+            Msg::Register(r) => (Event::RegisterBroker(r), |reply, _, _, _| match reply {
+                Reply::RegisterBroker(r) => Some(Msg::RegisterReply(r)),
+                _ => None,
+            }),
+            Msg::Heartbeat(h) => (
+                Event::Heartbeat(h),
+                |reply, entries, last_offset, _| match reply {
                     Reply::Heartbeat(result) => Some(Msg::HeartbeatReply {
                         result,
                         entries,
                         last_offset,
                     }),
                     _ => None,
-                }),
-                Msg::AlterPartition { request, .. } => {
-                    (Event::AlterPartition(request), |reply, _, _, msg| match (reply, msg) {
+                },
+            ),
+            Msg::AlterPartition { request, .. } => {
+                (Event::AlterPartition(request), |reply, _, _, msg| {
+                    match (reply, msg) {
                         (
                             Reply::AlterPartition(result),
                             Msg::AlterPartition {
@@ -1056,10 +1089,11 @@ impl World {
                             result,
                         }),
                         _ => None,
-                    })
-                }
-                _ => return,
-            };
+                    }
+                })
+            }
+            _ => return,
+        };
         let metadata_offset = match &event {
             Event::Heartbeat(h) => Some(h.current_metadata_offset),
             _ => None,
@@ -1091,7 +1125,8 @@ impl World {
     fn create_topic(&mut self) {
         let now = self.now as i64;
         let ready = self.ctl.controller.as_ref().is_some_and(|c| {
-            c.image().topic(TOPIC).is_none() && c.image().brokers().filter(|b| b.is_active()).count() == NODES.len()
+            c.image().topic(TOPIC).is_none()
+                && c.image().brokers().filter(|b| b.is_active()).count() == NODES.len()
         });
         let exists = self
             .ctl
@@ -1104,7 +1139,10 @@ impl World {
         if ready {
             if let Some(c) = self.ctl.controller.as_mut() {
                 let mut configs = BTreeMap::new();
-                configs.insert("min.insync.replicas".to_string(), MIN_INSYNC_REPLICAS.to_string());
+                configs.insert(
+                    "min.insync.replicas".to_string(),
+                    MIN_INSYNC_REPLICAS.to_string(),
+                );
                 let out = c.handle(
                     Event::CreateTopics(CreateTopics {
                         topics: vec![CreatableTopic {
@@ -1181,7 +1219,8 @@ impl World {
                 let (send, epoch_known) = match self.broker(id) {
                     Some(b) => (
                         b.broker_epoch.is_none()
-                            && b.register_sent_ms.is_none_or(|t| self.now >= t + CONTROLLER_REQUEST_TIMEOUT_MS),
+                            && b.register_sent_ms
+                                .is_none_or(|t| self.now >= t + CONTROLLER_REQUEST_TIMEOUT_MS),
                         b.broker_epoch.is_some(),
                     ),
                     None => return,
@@ -1197,7 +1236,8 @@ impl World {
             NodeTimer::Heartbeat => {
                 let due = self.broker(id).is_some_and(|b| {
                     b.broker_epoch.is_some()
-                        && b.heartbeat_sent_ms.is_none_or(|t| self.now >= t + CONTROLLER_REQUEST_TIMEOUT_MS)
+                        && b.heartbeat_sent_ms
+                            .is_none_or(|t| self.now >= t + CONTROLLER_REQUEST_TIMEOUT_MS)
                 });
                 if due {
                     self.send_heartbeat(id);
@@ -1245,7 +1285,9 @@ impl World {
     fn send_heartbeat(&mut self, id: i32) {
         let now = self.now;
         let Some(b) = self.broker_mut(id) else { return };
-        let Some(broker_epoch) = b.broker_epoch else { return };
+        let Some(broker_epoch) = b.broker_epoch else {
+            return;
+        };
         b.heartbeat_sent_ms = Some(now);
         let hb = BrokerHeartbeat {
             broker_id: id,
@@ -1265,14 +1307,12 @@ impl World {
             Msg::RegisterReply(result) => {
                 let Some(b) = self.broker_mut(id) else { return };
                 b.register_sent_ms = None;
-                match result {
-                    Ok(r) => {
-                        if b.broker_epoch.is_none() {
-                            b.broker_epoch = Some(r.broker_epoch);
-                            self.send_heartbeat(id);
-                        }
+                // A refusal (e.g. DUPLICATE_BROKER_REGISTRATION) is retried by the timer.
+                if let Ok(r) = result {
+                    if b.broker_epoch.is_none() {
+                        b.broker_epoch = Some(r.broker_epoch);
+                        self.send_heartbeat(id);
                     }
-                    Err(_) => {} // retried by the Register timer
                 }
             }
             Msg::HeartbeatReply {
@@ -1396,7 +1436,8 @@ impl World {
         // The crash model: whatever was written after the last fsync is gone.
         let leo = log.log_end_offset();
         if leo > synced {
-            log.truncate_to(synced).map_err(|e| format!("crash truncate: {e}"))?;
+            log.truncate_to(synced)
+                .map_err(|e| format!("crash truncate: {e}"))?;
             self.stats.crash_truncated_records += (leo - synced) as u64;
         }
         let synced_now = log.log_end_offset();
@@ -1425,7 +1466,12 @@ impl World {
             Some(b) => b
                 .image
                 .topic(TOPIC)
-                .map(|t| t.partitions.iter().map(|(p, pi)| (*p, pi.clone())).collect())
+                .map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(|(p, pi)| (*p, pi.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             None => return,
         };
@@ -1433,7 +1479,10 @@ impl World {
             if !p.replicas.contains(&id) {
                 continue;
             }
-            if self.broker(id).is_some_and(|b| !b.replicas.contains_key(&partition)) {
+            if self
+                .broker(id)
+                .is_some_and(|b| !b.replicas.contains_key(&partition))
+            {
                 if let Err(e) = self.open_replica(id, partition) {
                     self.violation(format!("node {id} partition {partition}: {e}"));
                     continue;
@@ -1443,7 +1492,15 @@ impl World {
                 Ok(answers) => {
                     let me = self.node_endpoint(id);
                     for (client, req, result) in answers {
-                        self.send(me, client, Msg::ProduceReply { id: req, partition, result });
+                        self.send(
+                            me,
+                            client,
+                            Msg::ProduceReply {
+                                id: req,
+                                partition,
+                                result,
+                            },
+                        );
                     }
                 }
                 Err(e) => self.violation(format!("node {id} partition {partition}: {e}")),
@@ -1591,7 +1648,9 @@ impl World {
                         for token in std::mem::take(&mut rep.unflushed) {
                             if let Some(pp) = rep.produces.get(&token) {
                                 let deadline = now + PRODUCE_TIMEOUT_MS;
-                                if let Err(e) = l.add_pending_produce(token, pp.required_offset, deadline) {
+                                if let Err(e) =
+                                    l.add_pending_produce(token, pp.required_offset, deadline)
+                                {
                                     errors.push(format!("add_pending_produce: {e}"));
                                 }
                             }
@@ -1631,7 +1690,9 @@ impl World {
         let mut touched = Vec::new();
         {
             let Some(b) = self.broker_mut(id) else { return };
-            let Some(broker_epoch) = b.broker_epoch else { return };
+            let Some(broker_epoch) = b.broker_epoch else {
+                return;
+            };
             let topic_id = b.image.topic(TOPIC).map(|t| t.topic_id);
             let image = &b.image;
             for (&partition, rep) in b.replicas.iter_mut() {
@@ -1639,7 +1700,8 @@ impl World {
                     Role::Leader(l) => {
                         touched.push(partition);
                         let resend = l.alter_partition_in_flight().cloned().filter(|_| {
-                            rep.alter_partition_sent_ms.is_none_or(|t| now >= t + ALTER_PARTITION_RETRY_MS)
+                            rep.alter_partition_sent_ms
+                                .is_none_or(|t| now >= t + ALTER_PARTITION_RETRY_MS)
                         });
                         let proposal = match resend {
                             Some(p) => Some(p),
@@ -1660,7 +1722,9 @@ impl World {
                         let leader = *leader;
                         let stale = match rep.fetch {
                             FetchState::Idle => true,
-                            FetchState::InFlight { sent_ms, .. } => now >= sent_ms + REPLICA_FETCH_TIMEOUT_MS,
+                            FetchState::InFlight { sent_ms, .. } => {
+                                now >= sent_ms + REPLICA_FETCH_TIMEOUT_MS
+                            }
                             FetchState::WaitFlush => false,
                         };
                         if stale && leader >= 0 {
@@ -1733,8 +1797,12 @@ impl World {
                 .and_then(|t| t.partitions.get(&partition))
                 .map(|p| p.replicas.clone())
                 .unwrap_or_default();
-            let Some(rep) = b.replicas.get_mut(&partition) else { return };
-            let Role::Leader(l) = &mut rep.role else { return };
+            let Some(rep) = b.replicas.get_mut(&partition) else {
+                return;
+            };
+            let Role::Leader(l) = &mut rep.role else {
+                return;
+            };
             let epoch = l.leader_epoch();
             let state: Result<PartitionState, ()> = match result {
                 Ok(results) => results
@@ -1769,8 +1837,16 @@ impl World {
         let fetch_id = self.next_request_id();
         let Some(b) = self.broker_mut(id) else { return };
         let replica_epoch = b.broker_epoch.unwrap_or(-1);
-        let Some(rep) = b.replicas.get_mut(&partition) else { return };
-        let Role::Follower { leader, leader_epoch } = rep.role else { return };
+        let Some(rep) = b.replicas.get_mut(&partition) else {
+            return;
+        };
+        let Role::Follower {
+            leader,
+            leader_epoch,
+        } = rep.role
+        else {
+            return;
+        };
         if leader < 0 || !matches!(rep.fetch, FetchState::Idle) {
             return;
         }
@@ -1807,7 +1883,10 @@ impl World {
         fetch: FollowerFetch,
     ) -> Result<FetchData, ReplicationError> {
         let now = self.now;
-        let Some(rep) = self.broker_mut(id).and_then(|b| b.replicas.get_mut(&partition)) else {
+        let Some(rep) = self
+            .broker_mut(id)
+            .and_then(|b| b.replicas.get_mut(&partition))
+        else {
             return Err(ReplicationError::NotLeaderOrFollower(id));
         };
         let Role::Leader(l) = &mut rep.role else {
@@ -1823,7 +1902,9 @@ impl World {
                         high_watermark,
                     }),
                     Err(e) => {
-                        self.violation(format!("node {id} partition {partition}: leader read: {e}"));
+                        self.violation(format!(
+                            "node {id} partition {partition}: leader read: {e}"
+                        ));
                         Err(ReplicationError::NotLeaderOrFollower(id))
                     }
                 }
@@ -1847,7 +1928,10 @@ impl World {
         let mut fetch_error = false;
         let mut diverging = false;
         {
-            let Some(rep) = self.broker_mut(id).and_then(|b| b.replicas.get_mut(&partition)) else {
+            let Some(rep) = self
+                .broker_mut(id)
+                .and_then(|b| b.replicas.get_mut(&partition))
+            else {
                 return;
             };
             if !matches!(rep.fetch, FetchState::InFlight { id: f, .. } if f == fetch_id)
@@ -1877,7 +1961,8 @@ impl World {
                 }) => {
                     if bytes.is_empty() {
                         let leo = rep.log.log_end_offset();
-                        rep.high_watermark = follower_high_watermark(high_watermark, leo).max(rep.high_watermark.min(leo));
+                        rep.high_watermark = follower_high_watermark(high_watermark, leo)
+                            .max(rep.high_watermark.min(leo));
                     } else {
                         match rep.log.append_as_follower(&bytes, now as i64) {
                             Ok(_) => {
@@ -1927,13 +2012,20 @@ impl World {
         let now = self.now;
         let mut answers = Vec::new();
         {
-            let Some(rep) = self.broker_mut(id).and_then(|b| b.replicas.get_mut(&partition)) else {
+            let Some(rep) = self
+                .broker_mut(id)
+                .and_then(|b| b.replicas.get_mut(&partition))
+            else {
                 return;
             };
-            let Role::Leader(l) = &mut rep.role else { return };
+            let Role::Leader(l) = &mut rep.role else {
+                return;
+            };
             let done: Vec<ProduceCompletion> = l.poll_produces(now);
             for c in done {
-                let Some(pp) = rep.produces.remove(&c.token) else { continue };
+                let Some(pp) = rep.produces.remove(&c.token) else {
+                    continue;
+                };
                 let result = match c.result {
                     Ok(()) => Ok(pp.base_offset),
                     Err(ReplicationError::NotEnoughReplicasAfterAppend { .. }) => {
@@ -1947,7 +2039,15 @@ impl World {
         }
         let me = self.node_endpoint(id);
         for (client, req, result) in answers {
-            self.send(me, client, Msg::ProduceReply { id: req, partition, result });
+            self.send(
+                me,
+                client,
+                Msg::ProduceReply {
+                    id: req,
+                    partition,
+                    result,
+                },
+            );
         }
     }
 
@@ -1957,7 +2057,10 @@ impl World {
             let b = self.broker_mut(id).ok_or(NOT_LEADER_OR_FOLLOWER)?;
             b.next_token += 1;
             let token = b.next_token;
-            let rep = b.replicas.get_mut(&partition).ok_or(NOT_LEADER_OR_FOLLOWER)?;
+            let rep = b
+                .replicas
+                .get_mut(&partition)
+                .ok_or(NOT_LEADER_OR_FOLLOWER)?;
             let Role::Leader(l) = &rep.role else {
                 return Err(NOT_LEADER_OR_FOLLOWER);
             };
@@ -1983,12 +2086,25 @@ impl World {
             Ok(()) => self.schedule_flush(id),
             Err(code) => {
                 let me = self.node_endpoint(id);
-                self.send(me, client, Msg::ProduceReply { id: req, partition, result: Err(code) });
+                self.send(
+                    me,
+                    client,
+                    Msg::ProduceReply {
+                        id: req,
+                        partition,
+                        result: Err(code),
+                    },
+                );
             }
         }
     }
 
-    fn consumer_fetch(&mut self, id: i32, partition: i32, offset: i64) -> Result<ConsumerData, i16> {
+    fn consumer_fetch(
+        &mut self,
+        id: i32,
+        partition: i32,
+        offset: i64,
+    ) -> Result<ConsumerData, i16> {
         let rep = self
             .broker(id)
             .and_then(|b| b.replicas.get(&partition))
@@ -2009,7 +2125,9 @@ impl World {
         let bytes = match read_batches(&rep.log, offset, visible) {
             Ok(b) => b,
             Err(e) => {
-                self.violation(format!("node {id} partition {partition}: consumer read: {e}"));
+                self.violation(format!(
+                    "node {id} partition {partition}: consumer read: {e}"
+                ));
                 return Err(KAFKA_STORAGE_ERROR);
             }
         };
@@ -2046,7 +2164,9 @@ impl World {
         if !self.producing {
             return;
         }
-        let Some(p) = self.producers.get(i) else { return };
+        let Some(p) = self.producers.get(i) else {
+            return;
+        };
         if p.in_flight.is_some() {
             return;
         }
@@ -2077,7 +2197,15 @@ impl World {
         op.partition = Some(partition);
         self.record(op);
         let to = self.node_endpoint(target);
-        self.send(Self::client_endpoint(process), to, Msg::Produce { id: req, partition, value });
+        self.send(
+            Self::client_endpoint(process),
+            to,
+            Msg::Produce {
+                id: req,
+                partition,
+                value,
+            },
+        );
         self.schedule(
             self.now + CLIENT_REQUEST_TIMEOUT_MS,
             EventKind::ClientTimeout { process, id: req },
@@ -2102,7 +2230,9 @@ impl World {
         if self.finished {
             return;
         }
-        let Some(c) = self.consumer_mut(i, final_reader) else { return };
+        let Some(c) = self.consumer_mut(i, final_reader) else {
+            return;
+        };
         let process = c.process;
         let mut sends = Vec::new();
         let mut need_metadata = false;
@@ -2111,7 +2241,11 @@ impl World {
                 continue;
             }
             match c.leaders.get(&partition).copied().filter(|&l| l >= 0) {
-                Some(l) => sends.push((partition, l, c.position.get(&partition).copied().unwrap_or(0))),
+                Some(l) => sends.push((
+                    partition,
+                    l,
+                    c.position.get(&partition).copied().unwrap_or(0),
+                )),
                 None => need_metadata = true,
             }
         }
@@ -2124,7 +2258,11 @@ impl World {
             self.send(
                 Self::client_endpoint(process),
                 to,
-                Msg::ConsumerFetch { id: req, partition, offset },
+                Msg::ConsumerFetch {
+                    id: req,
+                    partition,
+                    offset,
+                },
             );
             self.schedule(
                 self.now + CONSUMER_FETCH_TIMEOUT_MS,
@@ -2157,9 +2295,18 @@ impl World {
             return;
         }
         let final_reader = process == FINAL_READER_PROCESS;
-        let i = self.consumers.iter().position(|c| c.process == process).unwrap_or(usize::MAX);
+        let i = self
+            .consumers
+            .iter()
+            .position(|c| c.process == process)
+            .unwrap_or(usize::MAX);
         if let Some(c) = self.consumer_mut(i, final_reader) {
-            let stale: Vec<i32> = c.in_flight.iter().filter(|(_, r)| **r == id).map(|(p, _)| *p).collect();
+            let stale: Vec<i32> = c
+                .in_flight
+                .iter()
+                .filter(|(_, r)| **r == id)
+                .map(|(p, _)| *p)
+                .collect();
             for p in stale {
                 c.in_flight.remove(&p);
                 c.leaders.remove(&p);
@@ -2174,15 +2321,22 @@ impl World {
                     p.leaders = leaders;
                 } else if let Some(c) = self.consumers.iter_mut().find(|c| c.process == process) {
                     c.leaders = leaders;
-                } else if let Some(c) = self.final_reader.as_mut().filter(|c| c.process == process) {
+                } else if let Some(c) = self.final_reader.as_mut().filter(|c| c.process == process)
+                {
                     c.leaders = leaders;
                 }
             }
-            Msg::ProduceReply { id, partition, result } => {
+            Msg::ProduceReply {
+                id,
+                partition,
+                result,
+            } => {
                 let Some(p) = self.producers.iter_mut().find(|p| p.process == process) else {
                     return;
                 };
-                let Some((req, value, aimed)) = p.in_flight else { return };
+                let Some((req, value, aimed)) = p.in_flight else {
+                    return;
+                };
                 if req != id {
                     return;
                 }
@@ -2193,13 +2347,19 @@ impl World {
                 let (op_type, offset, error) = match result {
                     Ok(offset) => (OpType::Ok, Some(offset), None),
                     // Refused before the append: the write certainly did not happen.
-                    Err(NOT_ENOUGH_REPLICAS) => (OpType::Fail, None, Some("NOT_ENOUGH_REPLICAS".to_string())),
+                    Err(NOT_ENOUGH_REPLICAS) => {
+                        (OpType::Fail, None, Some("NOT_ENOUGH_REPLICAS".to_string()))
+                    }
                     // Anything else may have been appended (and may yet be committed).
                     Err(code) => (OpType::Info, None, Some(format!("error code {code}"))),
                 };
                 let mut op = self.op(op_type, OpFunction::Send, process);
                 op.value = Some(Value::Int(value));
-                op.partition = Some(if op_type == OpType::Ok { partition } else { aimed });
+                op.partition = Some(if op_type == OpType::Ok {
+                    partition
+                } else {
+                    aimed
+                });
                 op.offset = offset;
                 op.error = error;
                 self.record(op);
@@ -2210,10 +2370,20 @@ impl World {
                 let at = self.now + self.rng.range(2, 25);
                 self.schedule(at, EventKind::ClientTick(process));
             }
-            Msg::ConsumerFetchReply { id, partition, result } => {
+            Msg::ConsumerFetchReply {
+                id,
+                partition,
+                result,
+            } => {
                 let final_reader = process == FINAL_READER_PROCESS;
-                let i = self.consumers.iter().position(|c| c.process == process).unwrap_or(usize::MAX);
-                let Some(c) = self.consumer_mut(i, final_reader) else { return };
+                let i = self
+                    .consumers
+                    .iter()
+                    .position(|c| c.process == process)
+                    .unwrap_or(usize::MAX);
+                let Some(c) = self.consumer_mut(i, final_reader) else {
+                    return;
+                };
                 if c.in_flight.get(&partition) != Some(&id) {
                     return;
                 }
@@ -2232,7 +2402,11 @@ impl World {
                         }
                         let done = final_reader && c.done.len() == PARTITIONS as usize;
                         if !data.records.is_empty() {
-                            let f = if final_reader { OpFunction::FinalRead } else { OpFunction::Poll };
+                            let f = if final_reader {
+                                OpFunction::FinalRead
+                            } else {
+                                OpFunction::Poll
+                            };
                             let mut op = self.op(OpType::Ok, f, process);
                             op.records = data
                                 .records
@@ -2415,11 +2589,8 @@ impl World {
                     }
                 }
                 // Deferred events were scheduled at u64::MAX; move them to now.
-                let deferred: Vec<(u64, u64)> = self
-                    .queue
-                    .range((u64::MAX, 0)..)
-                    .map(|(k, _)| *k)
-                    .collect();
+                let deferred: Vec<(u64, u64)> =
+                    self.queue.range((u64::MAX, 0)..).map(|(k, _)| *k).collect();
                 for k in deferred {
                     if let Some(ev) = self.queue.remove(&k) {
                         self.schedule(self.now, ev);
