@@ -8,10 +8,11 @@ processes, real time). Network faults are nftables rules in the harness's namesp
 """
 import dataclasses
 import random
+import re
 
 # Process faults work with one node; network faults need peers to cut apart.
 PROCESS_KINDS = ("kill", "pause", "disk-full", "rolling-restart", "slow-node")
-NETWORK_KINDS = ("isolate-one", "isolate-leader", "minority-majority", "ring", "one-way", "loss")
+NETWORK_KINDS = ("isolate-one", "isolate-leader", "minority-majority", "bridge", "ring", "one-way", "loss")
 ALL_KINDS = PROCESS_KINDS + NETWORK_KINDS
 # Not a fault but a planted bug, only when asked for by name: kill -9, then cut 4 KiB off
 # the tail of partition 0's newest segment before the restart, losing acknowledged
@@ -33,7 +34,9 @@ class Fault:
 
     def describe(self, addrs):
         names = ",".join(str(t + 1) for t in self.targets)
-        extra = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k not in ("pairs", "role", "to"))
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k not in ("pairs", "role", "to", "sides"))
+        if "sides" in self.params:
+            extra += " cut " + " | ".join(",".join(str(t + 1) for t in side) for side in self.params["sides"])
         if "to" in self.params:
             extra += f" -> node {self.params['to'] + 1}"
         role = self.params.get("role", "any")
@@ -47,7 +50,9 @@ def applicable_kinds(nodes):
     if nodes >= 2:
         kinds += ["isolate-one", "isolate-leader", "one-way", "loss"]
     if nodes >= 3:
-        kinds += ["minority-majority"]
+        # The bridge is the ring's form for 3 or 4 nodes: two majorities that overlap in
+        # one node (Jepsen's `bridge`), each side still reaching the bridge node.
+        kinds += ["minority-majority", "bridge"]
     if nodes >= 5:
         # With 3 or 4 nodes a ring of overlapping majorities is no partition at all (3) or
         # just two cuts (4); it needs 5.
@@ -73,9 +78,10 @@ def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0
             targets = [rng.choice(everyone)]
             if kind == "loss":
                 params["percent"] = rng.choice(LOSS_PERCENT_CHOICES)
-            if kind == "kill":
-                # Whom kill -9 aims at, when the harness can find it (else the drawn node):
-                # the active controller, a partition's leader, one of its followers, anyone.
+            if kind in ("kill", "pause"):
+                # Whom kill -9 and SIGSTOP aim at, when the harness can find it (else the
+                # drawn node): the active controller, a partition's leader, one of its
+                # followers, anyone.
                 r = rng.random()
                 params["role"] = "controller" if r < 0.25 else "leader" if r < 0.5 else "follower" if r < 0.75 \
                     else "any"
@@ -85,6 +91,15 @@ def schedule(seed, faults, nodes, kinds=None, hold_s=(2.0, 6.0), gap_s=(2.0, 5.0
         elif kind == "minority-majority":
             size = rng.randint(1, (nodes - 1) // 2)
             targets = sorted(rng.sample(everyone, size))
+        elif kind == "bridge":
+            # targets: the bridge node first, then the two sides it joins (its majorities
+            # are {bridge} + each side); the sides are cut from each other.
+            order = everyone[:]
+            rng.shuffle(order)
+            bridge, rest = order[0], order[1:]
+            half = len(rest) // 2
+            targets = [bridge] + rest
+            params["sides"] = [sorted(rest[:half]), sorted(rest[half:])]
         elif kind == "one-way":
             a, b = rng.sample(everyone, 2)
             targets = [a]
@@ -158,9 +173,41 @@ def network_rules(fault, addrs):
         return one_way_rules(a[0], addrs[fault.params["to"]])
     if fault.kind == "loss":
         return loss_rules(a[0], rest, fault.params["percent"])
+    if fault.kind == "bridge":
+        side_a, side_b = ([addrs[t] for t in side] for side in fault.params["sides"])
+        return cut_rules(side_a, side_b)
     if fault.kind == "ring":
         rules = []
         for x, y in fault.params["pairs"]:
             rules += cut_rules([addrs[x]], [addrs[y]])
         return rules
     raise ValueError(f"{fault.kind} is not a network fault")
+
+
+# -- which traffic a cut dropped ------------------------------------------------------------
+def split_by_port(rules, ports):
+    """Each drop rule becomes one rule per (direction, port) in `ports` (a dict name -> port)
+    plus the rule itself as the catch-all, so the counters tell how many packets of the
+    brokers' replication (port 9092) and of the controllers' quorum RPC (port 9093) a cut
+    dropped: a cut that dropped none of the controllers' packets did not cut the quorum."""
+    out = []
+    for r in rules:
+        assert r.endswith(" counter drop"), r
+        match = r[:-len(" counter drop")]
+        for port in ports.values():
+            out += [f"{match} tcp dport {port} counter drop", f"{match} tcp sport {port} counter drop"]
+        out.append(r)
+    return out
+
+
+def dropped_by_port(listed_rules, ports):
+    """Packets dropped per port name (and "other"), from the listed rules' counters."""
+    out = {name: 0 for name in ports}
+    out["other"] = 0
+    for line in listed_rules:
+        m = re.search(r"counter packets (\d+)", line)
+        if not m:
+            continue
+        name = next((n for n, p in ports.items() if re.search(rf"tcp [sd]port {p}\b", line)), "other")
+        out[name] += int(m.group(1))
+    return out

@@ -123,6 +123,21 @@ class Namespace:
         """Packets dropped so far by the fault chain's rules (their counters)."""
         return sum(int(m) for m in re.findall(r"counter packets (\d+)", "\n".join(self.nft_rules())))
 
+    def tcp_connections(self):
+        """Established TCP connections in the namespace: (local, peer, pid) with local and
+        peer as (address, port); pid None when `ss` names no process."""
+        out = run(self.exec_prefix() + ["ss", "-Htnp", "state", "established"])
+        conns = []
+        for line in out.splitlines():
+            fields = line.split()
+            # Recv-Q Send-Q Local:Port Peer:Port [users:(("ferrite",pid=N,fd=M))]
+            if len(fields) < 4:
+                continue
+            local, peer = fields[2].rsplit(":", 1), fields[3].rsplit(":", 1)
+            m = re.search(r"pid=(\d+)", line)
+            conns.append(((local[0], int(local[1])), (peer[0], int(peer[1])), int(m.group(1)) if m else None))
+        return conns
+
     def flush_rules(self):
         self.nft(f"flush chain ip {NFT_TABLE} output\n")
 

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import nemesis  # noqa: E402
-from cluster import BROKER_PORT, Node  # noqa: E402
+from cluster import BROKER_PORT, CONTROLLER_PORT, Node  # noqa: E402
 from netns import Namespace  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -42,6 +42,9 @@ WORKLOAD_DONE_TIMEOUT_S = 400
 # Anomalies that do not fail an acks=1 run: with acks=1 the leader alone acknowledges, so
 # a leader change can lose acknowledged writes by design (Kafka's documented trade-off).
 ACKS1_TOLERATED = {"lost-write", "unseen"}
+# The listeners whose traffic a cut's counters tell apart: the brokers' (clients and
+# replica fetchers) and the controllers' (the metadata quorum's RPC, broker heartbeats).
+PORTS = {"broker": BROKER_PORT, "controller": CONTROLLER_PORT}
 
 
 class Harness:
@@ -56,6 +59,9 @@ class Harness:
         self.unexpected_exits = []
         self.fault_counts = Counter()
         self.network_drops = []  # packets each network fault dropped (nft counters)
+        # Node-to-node connections seen with `ss` and whether each left from its node's own
+        # address (without that, the nftables cuts between node addresses cut nothing).
+        self.sources = {"checks": 0, "outgoing": 0, "from_own_address": 0, "violations": []}
 
     # -- history of the harness ("fault" lines) --------------------------------------------
     def event(self, text):
@@ -159,6 +165,33 @@ class Harness:
         index = node_id - 1 if self.args.nodes > 1 else 0
         return index if 0 <= index < len(self.nodes) else None
 
+    def check_sources(self, when):
+        """Every established connection a node opened to another node's broker or controller
+        port must leave from the node's own address; records what `ss` shows."""
+        if len(self.nodes) < 2:
+            return
+        by_pid = {n.proc.pid: n for n in self.nodes if n.alive()}
+        listeners = set(PORTS.values())
+        try:
+            conns = self.ns.tcp_connections()
+        except Exception as e:  # noqa: BLE001 - a failed look is recorded, not fatal
+            self.event(f"ss failed ({when}): {e}")
+            return
+        self.sources["checks"] += 1
+        for (laddr, lport), (paddr, pport), pid in conns:
+            node = by_pid.get(pid)
+            if node is None or pport not in listeners or lport in listeners:
+                continue  # not a node's own outgoing connection
+            if paddr not in self.ns.addrs or paddr == node.addr:
+                continue  # to itself: no cut applies
+            self.sources["outgoing"] += 1
+            if laddr == node.addr:
+                self.sources["from_own_address"] += 1
+            elif len(self.sources["violations"]) < 20:
+                self.sources["violations"].append(f"{when}: node {node.node_id} {laddr}:{lport} -> {paddr}:{pport}")
+                self.event(f"node {node.node_id}'s connection to {paddr}:{pport} leaves from {laddr}, not "
+                           f"{node.addr}: cuts between node addresses miss it")
+
     # -- faults ----------------------------------------------------------------------------------
     def check_nodes(self, expected_down=()):
         """Restarts any node that exited when no fault stopped it, and records it."""
@@ -214,7 +247,7 @@ class Harness:
         elif kind == "slow-node":
             self.ns.shape(node.addr, self.ns.addrs)
         else:
-            self.ns.add_rules(nemesis.network_rules(fault, self.ns.addrs))
+            self.ns.add_rules(nemesis.split_by_port(nemesis.network_rules(fault, self.ns.addrs), PORTS))
         self.sleep_watching(fault.hold_s, expected_down)
         if kind in ("kill", "lose-tail"):
             node.restart_when_port_free()
@@ -228,9 +261,13 @@ class Harness:
         elif kind == "slow-node":
             self.ns.unshape()
         else:
-            dropped = self.ns.dropped_packets()
+            self.check_sources(desc)
+            by_port = nemesis.dropped_by_port(self.ns.nft_rules(), PORTS)
+            dropped = sum(by_port.values())
             self.ns.flush_rules()
-            self.network_drops.append({"fault": desc, "dropped_packets": dropped})
+            self.network_drops.append({"fault": desc, "dropped_packets": dropped, "by_port": by_port})
+            self.event(f"{kind} dropped {by_port['controller']} controller, {by_port['broker']} broker, "
+                       f"{by_port['other']} other packets")
             if dropped == 0:
                 self.event(f"{kind} dropped no packet: do the brokers bind their outgoing connections "
                            "to their own addresses?")
@@ -265,6 +302,7 @@ class Harness:
         self.start_workload()
         self.wait_line(("READY", "NOT-READY"), WORKLOAD_READY_TIMEOUT_S)
         self.event("workload running")
+        self.check_sources("workload running")
         self.sleep_watching(a.warmup_s)
         for fault in plan:
             self.apply(fault, rng)
@@ -304,6 +342,9 @@ class Harness:
             failures.append(f"{count} {kind}")
         if a.mode == "all-idempotent" and check["counts"].get("duplicate", 0):
             failures.append(f"{check['counts']['duplicate']} duplicate with the idempotent producer")
+        if self.sources["violations"]:
+            failures.append(f"{len(self.sources['violations'])} node-to-node connections not from the node's own "
+                            "address: the network faults did not cut what they claim")
         recovered = workload_summary["recovered"] and workload_summary["final_read_complete"]
         if not workload_summary["recovered"]:
             failures.append("cluster did not come back: no send acknowledged on every partition within the bound")
@@ -323,6 +364,7 @@ class Harness:
             "duration_s": round(time.monotonic() - self.t0, 1),
             "sends_ok_per_s": round(check["sends"]["ok"] / max(1.0, time.monotonic() - self.t0), 1),
             "unexpected_exits": self.unexpected_exits, "network_drops": self.network_drops,
+            "source_addresses": self.sources,
             "workload": workload_summary,
         }
         with open(os.path.join(a.out, "summary.json"), "w") as f:

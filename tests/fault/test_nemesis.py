@@ -70,6 +70,29 @@ def test_ring_leaves_each_node_its_two_neighbours():
         assert reachable == {order[(i + 1) % 5], order[(i - 1) % 5]}
 
 
+def test_bridge_cuts_the_two_sides_and_keeps_the_bridge():
+    plan = [f for f in nemesis.schedule(5, 300, 3) if f.kind == "bridge"]
+    assert plan
+    addrs = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+    for f in plan:
+        bridge, (a,), (b,) = f.targets[0], *f.params["sides"]
+        assert {bridge, a, b} == {0, 1, 2}
+        assert nemesis.network_rules(f, addrs) == nemesis.cut_rules([addrs[a]], [addrs[b]])
+    five = [f for f in nemesis.schedule(5, 300, 5) if f.kind == "bridge"]
+    assert five and all(len(s) == 2 for f in five for s in f.params["sides"])
+
+
+def test_split_by_port_counts_each_listener_apart():
+    ports = {"broker": 9092, "controller": 9093}
+    rules = nemesis.split_by_port(["ip saddr 127.0.0.11 ip daddr 127.0.0.12 counter drop"], ports)
+    assert rules[-1] == "ip saddr 127.0.0.11 ip daddr 127.0.0.12 counter drop" and len(rules) == 5
+    assert "ip saddr 127.0.0.11 ip daddr 127.0.0.12 tcp dport 9093 counter drop" in rules
+    listed = ["ip saddr 127.0.0.11 ip daddr 127.0.0.12 tcp dport 9092 counter packets 3 bytes 180 drop",
+              "ip saddr 127.0.0.11 ip daddr 127.0.0.12 tcp sport 9093 counter packets 4 bytes 240 drop",
+              "ip saddr 127.0.0.11 ip daddr 127.0.0.12 counter packets 1 bytes 60 drop"]
+    assert nemesis.dropped_by_port(listed, ports) == {"broker": 3, "controller": 4, "other": 1}
+
+
 def test_rules_name_the_right_addresses():
     addrs = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
     iso = nemesis.network_rules(nemesis.Fault("isolate-one", [1], 1, 1), addrs)
@@ -102,6 +125,7 @@ def test_namespace_is_created_and_removed():
     ("isolate-one", {}, [(0, 1), (1, 0), (0, 2), (2, 0)], [(1, 2), (2, 1)]),
     ("minority-majority", {}, [(0, 1), (2, 0)], [(1, 2)]),
     ("one-way", {"to": 1}, [(0, 1)], [(1, 2), (0, 2)]),
+    ("bridge", {"sides": [[1], [2]]}, [(1, 2), (2, 1)], [(0, 1), (1, 0), (0, 2), (2, 0)]),
 ])
 def test_partition_rules_cut_connections_and_heal(kind, params, cut, kept):
     ns = Namespace(3).create()
@@ -109,8 +133,9 @@ def test_partition_rules_cut_connections_and_heal(kind, params, cut, kept):
         addrs = ns.addrs
         assert connects(ns, addrs[0], addrs[1])
         fault = nemesis.Fault(kind, [0], 1, 1, params)
-        ns.add_rules(nemesis.network_rules(fault, addrs))
-        assert len(ns.nft_rules()) == len(nemesis.network_rules(fault, addrs))
+        rules = nemesis.split_by_port(nemesis.network_rules(fault, addrs), {"broker": 9092})
+        ns.add_rules(rules)
+        assert len(ns.nft_rules()) == len(rules)
         for port, (s, d) in enumerate(cut):
             assert not connects(ns, addrs[s], addrs[d], 7100 + port), f"{kind}: {s}->{d} still connects"
         for port, (s, d) in enumerate(kept):
@@ -143,6 +168,36 @@ def test_loss_and_ring_rules_load_and_flush():
                 assert all("numgen random mod 100 < 50" in r for r in listed)
             ns.flush_rules()
             assert ns.nft_rules() == []
+    finally:
+        ns.close()
+
+
+HOLD = r"""
+import socket, sys, time
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind((dst, port)); srv.listen()
+c = socket.socket(); c.bind((src, 0)); c.settimeout(2); c.connect((dst, port)); a, _ = srv.accept()
+print("up", flush=True); sys.stdin.readline()
+"""
+
+
+@needs_root
+def test_ss_names_each_connection_with_its_source_address_and_process():
+    """The harness's source-address check reads `ss`: a connection bound to node 1's address
+    shows as leaving from it, with the owning PID; an unbound one leaves from the peer's."""
+    ns = Namespace(2).create()
+    try:
+        for bind_src, expected_src in ((ns.addrs[0], ns.addrs[0]), ("0.0.0.0", ns.addrs[1])):
+            p = subprocess.Popen(ns.exec_prefix() + [sys.executable, "-c", HOLD, bind_src, ns.addrs[1], "7700"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert p.stdout.readline().strip() == "up"
+                conns = ns.tcp_connections()
+                out = [c for c in conns if c[1] == (ns.addrs[1], 7700)]
+                assert len(out) == 1, conns
+                assert out[0][0][0] == expected_src and out[0][2] == p.pid
+            finally:
+                p.communicate("\n", timeout=10)
     finally:
         ns.close()
 
