@@ -129,13 +129,21 @@ class Harness:
         threading.Thread(target=pump, daemon=True).start()
         self.rf, self.min_isr = rf, min_isr
 
+    def workload_log_tail(self, lines=5):
+        try:
+            with open(os.path.join(self.args.out, "workload.log"), "rb") as f:
+                return b"".join(f.readlines()[-lines:]).decode(errors="replace").strip()
+        except OSError:
+            return ""
+
     def wait_line(self, prefixes, timeout_s):
         deadline = time.monotonic() + timeout_s
         with self.line_cv:
             while True:
                 for line in self.lines:
                     if line is None:
-                        raise RuntimeError(f"workload exited ({self.workload.wait(5)}) waiting for {prefixes}")
+                        raise RuntimeError(f"workload exited ({self.workload.wait(5)}) waiting for {prefixes}: "
+                                           f"{self.workload_log_tail()}")
                     if line.startswith(prefixes):
                         self.lines.remove(line)
                         return line
