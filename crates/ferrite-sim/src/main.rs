@@ -54,7 +54,8 @@ fn main() -> ExitCode {
         }
         println!(
             "seed {s}: trace {:016x}, {} events, {} ms simulated in {:.2?}; faults {:?}; \
-             sends ok {} of {}; truncations {}; crash-dropped records {}; controller failovers {}",
+             sends ok {} of {}; truncations {} (diverging epochs {}); crash-dropped records {}; \
+             leader changes {}; controller elections {}; refused follower fetches {}",
             r.trace_hash,
             r.stats.events,
             r.stats.end_ms,
@@ -63,8 +64,11 @@ fn main() -> ExitCode {
             r.report.sends.ok,
             r.report.sends.invoked,
             r.stats.truncations,
+            r.stats.diverging_epochs,
             r.stats.crash_truncated_records,
+            r.stats.leader_elections_seen,
             r.stats.controller_failovers,
+            r.stats.follower_fetch_errors,
         );
         print!("{}", r.report.to_text());
         if r.passed() {

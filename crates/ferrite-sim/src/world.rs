@@ -2422,6 +2422,7 @@ impl World {
                         }
                         if done {
                             self.finished = true;
+                            self.check_replicas_agree();
                         }
                     }
                     Err(_) => {
@@ -2630,6 +2631,64 @@ impl World {
         let mut op = self.op(OpType::Info, OpFunction::Fault, -1);
         op.error = Some("heal all".into());
         self.record(op);
+    }
+
+    /// After the final read: every ISR member holds exactly the leader's records below
+    /// the high watermark (a check on the logs themselves, beyond what clients saw).
+    fn check_replicas_agree(&mut self) {
+        let mut problems = Vec::new();
+        for partition in 0..PARTITIONS {
+            let Some((leader, isr, hw)) = NODES.iter().find_map(|&n| {
+                let rep = self.broker(n)?.replicas.get(&partition)?;
+                match &rep.role {
+                    Role::Leader(l) => Some((n, l.isr().to_vec(), l.high_watermark())),
+                    _ => None,
+                }
+            }) else {
+                problems.push(format!("partition {partition}: no leader at the end"));
+                continue;
+            };
+            let read = |n: i32| -> Result<Vec<(i64, i64)>, String> {
+                let rep = self
+                    .broker(n)
+                    .and_then(|b| b.replicas.get(&partition))
+                    .ok_or_else(|| format!("node {n} hosts no replica"))?;
+                let mut out = Vec::new();
+                let mut next = 0;
+                while next < hw {
+                    let bytes = read_batches(&rep.log, next, hw)?;
+                    let values = decode_values(&bytes, next, hw)?;
+                    let Some(&(last, _)) = values.last() else {
+                        return Err(format!("node {n}: nothing readable at offset {next}"));
+                    };
+                    next = last + 1;
+                    out.extend(values);
+                }
+                Ok(out)
+            };
+            let theirs = match read(leader) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(format!("partition {partition} leader {leader}: {e}"));
+                    continue;
+                }
+            };
+            for n in isr.iter().copied().filter(|&n| n != leader) {
+                match read(n) {
+                    Ok(v) if v == theirs => {}
+                    Ok(v) => problems.push(format!(
+                        "partition {partition}: ISR member {n} differs from leader {leader} below \
+                         the high watermark {hw} ({} vs {} records)",
+                        v.len(),
+                        theirs.len()
+                    )),
+                    Err(e) => problems.push(format!("partition {partition} replica {n}: {e}")),
+                }
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
     }
 
     fn finish(mut self) -> SimResult {

@@ -75,7 +75,6 @@ fn planted_bugs_are_caught() {
             }
         }
         let r = caught.unwrap_or_else(|| panic!("{bug:?} not caught in {seeds} seeds"));
-        assert!(r.violations.is_empty(), "{}", failure_text(&r));
         let anomalies = |k: AnomalyKind| r.report.count(k);
         match bug {
             PlantedBug::ReadPastHighWatermark => assert!(
