@@ -91,7 +91,44 @@ pub struct BrokerConfig {
     /// recently used closed first. 0 derives it from `RLIMIT_NOFILE` at start: the limit
     /// less the descriptors open then and those kept for connections.
     pub segment_fds_max: usize,
+    /// `process.roles`: whether this node runs a broker and/or a controller voter.
+    pub process_roles: ProcessRoles,
+    /// `controller.quorum.voters` (`1@host:port,...`); `None`: this node alone is the
+    /// quorum (a one-voter quorum on an ephemeral port of the listen address).
+    pub controller_quorum_voters: Option<String>,
+    /// The controller listener (`--controller-listen`); `None`: this node's address in
+    /// `controller.quorum.voters`, or an ephemeral port when it is the only voter.
+    pub controller_listen: Option<String>,
+    /// `broker.heartbeat.interval.ms`
+    pub broker_heartbeat_interval_ms: u64,
+    /// `broker.session.timeout.ms`
+    pub broker_session_timeout_ms: u64,
 }
+
+/// Kafka's `process.roles`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessRoles {
+    pub broker: bool,
+    pub controller: bool,
+}
+
+impl ProcessRoles {
+    pub fn parse(v: &str) -> Option<ProcessRoles> {
+        let mut roles = ProcessRoles {
+            broker: false,
+            controller: false,
+        };
+        for r in v.split(',').map(str::trim) {
+            match r {
+                "broker" => roles.broker = true,
+                "controller" => roles.controller = true,
+                _ => return None,
+            }
+        }
+        (roles.broker || roles.controller).then_some(roles)
+    }
+}
+
 
 /// Kafka's replication broker configs, with Kafka's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +210,14 @@ impl Default for BrokerConfig {
             explicit: BTreeMap::new(),
             replication: ReplicationSettings::default(),
             segment_fds_max: 0,
+            process_roles: ProcessRoles {
+                broker: true,
+                controller: true,
+            },
+            controller_quorum_voters: None,
+            controller_listen: None,
+            broker_heartbeat_interval_ms: 2000,
+            broker_session_timeout_ms: 9000,
         }
     }
 }
@@ -254,6 +299,25 @@ impl BrokerConfig {
                 self.replication.replica_fetch_backoff_ms = parse_num(key, value, 0)?
             }
             "broker.rack" => self.rack = Some(value.to_string()).filter(|r| !r.is_empty()),
+            "process.roles" => {
+                self.process_roles = ProcessRoles::parse(value)
+                    .ok_or_else(|| invalid(key, value, "expected broker, controller or both"))?
+            }
+            "controller.quorum.voters" => {
+                ferrite_raft::parse_voters(value)
+                    .map_err(|e| invalid(key, value, &e.to_string()))?;
+                self.controller_quorum_voters = Some(value.to_string());
+            }
+            "controller.listen" => {
+                parse_listen(value).ok_or_else(|| invalid(key, value, "expected HOST:PORT"))?;
+                self.controller_listen = Some(value.to_string());
+            }
+            "broker.heartbeat.interval.ms" => {
+                self.broker_heartbeat_interval_ms = parse_num(key, value, 1)?
+            }
+            "broker.session.timeout.ms" => {
+                self.broker_session_timeout_ms = parse_num(key, value, 1)?
+            }
             "listeners" => {
                 let addr = client_listener(value);
                 let (host, port) =

@@ -1,14 +1,13 @@
-//! The metadata controller on one node: validates admin changes into records, appends them
-//! durably to the metadata log, and publishes the new image. The same
-//! `MetadataImage::apply` runs here and at start-up replay.
+//! The broker's side of the metadata quorum: admin changes are validated into records
+//! on the active controller, committed through the quorum (`ferrite_raft`), and the
+//! image this node serves is always the quorum's committed, applied image. The same
+//! `MetadataImage::apply` folds the records here, in every other voter and at start-up.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use ferrite_metadata::{
-    assign_replicas, BrokerSlot, MetadataImage, MetadataLog, MetadataLogError, MetadataRecord,
-};
+use ferrite_metadata::{assign_replicas, BrokerSlot, MetadataImage, MetadataRecord};
+use ferrite_raft::{MetadataQuorum, QuorumError};
 use kafka_protocol::ResponseError;
 use uuid::Uuid;
 
@@ -16,8 +15,11 @@ use crate::config::{apply_topic_config, limits, validate_topic_name, BrokerConfi
 use crate::error::{config_error_code, placement_error_code};
 
 pub struct Controller {
-    log: tokio::sync::Mutex<MetadataLog>,
-    image: RwLock<Arc<MetadataImage>>,
+    quorum: Arc<MetadataQuorum>,
+    /// Serializes decide-and-commit on this node (two concurrent CreateTopics of one
+    /// name cannot both pass validation), and the metadata follower's reconcile with a
+    /// handler's own install of the partitions it just created.
+    lock: tokio::sync::Mutex<()>,
 }
 
 /// An admin request's failure: Kafka error code and a message for the client.
@@ -37,9 +39,11 @@ impl AdminError {
 }
 
 impl Controller {
-    pub fn open(data_dir: &Path) -> Result<Controller, MetadataLogError> {
-        let (log, entries) = MetadataLog::open(data_dir)?;
-        Ok(Controller::from_log(log, &entries))
+    pub fn new(quorum: Arc<MetadataQuorum>) -> Controller {
+        Controller {
+            quorum,
+            lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The image that replaying `entries` gives, the same fold as at commit.
@@ -51,41 +55,54 @@ impl Controller {
         image
     }
 
-    pub fn from_log(log: MetadataLog, entries: &[Vec<MetadataRecord>]) -> Controller {
-        let image = Controller::replay(entries);
-        tracing::info!(
-            changes = entries.len(),
-            topics = image.topics().count(),
-            "metadata log replayed"
-        );
-        Controller {
-            log: tokio::sync::Mutex::new(log),
-            image: RwLock::new(Arc::new(image)),
-        }
+    pub fn quorum(&self) -> &Arc<MetadataQuorum> {
+        &self.quorum
     }
 
+    /// The committed image as applied on this node.
     pub fn image(&self) -> Arc<MetadataImage> {
-        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.quorum.applied().borrow().image.clone()
     }
 
-    /// Takes the single-writer lock. Validation and commit happen under it, so two
-    /// concurrent CreateTopics for one name cannot both succeed.
+    /// The active controller's node id, as far as this node knows.
+    pub fn active_controller_id(&self) -> Option<i32> {
+        self.quorum
+            .status()
+            .leader_id
+            .and_then(|id| i32::try_from(id).ok())
+    }
+
+    /// Takes the single-writer lock. On the active controller it first waits until its
+    /// image holds every committed change (a new leader may lag the log it inherited),
+    /// so that validation sees what the quorum has. On another node the image is this
+    /// node's applied one and a commit is refused with NOT_CONTROLLER.
     pub async fn writer(&self) -> MetadataWriter<'_> {
-        MetadataWriter {
-            guard: self.log.lock().await,
-            image: &self.image,
+        let guard = self.lock.lock().await;
+        if self.quorum.status().is_active_controller {
+            if let Err(e) = self.quorum.read_barrier().await {
+                tracing::debug!(error = %e, "metadata read barrier failed; the commit will be refused");
+            }
         }
+        MetadataWriter {
+            _guard: guard,
+            controller: self,
+        }
+    }
+
+    /// The lock alone, for the metadata follower (no barrier: it only reads).
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
     }
 }
 
 pub struct MetadataWriter<'a> {
-    guard: tokio::sync::MutexGuard<'a, MetadataLog>,
-    image: &'a RwLock<Arc<MetadataImage>>,
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+    controller: &'a Controller,
 }
 
 impl MetadataWriter<'_> {
     pub fn image(&self) -> Arc<MetadataImage> {
-        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.controller.image()
     }
 
     /// The image `records` would give, without committing them.
@@ -95,17 +112,24 @@ impl MetadataWriter<'_> {
         next
     }
 
-    /// Appends one change durably, then applies it. Returns the new image.
-    pub fn commit(
+    /// Commits one change through the quorum (acknowledged by a majority of voters) and
+    /// returns the applied image that includes it. Only the active controller decides:
+    /// elsewhere this is `NotController` (the client retries at the controller Metadata
+    /// names). `Timeout` means the outcome is unknown.
+    pub async fn commit(
         &mut self,
         records: Vec<MetadataRecord>,
-    ) -> Result<Arc<MetadataImage>, MetadataLogError> {
-        self.guard.append(&records)?;
-        let mut next = (*self.image()).clone();
-        next.apply_all(&records);
-        let next = Arc::new(next);
-        *self.image.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
-        Ok(next)
+    ) -> Result<Arc<MetadataImage>, QuorumError> {
+        let quorum = &self.controller.quorum;
+        let status = quorum.status();
+        if !status.is_active_controller {
+            return Err(QuorumError::NotController {
+                leader: status.leader_id,
+            });
+        }
+        let index = quorum.write(records).await?;
+        let applied = quorum.wait_applied(index, quorum.write_timeout()).await?;
+        Ok(applied.image)
     }
 }
 

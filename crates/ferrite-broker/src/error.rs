@@ -94,10 +94,33 @@ pub fn replication_error_code(e: &ferrite_replication::ReplicationError) -> i16 
     code.code()
 }
 
+/// Kafka error code for a failed metadata commit through the quorum.
+pub fn quorum_error_code(e: &ferrite_raft::QuorumError) -> i16 {
+    use ferrite_raft::QuorumError;
+    let code = match e {
+        // Clients refresh metadata and retry at the controller it names.
+        QuorumError::NotController { .. } => ResponseError::NotController,
+        // Outcome unknown: the change may still commit (Kafka answers REQUEST_TIMED_OUT).
+        QuorumError::Timeout(_) => ResponseError::RequestTimedOut,
+        QuorumError::TooLarge { .. } => ResponseError::PolicyViolation,
+        QuorumError::Store(_) => ResponseError::KafkaStorageError,
+        QuorumError::Config(_) | QuorumError::Bind { .. } | QuorumError::Stopped(_) => {
+            ResponseError::UnknownServerError
+        }
+    };
+    code.code()
+}
+
 /// Kafka error code for a refused produce.
 pub fn produce_error_code(e: &crate::replica_manager::ProduceError) -> i16 {
     match e {
         crate::replica_manager::ProduceError::Storage(e) => storage_error_code(e),
         crate::replica_manager::ProduceError::Replication(e) => replication_error_code(e),
     }
+}
+
+/// Kafka error code of a `ferrite_controller` decision (its codes are Kafka's, checked
+/// against kafka-protocol in that crate's tests).
+pub fn controller_error_code(e: &ferrite_controller::ControllerError) -> i16 {
+    e.code()
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use config::BrokerConfig;
 use controller::Controller;
+use ferrite_metadata::MetadataRecord;
 use replica_manager::ReplicaManager;
 
 /// Marker written after a clean shutdown; its absence at start means logs are recovered.
@@ -45,6 +46,10 @@ pub enum StartError {
     },
     #[error("metadata log")]
     Metadata(#[from] ferrite_metadata::MetadataLogError),
+    #[error("metadata log")]
+    MetadataStore(#[from] ferrite_raft::frame::StoreError),
+    #[error("metadata quorum")]
+    Quorum(#[from] ferrite_raft::QuorumError),
     #[error("storage")]
     Storage(#[from] ferrite_storage::StorageError),
     #[error("{0}")]
@@ -122,6 +127,7 @@ impl Broker {
             addr: config.listen,
             source,
         })?;
+        let quorum = QuorumPlan::bind(&config, local_addr).await?;
         let dir = config.data_dir.clone();
         let dir_err = |source| StartError::DataDir {
             path: dir.clone(),
@@ -146,14 +152,29 @@ impl Broker {
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean = marker.exists() || fresh;
         let meta = read_meta_properties(&dir.join(META_PROPERTIES_FILE), config.node_id)?;
-        let metadata_meta_path = dir
-            .join(ferrite_metadata::log::METADATA_DIR)
-            .join(META_PROPERTIES_FILE);
+        let metadata_dir = dir.join(ferrite_metadata::log::METADATA_DIR);
+        let metadata_meta_path = metadata_dir.join(META_PROPERTIES_FILE);
         let metadata_meta = read_meta_properties(&metadata_meta_path, config.node_id)?;
-        let contents = ferrite_metadata::MetadataLog::read(&dir, clean)?;
-        let image = Controller::replay(&contents.entries);
+        // The quorum's files: `metadata.log` is the Raft log (or, in a directory written
+        // by the single-node broker, today's metadata log, imported below).
+        let local = ferrite_raft::read_local(&metadata_dir, clean)?;
+        let legacy = if local.legacy {
+            if !quorum.sole_voter {
+                return Err(StartError::Meta(format!(
+                    "{} is a single-node metadata log (written before the metadata quorum); it can only be imported by a one-voter quorum: start this node once alone (without --controller-quorum-voters), then join it to a cluster",
+                    local.log_path.display()
+                )));
+            }
+            Some(ferrite_metadata::MetadataLog::read(&dir, clean)?)
+        } else {
+            None
+        };
+        let image = match &legacy {
+            Some(contents) => Controller::replay(&contents.entries),
+            None => local.image.clone(),
+        };
         let partition_dirs = replica_manager::partition_dirs(&dir).map_err(dir_err)?;
-        let populated = !contents.entries.is_empty() || !partition_dirs.is_empty();
+        let populated = local.log_frames > 0 || !partition_dirs.is_empty();
         let cluster_id = match (&meta, populated) {
             (Some(m), _) => Some(m.cluster_id.clone()),
             (None, true) => {
@@ -176,7 +197,7 @@ impl Broker {
                 )));
             }
         }
-        if contents.entries.is_empty() && !partition_dirs.is_empty() {
+        if local.log_frames == 0 && !partition_dirs.is_empty() {
             let examples: Vec<String> = partition_dirs
                 .iter()
                 .take(3)
@@ -184,8 +205,8 @@ impl Broker {
                 .collect();
             return Err(StartError::Meta(format!(
                 "the metadata log {} is {}, but {} partition directories exist (such as {}): without it they belong to no topic, and starting would orphan them; restore the metadata log from a backup, or move the partition directories out of {} to start an empty broker",
-                contents.path.display(),
-                if contents.exists { "empty" } else { "missing" },
+                local.log_path.display(),
+                if local.log_exists { "empty" } else { "missing" },
                 partition_dirs.len(),
                 examples.join(", "),
                 dir.display(),
@@ -221,8 +242,9 @@ impl Broker {
             // Older data directories have no copy beside the metadata log yet.
             write_meta_properties(&metadata_meta_path, &cluster_id, config.node_id)?;
         }
-        let (log, entries) = contents.open()?;
-        let controller = Controller::from_log(log, &entries);
+        if let Some(contents) = legacy {
+            import_legacy_log(&metadata_dir, contents, &quorum).await?;
+        }
         for stray in strays {
             replica_manager::set_aside_stray(stray);
         }
@@ -230,7 +252,20 @@ impl Broker {
         if marker.exists() {
             std::fs::remove_file(&marker).map_err(dir_err)?;
         }
-        ensure_offsets_topic(&controller, &replicas, &config).await?;
+        let local_last_index = quorum_last_index(&metadata_dir);
+        let metadata_quorum = Arc::new(
+            ferrite_raft::MetadataQuorum::start_with(
+                quorum.config(metadata_dir.clone()),
+                Some(quorum.listener),
+            )
+            .await?,
+        );
+        wait_for_quorum(&metadata_quorum, local_last_index).await?;
+        let controller = Controller::new(metadata_quorum.clone());
+        replicas.reconcile(&controller.image(), &config, true)?;
+        if metadata_quorum.status().is_active_controller {
+            ensure_offsets_topic(&controller, &replicas, &config).await?;
+        }
         let groups = group_manager::GroupManager::new(
             ferrite_coordinator::GroupCoordinator::new(
                 config.group.clone(),
@@ -256,6 +291,11 @@ impl Broker {
             producer_ids: producer_ids::ProducerIdManager::default(),
             _lock: lock,
         });
+        tokio::spawn(follow_metadata(
+            Arc::downgrade(&broker),
+            metadata_quorum,
+            local_last_index,
+        ));
         Ok(Running {
             broker,
             listener,
@@ -462,8 +502,286 @@ async fn ensure_offsets_topic(
             e.message
         ))
     })?;
-    let image = writer.commit(records)?;
+    let image = writer.commit(records).await?;
     replicas.reconcile(&image, config, true)?;
+    Ok(())
+}
+
+/// Where this node's controller voter listens and who the voters are, decided (and
+/// the controller listener bound) before the data directory is touched.
+struct QuorumPlan {
+    node_id: ferrite_raft::NodeId,
+    voters: Vec<ferrite_raft::Voter>,
+    listener: tokio::net::TcpListener,
+    listen: SocketAddr,
+    /// This node is the only voter (a bare `ferrite server`).
+    sole_voter: bool,
+}
+
+impl QuorumPlan {
+    async fn bind(config: &BrokerConfig, kafka_addr: SocketAddr) -> Result<QuorumPlan, StartError> {
+        let bad = |m: String| StartError::Meta(m);
+        let roles = config.process_roles;
+        if !(roles.broker && roles.controller) {
+            // Not built yet: a broker-only node would follow the quorum as an observer,
+            // a controller-only node would serve no clients.
+            return Err(bad(format!(
+                "process.roles={}{}{} is not supported yet: every node runs both roles (broker,controller)",
+                if roles.broker { "broker" } else { "" },
+                if roles.broker && roles.controller { "," } else { "" },
+                if roles.controller { "controller" } else { "" },
+            )));
+        }
+        let node_id = u64::try_from(config.node_id)
+            .map_err(|_| bad(format!("node.id {} is negative", config.node_id)))?;
+        let resolve = |host_port: &str| -> Result<SocketAddr, StartError> {
+            std::net::ToSocketAddrs::to_socket_addrs(host_port)
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| bad(format!("cannot resolve the controller address {host_port}")))
+        };
+        let explicit = config
+            .controller_listen
+            .as_deref()
+            .map(|l| match l.strip_prefix(':') {
+                Some(port) => resolve(&format!("0.0.0.0:{port}")),
+                None => resolve(l),
+            })
+            .transpose()?;
+        let (voters, listen, sole_voter) = match &config.controller_quorum_voters {
+            Some(v) => {
+                let voters = ferrite_raft::parse_voters(v).map_err(|e| bad(e.to_string()))?;
+                let me = voters.iter().find(|v| v.id == node_id).ok_or_else(|| {
+                    bad(format!(
+                        "node.id {node_id} is not in controller.quorum.voters {v} (a node that is not a voter needs process.roles=broker, which is not supported yet)"
+                    ))
+                })?;
+                let sole = voters.len() == 1;
+                let listen = match explicit {
+                    Some(a) => a,
+                    // The only voter contacts no one: an ephemeral port cannot collide
+                    // with other servers on the machine.
+                    None if sole => SocketAddr::new(kafka_addr.ip(), 0),
+                    None => resolve(&me.address())?,
+                };
+                (voters, listen, sole)
+            }
+            None => {
+                let listen = explicit.unwrap_or(SocketAddr::new(kafka_addr.ip(), 0));
+                let voter = ferrite_raft::Voter {
+                    id: node_id,
+                    host: listen.ip().to_string(),
+                    port: listen.port(),
+                };
+                (vec![voter], listen, true)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let listen = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?;
+        Ok(QuorumPlan {
+            node_id,
+            voters,
+            listener,
+            listen,
+            sole_voter,
+        })
+    }
+
+    fn config(&self, dir: PathBuf) -> ferrite_raft::QuorumConfig {
+        let mut voters = self.voters.clone();
+        if self.sole_voter {
+            // Its own address as bound (the configured port may be 0).
+            for v in &mut voters {
+                v.host = self.listen.ip().to_string();
+                v.port = self.listen.port();
+            }
+        }
+        ferrite_raft::QuorumConfig::new(self.node_id, self.listen, voters, dir)
+    }
+}
+
+/// Largest index in the local quorum log (`None`: empty), read before the quorum starts:
+/// the metadata follower does not reconcile partitions to an applied image older than
+/// what this node already had (it would delete the logs of topics it has not re-applied
+/// yet).
+fn quorum_last_index(metadata_dir: &Path) -> Option<u64> {
+    // Checked by `read_local` at the start already (and rewritten by an import since).
+    ferrite_raft::read_local(metadata_dir, false)
+        .ok()
+        .and_then(|l| l.last_index)
+}
+
+/// Waits until the quorum can serve this node's metadata: a one-voter quorum elects
+/// itself at once; a larger one needs a leader (the other voters may start later), so
+/// this waits as long as it takes, saying so every few seconds.
+async fn wait_for_quorum(
+    quorum: &ferrite_raft::MetadataQuorum,
+    local_last_index: Option<u64>,
+) -> Result<(), StartError> {
+    const NOTICE_INTERVAL: Duration = Duration::from_secs(5);
+    let mut status = quorum.status_watch();
+    loop {
+        let known = status.borrow_and_update().leader_id.is_some();
+        if known {
+            break;
+        }
+        match tokio::time::timeout(NOTICE_INTERVAL, status.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(StartError::Quorum(ferrite_raft::QuorumError::Stopped(
+                    "status channel closed".into(),
+                )))
+            }
+            Err(_) => tracing::info!(
+                voters = ?quorum.voters(),
+                "waiting for the metadata quorum to elect a leader"
+            ),
+        }
+    }
+    if quorum.status().is_active_controller {
+        quorum.read_barrier().await?;
+    } else if let Some(index) = local_last_index {
+        // A follower: at least what it had before (committed entries come with the
+        // leader's next heartbeat).
+        let _ = quorum.wait_applied(index, quorum.write_timeout()).await;
+    }
+    Ok(())
+}
+
+/// The metadata follower: every change of the applied image is reconciled into the
+/// hosted partitions (the one path by which a node learns changes decided elsewhere).
+/// It takes the controller's lock, so a handler's own prepare/commit/install of the same
+/// change finishes first and this finds nothing left to do.
+async fn follow_metadata(
+    broker: std::sync::Weak<Broker>,
+    quorum: Arc<ferrite_raft::MetadataQuorum>,
+    local_last_index: Option<u64>,
+) {
+    let mut applied = quorum.applied();
+    loop {
+        if applied.changed().await.is_err() {
+            return;
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        let _lock = broker.controller.lock().await;
+        let current = applied.borrow_and_update().clone();
+        let behind = match (current.raft_commit_index, local_last_index) {
+            (Some(i), Some(floor)) => {
+                i < floor && quorum.status().last_log_index.is_some_and(|l| l >= floor)
+            }
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if behind {
+            continue;
+        }
+        if let Err(e) = broker
+            .replicas
+            .reconcile(&current.image, &broker.config, true)
+        {
+            tracing::error!(error = %e, "cannot follow a metadata change in the partition logs");
+        }
+    }
+}
+
+/// Imports the metadata log of a data directory written by the single-node broker into
+/// a one-voter quorum: the quorum is built in `import.tmp` beside it (entries in the old
+/// order, packed into Raft entries of at most `IMPORT_ENTRY_BYTES_MAX`), the old file
+/// is kept as `metadata.log.pre-quorum`, and the new log replaces it by one rename, so a
+/// crash at any point leaves either the old log (imported again at the next start) or
+/// the complete new one.
+async fn import_legacy_log(
+    metadata_dir: &Path,
+    contents: ferrite_metadata::log::MetadataLogContents,
+    plan: &QuorumPlan,
+) -> Result<(), StartError> {
+    const IMPORT_ENTRY_BYTES_MAX: usize = 16 * 1024 * 1024;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::DataDir { path, source }
+    };
+    let tmp = metadata_dir.join("import.tmp");
+    if tmp.exists() {
+        // An interrupted import: ours, never used.
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    let entries = contents.entries.len();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(plan.listen.ip(), 0))
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: plan.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: plan.listen,
+        source,
+    })?;
+    let voter = ferrite_raft::Voter {
+        id: plan.node_id,
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    let q = ferrite_raft::MetadataQuorum::start_with(
+        ferrite_raft::QuorumConfig::new(plan.node_id, addr, vec![voter], tmp.clone()),
+        Some(listener),
+    )
+    .await?;
+    let result = async {
+        wait_for_quorum(&q, None).await?;
+        let mut batch: Vec<MetadataRecord> = Vec::new();
+        let mut bytes = 0usize;
+        for entry in contents.entries {
+            let size = serde_json::to_vec(&entry).map(|v| v.len()).unwrap_or(0);
+            if bytes + size > IMPORT_ENTRY_BYTES_MAX && !batch.is_empty() {
+                q.write(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+            bytes += size;
+            batch.extend(entry);
+        }
+        if !batch.is_empty() {
+            q.write(batch).await?;
+        }
+        Ok::<(), StartError>(())
+    }
+    .await;
+    q.shutdown().await;
+    result?;
+    let log = metadata_dir.join(ferrite_raft::log_store::LOG_FILE);
+    let kept = metadata_dir.join("metadata.log.pre-quorum");
+    std::fs::copy(&log, &kept)
+        .and_then(|_| File::open(&kept)?.sync_all())
+        .map_err(io(&kept))?;
+    for name in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+        let name = name.map_err(io(&tmp))?.file_name();
+        if name != std::ffi::OsStr::new(ferrite_raft::log_store::LOG_FILE) {
+            std::fs::rename(tmp.join(&name), metadata_dir.join(&name)).map_err(io(&tmp))?;
+        }
+    }
+    File::open(metadata_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(metadata_dir))?;
+    // The switch: one rename.
+    std::fs::rename(tmp.join(ferrite_raft::log_store::LOG_FILE), &log).map_err(io(&log))?;
+    File::open(metadata_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(metadata_dir))?;
+    std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    tracing::info!(
+        entries,
+        kept = %kept.display(),
+        "imported the single-node metadata log into the metadata quorum"
+    );
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! across brokers: the record is durable before any id of its block is used, and a
 //! restart claims a fresh block past every block ever claimed.
 
-use ferrite_metadata::{MetadataLogError, MetadataRecord};
+use ferrite_metadata::MetadataRecord;
+use ferrite_raft::QuorumError;
 
 use crate::controller::Controller;
 
@@ -14,7 +15,7 @@ pub const PRODUCER_ID_BLOCK_SIZE: i64 = 1000;
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerIdError {
     #[error("cannot claim a block of producer ids: {0}")]
-    Metadata(#[from] MetadataLogError),
+    Metadata(#[from] QuorumError),
     #[error("producer ids are exhausted")]
     Exhausted,
 }
@@ -57,13 +58,16 @@ impl ProducerIdManager {
         let end = start
             .checked_add(PRODUCER_ID_BLOCK_SIZE)
             .ok_or(ProducerIdError::Exhausted)?;
+        // Decided on the active controller only (the commit refuses elsewhere): a block
+        // decided on a stale image elsewhere could overlap another broker's.
         writer.commit(vec![MetadataRecord::ProducerIds {
             broker_id,
             // No broker registrations exist yet (one node); KRaft fences stale
             // brokers with this epoch once they do.
             broker_epoch: -1,
             next_producer_id: end,
-        }])?;
+        }])
+        .await?;
         tracing::info!(start, end, "claimed a block of producer ids");
         *block = ProducerIdBlock { next: start, end };
         block.take().ok_or(ProducerIdError::Exhausted)
@@ -73,26 +77,54 @@ impl ProducerIdManager {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
     fn ids_are_unique_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
+        let open = || {
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let voter = ferrite_raft::Voter {
+                    id: 0,
+                    host: "127.0.0.1".into(),
+                    port: addr.port(),
+                };
+                let q = ferrite_raft::MetadataQuorum::start_with(
+                    ferrite_raft::QuorumConfig::new(0, addr, vec![voter], dir.path().into()),
+                    Some(listener),
+                )
+                .await
+                .unwrap();
+                let mut status = q.status_watch();
+                status
+                    .wait_for(|s| s.is_active_controller)
+                    .await
+                    .unwrap();
+                q.read_barrier().await.unwrap();
+                Controller::new(Arc::new(q))
+            })
+        };
         let mut seen = std::collections::BTreeSet::new();
         for _restart in 0..3 {
-            let controller = Controller::open(dir.path()).unwrap();
+            let controller = open();
             let ids = ProducerIdManager::default();
             for _ in 0..(PRODUCER_ID_BLOCK_SIZE + 5) {
                 let id = rt.block_on(ids.generate(&controller, 0)).unwrap();
                 assert!(seen.insert(id), "id {id} handed out twice");
             }
+            rt.block_on(controller.quorum().shutdown());
         }
         // Three restarts, each using one block and five ids of the next.
         assert_eq!(seen.len() as i64, 3 * (PRODUCER_ID_BLOCK_SIZE + 5));
-        let controller = Controller::open(dir.path()).unwrap();
+        let controller = open();
         assert_eq!(
             controller.image().next_producer_id(),
             6 * PRODUCER_ID_BLOCK_SIZE

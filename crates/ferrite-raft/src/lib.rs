@@ -9,11 +9,12 @@
 //! - [`network`]: the private RPC between voters over Ferrite's length-prefixed framing.
 //! - [`node`]: [`MetadataQuorum`], what a controller runs: start, write, status.
 //!
-//! Not wired into the broker yet: the broker still uses its local metadata log.
+//! - [`local`]: the quorum files read without changing them (start-up checks).
 
 use std::io::Cursor;
 
 pub mod frame;
+pub mod local;
 pub mod log_store;
 pub mod network;
 pub mod node;
@@ -21,6 +22,7 @@ pub mod state_machine;
 pub mod voters;
 
 pub use ferrite_metadata::MetadataRecord;
+pub use local::{read_local, LocalMetadata};
 pub use node::{MetadataQuorum, QuorumConfig, QuorumError, QuorumStatus, QuorumTiming};
 pub use state_machine::AppliedImage;
 pub use voters::{parse_voters, Voter, VotersError};

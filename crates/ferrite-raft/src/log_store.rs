@@ -1,6 +1,6 @@
 //! The durable Raft log and vote (openraft's `RaftLogStorage`), in a directory:
 //!
-//! - `quorum.log`: append-only frames (see [`crate::frame`]) of [`LogFrame`]s: an
+//! - `metadata.log` (the `LOG_FILE`): append-only frames (see [`crate::frame`]) of [`LogFrame`]s: an
 //!   optional `Purged` frame first (the last log id dropped by a purge), then entries in
 //!   index order without gaps.
 //! - `quorum.vote`: the vote, one frame, replaced atomically.
@@ -40,16 +40,16 @@ use crate::frame::{
 };
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote};
 
-pub const LOG_FILE: &str = "quorum.log";
+pub const LOG_FILE: &str = "metadata.log";
 pub const VOTE_FILE: &str = "quorum.vote";
 pub const COMMITTED_FILE: &str = "quorum.committed";
 
-/// One frame of `quorum.log`. Externally tagged (`{"entry":{...}}`): serde's internally
+/// One frame of `metadata.log`. Externally tagged (`{"entry":{...}}`): serde's internally
 /// tagged enums buffer their content and then cannot read the integer map keys of a
 /// membership entry back.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum LogFrame {
+pub(crate) enum LogFrame {
     /// Every entry up to and including this log id was purged (it is in a snapshot).
     Purged {
         log_id: LogId,

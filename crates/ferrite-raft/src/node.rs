@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -295,6 +295,11 @@ impl MetadataQuorum {
             status: status_rx,
             forward: tokio::sync::Mutex::new(HashMap::new()),
         });
+        if configured.len() == 1 {
+            // A one-voter quorum needs no one's vote: stand at once rather than after an
+            // election timeout, so a bare server starts in milliseconds.
+            raft.trigger().elect().await.map_err(|e| stopped(&e))?;
+        }
         let watchdog = tokio::spawn(check_quorum(
             raft.clone(),
             config.node_id,
@@ -344,6 +349,48 @@ impl MetadataQuorum {
         let timeout = self.shared.timing.write_timeout;
         check_size(&records)?;
         tokio::time::timeout(timeout, self.shared.write(records))
+            .await
+            .unwrap_or(Err(QuorumError::Timeout(timeout)))
+    }
+
+    /// The configured voters: node id and `host:port`.
+    pub fn voters(&self) -> Arc<BTreeMap<NodeId, String>> {
+        self.shared.voters.clone()
+    }
+
+    /// The write timeout (`QuorumTiming::write_timeout`).
+    pub fn write_timeout(&self) -> Duration {
+        self.shared.timing.write_timeout
+    }
+
+    /// On the active controller: confirms with a majority that it still leads and waits
+    /// until its image holds every committed entry (openraft's `ensure_linearizable`),
+    /// so that a change decided on the returned image sees every change committed
+    /// before. A new leader's image may lag the log it inherited until then.
+    pub async fn read_barrier(&self) -> Result<AppliedImage, QuorumError> {
+        let timeout = self.shared.timing.write_timeout;
+        let status = self.status();
+        if !status.is_active_controller {
+            return Err(QuorumError::NotController {
+                leader: status.leader_id,
+            });
+        }
+        let barrier = async {
+            match self.shared.raft.ensure_linearizable().await {
+                Ok(Some(log_id)) => self.wait_applied(log_id.index, timeout).await,
+                Ok(None) => Ok(self.applied.borrow().clone()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    Err(QuorumError::NotController {
+                        leader: f.leader_id.filter(|l| *l != self.shared.node_id),
+                    })
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                    Err(QuorumError::NotController { leader: None })
+                }
+                Err(RaftError::Fatal(e)) => Err(QuorumError::Stopped(e.to_string())),
+            }
+        };
+        tokio::time::timeout(timeout, barrier)
             .await
             .unwrap_or(Err(QuorumError::Timeout(timeout)))
     }

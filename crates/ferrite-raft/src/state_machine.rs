@@ -79,29 +79,12 @@ impl StateMachineStore {
             snapshot: None,
             snapshot_seq: 0,
         };
-        if let Some(raw) = read_optional(&path)? {
-            let corrupt = |reason: String| StoreError::Corrupt {
-                path: path.clone(),
-                position: 0,
-                reason,
-            };
-            let frames = decode_whole(&raw, 2, SNAPSHOT_BODY_BYTES_MAX, &path)?;
-            let (meta, data) = match frames.as_slice() {
-                [meta, data] => (*meta, *data),
-                _ => return Err(corrupt("not two frames".into())),
-            };
-            let meta: SnapshotMeta = serde_json::from_slice(meta)
-                .map_err(|e| corrupt(format!("undecodable snapshot meta: {e}")))?;
-            let image: MetadataImage = serde_json::from_slice(data)
-                .map_err(|e| corrupt(format!("undecodable snapshot image: {e}")))?;
+        if let Some((meta, image, data)) = read_snapshot(&path)? {
             tracing::info!(snapshot = %meta, topics = image.topics().count(), "metadata snapshot loaded");
             inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
             inner.image = Arc::new(image);
-            inner.snapshot = Some(StoredSnapshot {
-                meta,
-                data: data.to_vec(),
-            });
+            inner.snapshot = Some(StoredSnapshot { meta, data });
         }
         let (applied, _) = watch::channel(AppliedImage {
             raft_commit_index: inner.last_applied.map(|l| l.index),
@@ -151,6 +134,32 @@ impl StateMachineStore {
         encode_frame(&snapshot.data, &mut raw);
         write_file_atomically(&self.path, &raw)
     }
+}
+
+/// Reads and decodes `quorum.snapshot` without changing anything: its meta, image and
+/// the serialized image. A file that does not decode is corruption (it was renamed into
+/// place whole and fsynced).
+pub(crate) fn read_snapshot(
+    path: &Path,
+) -> Result<Option<(SnapshotMeta, MetadataImage, Vec<u8>)>, StoreError> {
+    let Some(raw) = read_optional(path)? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        position: 0,
+        reason,
+    };
+    let frames = decode_whole(&raw, 2, SNAPSHOT_BODY_BYTES_MAX, path)?;
+    let (meta, data) = match frames.as_slice() {
+        [meta, data] => (*meta, *data),
+        _ => return Err(corrupt("not two frames".into())),
+    };
+    let meta: SnapshotMeta = serde_json::from_slice(meta)
+        .map_err(|e| corrupt(format!("undecodable snapshot meta: {e}")))?;
+    let image: MetadataImage = serde_json::from_slice(data)
+        .map_err(|e| corrupt(format!("undecodable snapshot image: {e}")))?;
+    Ok(Some((meta, image, data.to_vec())))
 }
 
 fn encode_image(image: &MetadataImage) -> Result<Vec<u8>, StoreError> {

@@ -395,7 +395,7 @@ async fn a_crash_with_a_torn_log_tail_recovers_and_corruption_is_refused() {
     c.stop(0).await;
 
     // The crash cut an append short: half a frame after the last full one.
-    let log = c.dirs[0].path().join("quorum.log");
+    let log = c.dirs[0].path().join(ferrite_raft::log_store::LOG_FILE);
     let full = std::fs::read(&log).unwrap();
     let mut torn = full.clone();
     torn.extend_from_slice(&[0, 0, 1, 0, 0x12, 0x34, 0x56, 0x78, b'{', b'"']);

@@ -89,9 +89,21 @@ struct ServerArgs {
     /// Data directory (log.dirs) [default: ./ferrite-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// This broker's node id (node.id) [default: 0].
+    /// This node's id (node.id), as a broker and as a controller voter [default: 0].
     #[arg(long, value_name = "N")]
     node_id: Option<i32>,
+    /// What this node runs (process.roles): broker, controller or both
+    /// [default: broker,controller; only both is supported yet].
+    #[arg(long, value_name = "ROLES")]
+    process_roles: Option<String>,
+    /// The controller listener for the metadata quorum's RPC [default: this node's
+    /// address in --controller-quorum-voters; an ephemeral port when it is the only voter].
+    #[arg(long, value_name = "HOST:PORT")]
+    controller_listen: Option<String>,
+    /// The controller voters (controller.quorum.voters), e.g.
+    /// 1@127.0.0.11:9093,2@127.0.0.12:9093,3@127.0.0.13:9093 [default: this node alone].
+    #[arg(long, value_name = "ID@HOST:PORT,...")]
+    controller_quorum_voters: Option<String>,
     /// This broker's rack (broker.rack), for replica placement [default: none].
     #[arg(long, value_name = "NAME")]
     rack: Option<String>,
@@ -110,7 +122,8 @@ fn main() -> ExitCode {
     // The client subcommands stay quiet: librdkafka reports expected events (such as the
     // end of a partition) as errors through the rdkafka crate's logger.
     let default_filter = if matches!(cli.command, Command::Server(_)) {
-        "info"
+        // openraft logs every vote and role change at info: its warnings are what an operator needs.
+        "info,openraft=warn"
     } else {
         "warn,rdkafka=off"
     };
@@ -201,6 +214,15 @@ fn build_config(args: &ServerArgs) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(r) = &args.rack {
         config.set("broker.rack", r)?;
+    }
+    if let Some(r) = &args.process_roles {
+        config.set("process.roles", r)?;
+    }
+    if let Some(l) = &args.controller_listen {
+        config.set("controller.listen", l)?;
+    }
+    if let Some(v) = &args.controller_quorum_voters {
+        config.set("controller.quorum.voters", v)?;
     }
     // As Kafka refuses it: clients cannot connect to the meta-address they would be told.
     let unroutable = |host: &str| {

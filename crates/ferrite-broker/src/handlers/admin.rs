@@ -33,22 +33,22 @@ use crate::Broker;
 /// of new partitions are created first (checked against the descriptors left), and if
 /// any cannot be, or the metadata append fails (a full disk), nothing is committed and
 /// the directories just created are removed again.
-fn commit(
+async fn commit(
     broker: &Broker,
     writer: &mut crate::controller::MetadataWriter<'_>,
     records: Vec<MetadataRecord>,
 ) -> Result<Arc<MetadataImage>, AdminError> {
     let next = writer.preview(&records);
     let prepared = broker.replicas.prepare(&next, &broker.config)?;
-    let image = match writer.commit(records) {
+    let image = match writer.commit(records).await {
         Ok(image) => image,
         Err(e) => {
             prepared.discard();
-            tracing::error!(error = %e, "metadata commit failed; the change is not made");
-            return Err(AdminError::new(
-                ResponseError::KafkaStorageError,
-                e.to_string(),
-            ));
+            tracing::warn!(error = %e, "metadata commit failed; the change is not made");
+            return Err(AdminError {
+                code: crate::error::quorum_error_code(&e),
+                message: e.to_string(),
+            });
         }
     };
     broker
@@ -84,7 +84,7 @@ pub async fn create_topics(
             .with_name(t.name.clone())
             .with_num_partitions(-1)
             .with_replication_factor(-1);
-        let outcome = (|| {
+        let outcome = async {
             if duplicates.contains(&name) {
                 return Err(AdminError::new(
                     ResponseError::InvalidRequest,
@@ -126,10 +126,11 @@ pub async fn create_topics(
                 configs.clone(),
             )?;
             if !req.validate_only {
-                commit(broker, &mut writer, records)?;
+                commit(broker, &mut writer, records).await?;
             }
             Ok((topic_id, partitions, rf, configs))
-        })();
+        }
+        .await;
         match outcome {
             Ok((topic_id, partitions, rf, configs)) => {
                 result = result
@@ -226,7 +227,9 @@ pub async fn delete_topics(
                     broker,
                     &mut writer,
                     vec![MetadataRecord::RemoveTopic { topic_id }],
-                ) {
+                )
+                .await
+                {
                     Ok(_) => tracing::info!(%topic, "deleted topic"),
                     Err(e) => {
                         result = result
@@ -249,7 +252,7 @@ pub async fn create_partitions(
     let mut results = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let name = t.name.0.to_string();
-        let outcome = (|| {
+        let outcome = async {
             let image = writer.image();
             let topic = image.topic(&name).ok_or_else(|| {
                 AdminError::new(
@@ -316,11 +319,13 @@ pub async fn create_partitions(
                     broker,
                     &mut writer,
                     partition_records(topic.topic_id, current, assignment),
-                )?;
+                )
+                .await?;
                 tracing::info!(topic = %name, count = t.count, "added partitions");
             }
             Ok(())
-        })();
+        }
+        .await;
         let mut result = CreatePartitionsTopicResult::default().with_name(t.name);
         if let Err(e) = outcome {
             result = result

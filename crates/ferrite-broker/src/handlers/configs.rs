@@ -265,9 +265,10 @@ async fn replace_topic_configs(
     if validate_only || records.is_empty() {
         return Ok(());
     }
-    let next = writer
-        .commit(records)
-        .map_err(|e| AdminError::new(ResponseError::KafkaStorageError, e.to_string()))?;
+    let next = writer.commit(records).await.map_err(|e| AdminError {
+        code: crate::error::quorum_error_code(&e),
+        message: e.to_string(),
+    })?;
     broker
         .replicas
         .reconcile(&next, &broker.config, true)

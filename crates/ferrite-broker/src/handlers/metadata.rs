@@ -127,7 +127,7 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
             .with_port(i32::from(*port))
             .with_rack(broker.config.rack.clone().map(str_bytes))])
         .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
-        .with_controller_id(BrokerId(broker.config.node_id))
+        .with_controller_id(BrokerId(broker.controller.active_controller_id().unwrap_or(-1)))
         .with_cluster_authorized_operations(cluster_operations)
         .with_topics(topics)
 }
@@ -143,9 +143,9 @@ async fn auto_create(broker: &Arc<Broker>, name: &str) -> Result<Arc<MetadataIma
     let (_, records, _, _) =
         create_topic_records(&broker.config, &image, name, -1, -1, None, BTreeMap::new())
             .map_err(|e| e.code)?;
-    let next = writer.commit(records).map_err(|e| {
-        tracing::error!(error = %e, "metadata commit failed");
-        ResponseError::KafkaStorageError.code()
+    let next = writer.commit(records).await.map_err(|e| {
+        tracing::warn!(error = %e, "metadata commit failed");
+        crate::error::quorum_error_code(&e)
     })?;
     broker
         .replicas
@@ -196,7 +196,7 @@ pub fn describe_cluster(
     let (host, port) = &broker.advertised;
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))
-        .with_controller_id(BrokerId(broker.config.node_id))
+        .with_controller_id(BrokerId(broker.controller.active_controller_id().unwrap_or(-1)))
         .with_endpoint_type(1) // Brokers; also the v0 default, so every version encodes.
         .with_cluster_authorized_operations(operations)
         .with_brokers(vec![DescribeClusterBroker::default()
