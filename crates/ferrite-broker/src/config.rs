@@ -129,7 +129,6 @@ impl ProcessRoles {
     }
 }
 
-
 /// Kafka's replication broker configs, with Kafka's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationSettings {

@@ -262,6 +262,9 @@ impl Broker {
         );
         wait_for_quorum(&metadata_quorum, local_last_index).await?;
         let controller = Controller::new(metadata_quorum.clone());
+        // The follower starts from here: what this reconcile sees is done.
+        let mut applied = metadata_quorum.applied();
+        applied.borrow_and_update();
         replicas.reconcile(&controller.image(), &config, true)?;
         if metadata_quorum.status().is_active_controller {
             ensure_offsets_topic(&controller, &replicas, &config).await?;
@@ -294,6 +297,7 @@ impl Broker {
         tokio::spawn(follow_metadata(
             Arc::downgrade(&broker),
             metadata_quorum,
+            applied,
             local_last_index,
         ));
         Ok(Running {
@@ -663,9 +667,9 @@ async fn wait_for_quorum(
 async fn follow_metadata(
     broker: std::sync::Weak<Broker>,
     quorum: Arc<ferrite_raft::MetadataQuorum>,
+    mut applied: tokio::sync::watch::Receiver<ferrite_raft::AppliedImage>,
     local_last_index: Option<u64>,
 ) {
-    let mut applied = quorum.applied();
     loop {
         if applied.changed().await.is_err() {
             return;

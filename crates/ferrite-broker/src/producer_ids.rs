@@ -60,14 +60,15 @@ impl ProducerIdManager {
             .ok_or(ProducerIdError::Exhausted)?;
         // Decided on the active controller only (the commit refuses elsewhere): a block
         // decided on a stale image elsewhere could overlap another broker's.
-        writer.commit(vec![MetadataRecord::ProducerIds {
-            broker_id,
-            // No broker registrations exist yet (one node); KRaft fences stale
-            // brokers with this epoch once they do.
-            broker_epoch: -1,
-            next_producer_id: end,
-        }])
-        .await?;
+        writer
+            .commit(vec![MetadataRecord::ProducerIds {
+                broker_id,
+                // No broker registrations exist yet (one node); KRaft fences stale
+                // brokers with this epoch once they do.
+                broker_epoch: -1,
+                next_producer_id: end,
+            }])
+            .await?;
         tracing::info!(start, end, "claimed a block of producer ids");
         *block = ProducerIdBlock { next: start, end };
         block.take().ok_or(ProducerIdError::Exhausted)
@@ -104,10 +105,7 @@ mod tests {
                 .await
                 .unwrap();
                 let mut status = q.status_watch();
-                status
-                    .wait_for(|s| s.is_active_controller)
-                    .await
-                    .unwrap();
+                status.wait_for(|s| s.is_active_controller).await.unwrap();
                 q.read_barrier().await.unwrap();
                 Controller::new(Arc::new(q))
             })

@@ -394,6 +394,9 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let node_id = config.node_id;
     let running = Broker::start(config).await?;
     let broker = running.broker.clone();
+    // Before the ready line: a SIGTERM right after it must be a clean shutdown, not the
+    // default action.
+    let shutdown = shutdown_signal()?;
     println!(
         "ferrite ready: listening on {} node_id={node_id}",
         running.local_addr
@@ -401,7 +404,7 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %running.local_addr, advertised = ?broker.advertised, data_dir = %broker.config.data_dir.display(), "broker ready");
     let background = tokio::spawn(broker.clone().run_background());
     let group_ticker = tokio::spawn(ferrite_broker::group_manager::run_ticker(broker.clone()));
-    ferrite_broker::server::serve(broker.clone(), running.listener, shutdown_signal()).await;
+    ferrite_broker::server::serve(broker.clone(), running.listener, shutdown).await;
     tracing::info!("shutting down: flushing logs");
     background.abort();
     group_ticker.abort();
@@ -410,16 +413,19 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers for SIGTERM and Ctrl-C now; the future ends when either arrives.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

@@ -127,7 +127,9 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
             .with_port(i32::from(*port))
             .with_rack(broker.config.rack.clone().map(str_bytes))])
         .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
-        .with_controller_id(BrokerId(broker.controller.active_controller_id().unwrap_or(-1)))
+        .with_controller_id(BrokerId(
+            broker.controller.active_controller_id().unwrap_or(-1),
+        ))
         .with_cluster_authorized_operations(cluster_operations)
         .with_topics(topics)
 }
@@ -196,7 +198,9 @@ pub fn describe_cluster(
     let (host, port) = &broker.advertised;
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))
-        .with_controller_id(BrokerId(broker.controller.active_controller_id().unwrap_or(-1)))
+        .with_controller_id(BrokerId(
+            broker.controller.active_controller_id().unwrap_or(-1),
+        ))
         .with_endpoint_type(1) // Brokers; also the v0 default, so every version encodes.
         .with_cluster_authorized_operations(operations)
         .with_brokers(vec![DescribeClusterBroker::default()
