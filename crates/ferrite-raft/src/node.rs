@@ -247,7 +247,8 @@ impl MetadataQuorum {
             .await
             .map_err(|e| stopped(&e))?;
         let configured: BTreeSet<NodeId> = voters.keys().copied().collect();
-        if raft.is_initialized().await.map_err(|e| stopped(&e))? {
+        let restarted = raft.is_initialized().await.map_err(|e| stopped(&e))?;
+        if restarted {
             if stored_voters != configured {
                 let _ = raft.shutdown().await;
                 return Err(QuorumError::Config(format!(
@@ -295,9 +296,11 @@ impl MetadataQuorum {
             status: status_rx,
             forward: tokio::sync::Mutex::new(HashMap::new()),
         });
-        if configured.len() == 1 {
+        if configured.len() == 1 && restarted {
             // A one-voter quorum needs no one's vote: stand at once rather than after an
-            // election timeout, so a bare server starts in milliseconds.
+            // election timeout, so a bare server starts in milliseconds. (A fresh one
+            // stands by itself on `initialize`; a second election there would only
+            // supersede the first.)
             raft.trigger().elect().await.map_err(|e| stopped(&e))?;
         }
         let watchdog = tokio::spawn(check_quorum(
