@@ -166,7 +166,15 @@ pub(crate) struct Shared {
     status: watch::Receiver<QuorumStatus>,
     /// One connection per leader for forwarded writes (serialized per leader).
     forward: tokio::sync::Mutex<HashMap<NodeId, PeerClient>>,
+    /// The quorum's directory, checked for free space before each write.
+    dir: PathBuf,
 }
+
+/// Free space a write leaves on the quorum's file system at least: a write that would
+/// leave less is refused before it reaches openraft, because a failed log append is fatal
+/// to an openraft node (it stops until the process restarts), while a refused write is
+/// an error the client sees (KAFKA_STORAGE_ERROR) and retries once space is back.
+pub const QUORUM_WRITE_FREE_BYTES_MIN: u64 = 1024 * 1024;
 
 /// A running controller voter.
 pub struct MetadataQuorum {
@@ -295,6 +303,7 @@ impl MetadataQuorum {
             bind_ip,
             status: status_rx,
             forward: tokio::sync::Mutex::new(HashMap::new()),
+            dir: config.dir.clone(),
         });
         if configured.len() == 1 && restarted {
             // A one-voter quorum needs no one's vote: stand at once rather than after an
@@ -536,6 +545,7 @@ impl Shared {
 
     /// Proposes on this node, which believes it is the active controller.
     async fn write_local(&self, records: MetadataBatch) -> Result<u64, QuorumError> {
+        self.check_free_space(&records)?;
         match self.raft.client_write(records).await {
             Ok(resp) => Ok(resp.log_id.index),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -546,6 +556,24 @@ impl Shared {
             Err(RaftError::APIError(e)) => Err(QuorumError::Stopped(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(QuorumError::Stopped(e.to_string())),
         }
+    }
+
+    /// Refuses a write that would leave less than `QUORUM_WRITE_FREE_BYTES_MIN` free (a
+    /// full disk). Followers' disks are not checked: a follower whose append fails stops
+    /// voting, and the quorum carries on while a majority has space.
+    fn check_free_space(&self, records: &MetadataBatch) -> Result<(), QuorumError> {
+        let Ok(st) = rustix::fs::statvfs(&self.dir) else {
+            return Ok(());
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let bytes = serde_json::to_vec(records).map_or(0, |v| v.len() as u64);
+        if free < bytes.saturating_add(QUORUM_WRITE_FREE_BYTES_MIN) {
+            return Err(QuorumError::Store(StoreError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::from_raw_os_error(28),
+            }));
+        }
+        Ok(())
     }
 
     async fn forward(&self, leader: NodeId, records: &MetadataBatch) -> Result<u64, QuorumError> {
