@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod dev_cluster;
 mod group;
 mod producers;
 mod wire;
@@ -42,6 +43,8 @@ enum Command {
     Group(group::GroupArgs),
     /// Load generators: produce, consume and end-to-end, with HDR latency histograms.
     Bench(bench::BenchArgs),
+    /// Development helpers: `dev cluster` runs N nodes on loopback as child processes.
+    Dev(dev_cluster::DevArgs),
 }
 
 impl Command {
@@ -54,6 +57,7 @@ impl Command {
             Command::Consume(a) => a.json(),
             Command::Group(a) => a.json(),
             Command::Bench(a) => a.json(),
+            Command::Dev(_) => false,
         }
     }
 }
@@ -166,6 +170,7 @@ fn main() -> ExitCode {
             Command::Consume(args) => client::consume(args).await,
             Command::Group(args) => group::group(args).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::Dev(args) => dev_cluster::dev(args).await,
         }
     });
     match result {
