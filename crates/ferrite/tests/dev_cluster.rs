@@ -1,5 +1,8 @@
-//! `ferrite dev cluster` (issue 10): starts N combined nodes on loopback, prints the
-//! bootstrap string, a client sees every broker through it, and SIGTERM stops them all.
+//! `ferrite dev cluster` (issues 8 and 10): starts N combined nodes on loopback, prints
+//! the bootstrap string, the nodes form one metadata quorum (a topic created through one
+//! node is known to every node), and SIGTERM stops them all. Metadata lists the answering
+//! broker only until brokers register with the controller (issue 8 step 2), so this test
+//! asks each node on its own.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader};
@@ -8,12 +11,15 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
 const NODES: u16 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(150);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A base port with 2 * NODES free ports from it (probed by binding; another process may
 /// still take one before the cluster binds it, which the test then reports).
@@ -86,17 +92,48 @@ fn dev_cluster_starts_every_node_and_stops_them_on_sigterm() {
         .collect();
     assert_eq!(bootstrap, expected.join(","));
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    // A topic created through node 1 commits through the metadata quorum and reaches every
+    // node's image: each node, asked alone, answers for itself and knows the topic.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &expected[0])
         .create()
         .unwrap();
-    let metadata = consumer
-        .fetch_metadata(None, Duration::from_secs(30))
-        .unwrap();
-    let mut ids: Vec<i32> = metadata.brokers().iter().map(|b| b.id()).collect();
-    ids.sort_unstable();
-    assert_eq!(ids, (1..=i32::from(NODES)).collect::<Vec<_>>());
-    drop(consumer);
+    let topic = NewTopic::new("dev-cluster", 3, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.create_topics([&topic], &opts)).unwrap() {
+        r.unwrap();
+    }
+    drop(admin);
+    for (i, addr) in expected.iter().enumerate() {
+        let node_id = i32::try_from(i).unwrap() + 1;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", addr)
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + METADATA_TIMEOUT;
+        loop {
+            let md = consumer
+                .fetch_metadata(Some("dev-cluster"), Duration::from_secs(10))
+                .unwrap();
+            assert!(
+                md.brokers().iter().any(|b| b.id() == node_id),
+                "node {node_id} at {addr} does not list itself"
+            );
+            let parts = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == "dev-cluster" && t.error().is_none())
+                .map(|t| t.partitions().len());
+            if parts == Some(3) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node_id} does not know the topic created through node 1: {parts:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
