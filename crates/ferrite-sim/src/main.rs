@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     let mut start = 0u64;
     let mut history = None;
     let mut faults_ms = None;
+    let mut plant = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = || it.next().and_then(|v| v.parse::<u64>().ok());
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
             "--start" => start = num().unwrap_or(0),
             "--faults-ms" => faults_ms = num(),
             "--history" => history = it.next().cloned(),
+            "--plant-clear-in-flight" => plant = true,
             _ => return usage(),
         }
     }
@@ -39,6 +41,9 @@ fn main() -> ExitCode {
         let mut c = SimConfig::new(s);
         if let Some(f) = faults_ms {
             c.faults_ms = f;
+        }
+        if plant {
+            c.planted_bug = Some(ferrite_sim::PlantedBug::ClearInFlightOnAnyError);
         }
         c
     };

@@ -82,6 +82,8 @@ fn planted_bugs_are_caught() {
                 "{}",
                 failure_text(&r)
             ),
+            // Tested by the seed-7405 regression below.
+            PlantedBug::ClearInFlightOnAnyError => {}
             PlantedBug::FollowerAcksUnflushed => assert!(
                 anomalies(AnomalyKind::LostWrite) + anomalies(AnomalyKind::Unseen) > 0,
                 "{}",
@@ -89,4 +91,24 @@ fn planted_bugs_are_caught() {
             ),
         }
     }
+}
+
+/// Regression of the long sweep's seed 7405: an AlterPartition expansion was applied, its
+/// retry refused (INVALID_UPDATE_VERSION), and the refusal cleared the in-flight proposal,
+/// so the leader's high watermark stopped waiting for the member the controller had just
+/// added; that member, elected later, lacked an acknowledged record (offset 30 read with
+/// two values). With the old rule planted the seed replays the failure; with Kafka's rule
+/// (only INELIGIBLE_REPLICA clears the proposal) it passes.
+#[test]
+fn seed_7405_a_refused_alter_partition_retry_keeps_the_proposal_in_flight() {
+    let mut c = SimConfig::new(7405);
+    c.planted_bug = Some(PlantedBug::ClearInFlightOnAnyError);
+    let r = run(c);
+    assert!(
+        r.report.count(AnomalyKind::InconsistentOffsets) > 0,
+        "the old rule no longer reproduces seed 7405:\n{}",
+        r.report.to_text()
+    );
+    let fixed = run(SimConfig::new(7405));
+    assert!(fixed.passed(), "{}", failure_text(&fixed));
 }

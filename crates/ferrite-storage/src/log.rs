@@ -1073,6 +1073,15 @@ impl PartitionLog {
     pub fn truncate_to(&mut self, offset: i64) -> Result<bool> {
         let leo = self.log_end_offset();
         if offset >= leo {
+            // No record goes, but epochs starting at the log end do (Kafka's
+            // `UnifiedLog.truncateTo`): a replica that became leader (its epoch assigned at
+            // the log end) and lost leadership before appending keeps an epoch no record
+            // has; as its `LastFetchedEpoch` every fetch would diverge at the same offset,
+            // forever (found by ferrite-sim, seed 5).
+            if self.leader_epochs.truncate_from_end(leo) || self.leader_epochs_unsynced {
+                self.write_leader_epochs()?;
+                self.leader_epochs_unsynced = false;
+            }
             return Ok(false);
         }
         if offset <= self.log_start_offset {

@@ -118,6 +118,37 @@ fn an_epoch_whose_first_append_was_lost_is_dropped_at_open() {
     );
 }
 
+/// A replica that became leader of epoch 1 and lost leadership before appending: its
+/// epoch 1 entry at the log end must go at the follower's truncation to the log end,
+/// or its `LastFetchedEpoch` (1) diverges from a leader that never had epoch 1 at every
+/// fetch (ferrite-sim seed 5: a follower stuck out of the ISR).
+#[test]
+fn truncation_to_the_log_end_drops_an_epoch_without_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+    for _ in 0..3 {
+        log.append(&make_batch(2, 1, b"a"), 0, 0).unwrap();
+    }
+    log.begin_leader_epoch(1).unwrap();
+    assert_eq!(entries(&log), vec![(0, 0), (1, 6)]);
+    assert_eq!(log.last_leader_epoch(), Some(1));
+    assert!(!log.truncate_to(6).unwrap(), "no record removed");
+    assert_eq!(entries(&log), vec![(0, 0)]);
+    assert_eq!(log.last_leader_epoch(), Some(0));
+    assert_eq!(log.log_end_offset(), 6);
+    assert_eq!(
+        read_leader_epoch_checkpoint(dir.path()).unwrap(),
+        vec![EpochEntry {
+            epoch: 0,
+            start_offset: 0
+        }],
+        "the checkpoint follows"
+    );
+    // A truncation beyond the log end keeps epochs that describe records.
+    assert!(!log.truncate_to(100).unwrap());
+    assert_eq!(entries(&log), vec![(0, 0)]);
+}
+
 #[test]
 fn a_follower_appends_the_leaders_batches_byte_for_byte() {
     let leader_dir = tempfile::tempdir().unwrap();
