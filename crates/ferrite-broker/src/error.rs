@@ -42,7 +42,7 @@ pub fn producer_state_error_code(e: &ProducerStateError) -> i16 {
             ResponseError::InvalidRecord
         }
         // Transactions are not built: a transactional batch cannot be accepted honestly.
-        ProducerStateError::Transactional(_) => ResponseError::InvalidRecord,
+        ProducerStateError::NonTransactionalInTxn(_) => ResponseError::InvalidTxnState,
     };
     code.code()
 }

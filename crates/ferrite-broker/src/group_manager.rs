@@ -43,6 +43,10 @@ pub struct GroupManagerState {
     pub coordinator: GroupCoordinator,
     pending: HashMap<Token, Waiter>,
     persist_errors: crate::RateLimitedLog,
+    /// TxnOffsetCommit records written but not yet committed, by producer id: applied
+    /// when the COMMIT marker is written to their `__consumer_offsets` partition,
+    /// dropped on ABORT (Kafka's pending transactional offsets). Rebuilt at load.
+    pending_txn_offsets: HashMap<i64, Vec<GroupRecord>>,
 }
 
 pub struct GroupManager {
@@ -66,6 +70,7 @@ impl GroupManager {
                 coordinator,
                 pending: HashMap::new(),
                 persist_errors: crate::RateLimitedLog::default(),
+                pending_txn_offsets: HashMap::new(),
             }),
             next_token: AtomicU64::new(1),
             partitions,
@@ -121,7 +126,22 @@ impl GroupManager {
                 for set in sets {
                     for r in set.records {
                         last = last.max(r.offset);
+                        if r.control {
+                            // An end-transaction marker: the producer's pending offsets
+                            // are applied (COMMIT) or dropped (ABORT).
+                            let commit =
+                                r.key.as_deref().and_then(|k| k.get(2..4)) == Some(&[0u8, 1][..]);
+                            state.complete_txn_offsets(r.producer_id, commit, now);
+                            continue;
+                        }
                         let Some(key) = r.key else { continue };
+                        if r.transactional {
+                            if let Ok((rec, _)) = GroupRecord::decode_any(&key, r.value.as_deref())
+                            {
+                                state.add_txn_offsets(r.producer_id, vec![rec]);
+                            }
+                            continue;
+                        }
                         match GroupRecord::decode_any(&key, r.value.as_deref()) {
                             Ok((rec, format)) => {
                                 state.coordinator.replay(&rec, now);
@@ -198,6 +218,37 @@ pub fn migrate_partition(p: &Partition, records: &[GroupRecord], now: i64) -> Re
 }
 
 impl GroupManagerState {
+    /// Offsets of a TxnOffsetCommit, written to the log as transactional records and
+    /// held until the transaction ends.
+    pub fn add_txn_offsets(&mut self, producer_id: i64, records: Vec<GroupRecord>) {
+        self.pending_txn_offsets
+            .entry(producer_id)
+            .or_default()
+            .extend(records);
+    }
+
+    /// The transaction of `producer_id` ended: its pending offsets become committed
+    /// offsets (COMMIT) or are dropped (ABORT).
+    pub fn complete_txn_offsets(&mut self, producer_id: i64, commit: bool, now: i64) {
+        let Some(records) = self.pending_txn_offsets.remove(&producer_id) else {
+            return;
+        };
+        if commit {
+            for r in &records {
+                self.coordinator.replay(r, now);
+            }
+        }
+    }
+
+    /// Whether an open transaction holds an offset for this group and partition
+    /// (OffsetFetch's UNSTABLE_OFFSET_COMMIT, KIP-447).
+    pub fn has_pending_txn_offset(&self, group: &str, topic: &str, partition: i32) -> bool {
+        self.pending_txn_offsets.values().flatten().any(|r| {
+            matches!(r, GroupRecord::Offset { group: g, topic: t, partition: p, .. }
+                if g == group && t == topic && *p == partition)
+        })
+    }
+
     pub fn register(&mut self, token: Token, waiter: Waiter) {
         self.pending.insert(token, waiter);
     }
@@ -277,8 +328,39 @@ pub fn append_records(broker: &Broker, records: &[GroupRecord], now: i64) -> Res
     append_records_to(&p, records, now)
 }
 
+/// Appends a TxnOffsetCommit's records to the group's `__consumer_offsets` partition as
+/// one transactional batch of `producer_id`/`producer_epoch` without a sequence (the
+/// coordinator's own write, as Kafka's), so the partition's producer state sees the open
+/// transaction and a restart finds the offsets pending until their marker.
+pub fn append_txn_offsets(
+    broker: &Broker,
+    records: &[GroupRecord],
+    producer_id: i64,
+    producer_epoch: i16,
+    now: i64,
+) -> Result<(), String> {
+    let Some(first) = records.first() else {
+        return Ok(());
+    };
+    let partition = partition_for_group(first.group(), broker.groups.partitions());
+    let p = broker
+        .replicas
+        .get(OFFSETS_TOPIC, partition)
+        .ok_or_else(|| format!("{OFFSETS_TOPIC}-{partition} is not hosted here"))?;
+    encode_and_append(&p, records, now, Some((producer_id, producer_epoch)))
+}
+
 /// Appends one group's records to `p` as one batch.
 fn append_records_to(p: &Partition, records: &[GroupRecord], now: i64) -> Result<(), String> {
+    encode_and_append(p, records, now, None)
+}
+
+fn encode_and_append(
+    p: &Partition,
+    records: &[GroupRecord],
+    now: i64,
+    txn: Option<(i64, i16)>,
+) -> Result<(), String> {
     let Some(first) = records.first() else {
         return Ok(());
     };
@@ -293,12 +375,12 @@ fn append_records_to(p: &Partition, records: &[GroupRecord], now: i64) -> Result
             );
             let (key, value) = r.encode();
             Record {
-                transactional: false,
+                transactional: txn.is_some(),
                 control: false,
                 delete_horizon: false,
                 partition_leader_epoch: -1,
-                producer_id: -1,
-                producer_epoch: -1,
+                producer_id: txn.map_or(-1, |t| t.0),
+                producer_epoch: txn.map_or(-1, |t| t.1),
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
                 sequence: -1,
@@ -347,6 +429,9 @@ pub fn compact_offsets_partition(p: &Partition) {
         return;
     }
     let mut latest: HashMap<Bytes, (i64, bool, i64)> = HashMap::new();
+    // Transactional records count only once committed; until their marker they are
+    // kept whole, and aborted ones never shadow an older committed value.
+    let mut open: HashMap<i64, Vec<(Bytes, i64, bool, i64)>> = HashMap::new();
     let mut offset = start;
     while offset < end {
         let (_, _, plan) = p.read_plan(offset);
@@ -364,8 +449,24 @@ pub fn compact_offsets_partition(p: &Partition) {
         for set in sets {
             for r in set.records {
                 last = last.max(r.offset);
-                if let Some(k) = r.key {
-                    latest.insert(k, (r.offset, r.value.is_none(), r.timestamp));
+                if r.control {
+                    let commit = r.key.as_deref().and_then(|k| k.get(2..4)) == Some(&[0u8, 1][..]);
+                    for (k, o, tombstone, ts) in open.remove(&r.producer_id).unwrap_or_default() {
+                        if commit {
+                            latest.insert(k, (o, tombstone, ts));
+                        }
+                    }
+                } else if let Some(k) = r.key {
+                    if r.transactional {
+                        open.entry(r.producer_id).or_default().push((
+                            k,
+                            r.offset,
+                            r.value.is_none(),
+                            r.timestamp,
+                        ));
+                    } else {
+                        latest.insert(k, (r.offset, r.value.is_none(), r.timestamp));
+                    }
                 }
             }
         }
@@ -377,6 +478,14 @@ pub fn compact_offsets_partition(p: &Partition) {
         let Ok(set) = RecordBatchDecoder::decode(&mut b) else {
             return true;
         };
+        // Markers stay (a kept transactional batch needs its marker at the next load).
+        if set
+            .records
+            .iter()
+            .any(|r| r.control || (r.transactional && open.contains_key(&r.producer_id)))
+        {
+            return true;
+        }
         set.records.iter().any(|r| {
             let Some(k) = &r.key else { return false };
             match latest.get(k) {

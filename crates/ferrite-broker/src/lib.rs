@@ -12,6 +12,7 @@ pub mod recompress;
 pub mod replica_fetcher;
 pub mod replica_manager;
 pub mod server;
+pub mod txn_manager;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -65,6 +66,7 @@ pub struct Broker {
     pub replicas: ReplicaManager,
     pub groups: group_manager::GroupManager,
     pub producer_ids: producer_ids::ProducerIdManager,
+    pub txns: txn_manager::TxnManager,
     _lock: File,
 }
 
@@ -292,8 +294,11 @@ impl Broker {
             replicas,
             groups,
             producer_ids: producer_ids::ProducerIdManager::default(),
+            txns: txn_manager::TxnManager::new(ferrite_coordinator::txn::TxnConfig::default()),
             _lock: lock,
         });
+        // After the groups: resumed commits apply their pending offsets.
+        broker.txns.sync_leadership(&broker);
         tokio::spawn(follow_metadata(
             Arc::downgrade(&broker),
             metadata_quorum,
@@ -334,6 +339,8 @@ impl Broker {
         let mut last_retention = now_ms();
         // Replication: the fetchers of partitions followed here (issue 9).
         tokio::spawn(replica_fetcher::run(self.clone()));
+        // Transaction timeouts and coordinator leadership (issue 12).
+        tokio::spawn(txn_manager::run_ticker(self.clone()));
         loop {
             ticker.tick().await;
             let now = now_ms();
@@ -379,7 +386,10 @@ impl Broker {
                     }
                 }
             }
-            if retention_due && &*p.topic == group_manager::OFFSETS_TOPIC {
+            if retention_due
+                && (&*p.topic == group_manager::OFFSETS_TOPIC
+                    || &*p.topic == ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC)
+            {
                 group_manager::compact_offsets_partition(&p);
             }
             if let Some(offset) = synced_to {

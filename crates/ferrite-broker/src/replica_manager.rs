@@ -126,8 +126,41 @@ impl Partition {
     /// An append by this broker as leader with acks=1 semantics (the group coordinator's
     /// writes). Refused with NOT_LEADER_OR_FOLLOWER when this broker does not lead.
     pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, ProduceError> {
-        self.append_as_leader(records, now_ms, 1, 0)
-            .map(|(info, _)| info)
+        self.leader_write(now_ms, 1, 0, |log, epoch| {
+            log.append_coordinator(records, epoch, now_ms)
+        })
+        .map(|(info, _)| info)
+    }
+
+    /// The transaction coordinator's end-transaction marker, appended as leader with
+    /// acks=1 semantics (`PartitionLog::append_marker`).
+    pub fn append_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        control: ferrite_storage::ControlType,
+        coordinator_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, ProduceError> {
+        self.leader_write(now_ms, 1, 0, |log, epoch| {
+            log.append_marker(
+                producer_id,
+                producer_epoch,
+                control,
+                coordinator_epoch,
+                epoch,
+                now_ms,
+            )
+        })
+        .map(|(info, _)| info)
+    }
+
+    /// The last stable offset (read_committed's bound): the high watermark, or the first
+    /// offset of the earliest open transaction if that is lower.
+    pub fn last_stable_offset(&self) -> i64 {
+        let log = self.log();
+        let hw = self.high_watermark();
+        log.first_unstable_offset().map_or(hw, |f| f.min(hw))
     }
 
     /// A produce: appended under the leader's epoch. With `acks` -1 it is refused with
@@ -140,6 +173,20 @@ impl Partition {
         acks: i16,
         timeout_ms: i64,
     ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
+        self.leader_write(now_ms, acks, timeout_ms, |log, epoch| {
+            log.append(records, epoch, now_ms)
+        })
+    }
+
+    /// An append as leader through `write` (given the log and the leader epoch), with
+    /// the acks handling of [`Self::append_as_leader`].
+    fn leader_write(
+        &self,
+        now_ms: i64,
+        acks: i16,
+        timeout_ms: i64,
+        write: impl FnOnce(&mut PartitionLog, i32) -> Result<AppendInfo, StorageError>,
+    ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
         let mut repl = self.replication();
         let Replication { role, next_token } = &mut *repl;
         let Role::Leader(leader) = role else {
@@ -151,7 +198,7 @@ impl Partition {
         let epoch = leader.state.leader_epoch();
         let (info, leo) = {
             let mut log = self.log();
-            let info = log.append(records, epoch, now_ms);
+            let info = write(&mut *log, epoch);
             self.note_disk_space(&log, &info);
             (info?, log.log_end_offset())
         };
@@ -517,6 +564,34 @@ impl Partition {
         (log.log_start_offset(), hw, plan)
     }
 
+    /// [`Self::consumer_read_plan`] for read_committed (isolation level 1): nothing at or
+    /// above the last stable offset, plus the aborted transactions from `fetch_offset`
+    /// up to it. Returns `(log_start_offset, high_watermark, last_stable_offset, plan,
+    /// aborted)`, all under one lock.
+    #[allow(clippy::type_complexity)]
+    pub fn committed_read_plan(
+        &self,
+        fetch_offset: i64,
+    ) -> (
+        i64,
+        i64,
+        i64,
+        Result<Option<ReadPlan>, StorageError>,
+        Vec<ferrite_storage::AbortedTxn>,
+    ) {
+        let log = self.log();
+        let hw = self.high_watermark();
+        let lso = log.first_unstable_offset().map_or(hw, |f| f.min(hw));
+        let plan = if fetch_offset >= lso && fetch_offset <= log.log_end_offset() {
+            log.read_plan(fetch_offset).map(|_| None)
+        } else {
+            log.read_plan(fetch_offset)
+                .map(|plan| plan.map(|plan| plan.up_to(lso)))
+        };
+        let aborted = log.aborted_txns(fetch_offset, lso);
+        (log.log_start_offset(), hw, lso, plan, aborted)
+    }
+
     /// `(log_start_offset, log_end_offset, last fetched epoch)` of a follower.
     pub fn follower_position(&self) -> (i64, i64, Option<i32>) {
         let log = self.log();
@@ -688,7 +763,8 @@ impl ReplicaManager {
         for topic in image.topics() {
             let mut log_config = config.log_config(&topic.configs);
             // The offsets topic is the one compacted log (see group_manager).
-            log_config.compacted = topic.name == crate::group_manager::OFFSETS_TOPIC;
+            log_config.compacted = topic.name == crate::group_manager::OFFSETS_TOPIC
+                || topic.name == ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC;
             let name: Arc<str> = Arc::from(topic.name.as_str());
             for p in topic.partitions.values() {
                 if p.replicas.contains(&config.node_id) {

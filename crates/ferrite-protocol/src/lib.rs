@@ -60,12 +60,19 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     // Kafka 4.0 removed v0 (KIP-896); it is v1 byte for byte, and kafka-python (through
     // 2.x) sends only v0, so it stays.
     (ApiKey::DescribeLogDirs, 0, 4),
-    // Idempotent producers; a transactional id is refused until transactions exist.
+    // Idempotent and transactional producers (a transactional id goes to handlers/txn.rs).
     // v3 adds ProducerId/ProducerEpoch (KIP-360), which Kafka ignores without a
     // transactional id; v4 (PRODUCER_FENCED, KIP-588) and v5 (TRANSACTION_ABORTABLE,
     // KIP-890) only add errors of transactional producers; v6 is KIP-939's 2PC.
     (ApiKey::InitProducerId, 0, 5),
     (ApiKey::DescribeProducers, 0, 0),
+    // Transactions, transaction version 1. AddPartitionsToTxn v4+ is the brokers' batched
+    // verify form (KIP-890 part 1); EndTxn/TxnOffsetCommit v4 add TRANSACTION_ABORTABLE
+    // and v5 transaction version 2 (KIP-890 part 2): not offered.
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 3),
+    (ApiKey::EndTxn, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 3),
 ];
 
 /// What an operator needs to know about a refused request: the API by name and key,

@@ -169,6 +169,116 @@ pub fn validate_producer_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> 
     Ok(header)
 }
 
+/// Kafka's `ControlRecordType` of an end-transaction marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlType {
+    Abort,
+    Commit,
+}
+
+/// Builds an end-transaction marker (Kafka's `EndTransactionMarker` in a control batch):
+/// one record whose key is `(version 0, type)` and whose value is `(version 0,
+/// coordinator_epoch)`, attributes transactional + control, no compression, base
+/// sequence -1. `base_offset` and `partition_leader_epoch` are assigned at append.
+pub fn end_txn_marker_batch(
+    producer_id: i64,
+    producer_epoch: i16,
+    control: ControlType,
+    coordinator_epoch: i32,
+    timestamp: i64,
+) -> Vec<u8> {
+    let kind: i16 = match control {
+        ControlType::Abort => 0,
+        ControlType::Commit => 1,
+    };
+    let mut key = Vec::with_capacity(4);
+    key.extend_from_slice(&0i16.to_be_bytes());
+    key.extend_from_slice(&kind.to_be_bytes());
+    let mut value = Vec::with_capacity(6);
+    value.extend_from_slice(&0i16.to_be_bytes());
+    value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+    let mut body = vec![0u8]; // record attributes
+    push_zigzag(&mut body, 0); // timestamp delta
+    push_zigzag(&mut body, 0); // offset delta
+    push_zigzag(&mut body, key.len() as i64);
+    body.extend_from_slice(&key);
+    push_zigzag(&mut body, value.len() as i64);
+    body.extend_from_slice(&value);
+    push_zigzag(&mut body, 0); // headers
+    let mut record = Vec::with_capacity(body.len() + 1);
+    push_zigzag(&mut record, body.len() as i64);
+    record.extend_from_slice(&body);
+
+    let mut b = Vec::with_capacity(HEADER_BYTES + record.len());
+    b.extend_from_slice(&0i64.to_be_bytes());
+    let batch_length = (HEADER_BYTES - LOG_OVERHEAD_BYTES + record.len()) as i32;
+    b.extend_from_slice(&batch_length.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.push(2);
+    b.extend_from_slice(&0u32.to_be_bytes()); // CRC, below
+    b.extend_from_slice(&(ATTR_TRANSACTIONAL | ATTR_CONTROL).to_be_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    b.extend_from_slice(&timestamp.to_be_bytes());
+    b.extend_from_slice(&timestamp.to_be_bytes());
+    b.extend_from_slice(&producer_id.to_be_bytes());
+    b.extend_from_slice(&producer_epoch.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&1i32.to_be_bytes());
+    b.extend_from_slice(&record);
+    let crc = compute_crc(&b);
+    if let Some(field) = b.get_mut(CRC_AT..CRC_AT + 4) {
+        field.copy_from_slice(&crc.to_be_bytes());
+    }
+    b
+}
+
+fn push_zigzag(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+fn read_zigzag(buf: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut z: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        z |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(((z >> 1) as i64) ^ -((z & 1) as i64));
+        }
+    }
+    None
+}
+
+/// The marker type of a control batch (the key of its first record), `None` when the
+/// batch is not a control batch, is compressed, or its key is not an end-transaction
+/// marker's (Kafka skips unknown control types too).
+pub fn control_type(batch: &[u8]) -> Option<ControlType> {
+    let header = BatchHeader::parse(batch).ok()?;
+    if !header.is_control() || header.attributes & ATTR_COMPRESSION_MASK != 0 {
+        return None;
+    }
+    let mut pos = HEADER_BYTES;
+    read_zigzag(batch, &mut pos)?; // record length
+    pos += 1; // attributes
+    read_zigzag(batch, &mut pos)?; // timestamp delta
+    read_zigzag(batch, &mut pos)?; // offset delta
+    let key_len = read_zigzag(batch, &mut pos)?;
+    if key_len < 4 {
+        return None;
+    }
+    let key = batch.get(pos..pos + 4)?;
+    match i16::from_be_bytes([*key.get(2)?, *key.get(3)?]) {
+        0 => Some(ControlType::Abort),
+        1 => Some(ControlType::Commit),
+        _ => None,
+    }
+}
+
 /// Splits a buffer of concatenated batches into whole batches. Stops with an error at the
 /// first batch whose header or extent is bad; the caller decides what that means
 /// (produce: reject all; recovery: truncate).
@@ -361,6 +471,32 @@ mod tests {
     use super::*;
     use crate::test_support::make_batch;
     use proptest::prelude::*;
+
+    #[test]
+    fn end_txn_marker_is_kafkas_control_batch() {
+        for (control, kind) in [(ControlType::Abort, 0i16), (ControlType::Commit, 1)] {
+            let b = end_txn_marker_batch(7, 3, control, 5, 1234);
+            let h = validate_batch(&b).unwrap();
+            assert!(h.is_control());
+            assert_ne!(h.attributes & ATTR_TRANSACTIONAL, 0);
+            assert_eq!(
+                (h.producer_id, h.producer_epoch, h.base_sequence),
+                (7, 3, -1)
+            );
+            assert_eq!((h.record_count, h.last_offset_delta), (1, 0));
+            assert_eq!(control_type(&b), Some(control));
+            // Kafka's own record decoder reads it as a control record with that key.
+            let mut bytes = bytes::Bytes::from(b.clone());
+            let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes).unwrap();
+            let r = &set.records[0];
+            assert!(r.control && r.transactional);
+            let key = r.key.as_ref().unwrap();
+            assert_eq!(&key[..], &[0, 0, 0, kind as u8][..]);
+            let value = r.value.as_ref().unwrap();
+            assert_eq!(&value[..], &[0, 0, 0, 0, 0, 5][..]);
+        }
+        assert_eq!(control_type(&make_batch(1, 0, b"x")), None);
+    }
 
     #[test]
     fn valid_batch_passes_and_flipped_bit_fails() {

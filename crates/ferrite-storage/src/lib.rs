@@ -11,6 +11,7 @@ pub mod producer_state;
 pub mod segment;
 pub mod test_support;
 
+pub use batch::ControlType;
 pub use batch::{validate_batch, validate_producer_batch, BatchHeader, BatchIter};
 pub use error::{BatchError, StorageError};
 pub use fd_cache::{CacheStats, DescriptorCache, SegmentFile};
@@ -21,4 +22,6 @@ pub use leader_epoch::{
 pub use log::{
     AppendInfo, CompactReport, FileRegion, LogConfig, OpenReport, PartitionLog, ReadPlan,
 };
-pub use producer_state::{ProducerStateEntry, ProducerStateError, ProducerStateManager};
+pub use producer_state::{
+    AbortedTxn, ProducerStateEntry, ProducerStateError, ProducerStateManager,
+};

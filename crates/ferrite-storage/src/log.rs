@@ -20,8 +20,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::{
-    assign_offset_and_epoch, check_producer_timestamps, set_max_timestamp, stamp_log_append_time,
-    validate_batch, validate_producer_batch, BatchHeader, BatchIter, TimestampRules, HEADER_BYTES,
+    assign_offset_and_epoch, check_producer_timestamps, end_txn_marker_batch, set_max_timestamp,
+    stamp_log_append_time, validate_batch, validate_producer_batch, BatchHeader, BatchIter,
+    ControlType, TimestampRules, HEADER_BYTES,
 };
 use crate::error::{BatchError, Result, StorageError};
 use crate::fd_cache::{DescriptorCache, SegmentFile};
@@ -29,7 +30,7 @@ use crate::leader_epoch::{
     read_leader_epoch_checkpoint, write_leader_epoch_checkpoint, EpochEntry,
 };
 use crate::producer_state::{
-    ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
+    AbortedTxn, ProducerBatch, ProducerStateError, ProducerStateManager, Validated,
     PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
 };
 use crate::segment::{parse_segment_file_name, segment_file_name, Segment, LOG_SUFFIX};
@@ -425,6 +426,28 @@ impl PartitionLog {
     /// Validates and appends the batches in `records` (as a producer sent them) in one
     /// write, assigning offsets from `log_end_offset`.
     pub fn append(&mut self, records: &[u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo> {
+        self.append_from(records, leader_epoch, now_ms, false)
+    }
+
+    /// [`Self::append`] for the broker's coordinators (Kafka's `AppendOrigin.COORDINATOR`):
+    /// a batch with a producer id but no sequence (a transactional offset commit) is
+    /// not sequence-checked; it still opens the producer's transaction here.
+    pub fn append_coordinator(
+        &mut self,
+        records: &[u8],
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo> {
+        self.append_from(records, leader_epoch, now_ms, true)
+    }
+
+    fn append_from(
+        &mut self,
+        records: &[u8],
+        leader_epoch: i32,
+        now_ms: i64,
+        coordinator: bool,
+    ) -> Result<AppendInfo> {
         if self.offline {
             return Err(StorageError::LogOffline(self.dir.clone()));
         }
@@ -476,7 +499,13 @@ impl PartitionLog {
             if batch_count > 1 {
                 return Err(ProducerStateError::MultipleBatches(batch_count).into());
             }
-            if let Validated::Duplicate(original) = self.producers.validate(pb)? {
+            let unsequenced = coordinator && pb.base_sequence < 0;
+            let validated = if unsequenced {
+                Validated::Append
+            } else {
+                self.producers.validate(pb)?
+            };
+            if let Validated::Duplicate(original) = validated {
                 return Ok(AppendInfo {
                     base_offset: original.first_offset,
                     last_offset: original.last_offset,
@@ -554,6 +583,75 @@ impl PartitionLog {
             record_count,
             duplicate: false,
         })
+    }
+
+    /// Appends an end-transaction marker (COMMIT or ABORT control batch) for a
+    /// producer, as the transaction coordinator asks (Kafka's WriteTxnMarkers on the
+    /// partition leader). A marker whose epoch is older than the producer's here is
+    /// refused (INVALID_PRODUCER_EPOCH): a fenced coordinator's late write. The
+    /// producer's open transaction here closes; an ABORT is remembered for
+    /// read_committed fetches.
+    pub fn append_marker(
+        &mut self,
+        producer_id: i64,
+        producer_epoch: i16,
+        control: ControlType,
+        coordinator_epoch: i32,
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo> {
+        if self.offline {
+            return Err(StorageError::LogOffline(self.dir.clone()));
+        }
+        self.sync_leader_epochs()?;
+        self.producers
+            .validate_marker(producer_id, producer_epoch)?;
+        let mut batch = end_txn_marker_batch(
+            producer_id,
+            producer_epoch,
+            control,
+            coordinator_epoch,
+            now_ms,
+        );
+        self.maybe_roll(batch.len() as u64, 1, now_ms)?;
+        let base_offset = self.log_end_offset();
+        if leader_epoch >= 0 {
+            self.assign_leader_epoch(leader_epoch, base_offset)?;
+        }
+        assign_offset_and_epoch(&mut batch, base_offset, leader_epoch);
+        self.write_active(&batch, now_ms)?;
+        assert_eq!(
+            self.log_end_offset(),
+            base_offset + 1,
+            "offsets must stay dense"
+        );
+        self.producers
+            .complete_txn(producer_id, producer_epoch, control, base_offset, now_ms);
+        self.unflushed_messages += 1;
+        self.first_unflushed_ms.get_or_insert(now_ms);
+        if self.unflushed_messages >= self.config.flush_messages {
+            self.flush()?;
+        }
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: base_offset,
+            log_append_time_ms: -1,
+            log_start_offset: self.log_start_offset,
+            record_count: 1,
+            duplicate: false,
+        })
+    }
+
+    /// Offset of the first batch of the earliest open transaction (the last stable
+    /// offset is at most this), `None` when none is open.
+    pub fn first_unstable_offset(&self) -> Option<i64> {
+        self.producers.first_unstable_offset()
+    }
+
+    /// The aborted transactions a read_committed fetch from `fetch_offset` needs, up to
+    /// `upper_bound` (exclusive).
+    pub fn aborted_txns(&self, fetch_offset: i64, upper_bound: i64) -> Vec<AbortedTxn> {
+        self.producers.aborted_in_range(fetch_offset, upper_bound)
     }
 
     /// Writes already-offset batches at the end of the active segment and indexes them.
@@ -761,6 +859,7 @@ impl PartitionLog {
             }
         }
         deleted += self.delete_segments_below_start()?;
+        self.producers.remove_aborted_below(self.log_start_offset);
         let expired = self
             .producers
             .remove_expired(now_ms, self.config.producer_id_expiration_ms);
@@ -1038,12 +1137,8 @@ impl PartitionLog {
             "follower offsets as the leader's"
         );
         for item in BatchIter::new(records) {
-            let (_, header, _) = item?;
-            if !header.is_control() {
-                if let Some(pb) = ProducerBatch::from_header(&header) {
-                    self.producers.update(&pb, header.base_offset);
-                }
-            }
+            let (_, header, batch) = item?;
+            fold_batch(&mut self.producers, &header, Some(batch));
         }
         self.unflushed_messages += record_count as u64;
         self.first_unflushed_ms.get_or_insert(now_ms);
@@ -1428,15 +1523,46 @@ fn replay_producer_batches(
         let at = (pos - window_at) as usize;
         let header = BatchHeader::parse(window.get(at..window_len).unwrap_or_default())
             .map_err(|e| corrupt(pos, e.to_string()))?;
-        if header.base_offset >= from_offset && !header.is_control() {
-            if let Some(pb) = ProducerBatch::from_header(&header) {
-                producers.update(&pb, header.base_offset);
-                replayed += 1;
-            }
+        if header.base_offset >= from_offset && header.producer_id >= 0 {
+            let total = header.total_bytes()?;
+            // An end-transaction marker is tiny: read it whole for its type.
+            let marker = if header.is_control() {
+                let mut buf = vec![0u8; total.min(CONTROL_BATCH_READ_BYTES_MAX)];
+                file.read_exact_at(&mut buf, pos)
+                    .map_err(|e| StorageError::io(&seg.log_path, e))?;
+                Some(buf)
+            } else {
+                None
+            };
+            fold_batch(producers, &header, marker.as_deref());
+            replayed += 1;
         }
         pos += header.total_bytes()? as u64;
     }
     Ok(replayed)
+}
+
+/// Bytes read of a control batch at recovery to learn its marker type (a marker is 78
+/// bytes; only its first record's key matters).
+const CONTROL_BATCH_READ_BYTES_MAX: usize = 4096;
+
+/// Folds one batch that is in the log into the producer state: a data batch with a
+/// producer id (sequences, an open transaction), or an end-transaction marker (`batch`
+/// holds its bytes; a control batch of another type changes nothing).
+fn fold_batch(producers: &mut ProducerStateManager, header: &BatchHeader, batch: Option<&[u8]>) {
+    if header.is_control() {
+        if let Some(control) = batch.and_then(crate::batch::control_type) {
+            producers.complete_txn(
+                header.producer_id,
+                header.producer_epoch,
+                control,
+                header.base_offset,
+                header.max_timestamp,
+            );
+        }
+    } else if let Some(pb) = ProducerBatch::from_header(header) {
+        producers.update(&pb, header.base_offset);
+    }
 }
 
 enum ScanError {
@@ -2076,6 +2202,104 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    fn txn_batch(producer_id: i64, epoch: i16, seq: i32, records: i32) -> Vec<u8> {
+        let recs: Vec<u8> = (0..records)
+            .flat_map(|i| crate::test_support::record(i64::from(i), b"txn"))
+            .collect();
+        crate::test_support::batch_around_producer(
+            crate::batch::ATTR_TRANSACTIONAL,
+            records,
+            1_000,
+            1_000 + i64::from(records) - 1,
+            &recs,
+            crate::test_support::Producer {
+                producer_id,
+                producer_epoch: epoch,
+                base_sequence: seq,
+            },
+        )
+    }
+
+    /// Open transactions and aborted ranges follow markers, survive restarts (from a
+    /// snapshot, or by replay after a crash) and replicate to a follower's log.
+    #[test]
+    fn transactions_markers_lso_and_aborted_index_survive_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected_aborted = vec![AbortedTxn {
+            producer_id: 1,
+            first_offset: 1,
+            last_offset: 5,
+        }];
+        {
+            let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+            log.append(&make_batch(1, 0, b"plain"), 0, 0).unwrap(); // 0
+            log.append(&txn_batch(1, 0, 0, 2), 0, 0).unwrap(); // 1..3
+            log.append(&txn_batch(2, 0, 0, 1), 0, 0).unwrap(); // 3
+            assert_eq!(log.first_unstable_offset(), Some(1));
+            log.append(&txn_batch(1, 0, 2, 1), 0, 0).unwrap(); // 4
+            let m = log
+                .append_marker(1, 0, ControlType::Abort, 0, 0, 10)
+                .unwrap(); // 5
+            assert_eq!(m.base_offset, 5);
+            assert_eq!(log.first_unstable_offset(), Some(3));
+            assert_eq!(log.aborted_txns(0, 100), expected_aborted);
+            // A marker of an older epoch than the producer's is refused.
+            log.append_marker(2, 0, ControlType::Commit, 0, 0, 10)
+                .unwrap(); // 6
+            assert_eq!(log.first_unstable_offset(), None);
+            log.append(&txn_batch(3, 0, 0, 1), 0, 0).unwrap(); // 7, left open
+            log.append_marker(3, 2, ControlType::Abort, 0, 0, 10)
+                .unwrap(); // 8: fencing epoch 2
+            assert!(matches!(
+                log.append_marker(3, 1, ControlType::Abort, 0, 0, 10),
+                Err(StorageError::Producer(
+                    ProducerStateError::InvalidProducerEpoch { .. }
+                ))
+            ));
+            log.append(&txn_batch(4, 0, 0, 1), 0, 0).unwrap(); // 9, left open
+                                                               // The marker is Kafka's control batch, read back byte for byte.
+            let bytes = log.read_plan(5).unwrap().unwrap().read(1, true).unwrap();
+            let h = validate_batch(&bytes).unwrap();
+            assert!(h.is_control());
+            assert_eq!(crate::batch::control_type(&bytes), Some(ControlType::Abort));
+            log.close().unwrap();
+        }
+        let aborted_3 = AbortedTxn {
+            producer_id: 3,
+            first_offset: 7,
+            last_offset: 8,
+        };
+        let mut all = expected_aborted.clone();
+        all.push(aborted_3);
+        for clean in [true, false] {
+            if !clean {
+                // A crash: no snapshot at the log end, replay from the log itself.
+                for off in snapshot_files(dir.path()) {
+                    std::fs::remove_file(dir.path().join(segment_file_name(off, SNAPSHOT_SUFFIX)))
+                        .unwrap();
+                }
+            }
+            let (log, _) = PartitionLog::open(dir.path(), cfg(), clean).unwrap();
+            assert_eq!(log.first_unstable_offset(), Some(9), "clean {clean}");
+            assert_eq!(log.aborted_txns(0, 100), all, "clean {clean}");
+            assert_eq!(log.aborted_txns(6, 100), vec![aborted_3]);
+            assert_eq!(log.producers().get(3).unwrap().producer_epoch, 2);
+        }
+        // A follower appending the leader's bytes gets the same state.
+        let (leader, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        let bytes = leader
+            .read_plan(0)
+            .unwrap()
+            .unwrap()
+            .read(1 << 20, true)
+            .unwrap();
+        let fdir = tempfile::tempdir().unwrap();
+        let (mut follower, _) = PartitionLog::open(fdir.path(), cfg(), true).unwrap();
+        follower.append_as_follower(&bytes, 0).unwrap();
+        assert_eq!(follower.first_unstable_offset(), Some(9));
+        assert_eq!(follower.aborted_txns(0, 100), all);
     }
 
     #[test]

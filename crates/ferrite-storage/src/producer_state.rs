@@ -19,6 +19,15 @@
 //!   sequence and epoch. Since Kafka 2.5 (KIP-360) brokers no longer answer
 //!   UNKNOWN_PRODUCER_ID for that: state that was lost to retention or expiration is not
 //!   an error the producer could fix, and the old error made idempotent producers fail.
+//!
+//! Transactions (issue 12) add, per partition, the open transaction of each producer
+//! (the offset of its first transactional batch here) and the list of aborted
+//! transactions (Kafka's `.txnindex` entries: producer id, first offset, offset of the
+//! ABORT marker). Both are functions of the log like the rest: a transactional batch
+//! opens a transaction, an end-transaction marker (control batch) closes it, and the
+//! snapshot (version 2) carries them, so recovery rebuilds them from the newest
+//! snapshot plus the batches after it. The first open transaction bounds the
+//! partition's last stable offset (read_committed).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -33,8 +42,14 @@ pub const PRODUCER_ID_EXPIRATION_MS_DEFAULT: i64 = 86_400_000;
 /// several million producers; a larger file is treated as damaged.
 pub const PRODUCER_SNAPSHOT_BYTES_MAX: usize = 1024 * 1024 * 1024;
 
-/// Version of the snapshot format (docs/storage-format.md).
-const SNAPSHOT_VERSION: i16 = 1;
+/// Version of the snapshot format written (docs/storage-format.md); version 1 (no
+/// transactions) is still read.
+const SNAPSHOT_VERSION: i16 = 2;
+const SNAPSHOT_VERSION_V1: i16 = 1;
+/// An open transaction in a version 2 snapshot: producer id i64, first offset i64.
+const SNAPSHOT_ONGOING_BYTES: usize = 8 + 8;
+/// An aborted transaction: producer id i64, first offset i64, last offset i64.
+const SNAPSHOT_ABORTED_BYTES: usize = 8 + 8 + 8;
 /// version i16, crc u32, offset i64, producer count u32.
 const SNAPSHOT_HEADER_BYTES: usize = 2 + 4 + 8 + 4;
 /// producer id i64, epoch i16, last timestamp i64, batch count u8.
@@ -142,6 +157,16 @@ pub enum Validated {
     Duplicate(BatchMetadata),
 }
 
+/// A transaction that ended with an ABORT marker in this partition (Kafka's
+/// `AbortedTxn`): a read_committed consumer drops this producer's batches from
+/// `first_offset` up to the marker at `last_offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbortedTxn {
+    pub producer_id: i64,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
 /// Why a producer's batch is refused. The broker maps each to its Kafka error code.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ProducerStateError {
@@ -164,8 +189,10 @@ pub enum ProducerStateError {
         producer_epoch: i16,
         base_sequence: i32,
     },
-    #[error("transactional batch of producer {0}: transactions are not supported yet")]
-    Transactional(i64),
+    #[error(
+        "non-transactional batch of producer {0}, which has an open transaction in this partition"
+    )]
+    NonTransactionalInTxn(i64),
     #[error("a produce request carries {0} batches for one partition; an idempotent producer sends exactly one")]
     MultipleBatches(usize),
 }
@@ -187,6 +214,10 @@ pub enum SnapshotError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerStateManager {
     producers: BTreeMap<i64, ProducerStateEntry>,
+    /// Open transactions: producer id → offset of its first transactional batch here.
+    ongoing: BTreeMap<i64, i64>,
+    /// Aborted transactions, in the order of their markers (so by `last_offset`).
+    aborted: Vec<AbortedTxn>,
 }
 
 impl ProducerStateManager {
@@ -213,8 +244,9 @@ impl ProducerStateManager {
                 base_sequence: batch.base_sequence,
             });
         }
-        if batch.transactional {
-            return Err(ProducerStateError::Transactional(batch.producer_id));
+        if !batch.transactional && self.ongoing.contains_key(&batch.producer_id) {
+            // Kafka's INVALID_TXN_STATE: a producer mixing plain and transactional batches.
+            return Err(ProducerStateError::NonTransactionalInTxn(batch.producer_id));
         }
         let Some(entry) = self.producers.get(&batch.producer_id) else {
             // No state (never seen, or expired): any sequence starts it (KIP-360).
@@ -252,6 +284,11 @@ impl ProducerStateManager {
     /// Folds in a batch that is now in the log at `first_offset`. Also used to replay the
     /// log at open, where batches are not validated again (they were before the write).
     pub fn update(&mut self, batch: &ProducerBatch, first_offset: i64) {
+        if batch.transactional {
+            self.ongoing
+                .entry(batch.producer_id)
+                .or_insert(first_offset);
+        }
         let entry = self
             .producers
             .entry(batch.producer_id)
@@ -264,6 +301,12 @@ impl ProducerStateManager {
         if entry.producer_epoch != batch.producer_epoch {
             entry.batches.clear();
             entry.producer_epoch = batch.producer_epoch;
+        }
+        if batch.base_sequence < 0 {
+            // The transaction coordinator's own writes (transactional offset commits)
+            // carry no sequence: nothing to deduplicate.
+            entry.last_timestamp = batch.max_timestamp;
+            return;
         }
         if entry.batches.len() == PRODUCER_BATCHES_RETAINED {
             entry.batches.pop_front();
@@ -282,9 +325,110 @@ impl ProducerStateManager {
     /// (`producer.id.expiration.ms`). Returns how many were removed.
     pub fn remove_expired(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
         let before = self.producers.len();
-        self.producers
-            .retain(|_, e| now_ms.saturating_sub(e.last_timestamp) < expiration_ms);
+        let ongoing = &self.ongoing;
+        // A producer with an open transaction stays until the marker (as in Kafka).
+        self.producers.retain(|id, e| {
+            ongoing.contains_key(id) || now_ms.saturating_sub(e.last_timestamp) < expiration_ms
+        });
         before - self.producers.len()
+    }
+
+    /// Checks an end-transaction marker of the coordinator: its epoch may not be older
+    /// than the producer's (a fenced coordinator's late marker), Kafka's
+    /// `checkProducerEpoch` for markers.
+    pub fn validate_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+    ) -> Result<(), ProducerStateError> {
+        match self.producers.get(&producer_id) {
+            Some(e) if producer_epoch < e.producer_epoch => {
+                Err(ProducerStateError::InvalidProducerEpoch {
+                    producer_id,
+                    producer_epoch,
+                    current_epoch: e.producer_epoch,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Folds in an end-transaction marker written at `marker_offset`: the producer's
+    /// transaction here is closed; an ABORT of a transaction that wrote here is
+    /// remembered for read_committed fetches. The producer's epoch becomes the
+    /// marker's (an abort on timeout carries the fencing epoch).
+    pub fn complete_txn(
+        &mut self,
+        producer_id: i64,
+        producer_epoch: i16,
+        control: crate::batch::ControlType,
+        marker_offset: i64,
+        timestamp: i64,
+    ) {
+        let entry = self
+            .producers
+            .entry(producer_id)
+            .or_insert_with(|| ProducerStateEntry {
+                producer_id,
+                producer_epoch,
+                batches: VecDeque::with_capacity(PRODUCER_BATCHES_RETAINED),
+                last_timestamp: timestamp,
+            });
+        if entry.producer_epoch != producer_epoch {
+            entry.batches.clear();
+            entry.producer_epoch = producer_epoch;
+        }
+        entry.last_timestamp = entry.last_timestamp.max(timestamp);
+        if let Some(first_offset) = self.ongoing.remove(&producer_id) {
+            if control == crate::batch::ControlType::Abort {
+                self.aborted.push(AbortedTxn {
+                    producer_id,
+                    first_offset,
+                    last_offset: marker_offset,
+                });
+            }
+        }
+    }
+
+    /// Offset of the first batch of the earliest open transaction: the last stable
+    /// offset cannot pass it. `None` when no transaction is open here.
+    pub fn first_unstable_offset(&self) -> Option<i64> {
+        self.ongoing.values().copied().min()
+    }
+
+    /// Open transactions: `(producer id, first offset)`.
+    pub fn ongoing_txns(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        self.ongoing.iter().map(|(p, o)| (*p, *o))
+    }
+
+    /// The producer's open transaction here, its first offset.
+    pub fn ongoing_txn_first_offset(&self, producer_id: i64) -> Option<i64> {
+        self.ongoing.get(&producer_id).copied()
+    }
+
+    /// Aborted transactions a read_committed fetch of `[fetch_offset, upper_bound)`
+    /// needs (Kafka's `collectAbortedTxns`): those ending at or after the fetch offset
+    /// and starting before the upper bound.
+    pub fn aborted_in_range(&self, fetch_offset: i64, upper_bound: i64) -> Vec<AbortedTxn> {
+        let from = self
+            .aborted
+            .partition_point(|a| a.last_offset < fetch_offset);
+        self.aborted
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .filter(|a| a.first_offset < upper_bound)
+            .copied()
+            .collect()
+    }
+
+    /// Forgets aborted transactions wholly below the log start offset (retention,
+    /// DeleteRecords): no fetch can reach them.
+    pub fn remove_aborted_below(&mut self, log_start_offset: i64) {
+        let below = self
+            .aborted
+            .partition_point(|a| a.last_offset < log_start_offset);
+        self.aborted.drain(..below);
     }
 
     /// Encodes the state as of log offset `offset` (every batch below it folded in).
@@ -307,6 +451,17 @@ impl ProducerStateManager {
                 body.extend_from_slice(&b.max_timestamp.to_be_bytes());
             }
         }
+        body.extend_from_slice(&(self.ongoing.len() as u32).to_be_bytes());
+        for (producer_id, first_offset) in &self.ongoing {
+            body.extend_from_slice(&producer_id.to_be_bytes());
+            body.extend_from_slice(&first_offset.to_be_bytes());
+        }
+        body.extend_from_slice(&(self.aborted.len() as u32).to_be_bytes());
+        for a in &self.aborted {
+            body.extend_from_slice(&a.producer_id.to_be_bytes());
+            body.extend_from_slice(&a.first_offset.to_be_bytes());
+            body.extend_from_slice(&a.last_offset.to_be_bytes());
+        }
         let mut out = Vec::with_capacity(6 + body.len());
         out.extend_from_slice(&SNAPSHOT_VERSION.to_be_bytes());
         out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
@@ -321,7 +476,7 @@ impl ProducerStateManager {
         }
         let mut r = Reader { buf: bytes, pos: 0 };
         let version = r.i16()?;
-        if version != SNAPSHOT_VERSION {
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V1 {
             return Err(SnapshotError::Version(version));
         }
         let stored = r.i32()? as u32;
@@ -361,6 +516,43 @@ impl ProducerStateManager {
             };
             if state.producers.insert(producer_id, entry).is_some() {
                 return Err(SnapshotError::Invalid("producer id twice"));
+            }
+        }
+        if version >= SNAPSHOT_VERSION {
+            let ongoing = r.i32()? as u32 as usize;
+            if ongoing > r.remaining() / SNAPSHOT_ONGOING_BYTES {
+                return Err(SnapshotError::Invalid(
+                    "open transaction count exceeds the file",
+                ));
+            }
+            for _ in 0..ongoing {
+                let producer_id = r.i64()?;
+                let first_offset = r.i64()?;
+                if state.ongoing.insert(producer_id, first_offset).is_some() {
+                    return Err(SnapshotError::Invalid("open transaction twice"));
+                }
+            }
+            let aborted = r.i32()? as u32 as usize;
+            if aborted > r.remaining() / SNAPSHOT_ABORTED_BYTES {
+                return Err(SnapshotError::Invalid(
+                    "aborted transaction count exceeds the file",
+                ));
+            }
+            state.aborted.reserve(aborted);
+            for _ in 0..aborted {
+                let a = AbortedTxn {
+                    producer_id: r.i64()?,
+                    first_offset: r.i64()?,
+                    last_offset: r.i64()?,
+                };
+                if state
+                    .aborted
+                    .last()
+                    .is_some_and(|l| l.last_offset > a.last_offset)
+                {
+                    return Err(SnapshotError::Invalid("aborted transactions out of order"));
+                }
+                state.aborted.push(a);
             }
         }
         if r.remaining() != 0 {
@@ -557,7 +749,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_fields_and_transactions_are_refused() {
+    fn bad_fields_are_refused() {
         let s = ProducerStateManager::default();
         assert!(matches!(
             s.validate(&batch(1, 0, -1, 1)),
@@ -567,9 +759,80 @@ mod tests {
             s.validate(&batch(1, -1, 0, 1)),
             Err(ProducerStateError::InvalidSequence { .. })
         ));
-        let mut t = batch(1, 0, 0, 1);
-        t.transactional = true;
-        assert_eq!(s.validate(&t), Err(ProducerStateError::Transactional(1)));
+    }
+
+    #[test]
+    fn transactions_open_close_and_bound_the_last_stable_offset() {
+        use crate::batch::ControlType;
+        let mut s = ProducerStateManager::default();
+        let mut leo = 0;
+        let txn = |pid, epoch, seq, n| {
+            let mut b = batch(pid, epoch, seq, n);
+            b.transactional = true;
+            b
+        };
+        send(&mut s, &mut leo, batch(9, 0, 0, 2)).unwrap(); // 0..2 idempotent
+        send(&mut s, &mut leo, txn(1, 0, 0, 3)).unwrap(); // 2..5
+        send(&mut s, &mut leo, txn(2, 0, 0, 1)).unwrap(); // 5
+        send(&mut s, &mut leo, txn(1, 0, 3, 1)).unwrap(); // 6
+        assert_eq!(s.first_unstable_offset(), Some(2));
+        // A plain batch of a producer inside a transaction is refused.
+        assert_eq!(
+            s.validate(&batch(1, 0, 4, 1)),
+            Err(ProducerStateError::NonTransactionalInTxn(1))
+        );
+        // Producer 1 aborts at offset 7: its range is remembered, the LSO moves to 5.
+        s.complete_txn(1, 0, ControlType::Abort, 7, 1000);
+        leo += 1;
+        assert_eq!(s.first_unstable_offset(), Some(5));
+        // Producer 2 commits at 8: nothing open.
+        s.complete_txn(2, 0, ControlType::Commit, 8, 1000);
+        leo += 1;
+        assert_eq!(s.first_unstable_offset(), None);
+        let aborted = vec![AbortedTxn {
+            producer_id: 1,
+            first_offset: 2,
+            last_offset: 7,
+        }];
+        assert_eq!(s.aborted_in_range(0, leo), aborted);
+        assert_eq!(s.aborted_in_range(7, leo), aborted);
+        assert_eq!(s.aborted_in_range(8, leo), vec![]);
+        assert_eq!(s.aborted_in_range(0, 2), vec![]);
+        // A fencing marker (timeout) bumps the epoch: the zombie's batches are refused.
+        send(&mut s, &mut leo, txn(1, 1, 0, 1)).unwrap();
+        s.complete_txn(1, 2, ControlType::Abort, leo, 1000);
+        leo += 1;
+        assert!(matches!(
+            s.validate(&txn(1, 1, 1, 1)),
+            Err(ProducerStateError::InvalidProducerEpoch { .. })
+        ));
+        assert!(s.validate_marker(1, 1).is_err());
+        assert!(s.validate_marker(1, 2).is_ok());
+        // Everything round-trips through a snapshot, open transactions included.
+        send(&mut s, &mut leo, txn(3, 0, 0, 1)).unwrap();
+        let (_, decoded) = ProducerStateManager::decode_snapshot(&s.encode_snapshot(leo)).unwrap();
+        assert_eq!(decoded, s);
+        assert_eq!(decoded.first_unstable_offset(), Some(leo - 1));
+        // Retention forgets aborted ranges below the log start.
+        s.remove_aborted_below(8);
+        assert_eq!(s.aborted_in_range(0, leo).len(), 1);
+        s.remove_aborted_below(leo);
+        assert!(s.aborted_in_range(0, leo).is_empty());
+    }
+
+    #[test]
+    fn version_1_snapshots_still_load() {
+        let mut s = ProducerStateManager::default();
+        let mut leo = 0;
+        send(&mut s, &mut leo, batch(4, 1, 0, 2)).unwrap();
+        let mut v2 = s.encode_snapshot(leo);
+        // A version 1 file is the version 2 body without the two trailing counts.
+        v2.truncate(v2.len() - 8);
+        v2[0..2].copy_from_slice(&1i16.to_be_bytes());
+        let crc = crc32c::crc32c(&v2[6..]);
+        v2[2..6].copy_from_slice(&crc.to_be_bytes());
+        let (offset, decoded) = ProducerStateManager::decode_snapshot(&v2).unwrap();
+        assert_eq!((offset, decoded), (leo, s));
     }
 
     #[test]

@@ -95,7 +95,7 @@ fn describe_producers(server: &Server, topic: &str) -> Vec<(i64, i32, i32)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producer_ids_are_unique_across_restarts_and_transactional_ids_are_refused() {
+async fn producer_ids_are_unique_across_restarts_and_transactional_ids_keep_theirs() {
     let mut server = Server::start(&[]);
     let mut seen = std::collections::BTreeSet::new();
     for version in [0, 1, 2, 3, 4, 5] {
@@ -115,8 +115,12 @@ async fn producer_ids_are_unique_across_restarts_and_transactional_ids_are_refus
     server.restart();
     let (_, next, _) = init_producer_id(&server, 4, None);
     assert!(next > id, "after a clean restart too");
-    // Transactions are not built: a transactional id is refused, not half-served.
-    assert_eq!(init_producer_id(&server, 4, Some("txn")).0, INVALID_REQUEST);
+    // A transactional id keeps its producer id and bumps the epoch (fencing the
+    // previous producer); an empty one is malformed.
+    let (code, txn_id, txn_epoch) = init_producer_id(&server, 4, Some("txn"));
+    assert_eq!((code, txn_epoch), (NONE, 0));
+    assert!(txn_id > next);
+    assert_eq!(init_producer_id(&server, 4, Some("txn")), (NONE, txn_id, 1));
     assert_eq!(init_producer_id(&server, 4, Some("")).0, INVALID_REQUEST);
 }
 

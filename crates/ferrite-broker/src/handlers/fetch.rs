@@ -20,9 +20,9 @@ use bytes::Bytes;
 use futures::future::select_all;
 use kafka_protocol::messages::fetch_request::FetchPartition;
 use kafka_protocol::messages::fetch_response::{
-    EpochEndOffset, FetchableTopicResponse, LeaderIdAndEpoch, PartitionData,
+    AbortedTransaction, EpochEndOffset, FetchableTopicResponse, LeaderIdAndEpoch, PartitionData,
 };
-use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse, ProducerId, TopicName};
 use kafka_protocol::ResponseError;
 use tokio::sync::watch;
 
@@ -43,6 +43,10 @@ struct Wanted {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fetcher {
     Consumer,
+    /// A consumer with isolation_level=1 (read_committed): reads below the last stable
+    /// offset and gets the aborted transactions in range (clients drop their batches;
+    /// the broker never filters records, so zero-copy stays).
+    ConsumerCommitted,
     Follower,
 }
 
@@ -65,6 +69,8 @@ pub async fn handle(
     // Negative ids are consumers (-1) and tools reading like one.
     let fetcher = if replica_id >= 0 {
         Fetcher::Follower
+    } else if req.isolation_level == 1 {
+        Fetcher::ConsumerCommitted
     } else {
         Fetcher::Consumer
     };
@@ -113,7 +119,7 @@ pub async fn handle(
                 continue;
             };
             match fetcher {
-                Fetcher::Consumer => {
+                Fetcher::Consumer | Fetcher::ConsumerCommitted => {
                     if !part.is_leader() {
                         *code = ResponseError::NotLeaderOrFollower.code();
                     }
@@ -293,13 +299,33 @@ fn read_all(
                 );
                 continue;
             }
-            let (log_start, hw, plan) = match fetcher {
-                Fetcher::Follower => p.read_plan(fp.fetch_offset),
-                Fetcher::Consumer => p.consumer_read_plan(fp.fetch_offset),
+            let (log_start, hw, lso, plan) = match fetcher {
+                Fetcher::Follower => {
+                    let (s, hw, plan) = p.read_plan(fp.fetch_offset);
+                    (s, hw, p.last_stable_offset(), plan)
+                }
+                Fetcher::Consumer => {
+                    let (s, hw, plan) = p.consumer_read_plan(fp.fetch_offset);
+                    (s, hw, p.last_stable_offset(), plan)
+                }
+                Fetcher::ConsumerCommitted => {
+                    let (s, hw, lso, plan, aborted) = p.committed_read_plan(fp.fetch_offset);
+                    pd = pd.with_aborted_transactions(Some(
+                        aborted
+                            .into_iter()
+                            .map(|a| {
+                                AbortedTransaction::default()
+                                    .with_producer_id(ProducerId(a.producer_id))
+                                    .with_first_offset(a.first_offset)
+                            })
+                            .collect(),
+                    ));
+                    (s, hw, lso, plan)
+                }
             };
             pd = pd
                 .with_high_watermark(hw)
-                .with_last_stable_offset(hw)
+                .with_last_stable_offset(lso)
                 .with_log_start_offset(log_start);
             let partition_max = usize::try_from(fp.partition_max_bytes).unwrap_or(0);
             let limit = partition_max.min(remaining);

@@ -23,6 +23,8 @@ const MAX_TIMESTAMP: i64 = -3;
 pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
     // A client (negative replica id) asks the leader; a broker may ask any replica.
     let from_client = req.replica_id.0 < 0;
+    // read_committed (isolation level 1) asks for the last stable offset as latest.
+    let read_committed = req.isolation_level == 1;
     let topics = req
         .topics
         .into_iter()
@@ -46,7 +48,7 @@ pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> Li
                     if let Some(code) = epoch_error(lp.current_leader_epoch, p.leader_epoch()) {
                         return resp.with_error_code(code);
                     }
-                    match lookup(&p, lp.timestamp) {
+                    match lookup(&p, lp.timestamp, read_committed) {
                         Ok(Some((offset, timestamp, epoch))) => resp
                             .with_offset(offset)
                             .with_timestamp(timestamp)
@@ -66,7 +68,11 @@ pub fn handle(broker: &Arc<Broker>, req: ListOffsetsRequest, version: i16) -> Li
 }
 
 /// `(offset, timestamp, leader_epoch)`, or `None` when no record qualifies.
-fn lookup(p: &Partition, timestamp: i64) -> Result<Option<(i64, i64, i32)>, i16> {
+fn lookup(
+    p: &Partition,
+    timestamp: i64,
+    read_committed: bool,
+) -> Result<Option<(i64, i64, i32)>, i16> {
     let epoch = p.leader_epoch();
     let (plan, target) = {
         let log = p.log();
@@ -78,7 +84,14 @@ fn lookup(p: &Partition, timestamp: i64) -> Result<Option<(i64, i64, i32)>, i16>
                 drop(log);
                 return p
                     .list_offsets_latest()
-                    .map(|hw| Some((hw, -1, epoch)))
+                    .map(|hw| {
+                        let offset = if read_committed {
+                            p.last_stable_offset().min(hw)
+                        } else {
+                            hw
+                        };
+                        Some((offset, -1, epoch))
+                    })
                     .map_err(|e| crate::error::replication_error_code(&e));
             }
             MAX_TIMESTAMP => {

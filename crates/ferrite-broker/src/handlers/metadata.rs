@@ -169,7 +169,10 @@ fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.name)))
         .with_topic_id(t.topic_id)
-        .with_is_internal(t.name == crate::group_manager::OFFSETS_TOPIC)
+        .with_is_internal(
+            t.name == crate::group_manager::OFFSETS_TOPIC
+                || t.name == ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC,
+        )
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
         .with_partitions(
             t.partitions

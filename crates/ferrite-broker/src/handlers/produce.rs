@@ -35,6 +35,7 @@ pub async fn handle(
     // acks=all appends, answered once the purgatory completes them: (topic, partition
     // position, partition, waiter).
     let mut waiting: Vec<(usize, usize, Arc<Partition>, ProduceWaiter)> = Vec::new();
+    let transactional_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
     for topic in req.topic_data {
         let name = topic.name.0.to_string();
         let mut partition_responses = Vec::with_capacity(topic.partition_data.len());
@@ -50,12 +51,6 @@ pub async fn handle(
                     format!("acks must be 0, 1 or -1, got {acks}"),
                     None,
                 ))
-            } else if req.transactional_id.is_some() {
-                Err((
-                    ResponseError::TransactionalIdAuthorizationFailed.code(),
-                    "transactions are not supported yet".to_string(),
-                    None,
-                ))
             } else {
                 append_partition(
                     broker,
@@ -65,6 +60,7 @@ pub async fn handle(
                     now,
                     acks,
                     timeout_ms,
+                    transactional_id.as_deref(),
                 )
             };
             match result {
@@ -138,6 +134,7 @@ type Appended = (
     Option<(Arc<Partition>, ProduceWaiter)>,
 );
 
+#[allow(clippy::too_many_arguments)]
 fn append_partition(
     broker: &Arc<Broker>,
     topic: &str,
@@ -146,8 +143,11 @@ fn append_partition(
     now: i64,
     acks: i16,
     timeout_ms: i64,
+    transactional_id: Option<&str>,
 ) -> Result<Appended, (i16, String, Option<Arc<Partition>>)> {
-    if topic == crate::group_manager::OFFSETS_TOPIC {
+    if topic == crate::group_manager::OFFSETS_TOPIC
+        || topic == ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC
+    {
         // Only the group coordinator writes its internal topic.
         return Err((
             ResponseError::InvalidTopicException.code(),
@@ -172,6 +172,63 @@ fn append_partition(
         None => None,
     };
     let records = recompressed.as_deref().unwrap_or(records);
+    // A transactional batch is accepted only for a partition the coordinator has in
+    // the producer's ongoing transaction (KIP-890 part 1's verification, done here
+    // against the local coordinator), checked and appended under the coordinator's
+    // lock so that no EndTxn can complete the transaction in between: a late batch
+    // can never open a transaction that no marker will close (KAFKA-17754).
+    let header = ferrite_storage::BatchHeader::parse(records).ok();
+    let transactional =
+        header.is_some_and(|h| h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0);
+    let _coordinator = if let (true, Some(h)) = (transactional, header) {
+        let Some(tid) = transactional_id else {
+            return Err((
+                ResponseError::TransactionalIdNotFound.code(),
+                "a transactional batch needs the request's transactional id".to_string(),
+                None,
+            ));
+        };
+        let st = broker.txns.lock();
+        let verified = st
+            .verify_partitions(
+                tid,
+                h.producer_id,
+                h.producer_epoch,
+                &[(topic.to_string(), partition)],
+            )
+            .into_iter()
+            .next()
+            .map_or(
+                Err(ferrite_coordinator::txn::TxnError::InvalidRequest),
+                |(_, r)| r,
+            );
+        match verified {
+            Ok(()) => {}
+            // Coordinated by another broker (its `__transaction_state` partition is
+            // hosted here as a follower): that broker's verification (an
+            // AddPartitionsToTxn verify-only call) is not built; the batch is taken
+            // unverified. With no coordinator anywhere it is refused.
+            Err(ferrite_coordinator::txn::TxnError::NotCoordinator)
+                if broker
+                    .replicas
+                    .get(
+                        ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC,
+                        st.partition_for(tid),
+                    )
+                    .is_some_and(|p| !p.is_leader()) => {}
+            Err(e) => {
+                let e = e.for_version(false);
+                return Err((
+                    e.code(),
+                    format!("transactional batch refused for {topic}-{partition}: {e}"),
+                    None,
+                ));
+            }
+        }
+        Some(st)
+    } else {
+        None
+    };
     match p.append_as_leader(records, now, acks, timeout_ms) {
         Ok((info, waiter)) => Ok((info, waiter.map(|w| (p, w)))),
         Err(e) => {

@@ -34,17 +34,8 @@ pub async fn init_producer_id(
         None => {}
         // As Kafka: an empty transactional id is a malformed request.
         Some("") => return failed(ResponseError::InvalidRequest),
-        Some(id) => {
-            // Transactions (a transaction coordinator, markers, read_committed) are not
-            // built. Refusing here, rather than handing out an id, keeps a transactional
-            // producer from believing its writes are atomic. INVALID_REQUEST is fatal in
-            // clients, so they stop at once instead of retrying until a timeout.
-            tracing::warn!(
-                transactional_id = id,
-                "InitProducerId with a transactional id refused: transactions are not supported"
-            );
-            return failed(ResponseError::InvalidRequest);
-        }
+        // A transactional id is dispatched to `handlers::txn::init_producer_id`.
+        Some(_) => return failed(ResponseError::InvalidRequest),
     }
     match broker
         .producer_ids
@@ -95,9 +86,12 @@ pub fn describe_producers(
                                 .with_producer_epoch(i32::from(e.producer_epoch))
                                 .with_last_sequence(e.last_seq())
                                 .with_last_timestamp(e.last_timestamp)
-                                // No transactions: no coordinator, no open transaction.
                                 .with_coordinator_epoch(-1)
-                                .with_current_txn_start_offset(-1)
+                                .with_current_txn_start_offset(
+                                    log.producers()
+                                        .ongoing_txn_first_offset(e.producer_id)
+                                        .unwrap_or(-1),
+                                )
                         })
                         .collect();
                     resp.with_active_producers(active)

@@ -383,6 +383,33 @@ impl<A: ProducerIdAllocator> TransactionCoordinator<A> {
         &self.allocator
     }
 
+    /// The broker hands the allocator an id claimed asynchronously before a call.
+    pub fn allocator_mut(&mut self) -> &mut A {
+        &mut self.allocator
+    }
+
+    /// Whether `partition` of `__transaction_state` is loaded or loading here.
+    pub fn owns_partition(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    /// Transactions in PrepareCommit/PrepareAbort with no record in flight: their
+    /// markers are still to be written (a failed marker write is retried from here).
+    pub fn markers_due(&self) -> Vec<Effect> {
+        self.txns
+            .values()
+            .filter(|m| !self.pending.contains(&m.transactional_id))
+            .filter(|m| {
+                matches!(
+                    self.partitions
+                        .get(&self.partition_for(&m.transactional_id)),
+                    Some(PartitionLoad::Loaded)
+                )
+            })
+            .filter_map(markers_for)
+            .collect()
+    }
+
     pub fn partition_for(&self, transactional_id: &str) -> i32 {
         partition_for(transactional_id, self.config.transaction_state_partitions)
     }

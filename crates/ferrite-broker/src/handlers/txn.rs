@@ -1,0 +1,422 @@
+//! The transactional producer's APIs: FindCoordinator with key type TRANSACTION,
+//! InitProducerId with a transactional id, AddPartitionsToTxn, AddOffsetsToTxn, EndTxn
+//! and TxnOffsetCommit. Each validates through the sans-I/O coordinator and carries out
+//! its effects (`txn_manager::apply`) before answering, so a client never sees a state
+//! a crash could take back.
+//!
+//! Transaction version 1 (the classic protocol): AddPartitionsToTxn v0-v3 (v4+ is the
+//! brokers' batched and verify-only form, KIP-890 part 1, which this broker does
+//! locally on the produce path instead), EndTxn v0-v3, TxnOffsetCommit v0-v3,
+//! AddOffsetsToTxn v0-v3; the later versions are transaction version 2 (KIP-890 part 2).
+
+use std::sync::Arc;
+
+use ferrite_coordinator::txn::{ProducerIdAndEpoch, TxnError, TxnResult, TRANSACTION_STATE_TOPIC};
+use ferrite_coordinator::{validate_txn_offset_commit_state, GroupRecord, OffsetValue};
+use kafka_protocol::messages::add_partitions_to_txn_response::{
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::{
+    AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest,
+    AddPartitionsToTxnResponse, BrokerId, EndTxnRequest, EndTxnResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, ProducerId,
+    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+
+use super::str_bytes;
+use crate::group_manager::{partition_for_group, OFFSETS_TOPIC};
+use crate::txn_manager::apply;
+use crate::{now_ms, Broker};
+
+/// FindCoordinator's key type of transactional ids.
+pub const KEY_TYPE_TRANSACTION: i8 = 1;
+
+/// FindCoordinator for transactional ids: the leader of the id's `__transaction_state`
+/// partition, created on first use. A partition led elsewhere, or not loaded yet,
+/// answers COORDINATOR_NOT_AVAILABLE (retriable) until this broker knows better.
+pub async fn find_coordinator(
+    broker: &Arc<Broker>,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let ready = broker.txns.ensure_topic(broker).await;
+    let (host, port) = &broker.advertised;
+    let answer = |key: &StrBytes| {
+        let c = Coordinator::default()
+            .with_key(key.clone())
+            .with_node_id(BrokerId(-1))
+            .with_host(str_bytes(""))
+            .with_port(-1);
+        let fail = |e: ResponseError, m: String| {
+            c.clone()
+                .with_error_code(e.code())
+                .with_error_message(Some(str_bytes(m)))
+        };
+        if key.is_empty() {
+            return fail(
+                ResponseError::InvalidRequest,
+                "empty transactional id".into(),
+            );
+        }
+        if let Err(e) = &ready {
+            return fail(ResponseError::CoordinatorNotAvailable, e.clone());
+        }
+        let partition = broker.txns.lock().partition_for(key);
+        let led = broker
+            .replicas
+            .get(TRANSACTION_STATE_TOPIC, partition)
+            .is_some_and(|p| p.is_leader());
+        if !led {
+            return fail(
+                ResponseError::CoordinatorNotAvailable,
+                format!("{TRANSACTION_STATE_TOPIC}-{partition} is not led by this broker"),
+            );
+        }
+        c.with_node_id(BrokerId(broker.config.node_id))
+            .with_host(str_bytes(host))
+            .with_port(i32::from(*port))
+    };
+    if version >= 4 {
+        FindCoordinatorResponse::default()
+            .with_coordinators(req.coordinator_keys.iter().map(answer).collect())
+    } else {
+        let c = answer(&req.key);
+        FindCoordinatorResponse::default()
+            .with_error_code(c.error_code)
+            .with_error_message(c.error_message)
+            .with_node_id(c.node_id)
+            .with_host(c.host)
+            .with_port(c.port)
+    }
+}
+
+/// The coordinator's error as the request version knows it (KIP-588's PRODUCER_FENCED
+/// only for versions that have it).
+fn code(e: TxnError, knows_producer_fenced: bool) -> i16 {
+    e.for_version(knows_producer_fenced).code()
+}
+
+/// InitProducerId with a transactional id: the coordinator's producer id and a bumped
+/// epoch, fencing the previous producer of that id (an open transaction of it is
+/// aborted first; the client retries after CONCURRENT_TRANSACTIONS).
+pub async fn init_producer_id(
+    broker: &Arc<Broker>,
+    req: InitProducerIdRequest,
+    version: i16,
+) -> InitProducerIdResponse {
+    let failed = |code: i16| {
+        InitProducerIdResponse::default()
+            .with_error_code(code)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1)
+    };
+    let tid = req
+        .transactional_id
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    if let Err(e) = broker.txns.ensure_topic(broker).await {
+        tracing::warn!(error = %e, "transaction coordinator not available");
+        return failed(ResponseError::CoordinatorNotAvailable.code());
+    }
+    // Claimed before the coordinator's lock (a metadata write may be needed); unused
+    // when the id exists already, as Kafka's blocks also leave ids unused.
+    let claimed = match broker
+        .producer_ids
+        .generate(&broker.controller, broker.config.node_id)
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot allocate a producer id");
+            return failed(ResponseError::CoordinatorNotAvailable.code());
+        }
+    };
+    let expected = (version >= 3 && req.producer_id.0 >= 0).then_some(ProducerIdAndEpoch {
+        producer_id: req.producer_id.0,
+        producer_epoch: req.producer_epoch,
+    });
+    let b = broker.clone();
+    let timeout_ms = req.transaction_timeout_ms;
+    let result = tokio::task::spawn_blocking(move || {
+        let mut st = b.txns.lock();
+        st.allocator_mut().0 = Some(claimed);
+        let out = st.init_producer_id(&tid, timeout_ms, expected, now_ms());
+        st.allocator_mut().0 = None;
+        let applied = apply(&mut st, &b, out.effects);
+        out.result.and_then(|r| applied.map(|()| r))
+    })
+    .await;
+    match result {
+        Ok(Ok(pe)) => InitProducerIdResponse::default()
+            .with_producer_id(ProducerId(pe.producer_id))
+            .with_producer_epoch(pe.producer_epoch),
+        Ok(Err(e)) => failed(code(e, version >= 4)),
+        Err(e) => {
+            tracing::error!(error = %e, "InitProducerId task failed");
+            failed(ResponseError::CoordinatorNotAvailable.code())
+        }
+    }
+}
+
+/// AddPartitionsToTxn v0-v3 (one transaction, from its producer). Unknown partitions
+/// fail the whole request (UNKNOWN_TOPIC_OR_PARTITION for them, OPERATION_NOT_ATTEMPTED
+/// for the rest), as in Kafka.
+pub async fn add_partitions_to_txn(
+    broker: &Arc<Broker>,
+    req: AddPartitionsToTxnRequest,
+    version: i16,
+) -> AddPartitionsToTxnResponse {
+    let tid = req.v3_and_below_transactional_id.0.to_string();
+    let producer_id = req.v3_and_below_producer_id.0;
+    let producer_epoch = req.v3_and_below_producer_epoch;
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    let mut unknown = false;
+    for t in &req.v3_and_below_topics {
+        for p in &t.partitions {
+            let name = t.name.0.to_string();
+            if name == OFFSETS_TOPIC || name == TRANSACTION_STATE_TOPIC {
+                unknown = true;
+            } else if broker.replicas.get(&name, *p).is_none() {
+                unknown = true;
+            }
+            wanted.push((name, *p));
+        }
+    }
+    let codes: Vec<i16> = if unknown {
+        wanted
+            .iter()
+            .map(|(t, p)| {
+                if broker.replicas.get(t, *p).is_none()
+                    || t == OFFSETS_TOPIC
+                    || t == TRANSACTION_STATE_TOPIC
+                {
+                    ResponseError::UnknownTopicOrPartition.code()
+                } else {
+                    ResponseError::OperationNotAttempted.code()
+                }
+            })
+            .collect()
+    } else {
+        let b = broker.clone();
+        let parts = wanted.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut st = b.txns.lock();
+            let out = st.add_partitions(&tid, producer_id, producer_epoch, &parts, now_ms());
+            let applied = apply(&mut st, &b, out.effects);
+            out.result.and_then(|()| applied)
+        })
+        .await
+        .unwrap_or(Err(TxnError::NotCoordinator));
+        let c = result.err().map_or(0, |e| code(e, version >= 2));
+        vec![c; wanted.len()]
+    };
+    let mut topics: Vec<AddPartitionsToTxnTopicResult> = Vec::new();
+    for ((topic, p), c) in wanted.into_iter().zip(codes) {
+        let r = AddPartitionsToTxnPartitionResult::default()
+            .with_partition_index(p)
+            .with_partition_error_code(c);
+        match topics.last_mut() {
+            Some(t) if &*t.name.0 == topic.as_str() => t.results_by_partition.push(r),
+            _ => topics.push(
+                AddPartitionsToTxnTopicResult::default()
+                    .with_name(super::topic_name(&topic))
+                    .with_results_by_partition(vec![r]),
+            ),
+        }
+    }
+    AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(topics)
+}
+
+/// AddOffsetsToTxn: the group's `__consumer_offsets` partition joins the transaction.
+pub async fn add_offsets_to_txn(
+    broker: &Arc<Broker>,
+    req: AddOffsetsToTxnRequest,
+    version: i16,
+) -> AddOffsetsToTxnResponse {
+    let tid = req.transactional_id.0.to_string();
+    let group = req.group_id.0.to_string();
+    if group.is_empty() {
+        return AddOffsetsToTxnResponse::default()
+            .with_error_code(ResponseError::InvalidGroupId.code());
+    }
+    let partition = partition_for_group(&group, broker.groups.partitions());
+    let b = broker.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut st = b.txns.lock();
+        let out = st.add_offsets(
+            &tid,
+            req.producer_id.0,
+            req.producer_epoch,
+            partition,
+            now_ms(),
+        );
+        let applied = apply(&mut st, &b, out.effects);
+        out.result.and_then(|()| applied)
+    })
+    .await
+    .unwrap_or(Err(TxnError::NotCoordinator));
+    AddOffsetsToTxnResponse::default()
+        .with_error_code(result.err().map_or(0, |e| code(e, version >= 2)))
+}
+
+/// EndTxn: PrepareCommit/PrepareAbort is written, then the markers, then
+/// CompleteCommit/CompleteAbort, all before the answer, so the producer's next
+/// transaction starts on a clean slate. A marker that cannot be written leaves the
+/// transaction in Prepare*; the answer is still a success (the decision is durable and
+/// the ticker finishes it), as in Kafka.
+pub async fn end_txn(broker: &Arc<Broker>, req: EndTxnRequest, version: i16) -> EndTxnResponse {
+    let tid = req.transactional_id.0.to_string();
+    let result = if req.committed {
+        TxnResult::Commit
+    } else {
+        TxnResult::Abort
+    };
+    let b = broker.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut st = b.txns.lock();
+        let out = st.end_txn(
+            &tid,
+            req.producer_id.0,
+            req.producer_epoch,
+            result,
+            now_ms(),
+        );
+        let applied = apply(&mut st, &b, out.effects);
+        out.result.and_then(|()| applied)
+    })
+    .await
+    .unwrap_or(Err(TxnError::NotCoordinator));
+    EndTxnResponse::default()
+        .with_error_code(outcome.err().map_or(0, |e| code(e, version >= 2)))
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1)
+}
+
+/// TxnOffsetCommit: the offsets are written to the group's `__consumer_offsets`
+/// partition as transactional records of the producer and become the group's committed
+/// offsets only when the COMMIT marker is written (dropped on ABORT). The transaction
+/// must hold that partition (AddOffsetsToTxn first).
+pub async fn txn_offset_commit(
+    broker: &Arc<Broker>,
+    req: TxnOffsetCommitRequest,
+    version: i16,
+) -> TxnOffsetCommitResponse {
+    let tid = req.transactional_id.0.to_string();
+    let group = req.group_id.0.to_string();
+    let producer_id = req.producer_id.0;
+    let producer_epoch = req.producer_epoch;
+    let offsets_partition = partition_for_group(&group, broker.groups.partitions());
+    let member_id = req.member_id.to_string();
+    let instance_id = req.group_instance_id.as_ref().map(|s| s.to_string());
+    let generation_id = req.generation_id;
+    let b = broker.clone();
+    let topics = req.topics.clone();
+    let result: Result<Vec<Vec<i16>>, i16> = tokio::task::spawn_blocking(move || {
+        let st = b.txns.lock();
+        let check = st
+            .verify_partitions(
+                &tid,
+                producer_id,
+                producer_epoch,
+                &[(OFFSETS_TOPIC.to_string(), offsets_partition)],
+            )
+            .into_iter()
+            .next()
+            .map_or(Err(TxnError::InvalidRequest), |(_, r)| r);
+        if let Err(e) = check {
+            // Not added: Kafka's coordinator answers INVALID_TXN_STATE too.
+            return Err(code(e, version >= 3));
+        }
+        let now = now_ms();
+        let mut groups = b.groups.lock();
+        validate_txn_offset_commit_state(
+            &groups.coordinator,
+            &group,
+            &member_id,
+            instance_id.as_deref(),
+            generation_id,
+        )?;
+        let mut codes = Vec::new();
+        let mut records = Vec::new();
+        for t in &topics {
+            let name = t.name.0.to_string();
+            let mut pcodes = Vec::new();
+            for p in &t.partitions {
+                if b.replicas.get(&name, p.partition_index).is_none() {
+                    pcodes.push(ResponseError::UnknownTopicOrPartition.code());
+                    continue;
+                }
+                let metadata = p.committed_metadata.as_ref().map(|m| m.to_string());
+                if metadata
+                    .as_ref()
+                    .is_some_and(|m| m.len() > b.config.group.offset_metadata_bytes_max)
+                {
+                    pcodes.push(ResponseError::OffsetMetadataTooLarge.code());
+                    continue;
+                }
+                records.push(GroupRecord::Offset {
+                    group: group.clone(),
+                    topic: name.clone(),
+                    partition: p.partition_index,
+                    value: Some(OffsetValue {
+                        offset: p.committed_offset,
+                        leader_epoch: p.committed_leader_epoch,
+                        metadata: Some(metadata.unwrap_or_default()),
+                        commit_timestamp_ms: now,
+                    }),
+                });
+                pcodes.push(0);
+            }
+            codes.push(pcodes);
+        }
+        if !records.is_empty() {
+            if let Err(e) = crate::group_manager::append_txn_offsets(
+                &b,
+                &records,
+                producer_id,
+                producer_epoch,
+                now,
+            ) {
+                tracing::warn!(%group, error = %e, "cannot write transactional offsets");
+                return Err(ResponseError::NotCoordinator.code());
+            }
+            groups.add_txn_offsets(producer_id, records);
+        }
+        drop(st);
+        Ok(codes)
+    })
+    .await
+    .unwrap_or(Err(ResponseError::NotCoordinator.code()));
+    let topics = req
+        .topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let partitions = t
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    let c = match &result {
+                        Err(c) => *c,
+                        Ok(codes) => codes.get(i).and_then(|c| c.get(j)).copied().unwrap_or(0),
+                    };
+                    TxnOffsetCommitResponsePartition::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(c)
+                })
+                .collect();
+            TxnOffsetCommitResponseTopic::default()
+                .with_name(t.name.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    TxnOffsetCommitResponse::default().with_topics(topics)
+}

@@ -1,0 +1,253 @@
+"""Transactions with a real client (confluent-kafka / librdkafka): commit and abort seen
+through read_committed and read_uncommitted consumers, the last stable offset, offsets
+committed with send_offsets_to_transaction, fencing by a second producer with the same
+transactional.id, the abort of a transaction past its timeout, and a
+consume-transform-produce loop that stays exactly once across kill -9 of the broker."""
+import time
+
+import pytest
+
+from support import ck_consume, ck_consumer, ck_create, ck_assert_nothing_more, wait_until
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+from confluent_kafka import KafkaException, Producer, TopicPartition  # noqa: E402
+
+
+def txn_producer(b, tid, **extra):
+    conf = {"bootstrap.servers": b.addr, "transactional.id": tid, "linger.ms": 5,
+            "transaction.timeout.ms": 30_000, "message.timeout.ms": 30_000, "log_level": 3}
+    conf.update(extra)
+    p = Producer(conf)
+    p.init_transactions(30)
+    return p
+
+
+def produce_values(p, topic, values, partition=None):
+    for v in values:
+        kw = {"value": v.encode()}
+        if partition is not None:
+            kw["partition"] = partition
+        while True:
+            try:
+                p.produce(topic, **kw)
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    assert p.flush(30) == 0
+
+
+def consume_all(b, topic, partitions, count, isolation):
+    c = ck_consumer(b, **{"isolation.level": isolation})
+    c.assign([TopicPartition(topic, i, 0) for i in range(partitions)])
+    got = [m.value().decode() for m in ck_consume(c, count, timeout_s=60)]
+    ck_assert_nothing_more(c, wait_s=1.5)
+    c.close()
+    return got
+
+
+def high_watermark(b, topic, partition, isolation):
+    c = ck_consumer(b, **{"isolation.level": isolation})
+    try:
+        return c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)[1]
+    finally:
+        c.close()
+
+
+def test_commit_and_abort_read_committed_sees_only_committed(broker):
+    ck_create(broker, "txn-basic", 2)
+    p = txn_producer(broker, "basic")
+    p.begin_transaction()
+    produce_values(p, "txn-basic", [f"c1-{i}" for i in range(100)])
+    p.commit_transaction(30)
+    p.begin_transaction()
+    produce_values(p, "txn-basic", [f"ab-{i}" for i in range(100)])
+    p.abort_transaction(30)
+    p.begin_transaction()
+    produce_values(p, "txn-basic", [f"c2-{i}" for i in range(100)])
+    p.commit_transaction(30)
+
+    committed = consume_all(broker, "txn-basic", 2, 200, "read_committed")
+    assert sorted(committed) == sorted([f"c1-{i}" for i in range(100)] + [f"c2-{i}" for i in range(100)])
+    assert len(set(committed)) == 200, "each committed record exactly once"
+    # read_uncommitted sees everything written, aborted data included (as Kafka).
+    everything = consume_all(broker, "txn-basic", 2, 300, "read_uncommitted")
+    assert sum(v.startswith("ab-") for v in everything) == 100
+
+    # An open transaction holds the last stable offset at its first record: a
+    # read_committed consumer sees nothing of it until the commit.
+    p.begin_transaction()
+    produce_values(p, "txn-basic", [f"open-{i}" for i in range(10)], partition=0)
+    hw = high_watermark(broker, "txn-basic", 0, "read_uncommitted")
+    lso = high_watermark(broker, "txn-basic", 0, "read_committed")
+    assert lso == hw - 10, f"LSO {lso} should be the open transaction's first offset (HW {hw})"
+    c = ck_consumer(broker, **{"isolation.level": "read_committed"})
+    c.assign([TopicPartition("txn-basic", 0, lso)])
+    ck_assert_nothing_more(c, wait_s=1.5)
+    p.commit_transaction(30)
+    got = [m.value().decode() for m in ck_consume(c, 10, timeout_s=30)]
+    assert got == [f"open-{i}" for i in range(10)]
+    c.close()
+    # After the commit the LSO passes the marker.
+    assert high_watermark(broker, "txn-basic", 0, "read_committed") == \
+        high_watermark(broker, "txn-basic", 0, "read_uncommitted")
+
+
+def test_send_offsets_to_transaction_commits_offsets_only_on_commit(broker):
+    ck_create(broker, "txn-in", 1)
+    ck_create(broker, "txn-out", 1)
+    plain = Producer({"bootstrap.servers": broker.addr})
+    produce_values(plain, "txn-in", [f"in-{i}" for i in range(60)])
+    c = ck_consumer(broker, **{"group.id": "txn-group", "isolation.level": "read_committed"})
+    c.subscribe(["txn-in"])
+    p = txn_producer(broker, "offsets")
+
+    def cycle(count, commit):
+        msgs = ck_consume(c, count, timeout_s=60)
+        p.begin_transaction()
+        produce_values(p, "txn-out", [m.value().decode().replace("in", "out") for m in msgs])
+        p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), 30)
+        if commit:
+            p.commit_transaction(30)
+        else:
+            p.abort_transaction(30)
+
+    def committed():
+        return c.committed([TopicPartition("txn-in", 0)], timeout=10)[0].offset
+
+    cycle(50, commit=True)
+    assert committed() == 50
+    cycle(10, commit=False)
+    assert committed() == 50, "an aborted transaction's offsets are not committed"
+    c.close()
+    # After a restart, the committed offsets are rebuilt from __consumer_offsets.
+    broker.restart(graceful=False)
+    c = ck_consumer(broker, **{"group.id": "txn-group"})
+    assert c.committed([TopicPartition("txn-in", 0)], timeout=10)[0].offset == 50
+    c.close()
+    out = consume_all(broker, "txn-out", 1, 50, "read_committed")
+    assert out == [f"out-{i}" for i in range(50)]
+
+
+def test_second_producer_with_the_same_transactional_id_fences_the_first(broker):
+    ck_create(broker, "txn-fence", 1)
+    p1 = txn_producer(broker, "fence")
+    p1.begin_transaction()
+    produce_values(p1, "txn-fence", [f"zombie-{i}" for i in range(5)])
+    # The second producer's InitProducerId bumps the epoch and aborts p1's transaction.
+    p2 = txn_producer(broker, "fence")
+    with pytest.raises(KafkaException) as e:
+        p1.commit_transaction(30)
+    assert e.value.args[0].fatal(), f"the fenced producer fails fatally: {e.value}"
+    p2.begin_transaction()
+    produce_values(p2, "txn-fence", [f"new-{i}" for i in range(5)])
+    p2.commit_transaction(30)
+    got = consume_all(broker, "txn-fence", 1, 5, "read_committed")
+    assert got == [f"new-{i}" for i in range(5)]
+
+
+def test_a_transaction_past_its_timeout_is_aborted(broker):
+    ck_create(broker, "txn-timeout", 1)
+    p = txn_producer(broker, "slow", **{"transaction.timeout.ms": 2000, "message.timeout.ms": 2000})
+    p.begin_transaction()
+    produce_values(p, "txn-timeout", [f"late-{i}" for i in range(5)])
+    # The coordinator aborts it (with an epoch bump) once 2 s have passed: the ABORT
+    # marker moves the last stable offset up to the log end.
+    wait_until("the timed-out transaction is aborted",
+               lambda: high_watermark(broker, "txn-timeout", 0, "read_committed")
+               == high_watermark(broker, "txn-timeout", 0, "read_uncommitted"),
+               timeout_s=30, interval_s=0.5)
+    with pytest.raises(KafkaException):
+        p.commit_transaction(30)
+    c = ck_consumer(broker, **{"isolation.level": "read_committed"})
+    c.assign([TopicPartition("txn-timeout", 0, 0)])
+    ck_assert_nothing_more(c, wait_s=1.5)
+    c.close()
+
+
+def test_consume_transform_produce_is_exactly_once_across_kill_9(broker):
+    """20,000 input records through a transactional loop (consume, transform, produce,
+    send_offsets_to_transaction, commit) while the broker is killed with SIGKILL three
+    times at different points of a transaction; the output holds each input exactly
+    once and the committed input offsets are the input's end."""
+    partitions, total, per_txn = 3, 20_000, 1000
+    ck_create(broker, "eos-in", partitions)
+    ck_create(broker, "eos-out", partitions)
+    plain = Producer({"bootstrap.servers": broker.addr, "linger.ms": 20, "enable.idempotence": True})
+    for i in range(total):
+        while True:
+            try:
+                plain.produce("eos-in", value=f"{i}".encode(), partition=i % partitions)
+                break
+            except BufferError:
+                plain.poll(0.05)
+    assert plain.flush(60) == 0
+
+    def make():
+        c = ck_consumer(broker, **{"group.id": "eos", "isolation.level": "read_committed",
+                                   "session.timeout.ms": 6000})
+        c.assign([TopicPartition("eos-in", i) for i in range(partitions)])
+        p = txn_producer(broker, "eos-loop", **{"transaction.timeout.ms": 20_000,
+                                                "message.timeout.ms": 20_000, "linger.ms": 10})
+        return c, p
+
+    # (cycle, where): kill -9 while records are in flight, after send_offsets, after commit.
+    kills = {3: "produced", 7: "offsets", 11: "committed"}
+    c, p = make()
+    cycle = 0
+    restarts = 0
+    deadline = time.monotonic() + 150
+    while True:
+        assert time.monotonic() < deadline, "the loop did not finish"
+        positions = c.position([TopicPartition("eos-in", i) for i in range(partitions)])
+        ends = [c.get_watermark_offsets(TopicPartition("eos-in", i), timeout=10, cached=False)[1]
+                for i in range(partitions)]
+        if all(tp.offset >= 0 and tp.offset == end for tp, end in zip(positions, ends)):
+            break
+        cycle += 1
+        where = kills.pop(cycle, None)
+        try:
+            msgs = [m for m in c.consume(num_messages=per_txn, timeout=2) if m.error() is None]
+            if not msgs:
+                continue
+            p.begin_transaction()
+            for m in msgs:
+                while True:
+                    try:
+                        p.produce("eos-out", value=b"out-" + m.value(), partition=m.partition())
+                        break
+                    except BufferError:
+                        p.poll(0.05)
+            if where == "produced":
+                p.flush(10)
+                broker.restart(graceful=False)
+                restarts += 1
+            p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), 30)
+            if where == "offsets":
+                broker.restart(graceful=False)
+                restarts += 1
+            p.commit_transaction(30)
+            if where == "committed":
+                broker.restart(graceful=False)
+                restarts += 1
+        except KafkaException:
+            # Whatever failed, start over as a restarted application would: a new
+            # producer with the same transactional.id (fencing and aborting the old
+            # one's open transaction) and a consumer from the committed offsets.
+            try:
+                p.abort_transaction(10)
+            except KafkaException:
+                pass
+            c.close()
+            c, p = make()
+    c.close()
+    assert restarts == 3
+    got = consume_all(broker, "eos-out", partitions, total, "read_committed")
+    values = [int(v[len("out-"):]) for v in got]
+    assert len(values) == len(set(values)), f"{len(values) - len(set(values))} duplicates"
+    assert sorted(values) == list(range(total))
+    check = ck_consumer(broker, **{"group.id": "eos"})
+    offsets = check.committed([TopicPartition("eos-in", i) for i in range(partitions)], timeout=10)
+    check.close()
+    assert [tp.offset for tp in offsets] == [total // partitions + (1 if i < total % partitions else 0)
+                                             for i in range(partitions)]
