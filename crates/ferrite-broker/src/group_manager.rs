@@ -383,7 +383,9 @@ fn encode_and_append(
                 producer_epoch: txn.map_or(-1, |t| t.1),
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
-                sequence: -1,
+                // The encoder keeps records in one batch while offset - sequence is
+                // constant: base sequence -1 (none) for a transactional batch.
+                sequence: if txn.is_some() { i as i32 - 1 } else { -1 },
                 timestamp: now,
                 key: Some(Bytes::from(key)),
                 value: value.map(Bytes::from),

@@ -198,7 +198,7 @@ impl Partition {
         let epoch = leader.state.leader_epoch();
         let (info, leo) = {
             let mut log = self.log();
-            let info = write(&mut *log, epoch);
+            let info = write(&mut log, epoch);
             self.note_disk_space(&log, &info);
             (info?, log.log_end_offset())
         };

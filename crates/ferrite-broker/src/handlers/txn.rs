@@ -181,9 +181,10 @@ pub async fn add_partitions_to_txn(
     for t in &req.v3_and_below_topics {
         for p in &t.partitions {
             let name = t.name.0.to_string();
-            if name == OFFSETS_TOPIC || name == TRANSACTION_STATE_TOPIC {
-                unknown = true;
-            } else if broker.replicas.get(&name, *p).is_none() {
+            if name == OFFSETS_TOPIC
+                || name == TRANSACTION_STATE_TOPIC
+                || broker.replicas.get(&name, *p).is_none()
+            {
                 unknown = true;
             }
             wanted.push((name, *p));
@@ -210,7 +211,7 @@ pub async fn add_partitions_to_txn(
             let mut st = b.txns.lock();
             let out = st.add_partitions(&tid, producer_id, producer_epoch, &parts, now_ms());
             let applied = apply(&mut st, &b, out.effects);
-            out.result.and_then(|()| applied)
+            out.result.and(applied)
         })
         .await
         .unwrap_or(Err(TxnError::NotCoordinator));
@@ -258,7 +259,7 @@ pub async fn add_offsets_to_txn(
             now_ms(),
         );
         let applied = apply(&mut st, &b, out.effects);
-        out.result.and_then(|()| applied)
+        out.result.and(applied)
     })
     .await
     .unwrap_or(Err(TxnError::NotCoordinator));
@@ -289,7 +290,7 @@ pub async fn end_txn(broker: &Arc<Broker>, req: EndTxnRequest, version: i16) -> 
             now_ms(),
         );
         let applied = apply(&mut st, &b, out.effects);
-        out.result.and_then(|()| applied)
+        out.result.and(applied)
     })
     .await
     .unwrap_or(Err(TxnError::NotCoordinator));
