@@ -172,8 +172,8 @@ KILLS_MID_TRANSACTION = {3: "produced", 7: "offsets", 11: "committed"}
 @pytest.mark.parametrize("kills", [
     pytest.param({}, id="no-kill"),
     pytest.param(KILLS_MID_TRANSACTION, id="kill-9", marks=pytest.mark.skip(
-        reason="after a broker restart librdkafka's send_offsets_to_transaction blocks past its "
-               "timeout; not yet diagnosed (issue 12)")),
+        reason="after a kill -9 and restart of the broker, librdkafka's "
+               "send_offsets_to_transaction blocks past its timeout; not yet diagnosed (issue 12)")),
 ])
 def test_consume_transform_produce_is_exactly_once(broker, kills):
     """20,000 input records through a transactional loop (consume, transform, produce,
