@@ -217,7 +217,8 @@ impl PartitionLog {
         files: Arc<DescriptorCache>,
     ) -> Result<(PartitionLog, OpenReport)> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-        let (mut log_start_offset, mut recovery_point) = read_checkpoint(dir)?;
+        let checkpoint_on_disk = read_checkpoint(dir)?;
+        let (mut log_start_offset, mut recovery_point) = checkpoint_on_disk.unwrap_or((0, 0));
         let mut bases = Vec::new();
         let mut snapshots = BTreeSet::new();
         for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))? {
@@ -355,7 +356,11 @@ impl PartitionLog {
             leader_epochs: LeaderEpochCache::new(),
             leader_epochs_unsynced: false,
         };
-        log.write_checkpoint()?;
+        // Only a changed (or missing) checkpoint is written: an open after a clean
+        // shutdown writes no file per partition.
+        if checkpoint_on_disk != Some((log.log_start_offset, log.recovery_point)) {
+            log.write_checkpoint()?;
+        }
         log.load_producer_state(&mut report)?;
         log.load_leader_epochs()?;
         Ok((log, report))
@@ -914,7 +919,6 @@ impl PartitionLog {
             .copied()
             .filter(|b| *b != active_base)
             .collect();
-        let interval = self.config.index_interval_bytes;
         for base in bases {
             let Some(seg) = self.segments.get(&base) else {
                 continue;
@@ -956,24 +960,8 @@ impl PartitionLog {
                 self.segments.remove(&base);
                 continue;
             }
-            let cleaned = log_path.with_extension("cleaned");
-            {
-                let mut f = File::create(&cleaned).map_err(|e| StorageError::io(&cleaned, e))?;
-                std::io::Write::write_all(&mut f, &kept)
-                    .map_err(|e| StorageError::io(&cleaned, e))?;
-                f.sync_all().map_err(|e| StorageError::io(&cleaned, e))?;
-            }
-            std::fs::rename(&cleaned, &log_path).map_err(|e| StorageError::io(&log_path, e))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| StorageError::io(&self.dir, e))?;
-            let (mut new_seg, outcome) =
-                Segment::open(log_path, base, true, interval, false, &self.files)?;
-            assert_eq!(
-                outcome.truncated_bytes, 0,
-                "a freshly written compacted segment must scan clean"
-            );
-            new_seg.write_index_files()?;
+            // Compacted: offsets have gaps, so not dense.
+            let new_seg = self.replace_segment_file(log_path, base, &kept, false)?;
             self.segments.insert(base, new_seg);
         }
         Ok(report)
@@ -1183,7 +1171,6 @@ impl PartitionLog {
             self.truncate_fully_and_start_at(offset.max(0))?;
             return Ok(true);
         }
-        let interval = self.config.index_interval_bytes;
         let dense = !self.config.compacted;
         let doomed: Vec<i64> = self.segments.range(offset..).map(|(b, _)| *b).collect();
         for base in doomed {
@@ -1204,22 +1191,7 @@ impl PartitionLog {
                 }
                 .read()?;
                 let log_path = seg.log_path.clone();
-                let cleaned = log_path.with_extension("cleaned");
-                {
-                    let mut f =
-                        File::create(&cleaned).map_err(|e| StorageError::io(&cleaned, e))?;
-                    std::io::Write::write_all(&mut f, &kept)
-                        .map_err(|e| StorageError::io(&cleaned, e))?;
-                    f.sync_all().map_err(|e| StorageError::io(&cleaned, e))?;
-                }
-                std::fs::rename(&cleaned, &log_path).map_err(|e| StorageError::io(&log_path, e))?;
-                File::open(&self.dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| StorageError::io(&self.dir, e))?;
-                let (mut new_seg, outcome) =
-                    Segment::open(log_path, base, true, interval, dense, &self.files)?;
-                assert_eq!(outcome.truncated_bytes, 0, "a kept prefix of whole batches");
-                new_seg.write_index_files()?;
+                let new_seg = self.replace_segment_file(log_path, base, &kept, dense)?;
                 self.segments.insert(base, new_seg);
             }
         }
@@ -1229,6 +1201,38 @@ impl PartitionLog {
         }
         self.after_truncation()?;
         Ok(true)
+    }
+
+    /// Replaces the segment file at `log_path` with `kept` (whole batches) without ever
+    /// cutting bytes in place: a `.cleaned` copy is written and fsynced, renamed over the
+    /// original and the directory fsynced, so a crash leaves the old or the new file
+    /// (open removes a leftover `.cleaned`); regions planned on the old inode stay valid.
+    /// The new segment is opened by a full scan and its indexes written.
+    fn replace_segment_file(
+        &self,
+        log_path: PathBuf,
+        base: i64,
+        kept: &[u8],
+        dense: bool,
+    ) -> Result<Segment> {
+        let cleaned = log_path.with_extension("cleaned");
+        {
+            let mut f = File::create(&cleaned).map_err(|e| StorageError::io(&cleaned, e))?;
+            std::io::Write::write_all(&mut f, kept).map_err(|e| StorageError::io(&cleaned, e))?;
+            f.sync_all().map_err(|e| StorageError::io(&cleaned, e))?;
+        }
+        std::fs::rename(&cleaned, &log_path).map_err(|e| StorageError::io(&log_path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StorageError::io(&self.dir, e))?;
+        let interval = self.config.index_interval_bytes;
+        let (mut seg, outcome) = Segment::open(log_path, base, true, interval, dense, &self.files)?;
+        assert_eq!(
+            outcome.truncated_bytes, 0,
+            "a freshly written copy of whole batches must scan clean"
+        );
+        seg.write_index_files()?;
+        Ok(seg)
     }
 
     /// Empties the log and makes it start at `offset` (a follower whose log is entirely
@@ -1450,11 +1454,12 @@ impl PartitionLog {
     }
 }
 
-fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
+/// `(log_start_offset, recovery_point)`, `None` when there is no checkpoint yet.
+fn read_checkpoint(dir: &Path) -> Result<Option<(i64, i64)>> {
     let path = dir.join(CHECKPOINT_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StorageError::io(path, e)),
     };
     let mut parts = text.split_whitespace();
@@ -1462,7 +1467,7 @@ fn read_checkpoint(dir: &Path) -> Result<(i64, i64)> {
         (Some("v1"), Some(a), Some(b)) => a.parse().ok().zip(b.parse().ok()),
         _ => None,
     };
-    parsed.ok_or(StorageError::Corruption {
+    parsed.map(Some).ok_or(StorageError::Corruption {
         path,
         position: 0,
         reason: "bad checkpoint".into(),

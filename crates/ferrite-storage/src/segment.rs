@@ -72,6 +72,10 @@ pub(crate) struct Segment {
     /// `unknown_timestamps` is final (segments opened from their index files are walked
     /// once, when retention first considers them).
     timestamps_checked: bool,
+    /// `.index` and `.timeindex` on disk say exactly what `index` and `time_index` hold
+    /// (read at open and unchanged since, or written since the last change), so a clean
+    /// shutdown need not write them again: an idle partition writes nothing.
+    index_files_current: bool,
 }
 
 impl Segment {
@@ -97,6 +101,7 @@ impl Segment {
             first_append_ms: None,
             unknown_timestamps: false,
             timestamps_checked: true,
+            index_files_current: false,
         })
     }
 
@@ -133,14 +138,25 @@ impl Segment {
             first_append_ms: None,
             unknown_timestamps: false,
             timestamps_checked: false,
+            index_files_current: false,
         };
+        let mut loaded = None;
         if !recover {
             if let Some((index, time_index)) = seg.load_index_files() {
+                loaded = Some((index.len(), time_index.len()));
                 seg.index = index;
                 seg.time_index = time_index;
             }
         }
         let outcome = seg.scan_tail(recover, index_interval_bytes, dense)?;
+        // The files still match if the scan of the tail added no entry and the last time
+        // entry already covers the max timestamp (as the one written at close does).
+        seg.index_files_current = outcome.truncated_bytes == 0
+            && loaded == Some((seg.index.len(), seg.time_index.len()))
+            && seg
+                .time_index
+                .last()
+                .map_or(seg.max_timestamp < 0, |e| e.timestamp >= seg.max_timestamp);
         Ok((seg, outcome))
     }
 
@@ -313,6 +329,7 @@ impl Segment {
     /// Updates offsets, timestamps and the sparse indexes for a batch now at `position`.
     pub fn note_batch(&mut self, position: u64, header: &BatchHeader, index_interval_bytes: u64) {
         assert!(header.base_offset >= self.base_offset);
+        self.index_files_current = false;
         let batch_bytes = header.total_bytes().unwrap_or(HEADER_BYTES) as u64;
         if self.index.is_empty() || self.bytes_since_index >= index_interval_bytes {
             let relative_offset =
@@ -428,6 +445,9 @@ impl Segment {
     /// Writes both index files, fsyncing each when `sync` (a clean shutdown syncs the
     /// whole filesystem once instead).
     pub fn write_index_files_synced(&mut self, sync: bool) -> Result<()> {
+        if self.index_files_current {
+            return Ok(());
+        }
         if self.size == 0 {
             // An empty segment's indexes are empty: no files (a missing index is rebuilt
             // from the log at open, here from nothing), so an idle partition's shutdown
@@ -440,6 +460,7 @@ impl Segment {
                     Err(e) => return Err(StorageError::io(path, e)),
                 }
             }
+            self.index_files_current = true;
             return Ok(());
         }
         if self.max_timestamp >= 0
@@ -466,7 +487,9 @@ impl Segment {
             raw.extend_from_slice(&e.timestamp.to_be_bytes());
             raw.extend_from_slice(&e.relative_offset.to_be_bytes());
         }
-        write_file(&self.index_path(TIME_INDEX_SUFFIX), &raw, sync)
+        write_file(&self.index_path(TIME_INDEX_SUFFIX), &raw, sync)?;
+        self.index_files_current = true;
+        Ok(())
     }
 
     pub fn delete_files(&self) -> Result<()> {
