@@ -218,10 +218,16 @@ impl Broker {
             .iter()
             .filter(|d| !d.owned_by(&image))
             .collect();
+        let present: std::collections::HashSet<(&str, i32)> = partition_dirs
+            .iter()
+            .map(|d| (d.topic.as_str(), d.partition))
+            .collect();
         for t in image.topics() {
             for p in t.partitions.values() {
-                let path = replica_manager::partition_dir(&dir, &t.name, p.partition);
-                if p.replicas.contains(&config.node_id) && !path.exists() {
+                if p.replicas.contains(&config.node_id)
+                    && !present.contains(&(t.name.as_str(), p.partition))
+                {
+                    let path = replica_manager::partition_dir(&dir, &t.name, p.partition);
                     tracing::warn!(dir = %path.display(), "the metadata has this partition but its directory is missing: starting it empty; restore the directory from a backup to get its data back");
                 }
             }

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use ferrite_replication::{follower_truncation, EpochEndOffset};
 use ferrite_storage::BatchIter;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ReplicaState};
@@ -32,9 +32,9 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
 };
 use kafka_protocol::messages::{
     ApiKey, BrokerId, FetchRequest, FetchResponse, OffsetForLeaderEpochRequest,
-    OffsetForLeaderEpochResponse, RequestHeader, ResponseHeader,
+    OffsetForLeaderEpochResponse,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Decodable, Encodable};
 use kafka_protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -512,44 +512,31 @@ impl Connection {
         body: &Req,
     ) -> Result<Resp, FetchError> {
         self.correlation_id = self.correlation_id.wrapping_add(1);
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("ferrite-replica-fetcher")))
-            .encode(&mut buf, key.request_header_version(version))
-            .map_err(|e| FetchError::Protocol(format!("cannot encode {key:?} header: {e}")))?;
-        body.encode(&mut buf, version)
-            .map_err(|e| FetchError::Protocol(format!("cannot encode {key:?}: {e}")))?;
-        let len = i32::try_from(buf.len() - 4)
-            .map_err(|_| FetchError::Protocol("request too large".into()))?;
-        if let Some(prefix) = buf.get_mut(..4) {
-            prefix.copy_from_slice(&len.to_be_bytes());
-        }
+        let protocol = |e: ferrite_protocol::ClientFrameError| FetchError::Protocol(e.to_string());
+        let buf = ferrite_protocol::encode_request(
+            key,
+            version,
+            self.correlation_id,
+            "ferrite-replica-fetcher",
+            body,
+        )
+        .map_err(protocol)?;
         self.stream.write_all(&buf).await?;
-        let len = self.stream.read_u32().await? as usize;
-        if len > REPLICA_RESPONSE_FRAME_BYTES_MAX {
-            return Err(FetchError::Protocol(format!(
-                "response of {len} bytes is larger than {REPLICA_RESPONSE_FRAME_BYTES_MAX}"
-            )));
-        }
+        let mut prefix = [0u8; ferrite_protocol::FRAME_PREFIX_BYTES];
+        self.stream.read_exact(&mut prefix).await?;
+        let len = ferrite_protocol::response_length(prefix, REPLICA_RESPONSE_FRAME_BYTES_MAX)
+            .map_err(protocol)?;
         let mut frame = vec![0u8; len];
         self.stream.read_exact(&mut frame).await?;
-        let mut frame = Bytes::from(frame);
-        let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
-            .map_err(|e| FetchError::Protocol(format!("bad {key:?} response header: {e}")))?;
-        if header.correlation_id != self.correlation_id {
-            return Err(FetchError::Protocol(format!(
-                "{key:?} answered with correlation id {}, expected {}",
-                header.correlation_id, self.correlation_id
-            )));
-        }
-        let resp = Resp::decode(&mut frame, version)
-            .map_err(|e| FetchError::Protocol(format!("bad {key:?} response: {e}")))?;
-        if frame.has_remaining() {
-            tracing::debug!(bytes = frame.remaining(), "trailing bytes after a response");
+        let (resp, trailing) = ferrite_protocol::decode_response(
+            Bytes::from(frame),
+            key,
+            version,
+            self.correlation_id,
+        )
+        .map_err(protocol)?;
+        if trailing > 0 {
+            tracing::debug!(bytes = trailing, "trailing bytes after a response");
         }
         Ok(resp)
     }

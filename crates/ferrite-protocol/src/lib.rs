@@ -262,6 +262,115 @@ pub fn unsupported_api_versions_response(correlation_id: i32) -> Result<BytesMut
     )
 }
 
+/// The client side of the framing, shared by Ferrite's own clients (the CLI's admin
+/// requests, the replica fetcher): why a request could not be framed or its response
+/// not read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientFrameError {
+    #[error("cannot encode {api_key:?} v{version} request: {reason}")]
+    Encode {
+        api_key: ApiKey,
+        version: i16,
+        reason: String,
+    },
+    #[error("response of {size} bytes is larger than {max}")]
+    ResponseTooLarge { size: usize, max: usize },
+    #[error("negative response frame length {0}")]
+    NegativeLength(i32),
+    #[error("bad {api_key:?} response header: {reason}")]
+    BadHeader { api_key: ApiKey, reason: String },
+    #[error("{api_key:?} answered with correlation id {got}, expected {expected}")]
+    CorrelationMismatch {
+        api_key: ApiKey,
+        got: i32,
+        expected: i32,
+    },
+    #[error("bad {api_key:?} v{version} response: {reason}")]
+    BadResponse {
+        api_key: ApiKey,
+        version: i16,
+        reason: String,
+    },
+}
+
+/// Encodes a request frame, length prefix included.
+pub fn encode_request<Req: Encodable>(
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    client_id: &'static str,
+    body: &Req,
+) -> Result<BytesMut, ClientFrameError> {
+    let err = |reason: String| ClientFrameError::Encode {
+        api_key,
+        version,
+        reason,
+    };
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_i32(0); // Length, filled in below.
+    RequestHeader::default()
+        .with_request_api_key(api_key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            client_id,
+        )))
+        .encode(&mut buf, api_key.request_header_version(version))
+        .map_err(|e| err(e.to_string()))?;
+    body.encode(&mut buf, version)
+        .map_err(|e| err(e.to_string()))?;
+    let len = i32::try_from(buf.len() - FRAME_PREFIX_BYTES).map_err(|e| err(e.to_string()))?;
+    #[allow(clippy::indexing_slicing)] // The prefix was written first.
+    buf[..FRAME_PREFIX_BYTES].copy_from_slice(&len.to_be_bytes());
+    Ok(buf)
+}
+
+/// Reads a response's length prefix and checks it against the bound. Returns the body
+/// length.
+pub fn response_length(
+    prefix: [u8; FRAME_PREFIX_BYTES],
+    response_bytes_max: usize,
+) -> Result<usize, ClientFrameError> {
+    let len = i32::from_be_bytes(prefix);
+    let size = usize::try_from(len).map_err(|_| ClientFrameError::NegativeLength(len))?;
+    if size > response_bytes_max {
+        return Err(ClientFrameError::ResponseTooLarge {
+            size,
+            max: response_bytes_max,
+        });
+    }
+    Ok(size)
+}
+
+/// Decodes one response frame body (without the length prefix) to the request sent as
+/// `api_key` v`version` with `correlation_id`. Returns the response and the count of
+/// bytes left after it (none from a broker that speaks the version).
+pub fn decode_response<Resp: Decodable>(
+    mut frame: Bytes,
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+) -> Result<(Resp, usize), ClientFrameError> {
+    let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version))
+        .map_err(|e| ClientFrameError::BadHeader {
+            api_key,
+            reason: e.to_string(),
+        })?;
+    if header.correlation_id != correlation_id {
+        return Err(ClientFrameError::CorrelationMismatch {
+            api_key,
+            got: header.correlation_id,
+            expected: correlation_id,
+        });
+    }
+    let resp = Resp::decode(&mut frame, version).map_err(|e| ClientFrameError::BadResponse {
+        api_key,
+        version,
+        reason: e.to_string(),
+    })?;
+    Ok((resp, frame.remaining()))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -344,6 +453,63 @@ mod tests {
             decode_request(Bytes::from(f)),
             Err(ProtocolError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn a_client_request_is_what_the_broker_decodes_and_the_answer_comes_back() {
+        let body = MetadataRequest::default().with_allow_auto_topic_creation(false);
+        let framed = encode_request(ApiKey::Metadata, 12, 7, "ferrite-test", &body).unwrap();
+        let prefix: [u8; 4] = framed[..4].try_into().unwrap();
+        assert_eq!(frame_length(prefix, 1 << 20).unwrap(), framed.len() - 4);
+        let req = decode_request(Bytes::copy_from_slice(&framed[4..])).unwrap();
+        assert_eq!(req.api_key, ApiKey::Metadata);
+        assert_eq!(req.header.correlation_id, 7);
+        assert_eq!(
+            req.header.client_id.as_deref().map(|s| s.to_string()),
+            Some("ferrite-test".to_string())
+        );
+        let answer = kafka_protocol::messages::MetadataResponse::default()
+            .with_cluster_id(Some(StrBytes::from_static_str("c1")));
+        let out = encode_response(
+            ApiKey::Metadata,
+            12,
+            7,
+            &ResponseKind::Metadata(answer.clone()),
+        )
+        .unwrap();
+        let prefix: [u8; 4] = out[..4].try_into().unwrap();
+        assert_eq!(response_length(prefix, 1 << 20).unwrap(), out.len() - 4);
+        let body = Bytes::copy_from_slice(&out[4..]);
+        let (got, trailing) = decode_response::<kafka_protocol::messages::MetadataResponse>(
+            body.clone(),
+            ApiKey::Metadata,
+            12,
+            7,
+        )
+        .unwrap();
+        assert_eq!((got, trailing), (answer, 0));
+        // An answer to another request, and a length past the bound, are refused.
+        assert!(matches!(
+            decode_response::<kafka_protocol::messages::MetadataResponse>(
+                body,
+                ApiKey::Metadata,
+                12,
+                8
+            ),
+            Err(ClientFrameError::CorrelationMismatch {
+                got: 7,
+                expected: 8,
+                ..
+            })
+        ));
+        assert!(matches!(
+            response_length(100u32.to_be_bytes(), 99),
+            Err(ClientFrameError::ResponseTooLarge { .. })
+        ));
+        assert_eq!(
+            response_length((-1i32).to_be_bytes(), 99),
+            Err(ClientFrameError::NegativeLength(-1))
+        );
     }
 
     proptest! {

@@ -34,6 +34,8 @@ use crate::producer_state::{
     PRODUCER_ID_EXPIRATION_MS_DEFAULT, PRODUCER_SNAPSHOT_BYTES_MAX,
 };
 use crate::segment::{parse_segment_file_name, segment_file_name, Segment, LOG_SUFFIX};
+#[cfg(test)]
+use crate::segment::{INDEX_SUFFIX, TIME_INDEX_SUFFIX};
 use ferrite_replication::LeaderEpochCache;
 
 /// Per-partition settings, from topic configs over broker defaults.
@@ -339,6 +341,15 @@ impl PartitionLog {
         let first_base = segments.keys().next().copied().unwrap_or(0);
         log_start_offset = log_start_offset.clamp(first_base, log_end_offset);
         recovery_point = recovery_point.min(log_end_offset);
+        let checkpoint = (log_start_offset, recovery_point);
+        if clean {
+            // A clean shutdown made every log durable to its end before it wrote the
+            // marker, so that is the recovery point, whatever the checkpoint says: the
+            // shutdown does not write one checkpoint per partition after its sync (19,000
+            // file writes, issue 14). The file may keep a lower recovery point until its
+            // next write; lower only means that a crash before then recovers more.
+            recovery_point = log_end_offset;
+        }
         let mut log = PartitionLog {
             dir: dir.to_path_buf(),
             config,
@@ -358,7 +369,7 @@ impl PartitionLog {
         };
         // Only a changed (or missing) checkpoint is written: an open after a clean
         // shutdown writes no file per partition.
-        if checkpoint_on_disk != Some((log.log_start_offset, log.recovery_point)) {
+        if checkpoint_on_disk != Some(checkpoint) {
             log.write_checkpoint()?;
         }
         log.load_producer_state(&mut report)?;
@@ -1328,18 +1339,13 @@ impl PartitionLog {
         }
     }
 
-    /// Second half: everything is on disk, so the recovery point is the log end.
-    pub fn mark_closed(&mut self) -> Result<()> {
+    /// Second half: everything is on disk, so the recovery point is the log end. Not
+    /// written to the checkpoint: the caller's clean-shutdown marker says it for every
+    /// log at once, and the next clean open takes the log end as its recovery point.
+    pub fn mark_closed(&mut self) {
         self.unflushed_messages = 0;
         self.first_unflushed_ms = None;
-        let leo = self.log_end_offset();
-        // Every change of the two offsets is written at once, so an unchanged recovery
-        // point is on disk already: an idle partition costs no file write at shutdown.
-        if self.recovery_point == leo {
-            return Ok(());
-        }
-        self.recovery_point = leo;
-        self.write_checkpoint()
+        self.recovery_point = self.log_end_offset();
     }
 
     /// Deletes the whole partition directory (DeleteTopics).
@@ -2044,6 +2050,67 @@ mod tests {
             assert_eq!(log.log_end_offset(), 300);
             let all = log.read_plan(0).unwrap().unwrap().read(100, true).unwrap();
             assert_eq!(offsets_in(&all)[0], 0);
+        }
+    }
+
+    /// A clean shutdown of a partition with nothing new since its open writes no index
+    /// file (19,000 idle partitions, issue 14); one with new batches writes them again,
+    /// and either way the next open finds the whole log.
+    #[test]
+    fn an_idle_close_rewrites_no_index_file_and_a_written_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let close = |log: &mut PartitionLog| {
+            log.close_unsynced().unwrap();
+            log.mark_closed();
+        };
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        for i in 0..20 {
+            log.append(&make_batch(3, 1000 + i, b"0123456789"), 1, 0)
+                .unwrap();
+        }
+        assert_eq!(log.segment_count(), 1);
+        close(&mut log);
+        drop(log);
+        let index = dir.path().join(segment_file_name(0, INDEX_SUFFIX));
+        let time_index = dir.path().join(segment_file_name(0, TIME_INDEX_SUFFIX));
+        assert!(index.exists() && time_index.exists());
+
+        // Idle: the files read at open are still what the log holds, so none is written
+        // (removed here behind the log's back to see that).
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        std::fs::remove_file(&index).unwrap();
+        std::fs::remove_file(&time_index).unwrap();
+        close(&mut log);
+        drop(log);
+        assert!(!index.exists() && !time_index.exists());
+
+        // Missing index files are rebuilt from the log at open, and written at close.
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        assert_eq!(log.log_end_offset(), 60);
+        close(&mut log);
+        drop(log);
+        assert!(index.exists() && time_index.exists());
+
+        // Written since the open: the indexes are written again.
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
+        std::fs::remove_file(&index).unwrap();
+        std::fs::remove_file(&time_index).unwrap();
+        log.append(&make_batch(3, 2000, b"0123456789"), 1, 0)
+            .unwrap();
+        close(&mut log);
+        drop(log);
+        assert!(index.exists() && time_index.exists());
+        for clean in [true, false] {
+            let (log, _) = PartitionLog::open(dir.path(), cfg(), clean).unwrap();
+            assert_eq!(log.log_end_offset(), 63);
+            let all = log.read_plan(0).unwrap().unwrap().read(100_000, true).unwrap();
+            assert_eq!(offsets_in(&all), (0..63).collect::<Vec<_>>());
+            let tail = log.read_plan(61).unwrap().unwrap().read(100_000, true).unwrap();
+            assert_eq!(offsets_in(&tail), vec![60, 61, 62]);
+            let plan = log.time_plan(2000).unwrap().unwrap();
+            let batch = plan.read_first_batch_at_time(2000).unwrap().unwrap();
+            assert_eq!(BatchHeader::parse(&batch).unwrap().base_offset, 60);
+            assert_eq!(log.max_timestamp(), 2002, "three records from 2000");
         }
     }
 

@@ -12,10 +12,9 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use ferrite_protocol::kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
-    RequestHeader, ResponseHeader,
 };
 use ferrite_protocol::kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use ferrite_protocol::kafka_protocol::ResponseError;
@@ -214,45 +213,31 @@ impl Conn {
         body: &Req,
     ) -> Result<Resp> {
         self.correlation_id = self.correlation_id.wrapping_add(1);
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("ferrite-cli")))
-            .encode(&mut buf, key.request_header_version(version))
-            .map_err(|e| anyhow!("cannot encode {key:?} header: {e}"))?;
-        body.encode(&mut buf, version)
-            .map_err(|e| anyhow!("cannot encode {key:?}: {e}"))?;
-        let len = i32::try_from(buf.len() - 4).context("request too large")?;
-        if let Some(prefix) = buf.get_mut(..4) {
-            prefix.copy_from_slice(&len.to_be_bytes());
-        }
+        let buf = ferrite_protocol::encode_request(
+            key,
+            version,
+            self.correlation_id,
+            "ferrite-cli",
+            body,
+        )?;
         let peer = self.peer();
         let what = || format!("{key:?} to {peer}");
         self.stream.write_all(&buf).with_context(what)?;
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).with_context(what)?;
-        let len = usize::try_from(i32::from_be_bytes(len)).unwrap_or(usize::MAX);
-        if len > RESPONSE_BYTES_MAX {
-            bail!(
-                "{}: response of {len} bytes is larger than {RESPONSE_BYTES_MAX}",
-                what()
-            );
-        }
+        let mut prefix = [0u8; ferrite_protocol::FRAME_PREFIX_BYTES];
+        self.stream.read_exact(&mut prefix).with_context(what)?;
+        let len =
+            ferrite_protocol::response_length(prefix, RESPONSE_BYTES_MAX).with_context(what)?;
         let mut frame = vec![0u8; len];
         self.stream.read_exact(&mut frame).with_context(what)?;
-        let mut frame = Bytes::from(frame);
-        let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
-            .map_err(|e| anyhow!("{}: bad response header: {e}", what()))?;
-        if header.correlation_id != self.correlation_id {
-            bail!("{}: response to another request", what());
-        }
-        let resp = Resp::decode(&mut frame, version)
-            .map_err(|e| anyhow!("{}: bad response: {e}", what()))?;
-        if frame.has_remaining() {
-            tracing::debug!(bytes = frame.remaining(), "trailing bytes after a response");
+        let (resp, trailing) = ferrite_protocol::decode_response(
+            Bytes::from(frame),
+            key,
+            version,
+            self.correlation_id,
+        )
+        .with_context(what)?;
+        if trailing > 0 {
+            tracing::debug!(bytes = trailing, "trailing bytes after a response");
         }
         Ok(resp)
     }
