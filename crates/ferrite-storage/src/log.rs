@@ -2103,9 +2103,19 @@ mod tests {
         for clean in [true, false] {
             let (log, _) = PartitionLog::open(dir.path(), cfg(), clean).unwrap();
             assert_eq!(log.log_end_offset(), 63);
-            let all = log.read_plan(0).unwrap().unwrap().read(100_000, true).unwrap();
+            let all = log
+                .read_plan(0)
+                .unwrap()
+                .unwrap()
+                .read(100_000, true)
+                .unwrap();
             assert_eq!(offsets_in(&all), (0..63).collect::<Vec<_>>());
-            let tail = log.read_plan(61).unwrap().unwrap().read(100_000, true).unwrap();
+            let tail = log
+                .read_plan(61)
+                .unwrap()
+                .unwrap()
+                .read(100_000, true)
+                .unwrap();
             assert_eq!(offsets_in(&tail), vec![60, 61, 62]);
             let plan = log.time_plan(2000).unwrap().unwrap();
             let batch = plan.read_first_batch_at_time(2000).unwrap().unwrap();
