@@ -177,9 +177,12 @@ fn append_partition(
     // against the local coordinator), checked and appended under the coordinator's
     // lock so that no EndTxn can complete the transaction in between: a late batch
     // can never open a transaction that no marker will close (KAFKA-17754).
+    // Only well-formed batches get here: malformed bytes with the transactional bit set
+    // are CORRUPT_MESSAGE from the append below, as any other malformed batch.
     let header = ferrite_storage::BatchHeader::parse(records).ok();
-    let transactional =
-        header.is_some_and(|h| h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0);
+    let transactional = header
+        .is_some_and(|h| h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0)
+        && producer_batches_valid(records);
     let _coordinator = if let (true, Some(h)) = (transactional, header) {
         let Some(tid) = transactional_id else {
             return Err((
@@ -237,4 +240,28 @@ fn append_partition(
             Err((code, e.to_string(), leader))
         }
     }
+}
+
+/// `records` is one or more complete, valid producer batches (length, CRC, dense
+/// offsets), the check the log's append makes.
+fn producer_batches_valid(mut records: &[u8]) -> bool {
+    if records.is_empty() {
+        return false;
+    }
+    while !records.is_empty() {
+        let Some(len) = ferrite_storage::BatchHeader::parse(records)
+            .ok()
+            .and_then(|h| h.total_bytes().ok())
+        else {
+            return false;
+        };
+        let (Some(batch), Some(rest)) = (records.get(..len), records.get(len..)) else {
+            return false;
+        };
+        if ferrite_storage::batch::validate_producer_batch(batch).is_err() {
+            return false;
+        }
+        records = rest;
+    }
+    true
 }
