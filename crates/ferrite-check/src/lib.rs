@@ -158,13 +158,14 @@ pub fn parse_history(input: impl BufRead) -> Result<Vec<Op>, HistoryError> {
                 reason: "a send completion needs its value".into(),
             });
         }
-        if op.f == OpFunction::Send
-            && op.op_type == OpType::Ok
-            && (op.partition.is_none() || op.offset.is_none())
-        {
+        // An ok send may lack its offset: librdkafka's idempotent producer acknowledges
+        // a batch whose response was lost once a later batch of the same partition
+        // succeeds (the sequence numbers prove the earlier one was written), without
+        // learning its offset.
+        if op.f == OpFunction::Send && op.op_type == OpType::Ok && op.partition.is_none() {
             return Err(HistoryError::Line {
                 line: i + 1,
-                reason: "an ok send needs partition and offset".into(),
+                reason: "an ok send needs its partition".into(),
             });
         }
         ops.push(op);
@@ -351,6 +352,11 @@ pub fn check(ops: &[Op]) -> Report {
     let mut read_values: BTreeSet<Value> = BTreeSet::new();
     let mut max_read_offset: BTreeMap<Tp, i64> = BTreeMap::new();
     let mut acknowledged: Vec<(Tp, i64, Value)> = Vec::new();
+    // Acknowledged without an offset: (partition, value, the process and the index of
+    // the op), placed later by the next acknowledged offset of the same producer.
+    let mut acknowledged_unplaced: Vec<(Tp, Value, i64, usize)> = Vec::new();
+    // Per producer and partition: (op index, offset) of its acknowledged sends in order.
+    let mut acked_by_process: BTreeMap<(i64, Tp), Vec<(usize, i64)>> = BTreeMap::new();
     let mut failed: BTreeMap<Value, String> = BTreeMap::new();
     let mut sends = OperationCounts::default();
     let mut polls = OperationCounts::default();
@@ -358,7 +364,7 @@ pub fn check(ops: &[Op]) -> Report {
     let mut ok_send_times: BTreeMap<Tp, Vec<u64>> = BTreeMap::new();
     let (mut first_ms, mut last_ms) = (u64::MAX, 0u64);
 
-    for op in ops {
+    for (index, op) in ops.iter().enumerate() {
         first_ms = first_ms.min(op.time_ms);
         last_ms = last_ms.max(op.time_ms);
         let counts = match op.f {
@@ -393,7 +399,18 @@ pub fn check(ops: &[Op]) -> Report {
                         .entry(tp.clone())
                         .or_default()
                         .push(op.time_ms);
+                    acked_by_process
+                        .entry((op.process, tp.clone()))
+                        .or_default()
+                        .push((index, o));
                     acknowledged.push((tp, o, v.clone()));
+                } else if let (Some(p), None, Some(v)) = (op.partition, op.offset, &op.value) {
+                    let tp = (op.topic.clone(), p);
+                    ok_send_times
+                        .entry(tp.clone())
+                        .or_default()
+                        .push(op.time_ms);
+                    acknowledged_unplaced.push((tp, v.clone(), op.process, index));
                 }
             }
             (OpFunction::Send, OpType::Fail) => {
@@ -495,6 +512,35 @@ pub fn check(ops: &[Op]) -> Report {
             },
         });
     }
+    for (tp, value, process, index) in &acknowledged_unplaced {
+        if read_values.contains(value) {
+            continue;
+        }
+        // Its producer's next acknowledged offset in the partition bounds it from above
+        // (a producer's sends to one partition are acknowledged in order).
+        let bound = acked_by_process
+            .get(&(*process, tp.clone()))
+            .and_then(|acks| acks.iter().find(|(i, _)| i > index))
+            .map(|(_, o)| *o);
+        let max_read = max_read_offset.get(tp).copied();
+        let kind = match (bound, max_read) {
+            (Some(b), Some(m)) if m >= b => AnomalyKind::LostWrite,
+            _ => AnomalyKind::Unseen,
+        };
+        anomalies.add(Anomaly {
+            kind,
+            topic: tp.0.clone(),
+            partition: tp.1,
+            offset: None,
+            value: Some(value.clone()),
+            process: None,
+            detail: format!(
+                "acknowledged without an offset (below {}), never read; highest offset read in the partition {}",
+                bound.map_or("-".into(), |b| b.to_string()),
+                max_read.map_or("-".into(), |m| m.to_string())
+            ),
+        });
+    }
     for op in ops {
         if matches!(op.f, OpFunction::Poll | OpFunction::FinalRead) && op.op_type == OpType::Ok {
             for r in &op.records {
@@ -558,7 +604,7 @@ pub fn check(ops: &[Op]) -> Report {
         polls,
         fraction_ok,
         longest_unavailable,
-        values_acknowledged: acknowledged.len() as u64,
+        values_acknowledged: (acknowledged.len() + acknowledged_unplaced.len()) as u64,
         values_read: read_values.len() as u64,
         faults,
     }

@@ -13,6 +13,12 @@ fn ok(process: i64, t: u64, value: i64, partition: i32, offset: i64) -> String {
     json!({"type": "ok", "f": "send", "process": process, "time_ms": t, "topic": "t", "value": value, "partition": partition, "offset": offset}).to_string()
 }
 
+/// An ok send whose offset the client never learned (librdkafka's implicit
+/// acknowledgement of an idempotent batch whose response was lost).
+fn ok_unplaced(process: i64, t: u64, value: i64, partition: i32) -> String {
+    json!({"type": "ok", "f": "send", "process": process, "time_ms": t, "topic": "t", "value": value, "partition": partition, "offset": null}).to_string()
+}
+
 fn fail(process: i64, t: u64, value: i64, error: &str) -> String {
     json!({"type": "fail", "f": "send", "process": process, "time_ms": t, "topic": "t", "value": value, "error": error}).to_string()
 }
@@ -370,7 +376,7 @@ fn malformed_lines_name_their_line() {
     match err {
         HistoryError::Line { line, reason } => {
             assert_eq!(line, 2);
-            assert!(reason.contains("partition and offset"), "{reason}");
+            assert!(reason.contains("needs its partition"), "{reason}");
         }
         other => panic!("{other}"),
     }
@@ -382,4 +388,35 @@ fn malformed_lines_name_their_line() {
         check_history("{\"type\":\"maybe\",\"f\":\"send\"}".as_bytes()),
         Err(HistoryError::Line { line: 1, .. })
     ));
+}
+
+#[test]
+fn an_ok_send_without_offset_is_acknowledged_and_placed_by_the_next_one() {
+    // Read: valid, and counted as acknowledged.
+    let read = [
+        invoke(10, 1, 100, 0),
+        invoke(10, 1, 101, 0),
+        ok_unplaced(10, 3, 100, 0),
+        ok(10, 3, 101, 0, 1),
+        final_read(9, &[(0, 0, 100), (0, 1, 101)]),
+    ];
+    let report = run(&read);
+    assert!(report.anomalies.is_empty(), "{}", report.to_text());
+    assert_eq!(report.values_acknowledged, 2);
+    // Never read while its producer's next acknowledged offset was: a lost write.
+    let lost = [
+        invoke(10, 1, 100, 0),
+        invoke(10, 1, 101, 0),
+        ok_unplaced(10, 3, 100, 0),
+        ok(10, 3, 101, 0, 1),
+        final_read(9, &[(0, 1, 101)]),
+    ];
+    assert_only(&run(&lost), AnomalyKind::LostWrite, 1);
+    // Never read and nothing bounds it: unseen.
+    let unseen = [
+        invoke(10, 1, 100, 0),
+        ok_unplaced(10, 3, 100, 0),
+        final_read(9, &[]),
+    ];
+    assert_only(&run(&unseen), AnomalyKind::Unseen, 1);
 }
