@@ -103,6 +103,12 @@ pub struct BrokerConfig {
     pub broker_heartbeat_interval_ms: u64,
     /// `broker.session.timeout.ms`
     pub broker_session_timeout_ms: u64,
+    /// `offsets.topic.replication.factor`: `__consumer_offsets` gets min(this, brokers).
+    pub offsets_topic_replication_factor: i16,
+    /// `auto.leader.rebalance.enable`: leadership returns to preferred replicas.
+    pub auto_leader_rebalance_enable: bool,
+    /// `leader.imbalance.check.interval.seconds`
+    pub leader_imbalance_check_interval_seconds: i64,
 }
 
 /// Kafka's `process.roles`.
@@ -217,6 +223,9 @@ impl Default for BrokerConfig {
             controller_listen: None,
             broker_heartbeat_interval_ms: 2000,
             broker_session_timeout_ms: 9000,
+            offsets_topic_replication_factor: 3,
+            auto_leader_rebalance_enable: true,
+            leader_imbalance_check_interval_seconds: 300,
         }
     }
 }
@@ -316,6 +325,15 @@ impl BrokerConfig {
             }
             "broker.session.timeout.ms" => {
                 self.broker_session_timeout_ms = parse_num(key, value, 1)?
+            }
+            "offsets.topic.replication.factor" => {
+                self.offsets_topic_replication_factor = parse_num(key, value, 1)?
+            }
+            "auto.leader.rebalance.enable" => {
+                self.auto_leader_rebalance_enable = parse_bool(key, value)?
+            }
+            "leader.imbalance.check.interval.seconds" => {
+                self.leader_imbalance_check_interval_seconds = parse_num(key, value, 1)?
             }
             "listeners" => {
                 let addr = client_listener(value);

@@ -6,20 +6,37 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ferrite_metadata::{assign_replicas, BrokerSlot, MetadataImage, MetadataRecord};
+use ferrite_controller::{ControllerConfig, Event, Output, Reply};
+use ferrite_metadata::{MetadataImage, MetadataRecord};
 use ferrite_raft::{MetadataQuorum, QuorumError};
 use kafka_protocol::ResponseError;
-use uuid::Uuid;
 
-use crate::config::{apply_topic_config, limits, validate_topic_name, BrokerConfig};
-use crate::error::{config_error_code, placement_error_code};
+use crate::config::{apply_topic_config, BrokerConfig};
+use crate::error::config_error_code;
 
 pub struct Controller {
     quorum: Arc<MetadataQuorum>,
+    config: ControllerConfig,
     /// Serializes decide-and-commit on this node (two concurrent CreateTopics of one
     /// name cannot both pass validation), and the metadata follower's reconcile with a
-    /// handler's own install of the partitions it just created.
-    lock: tokio::sync::Mutex<()>,
+    /// handler's own install of the partitions it just created. Holds the active
+    /// controller's state machine while this node is the active controller.
+    lock: tokio::sync::Mutex<Active>,
+}
+
+/// The sans-I/O KRaft controller (`ferrite_controller::Controller`) of this node while
+/// it is the active controller: built from the committed image when first needed in a
+/// leader epoch, dropped when a write of its records fails or something else was
+/// appended (its image would no longer be the log's), rebuilt at the next event.
+#[derive(Default)]
+pub struct Active {
+    state: Option<ActiveState>,
+}
+
+struct ActiveState {
+    /// The Raft term it was built in: a new term (even on this node) rebuilds it.
+    leader_epoch: u64,
+    controller: ferrite_controller::Controller,
 }
 
 /// An admin request's failure: Kafka error code and a message for the client.
@@ -38,11 +55,53 @@ impl AdminError {
     }
 }
 
+impl From<QuorumError> for AdminError {
+    fn from(e: QuorumError) -> Self {
+        AdminError {
+            code: crate::error::quorum_error_code(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ferrite_controller::ControllerError> for AdminError {
+    fn from(e: ferrite_controller::ControllerError) -> Self {
+        AdminError {
+            code: crate::error::controller_error_code(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The controller settings of a broker's configuration (Kafka's names).
+pub fn controller_config(config: &BrokerConfig) -> ControllerConfig {
+    ControllerConfig {
+        // Each node writes its own cluster id at its first start (there is no
+        // `kafka-storage format` step), so registrations are not checked against one.
+        cluster_id: None,
+        broker_session_timeout_ms: i64::try_from(config.broker_session_timeout_ms)
+            .unwrap_or(i64::MAX),
+        auto_leader_rebalance_enable: config.auto_leader_rebalance_enable,
+        leader_imbalance_check_interval_ms: config
+            .leader_imbalance_check_interval_seconds
+            .saturating_mul(1000),
+        unclean_leader_election_enable: false,
+        num_partitions: config.num_partitions,
+        default_replication_factor: config.default_replication_factor,
+        offsets_topic_replication_factor: config.offsets_topic_replication_factor,
+    }
+}
+
 impl Controller {
     pub fn new(quorum: Arc<MetadataQuorum>) -> Controller {
+        Self::with_config(quorum, ControllerConfig::default())
+    }
+
+    pub fn with_config(quorum: Arc<MetadataQuorum>, config: ControllerConfig) -> Controller {
         Controller {
             quorum,
-            lock: tokio::sync::Mutex::new(()),
+            config,
+            lock: tokio::sync::Mutex::new(Active::default()),
         }
     }
 
@@ -62,6 +121,12 @@ impl Controller {
     /// The committed image as applied on this node.
     pub fn image(&self) -> Arc<MetadataImage> {
         self.quorum.applied().borrow().image.clone()
+    }
+
+    /// The offset (in metadata log entries, KRaft's offsets: the image's version counts
+    /// them) of the last entry this node applied; -1 before any.
+    pub fn applied_offset(&self) -> i64 {
+        i64::try_from(self.image().version).unwrap_or(i64::MAX) - 1
     }
 
     /// The active controller's node id, as far as this node knows.
@@ -84,19 +149,26 @@ impl Controller {
             }
         }
         MetadataWriter {
-            _guard: guard,
+            guard,
             controller: self,
         }
     }
 
     /// The lock alone, for the metadata follower (no barrier: it only reads).
-    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Active> {
         self.lock.lock().await
+    }
+
+    /// One event through the active controller, committed before the reply is returned.
+    pub async fn handle(&self, event: Event) -> Result<Reply, QuorumError> {
+        let mut writer = self.writer().await;
+        let (reply, _) = writer.handle(event).await?;
+        Ok(reply)
     }
 }
 
 pub struct MetadataWriter<'a> {
-    _guard: tokio::sync::MutexGuard<'a, ()>,
+    guard: tokio::sync::MutexGuard<'a, Active>,
     controller: &'a Controller,
 }
 
@@ -127,9 +199,103 @@ impl MetadataWriter<'_> {
                 leader: status.leader_id,
             });
         }
+        // The state machine's image no longer matches the log after this: rebuilt at
+        // the next decision (`decide` sees the version moved).
         let index = quorum.write(records).await?;
         let applied = quorum.wait_applied(index, quorum.write_timeout()).await?;
         Ok(applied.image)
+    }
+
+    /// Decides `event` on the active controller's state machine, built from the
+    /// committed image when there is none for this leader epoch or its image is not the
+    /// applied one. The records are applied to its image but not committed: call
+    /// [`MetadataWriter::commit_decided`] with them, or [`MetadataWriter::abandon`].
+    pub fn decide(&mut self, event: Event) -> Result<Output<Reply>, QuorumError> {
+        let status = self.controller.quorum.status();
+        if !status.is_active_controller {
+            return Err(QuorumError::NotController {
+                leader: status.leader_id,
+            });
+        }
+        let image = self.image();
+        let next_offset = i64::try_from(image.version).unwrap_or(i64::MAX);
+        let now = crate::now_ms();
+        let stale = self.guard.state.as_ref().is_none_or(|a| {
+            a.leader_epoch != status.leader_epoch || a.controller.next_offset() != next_offset
+        });
+        if stale {
+            tracing::info!(
+                leader_epoch = status.leader_epoch,
+                next_offset,
+                "active controller: building the controller state from the committed image"
+            );
+            self.guard.state = Some(ActiveState {
+                leader_epoch: status.leader_epoch,
+                controller: ferrite_controller::Controller::new(
+                    self.controller.config.clone(),
+                    (*image).clone(),
+                    next_offset,
+                    now,
+                    rand::random::<u64>(),
+                ),
+            });
+        }
+        let Some(active) = self.guard.state.as_mut() else {
+            return Err(QuorumError::Stopped("no controller state".into()));
+        };
+        Ok(active.controller.handle(event, now))
+    }
+
+    /// The image after the last decision (the records not yet committed).
+    pub fn decided_image(&self) -> Option<&MetadataImage> {
+        self.guard.state.as_ref().map(|a| a.controller.image())
+    }
+
+    /// Drops the state machine: its last decision will not be committed.
+    pub fn abandon(&mut self) {
+        self.guard.state = None;
+    }
+
+    /// Commits the records of the last decision as one entry at `offset`. On any
+    /// failure the state machine is dropped (its image is ahead of the log).
+    pub async fn commit_decided(
+        &mut self,
+        records: Vec<MetadataRecord>,
+        offset: Option<i64>,
+    ) -> Result<Arc<MetadataImage>, QuorumError> {
+        if records.is_empty() {
+            return Ok(self.image());
+        }
+        match self.commit(records).await {
+            Ok(image) => {
+                let at = i64::try_from(image.version).unwrap_or(i64::MAX) - 1;
+                if offset.is_some_and(|o| o != at) && image.version > 0 {
+                    // Something else was appended in between (cannot happen while this
+                    // node holds the lock as the only writer; rebuilt to be safe).
+                    tracing::warn!(
+                        expected = ?offset,
+                        applied = at,
+                        "metadata entry landed at another offset than the controller predicted"
+                    );
+                    self.guard.state = None;
+                }
+                Ok(image)
+            }
+            Err(e) => {
+                self.guard.state = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Decides and commits one event; the reply and the image that includes it.
+    pub async fn handle(
+        &mut self,
+        event: Event,
+    ) -> Result<(Reply, Arc<MetadataImage>), QuorumError> {
+        let out = self.decide(event)?;
+        let image = self.commit_decided(out.records, out.offset).await?;
+        Ok((out.reply, image))
     }
 }
 
@@ -154,171 +320,4 @@ pub fn validate_topic_configs(
         out.insert(key, value.trim().to_string());
     }
     Ok(out)
-}
-
-/// The records that create a topic, after every check Kafka makes.
-pub fn create_topic_records(
-    config: &BrokerConfig,
-    image: &MetadataImage,
-    name: &str,
-    num_partitions: i32,
-    replication_factor: i16,
-    manual_assignment: Option<Vec<Vec<i32>>>,
-    configs: BTreeMap<String, String>,
-) -> Result<(Uuid, Vec<MetadataRecord>, i32, i16), AdminError> {
-    validate_topic_name(name)
-        .map_err(|m| AdminError::new(ResponseError::InvalidTopicException, m))?;
-    if image.topic(name).is_some() {
-        return Err(AdminError::new(
-            ResponseError::TopicAlreadyExists,
-            format!("topic `{name}` already exists"),
-        ));
-    }
-    // As Kafka: '.' and '_' map to the same metric names, so names differing only there
-    // collide.
-    let metric_name = |n: &str| n.replace('.', "_");
-    if let Some(other) = image
-        .topics()
-        .find(|t| metric_name(&t.name) == metric_name(name))
-    {
-        return Err(AdminError::new(
-            ResponseError::InvalidTopicException,
-            format!(
-                "topic `{name}` collides with existing topic `{}`",
-                other.name
-            ),
-        ));
-    }
-    let brokers = [BrokerSlot {
-        node_id: config.node_id,
-        rack: config.rack.clone(),
-    }];
-    let assignment = match manual_assignment {
-        Some(a) => {
-            if num_partitions != -1 || replication_factor != -1 {
-                return Err(AdminError::new(
-                    ResponseError::InvalidRequest,
-                    "both replica assignments and partition count or replication factor were given",
-                ));
-            }
-            validate_manual_assignment(&a, &brokers, 0)?;
-            a
-        }
-        None => {
-            let partitions = if num_partitions == -1 {
-                config.num_partitions
-            } else {
-                num_partitions
-            };
-            let rf = if replication_factor == -1 {
-                config.default_replication_factor
-            } else {
-                replication_factor
-            };
-            if partitions < 1 {
-                return Err(AdminError::new(
-                    ResponseError::InvalidPartitions,
-                    "number of partitions must be at least 1",
-                ));
-            }
-            if partitions > limits::TOPIC_PARTITIONS_CREATED_MAX {
-                return Err(AdminError::new(
-                    ResponseError::InvalidPartitions,
-                    format!(
-                        "at most {} partitions per request",
-                        limits::TOPIC_PARTITIONS_CREATED_MAX
-                    ),
-                ));
-            }
-            if rf < 1 {
-                return Err(AdminError::new(
-                    ResponseError::InvalidReplicationFactor,
-                    "replication factor must be at least 1",
-                ));
-            }
-            // Kafka picks the start of the round-robin at random so that leaders of many
-            // topics spread over the brokers.
-            let start_index = rand::random::<u32>() as usize % brokers.len();
-            assign_replicas(&brokers, 0, partitions, i32::from(rf), start_index).map_err(|e| {
-                AdminError {
-                    code: placement_error_code(&e),
-                    message: e.to_string(),
-                }
-            })?
-        }
-    };
-    let topic_id = Uuid::new_v4();
-    let mut records = vec![MetadataRecord::Topic {
-        name: name.to_string(),
-        topic_id,
-    }];
-    let partitions = assignment.len() as i32;
-    let rf = assignment.first().map_or(0, Vec::len) as i16;
-    records.extend(partition_records(topic_id, 0, assignment));
-    records.extend(
-        configs
-            .into_iter()
-            .map(|(key, value)| MetadataRecord::TopicConfig {
-                topic_id,
-                key,
-                value: Some(value),
-            }),
-    );
-    Ok((topic_id, records, partitions, rf))
-}
-
-pub fn partition_records(
-    topic_id: Uuid,
-    first: i32,
-    assignment: Vec<Vec<i32>>,
-) -> Vec<MetadataRecord> {
-    assignment
-        .into_iter()
-        .enumerate()
-        .map(|(i, replicas)| MetadataRecord::Partition {
-            topic_id,
-            partition: first + i as i32,
-            leader: replicas.first().copied().unwrap_or(-1),
-            isr: replicas.clone(),
-            replicas,
-            leader_epoch: 0,
-            partition_epoch: 0,
-        })
-        .collect()
-}
-
-pub fn validate_manual_assignment(
-    a: &[Vec<i32>],
-    brokers: &[BrokerSlot],
-    _first: i32,
-) -> Result<(), AdminError> {
-    let bad = |m: String| AdminError::new(ResponseError::InvalidReplicaAssignment, m);
-    if a.is_empty() {
-        return Err(bad("empty replica assignment".into()));
-    }
-    if a.len() > limits::TOPIC_PARTITIONS_CREATED_MAX as usize {
-        return Err(AdminError::new(
-            ResponseError::InvalidPartitions,
-            "too many partitions in one request",
-        ));
-    }
-    let rf = a.first().map_or(0, Vec::len);
-    for replicas in a {
-        if replicas.is_empty() || replicas.len() != rf {
-            return Err(bad(
-                "every partition needs the same, non-zero number of replicas".into(),
-            ));
-        }
-        for (i, b) in replicas.iter().enumerate() {
-            if !brokers.iter().any(|s| s.node_id == *b) {
-                return Err(bad(format!("broker {b} does not exist")));
-            }
-            if replicas.iter().skip(i + 1).any(|o| o == b) {
-                return Err(bad(format!(
-                    "broker {b} appears twice in one partition's replicas"
-                )));
-            }
-        }
-    }
-    Ok(())
 }

@@ -4,9 +4,11 @@
 
 pub mod config;
 pub mod controller;
+pub mod controller_rpc;
 pub mod error;
 pub mod group_manager;
 pub mod handlers;
+pub mod lifecycle;
 pub mod producer_ids;
 pub mod recompress;
 pub mod replica_fetcher;
@@ -67,6 +69,10 @@ pub struct Broker {
     pub groups: group_manager::GroupManager,
     pub producer_ids: producer_ids::ProducerIdManager,
     pub txns: txn_manager::TxnManager,
+    /// This broker's registration with the active controller (`lifecycle`).
+    pub lifecycle: tokio::sync::watch::Receiver<lifecycle::LifecycleState>,
+    /// Set by a SIGTERM: heartbeats ask for a controlled shutdown.
+    pub shutting_down: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -269,14 +275,14 @@ impl Broker {
             .await?,
         );
         wait_for_quorum(&metadata_quorum, local_last_index).await?;
-        let controller = Controller::new(metadata_quorum.clone());
+        let controller = Controller::with_config(
+            metadata_quorum.clone(),
+            controller::controller_config(&config),
+        );
         // The follower starts from here: what this reconcile sees is done.
         let mut applied = metadata_quorum.applied();
         applied.borrow_and_update();
         replicas.reconcile(&controller.image(), &config, true)?;
-        if metadata_quorum.status().is_active_controller {
-            ensure_offsets_topic(&controller, &replicas, &config).await?;
-        }
         let groups = group_manager::GroupManager::new(
             ferrite_coordinator::GroupCoordinator::new(
                 config.group.clone(),
@@ -292,6 +298,8 @@ impl Broker {
             "group metadata and committed offsets loaded"
         );
         let advertised = config.advertised(local_addr);
+        let (lifecycle_tx, lifecycle_rx) =
+            tokio::sync::watch::channel(lifecycle::LifecycleState::default());
         let broker = Arc::new(Broker {
             config,
             advertised,
@@ -301,16 +309,31 @@ impl Broker {
             groups,
             producer_ids: producer_ids::ProducerIdManager::default(),
             txns: txn_manager::TxnManager::new(ferrite_coordinator::txn::TxnConfig::default()),
+            lifecycle: lifecycle_rx,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         });
+        metadata_quorum.set_kafka_handler(controller_rpc::handler(Arc::downgrade(&broker)));
         // After the groups: resumed commits apply their pending offsets.
         broker.txns.sync_leadership(&broker);
         tokio::spawn(follow_metadata(
             Arc::downgrade(&broker),
-            metadata_quorum,
+            metadata_quorum.clone(),
             applied,
             local_last_index,
         ));
+        tokio::spawn(lifecycle::run(broker.clone(), lifecycle_tx));
+        tokio::spawn(lifecycle::send_alter_partitions(
+            broker.clone(),
+            broker.lifecycle.clone(),
+        ));
+        tokio::spawn(lifecycle::tick(Arc::downgrade(&broker)));
+        wait_until_unfenced(&broker).await?;
+        if metadata_quorum.status().is_active_controller && metadata_quorum.voters().len() == 1 {
+            // A one-voter cluster has all its brokers now; a larger one creates the
+            // topic from the controller's tick once enough brokers registered.
+            ensure_offsets_topic(&broker).await?;
+        }
         Ok(Running {
             broker,
             listener,
@@ -476,14 +499,37 @@ fn raise_file_descriptor_limit() {
     }
 }
 
-/// Creates `__consumer_offsets` on first start. Its records must outlive any time or size
+/// Waits until this broker is registered with the active controller and unfenced
+/// (caught up with the metadata log), saying so every few seconds.
+async fn wait_until_unfenced(broker: &Arc<Broker>) -> Result<(), StartError> {
+    const NOTICE_INTERVAL: Duration = Duration::from_secs(5);
+    let mut state = broker.lifecycle.clone();
+    loop {
+        if state.borrow_and_update().is_ready() {
+            return Ok(());
+        }
+        match tokio::time::timeout(NOTICE_INTERVAL, state.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(StartError::Meta(
+                    "the broker lifecycle task stopped before registration".into(),
+                ))
+            }
+            Err(_) => tracing::info!(
+                state = ?*state.borrow(),
+                "waiting to register with the active controller and be unfenced"
+            ),
+        }
+    }
+}
+
+/// Creates `__consumer_offsets` (on the active controller) if it does not exist: with
+/// `offsets.topic.replication.factor` replicas, or as many as there are usable brokers
+/// (Kafka's rule for internal topics). Its records must outlive any time or size
 /// retention, so retention is off for it.
-async fn ensure_offsets_topic(
-    controller: &Controller,
-    replicas: &ReplicaManager,
-    config: &BrokerConfig,
-) -> Result<(), StartError> {
-    let mut writer = controller.writer().await;
+pub(crate) async fn ensure_offsets_topic(broker: &Broker) -> Result<(), StartError> {
+    let config = &broker.config;
+    let mut writer = broker.controller.writer().await;
     let image = writer.image();
     if let Some(t) = image.topic(group_manager::OFFSETS_TOPIC) {
         if t.partitions.len() as i32 != config.offsets_topic_num_partitions {
@@ -506,24 +552,36 @@ async fn ensure_offsets_topic(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let (_, records, _, _) = controller::create_topic_records(
-        config,
-        &image,
-        group_manager::OFFSETS_TOPIC,
-        config.offsets_topic_num_partitions,
-        1,
-        None,
-        configs,
-    )
-    .map_err(|e| {
-        StartError::Meta(format!(
-            "cannot create {}: {}",
-            group_manager::OFFSETS_TOPIC,
-            e.message
-        ))
-    })?;
-    let image = writer.commit(records).await?;
-    replicas.reconcile(&image, config, true)?;
+    let event = ferrite_controller::Event::CreateTopics(ferrite_controller::CreateTopics {
+        topics: vec![ferrite_controller::CreatableTopic {
+            name: group_manager::OFFSETS_TOPIC.to_string(),
+            num_partitions: config.offsets_topic_num_partitions,
+            replication_factor: -1,
+            assignments: None,
+            configs,
+        }],
+        validate_only: false,
+    });
+    let (reply, image) = writer.handle(event).await?;
+    if let ferrite_controller::Reply::CreateTopics(results) = reply {
+        for r in results {
+            match r.result {
+                Ok(t) => tracing::info!(
+                    topic = group_manager::OFFSETS_TOPIC,
+                    partitions = t.num_partitions,
+                    replication_factor = t.replication_factor,
+                    "created the offsets topic"
+                ),
+                Err(e) => {
+                    return Err(StartError::Meta(format!(
+                        "cannot create {}: {e}",
+                        group_manager::OFFSETS_TOPIC
+                    )))
+                }
+            }
+        }
+    }
+    broker.replicas.reconcile(&image, config, true)?;
     Ok(())
 }
 

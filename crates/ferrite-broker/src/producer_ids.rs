@@ -7,7 +7,10 @@
 use ferrite_metadata::MetadataRecord;
 use ferrite_raft::QuorumError;
 
+use kafka_protocol::messages::{AllocateProducerIdsRequest, BrokerId};
+
 use crate::controller::Controller;
+use crate::controller_rpc::{ControllerChannel, ControllerRequest, ControllerResponse};
 
 /// Ids claimed per metadata record (Kafka's `ProducerIdsBlock.PRODUCER_ID_BLOCK_SIZE`).
 pub const PRODUCER_ID_BLOCK_SIZE: i64 = 1000;
@@ -18,6 +21,10 @@ pub enum ProducerIdError {
     Metadata(#[from] QuorumError),
     #[error("producer ids are exhausted")]
     Exhausted,
+    #[error("the controller refused a block of producer ids (error code {0})")]
+    Refused(i16),
+    #[error("no controller answered for a block of producer ids: {0}")]
+    Unavailable(String),
 }
 
 /// The block this broker hands ids out of: `[next, end)`.
@@ -43,7 +50,8 @@ pub struct ProducerIdManager {
 }
 
 impl ProducerIdManager {
-    /// A producer id never handed out before.
+    /// A producer id never handed out before. A new block comes from the active
+    /// controller (Kafka's AllocateProducerIds; in-process when this node is it).
     pub async fn generate(
         &self,
         controller: &Controller,
@@ -53,26 +61,55 @@ impl ProducerIdManager {
         if let Some(id) = block.take() {
             return Ok(id);
         }
-        let mut writer = controller.writer().await;
-        let start = writer.image().next_producer_id();
-        let end = start
-            .checked_add(PRODUCER_ID_BLOCK_SIZE)
-            .ok_or(ProducerIdError::Exhausted)?;
-        // Decided on the active controller only (the commit refuses elsewhere): a block
-        // decided on a stale image elsewhere could overlap another broker's.
-        writer
-            .commit(vec![MetadataRecord::ProducerIds {
-                broker_id,
-                // No broker registrations exist yet (one node); KRaft fences stale
-                // brokers with this epoch once they do.
-                broker_epoch: -1,
-                next_producer_id: end,
-            }])
-            .await?;
-        tracing::info!(start, end, "claimed a block of producer ids");
+        let mut channel = ControllerChannel::new(
+            controller.quorum().local_addr().ip(),
+            controller.quorum().write_timeout(),
+        );
+        let req = ControllerRequest::AllocateProducerIds(
+            AllocateProducerIdsRequest::default()
+                .with_broker_id(BrokerId(broker_id))
+                .with_broker_epoch(-1),
+        );
+        let (start, len) = match channel.call(controller, req).await {
+            Ok(ControllerResponse::AllocateProducerIds(r)) if r.error_code == 0 => {
+                (r.producer_id_start.0, i64::from(r.producer_id_len))
+            }
+            Ok(ControllerResponse::AllocateProducerIds(r)) => {
+                return Err(ProducerIdError::Refused(r.error_code))
+            }
+            Ok(_) => return Err(ProducerIdError::Unavailable("unexpected answer".into())),
+            Err(e) => return Err(ProducerIdError::Unavailable(e)),
+        };
+        let end = start.checked_add(len).ok_or(ProducerIdError::Exhausted)?;
+        tracing::info!(start, end, "got a block of producer ids");
         *block = ProducerIdBlock { next: start, end };
         block.take().ok_or(ProducerIdError::Exhausted)
     }
+}
+
+/// On the active controller: claims the next block of producer ids through the metadata
+/// log (durable before any id of it is used) and returns its first id.
+pub async fn allocate_block(
+    controller: &Controller,
+    broker_id: i32,
+    broker_epoch: i64,
+) -> Result<i64, ProducerIdError> {
+    let mut writer = controller.writer().await;
+    let start = writer.image().next_producer_id();
+    let end = start
+        .checked_add(PRODUCER_ID_BLOCK_SIZE)
+        .ok_or(ProducerIdError::Exhausted)?;
+    // Decided on the active controller only (the commit refuses elsewhere): a block
+    // decided on a stale image elsewhere could overlap another broker's.
+    writer
+        .commit(vec![MetadataRecord::ProducerIds {
+            broker_id,
+            broker_epoch,
+            next_producer_id: end,
+        }])
+        .await?;
+    tracing::info!(broker_id, start, end, "claimed a block of producer ids");
+    Ok(start)
 }
 
 #[cfg(test)]

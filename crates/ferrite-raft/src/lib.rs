@@ -23,7 +23,9 @@ pub mod voters;
 
 pub use ferrite_metadata::MetadataRecord;
 pub use local::{read_local, LocalMetadata};
-pub use node::{MetadataQuorum, QuorumConfig, QuorumError, QuorumStatus, QuorumTiming};
+pub use node::{
+    KafkaHandler, MetadataQuorum, QuorumConfig, QuorumError, QuorumStatus, QuorumTiming,
+};
 pub use state_machine::AppliedImage;
 pub use voters::{parse_voters, Voter, VotersError};
 

@@ -424,7 +424,29 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
         let [k0, k1, v0, v1, c0, c1, c2, c3] = header;
         let api_key = i16::from_be_bytes([k0, k1]);
         let api_version = i16::from_be_bytes([v0, v1]);
-        if api_key != QUORUM_RPC_API_KEY || api_version != QUORUM_RPC_VERSION {
+        if api_key != QUORUM_RPC_API_KEY {
+            // A Kafka request (a broker's registration, heartbeat or AlterPartition).
+            let handler = shared
+                .kafka_handler
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(handler) = handler else {
+                return Err(CallError::Protocol(format!(
+                    "api key {api_key}: this node does not serve Kafka requests on its controller listener yet"
+                )));
+            };
+            let Some(out) = handler(frame).await else {
+                return Err(CallError::Protocol(format!(
+                    "api key {api_key} version {api_version} refused"
+                )));
+            };
+            tokio::time::timeout(QUORUM_RPC_IO_TIMEOUT, stream.write_all(&out))
+                .await
+                .map_err(|_| CallError::Timeout(QUORUM_RPC_IO_TIMEOUT))??;
+            continue;
+        }
+        if api_version != QUORUM_RPC_VERSION {
             return Err(CallError::Protocol(format!(
                 "api key {api_key} version {api_version} is not the quorum RPC"
             )));

@@ -166,6 +166,9 @@ pub(crate) struct Shared {
     status: watch::Receiver<QuorumStatus>,
     /// One connection per leader for forwarded writes (serialized per leader).
     forward: tokio::sync::Mutex<HashMap<NodeId, PeerClient>>,
+    /// Kafka requests on the controller listener (BrokerRegistration, BrokerHeartbeat,
+    /// AlterPartition): every frame whose api key is not the quorum RPC's goes here.
+    pub(crate) kafka_handler: std::sync::RwLock<Option<KafkaHandler>>,
     /// The quorum's directory, checked for free space before each write.
     dir: PathBuf,
 }
@@ -175,6 +178,16 @@ pub(crate) struct Shared {
 /// to an openraft node (it stops until the process restarts), while a refused write is
 /// an error the client sees (KAFKA_STORAGE_ERROR) and retries once space is back.
 pub const QUORUM_WRITE_FREE_BYTES_MIN: u64 = 1024 * 1024;
+
+/// Answers a Kafka request frame received on the controller listener (header and body,
+/// without the length prefix) with a whole response frame (length prefix included), or
+/// `None` to close the connection. Installed by the broker
+/// ([`MetadataQuorum::set_kafka_handler`]); until then such frames close the connection.
+pub type KafkaHandler = Arc<
+    dyn Fn(Vec<u8>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A running controller voter.
 pub struct MetadataQuorum {
@@ -303,6 +316,7 @@ impl MetadataQuorum {
             bind_ip,
             status: status_rx,
             forward: tokio::sync::Mutex::new(HashMap::new()),
+            kafka_handler: std::sync::RwLock::new(None),
             dir: config.dir.clone(),
         });
         if configured.len() == 1 && restarted {
@@ -363,6 +377,15 @@ impl MetadataQuorum {
         tokio::time::timeout(timeout, self.shared.write(records))
             .await
             .unwrap_or(Err(QuorumError::Timeout(timeout)))
+    }
+
+    /// Serves Kafka's controller APIs on the controller listener with `handler`.
+    pub fn set_kafka_handler(&self, handler: KafkaHandler) {
+        *self
+            .shared
+            .kafka_handler
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
     /// The configured voters: node id and `host:port`.

@@ -409,7 +409,16 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let broker = running.broker.clone();
     // Before the ready line: a SIGTERM right after it must be a clean shutdown, not the
     // default action.
-    let shutdown = shutdown_signal()?;
+    let signal = shutdown_signal()?;
+    // SIGTERM: a controlled shutdown first (leaderships move while this broker still
+    // serves its followers), then the listener stops.
+    let shutdown = {
+        let broker = broker.clone();
+        async move {
+            signal.await;
+            ferrite_broker::lifecycle::controlled_shutdown(&broker).await;
+        }
+    };
     println!(
         "ferrite ready: listening on {} node_id={node_id}",
         running.local_addr

@@ -2,10 +2,10 @@
 //! Each validates against the current image, commits records through the controller and
 //! lets the replica manager follow the new image.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ferrite_metadata::{BrokerSlot, MetadataImage, MetadataRecord};
+use ferrite_metadata::{MetadataImage, MetadataRecord};
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::{
     CreatableTopicConfigs, CreatableTopicResult,
@@ -21,11 +21,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::ResponseError;
 
 use super::{str_bytes, topic_name};
-use crate::config::limits;
-use crate::controller::{
-    create_topic_records, partition_records, validate_manual_assignment, validate_topic_configs,
-    AdminError,
-};
+use crate::controller::{validate_topic_configs, AdminError};
 use crate::error::storage_error_code;
 use crate::Broker;
 
@@ -64,33 +60,72 @@ async fn commit(
     Ok(image)
 }
 
+/// Decides `event` on the active controller, opens the logs of the partitions it adds
+/// here, commits, and installs them: all or nothing (see [`commit`]).
+async fn decide_and_commit(
+    broker: &Broker,
+    writer: &mut crate::controller::MetadataWriter<'_>,
+    event: ferrite_controller::Event,
+) -> Result<ferrite_controller::Reply, AdminError> {
+    let out = writer.decide(event)?;
+    if out.records.is_empty() {
+        return Ok(out.reply);
+    }
+    let Some(next) = writer.decided_image().cloned() else {
+        writer.abandon();
+        return Err(AdminError::new(
+            ResponseError::UnknownServerError,
+            "the controller state disappeared",
+        ));
+    };
+    let prepared = match broker.replicas.prepare(&next, &broker.config) {
+        Ok(p) => p,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
+    let image = match writer.commit_decided(out.records, out.offset).await {
+        Ok(image) => image,
+        Err(e) => {
+            prepared.discard();
+            tracing::warn!(error = %e, "metadata commit failed; the change is not made");
+            return Err(e.into());
+        }
+    };
+    broker
+        .replicas
+        .install(&image, &broker.config, true, prepared)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot open a partition log after a metadata commit");
+            AdminError {
+                code: storage_error_code(&e),
+                message: e.to_string(),
+            }
+        })?;
+    Ok(out.reply)
+}
+
 pub async fn create_topics(
     broker: &Arc<Broker>,
     req: CreateTopicsRequest,
     version: i16,
 ) -> CreateTopicsResponse {
     let mut writer = broker.controller.writer().await;
-    let mut seen = HashSet::new();
-    let duplicates: HashSet<String> = req
-        .topics
-        .iter()
-        .map(|t| t.name.0.to_string())
-        .filter(|n| !seen.insert(n.clone()))
-        .collect();
-    let mut results = Vec::with_capacity(req.topics.len());
-    for t in req.topics {
+    let mut results: Vec<CreatableTopicResult> = Vec::with_capacity(req.topics.len());
+    // Topic configs are checked here (the broker knows Kafka's topic configs); the
+    // topics that pass go to the controller as one request, which places them over the
+    // registered, unfenced brokers.
+    let mut to_create: Vec<(usize, ferrite_controller::CreatableTopic)> = Vec::new();
+    for (i, t) in req.topics.iter().enumerate() {
         let name = t.name.0.to_string();
-        let mut result = CreatableTopicResult::default()
-            .with_name(t.name.clone())
-            .with_num_partitions(-1)
-            .with_replication_factor(-1);
-        let outcome = async {
-            if duplicates.contains(&name) {
-                return Err(AdminError::new(
-                    ResponseError::InvalidRequest,
-                    format!("topic `{name}` appears more than once in the request"),
-                ));
-            }
+        results.push(
+            CreatableTopicResult::default()
+                .with_name(t.name.clone())
+                .with_num_partitions(-1)
+                .with_replication_factor(-1),
+        );
+        let checked = (|| {
             let configs = validate_topic_configs(
                 &broker.config,
                 t.configs
@@ -115,62 +150,109 @@ pub async fn create_topics(
                 }
                 Some(by_index.into_values().collect())
             };
-            let image = writer.image();
-            let (topic_id, records, partitions, rf) = create_topic_records(
-                &broker.config,
-                &image,
-                &name,
-                t.num_partitions,
-                t.replication_factor,
-                manual,
-                configs.clone(),
-            )?;
-            if !req.validate_only {
-                commit(broker, &mut writer, records).await?;
-            }
-            Ok((topic_id, partitions, rf, configs))
+            Ok(ferrite_controller::CreatableTopic {
+                name: name.clone(),
+                num_partitions: t.num_partitions,
+                replication_factor: t.replication_factor,
+                assignments: manual,
+                configs,
+            })
+        })();
+        match checked {
+            Ok(c) => to_create.push((i, c)),
+            Err(e) => fail(&mut results, i, e),
         }
-        .await;
-        match outcome {
-            Ok((topic_id, partitions, rf, configs)) => {
-                result = result
-                    .with_topic_id(topic_id)
-                    .with_num_partitions(partitions)
-                    .with_replication_factor(rf);
-                // v5+ returns the topic's configs (KIP-525).
-                if version >= 5 {
-                    result = result.with_configs(Some(
-                        crate::config::TOPIC_CONFIG_KEYS
-                            .iter()
-                            .map(|k| {
-                                let (value, source) = match configs.get(*k) {
-                                    Some(v) => (Some(v.clone()), super::configs::SOURCE_TOPIC),
-                                    None => (
-                                        broker.config.topic_config_default(k),
-                                        super::configs::SOURCE_DEFAULT,
-                                    ),
-                                };
-                                CreatableTopicConfigs::default()
-                                    .with_name(str_bytes(*k))
-                                    .with_value(value.map(str_bytes))
-                                    .with_config_source(source)
-                            })
-                            .collect(),
-                    ));
+    }
+    if !to_create.is_empty() {
+        let (indexes, topics): (Vec<usize>, Vec<ferrite_controller::CreatableTopic>) =
+            to_create.into_iter().unzip();
+        let configs: Vec<BTreeMap<String, String>> =
+            topics.iter().map(|t| t.configs.clone()).collect();
+        let event = ferrite_controller::Event::CreateTopics(ferrite_controller::CreateTopics {
+            topics,
+            validate_only: req.validate_only,
+        });
+        match decide_and_commit(broker, &mut writer, event).await {
+            Ok(ferrite_controller::Reply::CreateTopics(created)) => {
+                for ((i, r), configs) in indexes.iter().zip(created).zip(configs) {
+                    match r.result {
+                        Ok(t) => {
+                            if let Some(result) = results.get_mut(*i) {
+                                *result = created_result(
+                                    broker,
+                                    std::mem::take(result),
+                                    &t,
+                                    &configs,
+                                    version,
+                                );
+                            }
+                            if !req.validate_only {
+                                tracing::info!(topic = %r.name, partitions = t.num_partitions, replication_factor = t.replication_factor, "created topic");
+                            }
+                        }
+                        Err(e) => fail(&mut results, *i, e.into()),
+                    }
                 }
-                if !req.validate_only {
-                    tracing::info!(topic = %name, partitions, replication_factor = rf, "created topic");
+            }
+            Ok(_) => {
+                for i in indexes {
+                    fail(
+                        &mut results,
+                        i,
+                        AdminError::new(ResponseError::UnknownServerError, "unexpected reply"),
+                    );
                 }
             }
             Err(e) => {
-                result = result
-                    .with_error_code(e.code)
-                    .with_error_message(Some(str_bytes(e.message)));
+                for i in indexes {
+                    fail(&mut results, i, e.clone());
+                }
             }
         }
-        results.push(result);
     }
     CreateTopicsResponse::default().with_topics(results)
+}
+
+fn fail(results: &mut [CreatableTopicResult], i: usize, e: AdminError) {
+    if let Some(r) = results.get_mut(i) {
+        r.error_code = e.code;
+        r.error_message = Some(str_bytes(e.message));
+    }
+}
+
+fn created_result(
+    broker: &Broker,
+    result: CreatableTopicResult,
+    t: &ferrite_controller::CreatedTopic,
+    configs: &BTreeMap<String, String>,
+    version: i16,
+) -> CreatableTopicResult {
+    let mut result = result
+        .with_topic_id(t.topic_id)
+        .with_num_partitions(t.num_partitions)
+        .with_replication_factor(t.replication_factor);
+    // v5+ returns the topic's configs (KIP-525).
+    if version >= 5 {
+        result = result.with_configs(Some(
+            crate::config::TOPIC_CONFIG_KEYS
+                .iter()
+                .map(|k| {
+                    let (value, source) = match configs.get(*k) {
+                        Some(v) => (Some(v.clone()), super::configs::SOURCE_TOPIC),
+                        None => (
+                            broker.config.topic_config_default(k),
+                            super::configs::SOURCE_DEFAULT,
+                        ),
+                    };
+                    CreatableTopicConfigs::default()
+                        .with_name(str_bytes(*k))
+                        .with_value(value.map(str_bytes))
+                        .with_config_source(source)
+                })
+                .collect(),
+        ));
+    }
+    result
 }
 
 pub async fn delete_topics(
@@ -249,91 +331,56 @@ pub async fn create_partitions(
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
     let mut writer = broker.controller.writer().await;
-    let mut results = Vec::with_capacity(req.topics.len());
-    for t in req.topics {
-        let name = t.name.0.to_string();
-        let outcome = async {
-            let image = writer.image();
-            let topic = image.topic(&name).ok_or_else(|| {
-                AdminError::new(
-                    ResponseError::UnknownTopicOrPartition,
-                    format!("topic `{name}` does not exist"),
-                )
-            })?;
-            let current = topic.partitions.len() as i32;
-            if t.count <= current {
-                return Err(AdminError::new(
-                    ResponseError::InvalidPartitions,
-                    format!(
-                        "topic has {current} partitions; the new count {} must be larger",
-                        t.count
-                    ),
-                ));
-            }
-            let added = t.count - current;
-            if added > limits::TOPIC_PARTITIONS_CREATED_MAX {
-                return Err(AdminError::new(
-                    ResponseError::InvalidPartitions,
-                    format!(
-                        "at most {} partitions per request",
-                        limits::TOPIC_PARTITIONS_CREATED_MAX
-                    ),
-                ));
-            }
-            let brokers = [BrokerSlot {
-                node_id: broker.config.node_id,
-                rack: broker.config.rack.clone(),
-            }];
-            let rf = topic
-                .partitions
-                .values()
-                .next()
-                .map_or(1, |p| p.replicas.len()) as i32;
-            let assignment = match &t.assignments {
-                Some(a) => {
-                    let a: Vec<Vec<i32>> = a
-                        .iter()
+    let names: Vec<_> = req.topics.iter().map(|t| t.name.clone()).collect();
+    let event = ferrite_controller::Event::CreatePartitions(ferrite_controller::CreatePartitions {
+        topics: req
+            .topics
+            .iter()
+            .map(|t| ferrite_controller::CreatePartitionsTopic {
+                name: t.name.0.to_string(),
+                count: t.count,
+                assignments: t.assignments.as_ref().map(|a| {
+                    a.iter()
                         .map(|x| x.broker_ids.iter().map(|b| b.0).collect())
-                        .collect();
-                    if a.len() as i32 != added {
-                        return Err(AdminError::new(
-                            ResponseError::InvalidReplicaAssignment,
-                            "one assignment per new partition is required",
-                        ));
-                    }
-                    validate_manual_assignment(&a, &brokers, current)?;
-                    a
-                }
-                None => {
-                    let start = rand::random::<u32>() as usize % brokers.len();
-                    ferrite_metadata::assign_replicas(&brokers, current, added, rf, start).map_err(
-                        |e| AdminError {
-                            code: crate::error::placement_error_code(&e),
-                            message: e.to_string(),
-                        },
-                    )?
-                }
+                        .collect()
+                }),
+            })
+            .collect(),
+        validate_only: req.validate_only,
+    });
+    let outcome = decide_and_commit(broker, &mut writer, event).await;
+    let results = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let result = CreatePartitionsTopicResult::default().with_name(name);
+            let error: Option<AdminError> = match &outcome {
+                Ok(ferrite_controller::Reply::CreatePartitions(r)) => match r.get(i) {
+                    Some(r) => r.result.clone().err().map(AdminError::from),
+                    None => Some(AdminError::new(
+                        ResponseError::UnknownServerError,
+                        "no result",
+                    )),
+                },
+                Ok(_) => Some(AdminError::new(
+                    ResponseError::UnknownServerError,
+                    "unexpected reply",
+                )),
+                Err(e) => Some(e.clone()),
             };
-            if !req.validate_only {
-                commit(
-                    broker,
-                    &mut writer,
-                    partition_records(topic.topic_id, current, assignment),
-                )
-                .await?;
-                tracing::info!(topic = %name, count = t.count, "added partitions");
+            match error {
+                None => {
+                    if !req.validate_only {
+                        tracing::info!(topic = ?result.name.0, "added partitions");
+                    }
+                    result
+                }
+                Some(e) => result
+                    .with_error_code(e.code)
+                    .with_error_message(Some(str_bytes(e.message))),
             }
-            Ok(())
-        }
-        .await;
-        let mut result = CreatePartitionsTopicResult::default().with_name(t.name);
-        if let Err(e) = outcome {
-            result = result
-                .with_error_code(e.code)
-                .with_error_message(Some(str_bytes(e.message)));
-        }
-        results.push(result);
-    }
+        })
+        .collect();
     CreatePartitionsResponse::default().with_results(results)
 }
 

@@ -56,10 +56,41 @@ pub fn find_coordinator(
                 .with_error_code(ResponseError::InvalidRequest.code())
                 .with_error_message(Some(str_bytes("empty group id")));
         } else {
-            c = c
-                .with_node_id(BrokerId(broker.config.node_id))
-                .with_host(str_bytes(host))
-                .with_port(i32::from(*port));
+            // The coordinator is the leader of the group's `__consumer_offsets`
+            // partition (on one node: this broker).
+            let image = broker.controller.image();
+            let leader = image
+                .topic(crate::group_manager::OFFSETS_TOPIC)
+                .and_then(|t| {
+                    let n = t.partitions.len() as i32;
+                    t.partitions
+                        .get(&crate::group_manager::partition_for_group(key, n))
+                })
+                .map(|p| p.leader);
+            let endpoint = match leader {
+                Some(id) if id == broker.config.node_id => Some((id, host.clone(), *port)),
+                Some(id) if id >= 0 => image
+                    .broker(id)
+                    .filter(|b| !b.fenced)
+                    .and_then(|b| b.endpoints.first())
+                    .map(|e| (id, e.host.clone(), e.port)),
+                _ => None,
+            };
+            match endpoint {
+                Some((id, host, port)) => {
+                    c = c
+                        .with_node_id(BrokerId(id))
+                        .with_host(str_bytes(host))
+                        .with_port(i32::from(port))
+                }
+                None => {
+                    c = c
+                        .with_error_code(ResponseError::CoordinatorNotAvailable.code())
+                        .with_error_message(Some(str_bytes(
+                            "the group's offsets partition has no leader yet",
+                        )))
+                }
+            }
         }
         c
     };

@@ -15,7 +15,6 @@ use kafka_protocol::ResponseError;
 
 use super::{str_bytes, topic_name};
 use crate::config::validate_topic_name;
-use crate::controller::create_topic_records;
 use crate::Broker;
 
 /// Kafka's "authorized operations not requested" sentinel.
@@ -46,9 +45,9 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
     let mut topics = Vec::new();
     match req.topics {
         // v1+: null asks for every topic (v0 uses an empty list for that).
-        None => topics.extend(image.topics().map(topic_response)),
+        None => topics.extend(image.topics().map(|t| topic_response(&image, t))),
         Some(list) if list.is_empty() && version == 0 => {
-            topics.extend(image.topics().map(topic_response))
+            topics.extend(image.topics().map(|t| topic_response(&image, t)))
         }
         Some(list) => {
             for requested in list {
@@ -59,7 +58,7 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
                     None => image.topic_by_id(&requested.topic_id).cloned(),
                 };
                 if let Some(t) = found {
-                    topics.push(topic_response(&t));
+                    topics.push(topic_response(&image, &t));
                     continue;
                 }
                 let Some(name) = by_name else {
@@ -119,13 +118,19 @@ pub async fn handle(broker: &Arc<Broker>, req: MetadataRequest, version: i16) ->
         } else {
             AUTHORIZED_OPERATIONS_OMITTED
         };
-    let (host, port) = &broker.advertised;
     MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(broker.config.node_id))
-            .with_host(str_bytes(host.clone()))
-            .with_port(i32::from(*port))
-            .with_rack(broker.config.rack.clone().map(str_bytes))])
+        .with_brokers(
+            live_brokers(broker, &image)
+                .into_iter()
+                .map(|b| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(b.id))
+                        .with_host(str_bytes(b.host))
+                        .with_port(i32::from(b.port))
+                        .with_rack(b.rack.map(str_bytes))
+                })
+                .collect(),
+        )
         .with_cluster_id(Some(str_bytes(broker.cluster_id.clone())))
         .with_controller_id(BrokerId(
             broker.controller.active_controller_id().unwrap_or(-1),
@@ -142,19 +147,67 @@ async fn auto_create(broker: &Arc<Broker>, name: &str) -> Result<Arc<MetadataIma
     if image.topic(name).is_some() {
         return Ok(image);
     }
-    let (_, records, _, _) =
-        create_topic_records(&broker.config, &image, name, -1, -1, None, BTreeMap::new())
-            .map_err(|e| e.code)?;
-    let next = writer.commit(records).await.map_err(|e| {
+    let event = ferrite_controller::Event::CreateTopics(ferrite_controller::CreateTopics {
+        topics: vec![ferrite_controller::CreatableTopic {
+            name: name.to_string(),
+            num_partitions: -1,
+            replication_factor: -1,
+            assignments: None,
+            configs: BTreeMap::new(),
+        }],
+        validate_only: false,
+    });
+    let (reply, next) = writer.handle(event).await.map_err(|e| {
         tracing::warn!(error = %e, "metadata commit failed");
         crate::error::quorum_error_code(&e)
     })?;
+    if let ferrite_controller::Reply::CreateTopics(results) = reply {
+        if let Some(Err(e)) = results.into_iter().next().map(|r| r.result) {
+            return Err(e.code());
+        }
+    }
     broker
         .replicas
         .reconcile(&next, &broker.config, true)
         .map_err(|e| crate::error::storage_error_code(&e))?;
     tracing::info!(topic = name, "auto-created topic");
     Ok(next)
+}
+
+/// A broker as Metadata and DescribeCluster list it.
+pub struct LiveBroker {
+    pub id: i32,
+    pub host: String,
+    pub port: u16,
+    pub rack: Option<String>,
+}
+
+/// The brokers clients may use: registered and unfenced, as Kafka's Metadata lists them
+/// (this broker alone before its registration is in the image).
+pub fn live_brokers(broker: &Broker, image: &MetadataImage) -> Vec<LiveBroker> {
+    let mut live: Vec<LiveBroker> = image
+        .brokers()
+        .filter(|b| !b.fenced)
+        .filter_map(|b| {
+            let e = b.endpoints.first()?;
+            Some(LiveBroker {
+                id: b.broker_id,
+                host: e.host.clone(),
+                port: e.port,
+                rack: b.rack.clone(),
+            })
+        })
+        .collect();
+    if image.broker(broker.config.node_id).is_none() {
+        let (host, port) = &broker.advertised;
+        live.push(LiveBroker {
+            id: broker.config.node_id,
+            host: host.clone(),
+            port: *port,
+            rack: broker.config.rack.clone(),
+        });
+    }
+    live
 }
 
 fn error_topic(name: Option<&str>, topic_id: uuid::Uuid, code: i16) -> MetadataResponseTopic {
@@ -165,7 +218,9 @@ fn error_topic(name: Option<&str>, topic_id: uuid::Uuid, code: i16) -> MetadataR
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
 }
 
-fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
+fn topic_response(image: &MetadataImage, t: &TopicImage) -> MetadataResponseTopic {
+    // A replica whose broker is fenced or not registered is offline (v5+ field).
+    let offline = |b: &i32| image.broker(*b).is_none_or(|r| r.fenced);
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.name)))
         .with_topic_id(t.topic_id)
@@ -184,6 +239,19 @@ fn topic_response(t: &TopicImage) -> MetadataResponseTopic {
                         .with_leader_epoch(p.leader_epoch)
                         .with_replica_nodes(p.replicas.iter().copied().map(BrokerId).collect())
                         .with_isr_nodes(p.isr.iter().copied().map(BrokerId).collect())
+                        .with_offline_replicas(
+                            p.replicas
+                                .iter()
+                                .filter(|b| offline(b))
+                                .copied()
+                                .map(BrokerId)
+                                .collect(),
+                        )
+                        .with_error_code(if p.leader < 0 {
+                            ResponseError::LeaderNotAvailable.code()
+                        } else {
+                            0
+                        })
                 })
                 .collect(),
         )
@@ -198,7 +266,7 @@ pub fn describe_cluster(
     } else {
         AUTHORIZED_OPERATIONS_OMITTED
     };
-    let (host, port) = &broker.advertised;
+    let image = broker.controller.image();
     DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(broker.cluster_id.clone()))
         .with_controller_id(BrokerId(
@@ -206,9 +274,16 @@ pub fn describe_cluster(
         ))
         .with_endpoint_type(1) // Brokers; also the v0 default, so every version encodes.
         .with_cluster_authorized_operations(operations)
-        .with_brokers(vec![DescribeClusterBroker::default()
-            .with_broker_id(BrokerId(broker.config.node_id))
-            .with_host(str_bytes(host.clone()))
-            .with_port(i32::from(*port))
-            .with_rack(broker.config.rack.clone().map(str_bytes))])
+        .with_brokers(
+            live_brokers(broker, &image)
+                .into_iter()
+                .map(|b| {
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(b.id))
+                        .with_host(str_bytes(b.host))
+                        .with_port(i32::from(b.port))
+                        .with_rack(b.rack.map(str_bytes))
+                })
+                .collect(),
+        )
 }
