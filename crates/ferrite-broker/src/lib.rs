@@ -506,6 +506,13 @@ async fn wait_until_unfenced(broker: &Arc<Broker>) -> Result<(), StartError> {
     let mut state = broker.lifecycle.clone();
     loop {
         if state.borrow_and_update().is_ready() {
+            // The partitions take the roles of the image that unfenced this broker
+            // before it says it is ready (the metadata follower would, a moment later):
+            // a produce right after the ready line finds its leaders.
+            let _lock = broker.controller.lock().await;
+            broker
+                .replicas
+                .reconcile(&broker.controller.image(), &broker.config, true)?;
             return Ok(());
         }
         match tokio::time::timeout(NOTICE_INTERVAL, state.changed()).await {

@@ -130,10 +130,6 @@ impl Cluster {
         }
     }
 
-    fn node(&self, id: i32) -> &Node {
-        self.nodes.iter().find(|n| n.id == id).unwrap()
-    }
-
     fn kill9(&mut self, id: i32) {
         let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
         if let Some(mut c) = node.child.take() {
