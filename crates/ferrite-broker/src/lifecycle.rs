@@ -295,6 +295,7 @@ pub async fn tick(broker: std::sync::Weak<Broker>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(CONTROLLER_TICK_INTERVAL_MS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut active_since: Option<i64> = None;
+    let mut last_tick_ms: Option<i64> = None;
     loop {
         ticker.tick().await;
         let Some(broker) = broker.upgrade() else {
@@ -302,6 +303,7 @@ pub async fn tick(broker: std::sync::Weak<Broker>) {
         };
         if !broker.controller.quorum().status().is_active_controller {
             active_since = None;
+            last_tick_ms = None;
             continue;
         }
         let since = *active_since.get_or_insert_with(crate::now_ms);
@@ -327,11 +329,20 @@ pub async fn tick(broker: std::sync::Weak<Broker>) {
                 }
             }
         }
-        if let Err(e) = broker
-            .controller
-            .handle(ferrite_controller::Event::Tick)
-            .await
-        {
+        let mut writer = broker.controller.writer().await;
+        let now = crate::now_ms();
+        let session = i64::try_from(broker.config.broker_session_timeout_ms).unwrap_or(i64::MAX);
+        if last_tick_ms.is_some_and(|t| now - t > session / 2) {
+            // The controller itself stalled (a long admin change held its lock):
+            // heartbeats waited behind it, so sessions start again rather than expire.
+            tracing::info!(
+                stalled_ms = now - last_tick_ms.unwrap_or(now),
+                "controller tick delayed; broker sessions restart"
+            );
+            writer.abandon();
+        }
+        last_tick_ms = Some(now);
+        if let Err(e) = writer.handle(ferrite_controller::Event::Tick).await {
             tracing::debug!(error = %e, "controller tick not committed");
         }
     }
