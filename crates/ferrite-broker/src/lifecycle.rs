@@ -30,6 +30,9 @@ pub const CONTROLLER_TICK_INTERVAL_MS: u64 = 250;
 /// Pause before retrying a registration or a call that got no answer.
 pub const CONTROLLER_RETRY_BACKOFF_MS: u64 = 100;
 
+/// Pause before an AlterPartition is sent again after no answer or NOT_CONTROLLER.
+pub const ALTER_PARTITION_RETRY_BACKOFF_MS: u64 = 500;
+
 /// What this broker knows of its own registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LifecycleState {
@@ -185,61 +188,78 @@ pub async fn send_alter_partitions(broker: Arc<Broker>, state: watch::Receiver<L
     };
     let mut channel = ControllerChannel::new(broker.config.listen.ip(), request_timeout(&broker));
     while let Some(item) = rx.recv().await {
-        let broker_epoch = state.borrow().broker_epoch.unwrap_or(-1);
-        let req = ControllerRequest::AlterPartition(
-            AlterPartitionRequest::default()
-                .with_broker_id(BrokerId(broker.config.node_id))
-                .with_broker_epoch(broker_epoch)
-                .with_topics(vec![TopicData::default()
-                    .with_topic_id(item.topic_id)
-                    .with_partitions(vec![PartitionData::default()
-                        .with_partition_index(item.partition)
-                        .with_leader_epoch(item.proposal.leader_epoch)
-                        .with_partition_epoch(item.proposal.partition_epoch)
-                        .with_new_isr_with_epochs(
-                            item.proposal
-                                .new_isr
-                                .iter()
-                                .map(|m| {
-                                    IsrBrokerState::default()
-                                        .with_broker_id(BrokerId(m.broker_id))
-                                        .with_broker_epoch(m.broker_epoch)
-                                })
-                                .collect(),
-                        )])]),
-        );
-        let result = match channel.call(&broker.controller, req).await {
-            Ok(ControllerResponse::AlterPartition(r)) if r.error_code != 0 => Err(r.error_code),
-            Ok(ControllerResponse::AlterPartition(r)) => {
-                let p = r
-                    .topics
-                    .iter()
-                    .filter(|t| t.topic_id == item.topic_id)
-                    .flat_map(|t| t.partitions.iter())
-                    .find(|p| p.partition_index == item.partition);
-                match p {
-                    Some(p) if p.error_code != 0 => Err(p.error_code),
-                    Some(p) => {
-                        let replicas = broker
-                            .controller
-                            .image()
-                            .partition(&item.topic_id, item.partition)
-                            .map(|pi| pi.replicas.clone())
-                            .unwrap_or_default();
-                        Ok(PartitionState {
-                            leader_epoch: p.leader_epoch,
-                            partition_epoch: p.partition_epoch,
-                            replicas,
-                            isr: p.isr.iter().map(|b| b.0).collect(),
-                        })
+        // The same request again after a transient error, for as long as the
+        // proposal is in flight: it may have been applied, so the partition keeps it
+        // (see `alter_partition_refusal_is_definitive`) and only an answer or the
+        // metadata log ends it.
+        let result = loop {
+            let broker_epoch = state.borrow().broker_epoch.unwrap_or(-1);
+            let req = ControllerRequest::AlterPartition(
+                AlterPartitionRequest::default()
+                    .with_broker_id(BrokerId(broker.config.node_id))
+                    .with_broker_epoch(broker_epoch)
+                    .with_topics(vec![TopicData::default()
+                        .with_topic_id(item.topic_id)
+                        .with_partitions(vec![PartitionData::default()
+                            .with_partition_index(item.partition)
+                            .with_leader_epoch(item.proposal.leader_epoch)
+                            .with_partition_epoch(item.proposal.partition_epoch)
+                            .with_new_isr_with_epochs(
+                                item.proposal
+                                    .new_isr
+                                    .iter()
+                                    .map(|m| {
+                                        IsrBrokerState::default()
+                                            .with_broker_id(BrokerId(m.broker_id))
+                                            .with_broker_epoch(m.broker_epoch)
+                                    })
+                                    .collect(),
+                            )])]),
+            );
+            let result = match channel.call(&broker.controller, req).await {
+                Ok(ControllerResponse::AlterPartition(r)) if r.error_code != 0 => Err(r.error_code),
+                Ok(ControllerResponse::AlterPartition(r)) => {
+                    let p = r
+                        .topics
+                        .iter()
+                        .filter(|t| t.topic_id == item.topic_id)
+                        .flat_map(|t| t.partitions.iter())
+                        .find(|p| p.partition_index == item.partition);
+                    match p {
+                        Some(p) if p.error_code != 0 => Err(p.error_code),
+                        Some(p) => {
+                            let replicas = broker
+                                .controller
+                                .image()
+                                .partition(&item.topic_id, item.partition)
+                                .map(|pi| pi.replicas.clone())
+                                .unwrap_or_default();
+                            Ok(PartitionState {
+                                leader_epoch: p.leader_epoch,
+                                partition_epoch: p.partition_epoch,
+                                replicas,
+                                isr: p.isr.iter().map(|b| b.0).collect(),
+                            })
+                        }
+                        None => Err(ResponseError::UnknownServerError.code()),
                     }
-                    None => Err(ResponseError::UnknownServerError.code()),
                 }
-            }
-            Ok(_) => Err(ResponseError::UnknownServerError.code()),
-            Err(e) => {
-                tracing::debug!(error = %e, "AlterPartition got no answer");
-                Err(ResponseError::RequestTimedOut.code())
+                Ok(_) => Err(ResponseError::UnknownServerError.code()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "AlterPartition got no answer");
+                    Err(ResponseError::RequestTimedOut.code())
+                }
+            };
+            match result {
+                Err(code)
+                    if crate::replica_manager::alter_partition_error_is_transient(code)
+                        && broker.replicas.alter_partition_in_flight(&item) =>
+                {
+                    tracing::debug!(topic = %item.topic, partition = item.partition, error_code = code, "AlterPartition retried");
+                    tokio::time::sleep(Duration::from_millis(ALTER_PARTITION_RETRY_BACKOFF_MS))
+                        .await;
+                }
+                result => break result,
             }
         };
         match &result {

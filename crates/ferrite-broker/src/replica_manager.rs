@@ -19,6 +19,7 @@ use ferrite_replication::{
     PartitionLeader, PartitionState, ProduceCompletion, ReplicationConfig, ReplicationError,
 };
 use ferrite_storage::{AppendInfo, LogConfig, PartitionLog, ReadPlan, StorageError};
+use kafka_protocol::ResponseError;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
@@ -313,10 +314,31 @@ impl Partition {
         {
             return; // A new epoch: the metadata image makes the next role.
         }
+        if let Err(code) = result {
+            if !alter_partition_refusal_is_definitive(code) {
+                // Kafka's Partition.handleAlterPartitionError: only INELIGIBLE_REPLICA and
+                // OPERATION_NOT_ATTEMPTED say the change was not applied. After any other
+                // error (no answer, NOT_CONTROLLER, INVALID_UPDATE_VERSION) it may have
+                // been, so the proposal stays in flight and the high watermark keeps
+                // counting a member it adds, until the metadata log brings the partition's
+                // next state. Clearing it let a member the controller had added miss an
+                // acknowledged record and then be elected (ferrite-sim seed 7405).
+                return;
+            }
+        }
         leader.state.on_alter_partition_response(proposal, result);
         let completions = leader.state.poll_produces(clock(now_ms));
         complete(leader, completions);
         self.publish(leader.state.high_watermark());
+    }
+
+    /// This proposal is still the leader's AlterPartition in flight (not answered, not
+    /// superseded by the metadata log): a sender retries it after a transient error.
+    pub fn alter_partition_in_flight(&self, proposal: &AlterPartitionProposal) -> bool {
+        match &self.replication().role {
+            Role::Leader(leader) => leader.state.alter_partition_in_flight() == Some(proposal),
+            Role::Follower => false,
+        }
     }
 
     /// OffsetForLeaderEpoch: the largest epoch at most `epoch` and where it ends in this
@@ -745,6 +767,13 @@ impl ReplicaManager {
 
     /// The controller's answer to an [`AlterPartitionItem`]: the partition state it
     /// committed, or its error code (the leader may propose again later).
+    /// The ISR change `item` is still waiting for a definitive answer.
+    pub fn alter_partition_in_flight(&self, item: &AlterPartitionItem) -> bool {
+        self.get(&item.topic, item.partition).is_some_and(|p| {
+            p.topic_id == item.topic_id && p.alter_partition_in_flight(&item.proposal)
+        })
+    }
+
     pub fn alter_partition_done(
         &self,
         item: &AlterPartitionItem,
@@ -1522,9 +1551,10 @@ mod tests {
             .on_follower_fetch(fetch(0), crate::now_ms(), |id| n0.rm.broker_state(id))
             .unwrap();
         assert!(again.is_none());
-        // A stale broker epoch (a wiped disk re-registered) never joins (KIP-903).
+        // A stale broker epoch (a wiped disk re-registered) never joins (KIP-903); the
+        // controller's refusal is definitive, so the leader goes back to its ISR.
         n0.rm
-            .alter_partition_done(&item, Err(ResponseError::InvalidRequest.code()));
+            .alter_partition_done(&item, Err(ResponseError::IneligibleReplica.code()));
         let stale = FollowerFetch {
             replica_epoch: 3,
             ..fetch(0)
@@ -1593,4 +1623,21 @@ mod tests {
             p1.log().leader_epochs().entries()
         );
     }
+}
+
+/// An AlterPartition error that says the controller did not apply the change (Kafka's
+/// `Partition.handleAlterPartitionError`): the leader may go back to its committed ISR.
+pub fn alter_partition_refusal_is_definitive(code: i16) -> bool {
+    code == ResponseError::IneligibleReplica.code()
+        || code == ResponseError::OperationNotAttempted.code()
+}
+
+/// An AlterPartition error after which the same request is sent again: the controller
+/// moved or did not answer, or this broker registered again (a new broker epoch, read
+/// afresh for the retry).
+pub fn alter_partition_error_is_transient(code: i16) -> bool {
+    code == ResponseError::RequestTimedOut.code()
+        || code == ResponseError::NotController.code()
+        || code == ResponseError::StaleBrokerEpoch.code()
+        || code == ResponseError::UnknownServerError.code()
 }

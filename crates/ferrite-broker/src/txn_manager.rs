@@ -387,22 +387,28 @@ async fn create_topic(broker: &Broker) -> Result<(), StartError> {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let partitions = broker.txns.partitions();
-    let (_, records, _, _) = crate::controller::create_topic_records(
-        &broker.config,
-        &image,
-        TRANSACTION_STATE_TOPIC,
-        partitions,
-        1,
-        None,
-        configs,
-    )
-    .map_err(|e| {
-        StartError::Meta(format!(
-            "cannot create {TRANSACTION_STATE_TOPIC}: {}",
-            e.message
-        ))
-    })?;
-    let image = writer.commit(records).await?;
+    // Through the active controller as every topic: placement over the registered
+    // brokers, min(offsets.topic.replication.factor, brokers) replicas (an internal topic).
+    let event = ferrite_controller::Event::CreateTopics(ferrite_controller::CreateTopics {
+        topics: vec![ferrite_controller::CreatableTopic {
+            name: TRANSACTION_STATE_TOPIC.to_string(),
+            num_partitions: partitions,
+            replication_factor: -1,
+            assignments: None,
+            configs,
+        }],
+        validate_only: false,
+    });
+    let (reply, image) = writer.handle(event).await?;
+    if let ferrite_controller::Reply::CreateTopics(results) = reply {
+        for r in results {
+            if let Err(e) = r.result {
+                return Err(StartError::Meta(format!(
+                    "cannot create {TRANSACTION_STATE_TOPIC}: {e}"
+                )));
+            }
+        }
+    }
     broker.replicas.reconcile(&image, &broker.config, true)?;
     tracing::info!(partitions, "created {TRANSACTION_STATE_TOPIC}");
     Ok(())
