@@ -120,6 +120,11 @@ impl Partition {
     }
 
     /// Whether this broker leads the partition now.
+    /// Whether this broker already leads `leader_epoch` (no new epoch to record).
+    fn leads_epoch(&self, leader_epoch: i32) -> bool {
+        matches!(&self.replication().role, Role::Leader(l) if l.state.leader_epoch() == leader_epoch)
+    }
+
     pub fn is_leader(&self) -> bool {
         matches!(self.replication().role, Role::Leader(_))
     }
@@ -706,8 +711,17 @@ pub const LOG_IO_THREADS_MAX: usize = 8;
 fn for_each_log<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get().saturating_mul(2))
-        .min(LOG_IO_THREADS_MAX)
-        .min(items.len());
+        .min(LOG_IO_THREADS_MAX);
+    for_each_log_on(threads, items, f)
+}
+
+/// [`for_each_log`] on up to `threads` threads (at most [`LOG_IO_THREADS_MAX`]).
+fn for_each_log_on<T: Sync, R: Send>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.min(LOG_IO_THREADS_MAX).min(items.len());
     if threads <= 1 {
         return items.iter().map(f).collect();
     }
@@ -1082,6 +1096,29 @@ impl ReplicaManager {
                 );
             }
         }
+        // A new leader epoch is recorded durably (two fsyncs) before the partition
+        // leads it. One at a time, a restart that moves 1,500 leaderships waited on
+        // 3,000 fsyncs in a row (13.6 s on the shared disk): the writes go first, on
+        // the pool, so the journal commits them together; `apply_image` then finds
+        // each epoch recorded and writes nothing.
+        let new_epochs: Vec<(Arc<Partition>, i32)> = image
+            .topics()
+            .flat_map(|topic| {
+                let map = &map;
+                topic.partitions.values().filter_map(move |pi| {
+                    let leads = pi.leader == config.node_id
+                        && pi.replicas.contains(&config.node_id)
+                        && pi.isr.contains(&config.node_id);
+                    let p = map.get(&(Arc::from(topic.name.as_str()), pi.partition))?;
+                    (leads && !p.leads_epoch(pi.leader_epoch)).then(|| (p.clone(), pi.leader_epoch))
+                })
+            })
+            .collect();
+        // Waiting on the disk, not the CPU: as many threads as the pool allows.
+        for_each_log_on(LOG_IO_THREADS_MAX, &new_epochs, |(p, epoch)| {
+            // A failure is retried, and logged, by `apply_image` below.
+            let _ = p.log().begin_leader_epoch(*epoch);
+        });
         let mut followed = HashMap::new();
         for topic in image.topics() {
             let min_insync_replicas = topic
