@@ -1341,6 +1341,23 @@ pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
     data_dir.join(format!("{topic}-{partition}"))
 }
 
+/// An AlterPartition error that says the controller did not apply the change (Kafka's
+/// `Partition.handleAlterPartitionError`): the leader may go back to its committed ISR.
+pub fn alter_partition_refusal_is_definitive(code: i16) -> bool {
+    code == ResponseError::IneligibleReplica.code()
+        || code == ResponseError::OperationNotAttempted.code()
+}
+
+/// An AlterPartition error after which the same request is sent again: the controller
+/// moved or did not answer, or this broker registered again (a new broker epoch, read
+/// afresh for the retry).
+pub fn alter_partition_error_is_transient(code: i16) -> bool {
+    code == ResponseError::RequestTimedOut.code()
+        || code == ResponseError::NotController.code()
+        || code == ResponseError::StaleBrokerEpoch.code()
+        || code == ResponseError::UnknownServerError.code()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
@@ -1660,21 +1677,4 @@ mod tests {
             p1.log().leader_epochs().entries()
         );
     }
-}
-
-/// An AlterPartition error that says the controller did not apply the change (Kafka's
-/// `Partition.handleAlterPartitionError`): the leader may go back to its committed ISR.
-pub fn alter_partition_refusal_is_definitive(code: i16) -> bool {
-    code == ResponseError::IneligibleReplica.code()
-        || code == ResponseError::OperationNotAttempted.code()
-}
-
-/// An AlterPartition error after which the same request is sent again: the controller
-/// moved or did not answer, or this broker registered again (a new broker epoch, read
-/// afresh for the retry).
-pub fn alter_partition_error_is_transient(code: i16) -> bool {
-    code == ResponseError::RequestTimedOut.code()
-        || code == ResponseError::NotController.code()
-        || code == ResponseError::StaleBrokerEpoch.code()
-        || code == ResponseError::UnknownServerError.code()
 }
