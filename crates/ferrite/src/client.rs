@@ -37,6 +37,30 @@ use ferrite::murmur2::partition_for_key;
 use crate::wire::{check, Conn};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Each partition's leader epoch and offline replicas from one Metadata request (v9+,
+/// where both exist), by partition index.
+fn leader_epochs(bootstrap: &str, topic: &str) -> Result<BTreeMap<i32, (i32, Vec<i32>)>> {
+    use ferrite_protocol::kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use ferrite_protocol::kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+    let mut conn = Conn::open(bootstrap)?;
+    let version = conn.version(ApiKey::Metadata, 9, 12)?;
+    let md: MetadataResponse = conn.send(
+        ApiKey::Metadata,
+        version,
+        &MetadataRequest::default().with_topics(Some(vec![MetadataRequestTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_string(topic.to_string()))))])),
+    )?;
+    Ok(md
+        .topics
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| {
+            let offline = p.offline_replicas.iter().map(|b| b.0).collect();
+            (p.partition_index, (p.leader_epoch, offline))
+        })
+        .collect())
+}
 /// The same bound, as admin requests carry it (`timeout_ms`).
 const TIMEOUT_MS: i32 = 30_000;
 /// DescribeConfigs / AlterConfigs resource type of a topic.
@@ -122,7 +146,7 @@ enum TopicCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Show partitions, leaders, replicas, offsets and configs.
+    /// Show partitions, leaders, leader epochs, replicas, ISR, offline replicas, offsets and configs.
     Describe {
         /// Topic name.
         name: String,
@@ -274,11 +298,17 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 )
                 .into());
             }
+            // librdkafka's metadata has no leader epoch nor offline replicas: one
+            // Metadata of our own (v9+ carries both) fills them in.
+            let epochs = leader_epochs(&common.bootstrap_server, &name)?;
             let mut partitions = Vec::new();
             for p in t.partitions() {
                 let (low, high) = consumer.fetch_watermarks(&name, p.id(), TIMEOUT)?;
+                let (leader_epoch, offline) =
+                    epochs.get(&p.id()).cloned().unwrap_or((-1, Vec::new()));
                 partitions.push(json!({
-                    "partition": p.id(), "leader": p.leader(), "replicas": p.replicas(), "isr": p.isr(),
+                    "partition": p.id(), "leader": p.leader(), "leader_epoch": leader_epoch,
+                    "replicas": p.replicas(), "isr": p.isr(), "offline_replicas": offline,
                     "log_start_offset": low, "log_end_offset": high,
                 }));
             }
@@ -321,8 +351,8 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 println!("topic {name}");
                 for p in &partitions {
                     println!(
-                        "  partition {} leader {} replicas {} isr {} log_start_offset {} log_end_offset {}",
-                        p["partition"], p["leader"], p["replicas"], p["isr"], p["log_start_offset"], p["log_end_offset"]
+                        "  partition {} leader {} leader_epoch {} replicas {} isr {} offline_replicas {} log_start_offset {} log_end_offset {}",
+                        p["partition"], p["leader"], p["leader_epoch"], p["replicas"], p["isr"], p["offline_replicas"], p["log_start_offset"], p["log_end_offset"]
                     );
                 }
                 for (k, v) in &config_map {

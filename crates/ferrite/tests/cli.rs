@@ -90,6 +90,11 @@ fn topic_produce_consume_and_admin_through_the_cli() {
             "partition {idx}"
         );
         assert_eq!(p["leader"], 0);
+        // A topic created on a running node keeps the leader epoch it was created with.
+        assert_eq!(p["leader_epoch"], 0, "partition {idx}");
+        assert_eq!(p["replicas"], serde_json::json!([0]));
+        assert_eq!(p["isr"], serde_json::json!([0]));
+        assert_eq!(p["offline_replicas"], serde_json::json!([]));
     }
     assert_eq!(d["configs"]["retention.ms"], "3600000");
 

@@ -1,8 +1,7 @@
 //! `ferrite dev cluster` (issues 8 and 10): starts N combined nodes on loopback, prints
 //! the bootstrap string, the nodes form one metadata quorum (a topic created through one
-//! node is known to every node), and SIGTERM stops them all. Metadata lists the answering
-//! broker only until brokers register with the controller (issue 8 step 2), so this test
-//! asks each node on its own.
+//! node is known to every node), every node's Metadata lists all the registered brokers,
+//! and SIGTERM stops them all.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader};
@@ -124,12 +123,17 @@ fn dev_cluster_starts_every_node_and_stops_them_on_sigterm() {
                 .iter()
                 .find(|t| t.name() == "dev-cluster" && t.error().is_none())
                 .map(|t| t.partitions().len());
-            if parts == Some(3) {
+            // Every node registered before its ready line; each node's image gets there.
+            let mut brokers: Vec<i32> = md.brokers().iter().map(|b| b.id()).collect();
+            brokers.sort_unstable();
+            let all: Vec<i32> = (1..=i32::from(NODES)).collect();
+            if parts == Some(3) && brokers == all {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "node {node_id} does not know the topic created through node 1: {parts:?}"
+                "node {node_id} does not know the topic created through node 1 ({parts:?}) \
+                 or every broker ({brokers:?})"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
