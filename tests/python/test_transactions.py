@@ -1,8 +1,8 @@
 """Transactions with a real client (confluent-kafka / librdkafka): commit and abort seen
 through read_committed and read_uncommitted consumers, the last stable offset, offsets
 committed with send_offsets_to_transaction, fencing by a second producer with the same
-transactional.id, the abort of a transaction past its timeout, and a
-consume-transform-produce loop that stays exactly once across kill -9 of the broker."""
+transactional.id, the abort of a transaction past its timeout, transaction.max.timeout.ms,
+and a consume-transform-produce loop that stays exactly once across kill -9 of the broker."""
 import os
 import threading
 import time
@@ -12,7 +12,7 @@ import pytest
 from support import ck_consume, ck_consumer, ck_create, ck_assert_nothing_more, wait_until
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
-from confluent_kafka import KafkaException, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition  # noqa: E402
 
 
 def txn_producer(b, tid, **extra):
@@ -165,6 +165,21 @@ def test_a_transaction_past_its_timeout_is_aborted(broker):
     c.assign([TopicPartition("txn-timeout", 0, 0)])
     ck_assert_nothing_more(c, wait_s=1.5)
     c.close()
+
+
+def test_transaction_timeout_above_the_brokers_maximum_is_refused(broker_factory):
+    b = broker_factory("transaction.max.timeout.ms=10000")
+    ck_create(b, "txn-max", 1)
+    too_long = Producer({"bootstrap.servers": b.addr, "transactional.id": "too-long",
+                         "transaction.timeout.ms": 10_001, "message.timeout.ms": 5000, "log_level": 0})
+    with pytest.raises(KafkaException) as e:
+        too_long.init_transactions(30)
+    assert e.value.args[0].code() == KafkaError.INVALID_TRANSACTION_TIMEOUT, e.value
+    # At the maximum it is accepted.
+    p = txn_producer(b, "at-max", **{"transaction.timeout.ms": 10_000, "message.timeout.ms": 5000})
+    p.begin_transaction()
+    produce_values(p, "txn-max", ["x"])
+    p.commit_transaction(30)
 
 
 # (cycle, where): kill -9 of the broker while records are in flight, after send_offsets,

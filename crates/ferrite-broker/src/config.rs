@@ -79,6 +79,9 @@ pub struct BrokerConfig {
     pub offsets_topic_segment_bytes: i64,
     /// `group.*` and `offsets.retention.minutes` settings of the group coordinator.
     pub group: ferrite_coordinator::GroupConfig,
+    /// `transaction.max.timeout.ms` and `transactional.id.expiration.ms` of the
+    /// transaction coordinator.
+    pub txn: ferrite_coordinator::txn::TxnConfig,
     /// `fetch.zero.copy.enable` (Ferrite's own): Fetch writes records from the segment
     /// files with `sendfile` instead of copying them through memory.
     pub fetch_zero_copy: bool,
@@ -211,6 +214,7 @@ impl Default for BrokerConfig {
             offsets_topic_num_partitions: 50,
             offsets_topic_segment_bytes: 100 * 1024 * 1024,
             group: ferrite_coordinator::GroupConfig::default(),
+            txn: ferrite_coordinator::txn::TxnConfig::default(),
             fetch_zero_copy: true,
             explicit: BTreeMap::new(),
             replication: ReplicationSettings::default(),
@@ -447,6 +451,14 @@ impl BrokerConfig {
             "offsets.retention.minutes" => {
                 self.group.offsets_retention_ms =
                     parse_num::<i64>(key, value, 1)?.saturating_mul(60_000)
+            }
+            // InitProducerId with a larger transaction_timeout_ms is
+            // INVALID_TRANSACTION_TIMEOUT, as in Kafka.
+            "transaction.max.timeout.ms" => {
+                self.txn.transaction_max_timeout_ms = parse_num(key, value, 1)?
+            }
+            "transactional.id.expiration.ms" => {
+                self.txn.transactional_id_expiration_ms = parse_num(key, value, 1)?
             }
             "offset.metadata.max.bytes" => {
                 self.group.offset_metadata_bytes_max = parse_num(key, value, 0)?

@@ -300,6 +300,7 @@ impl Broker {
         let advertised = config.advertised(local_addr);
         let (lifecycle_tx, lifecycle_rx) =
             tokio::sync::watch::channel(lifecycle::LifecycleState::default());
+        let txns = txn_manager::TxnManager::new(config.txn.clone());
         let broker = Arc::new(Broker {
             config,
             advertised,
@@ -308,7 +309,7 @@ impl Broker {
             replicas,
             groups,
             producer_ids: producer_ids::ProducerIdManager::default(),
-            txns: txn_manager::TxnManager::new(ferrite_coordinator::txn::TxnConfig::default()),
+            txns,
             lifecycle: lifecycle_rx,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
