@@ -2,8 +2,11 @@
 through read_committed and read_uncommitted consumers, the last stable offset, offsets
 committed with send_offsets_to_transaction, fencing by a second producer with the same
 transactional.id, the abort of a transaction past its timeout, transaction.max.timeout.ms,
-and a consume-transform-produce loop that stays exactly once across kill -9 of the broker."""
+`ferrite transactions list|describe`, and a consume-transform-produce loop that stays
+exactly once across kill -9 of the broker."""
+import json
 import os
+import subprocess
 import threading
 import time
 
@@ -180,6 +183,53 @@ def test_transaction_timeout_above_the_brokers_maximum_is_refused(broker_factory
     p.begin_transaction()
     produce_values(p, "txn-max", ["x"])
     p.commit_transaction(30)
+
+
+def ferrite_cli(b, *args):
+    from conftest import FERRITE_BIN
+    out = subprocess.run([FERRITE_BIN, *args, "-b", b.addr, "--json"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_list_and_describe_transactions(broker):
+    """ListTransactions and DescribeTransactions (KIP-664) through `ferrite transactions`."""
+    ck_create(broker, "txn-admin", 2)
+    open_p = txn_producer(broker, "admin-open", **{"transaction.timeout.ms": 60_000})
+    open_p.begin_transaction()
+    produce_values(open_p, "txn-admin", ["a", "b"], partition=1)
+    done = txn_producer(broker, "admin-done")
+    done.begin_transaction()
+    produce_values(done, "txn-admin", ["c"], partition=0)
+    done.commit_transaction(30)
+
+    listed = {t["transactional_id"]: t for t in ferrite_cli(broker, "transactions", "list")}
+    assert listed["admin-open"]["state"] == "Ongoing"
+    assert listed["admin-done"]["state"] == "CompleteCommit"
+    ongoing = ferrite_cli(broker, "transactions", "list", "--state", "Ongoing")
+    assert [t["transactional_id"] for t in ongoing] == ["admin-open"]
+    by_pid = ferrite_cli(broker, "transactions", "list", "--producer-id",
+                         str(listed["admin-done"]["producer_id"]))
+    assert [t["transactional_id"] for t in by_pid] == ["admin-done"]
+    # Running longer than an hour: none (KIP-994's duration filter, ListTransactions v1).
+    assert ferrite_cli(broker, "transactions", "list", "--duration-ms", "3600000") == []
+
+    d = ferrite_cli(broker, "transactions", "describe", "admin-open")
+    assert d["state"] == "Ongoing"
+    assert d["partitions"] == ["txn-admin-1"]
+    assert d["producer_id"] == listed["admin-open"]["producer_id"]
+    assert d["transaction_timeout_ms"] == 60_000
+    assert d["transaction_start_time_ms"] is not None and d["transaction_start_time_ms"] > 0
+    open_p.commit_transaction(30)
+    d = ferrite_cli(broker, "transactions", "describe", "admin-open")
+    assert (d["state"], d["partitions"]) == ("CompleteCommit", [])
+
+    from conftest import FERRITE_BIN
+    missing = subprocess.run([FERRITE_BIN, "transactions", "describe", "no-such-id", "-b", broker.addr,
+                              "--json"], capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0
+    assert json.loads(missing.stderr)["error"]["code"] == "TRANSACTIONAL_ID_NOT_FOUND"
 
 
 # (cycle, where): kill -9 of the broker while records are in flight, after send_offsets,

@@ -73,6 +73,10 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AddOffsetsToTxn, 0, 3),
     (ApiKey::EndTxn, 0, 3),
     (ApiKey::TxnOffsetCommit, 0, 3),
+    // Admin side of transactions (KIP-664). ListTransactions v1 adds the duration filter
+    // (KIP-994); v2's transactional id pattern (a Java regular expression) is not offered.
+    (ApiKey::DescribeTransactions, 0, 0),
+    (ApiKey::ListTransactions, 0, 1),
 ];
 
 /// What an operator needs to know about a refused request: the API by name and key,

@@ -5,6 +5,7 @@ mod client;
 mod dev_cluster;
 mod group;
 mod producers;
+mod transactions;
 mod wire;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Command {
     Consume(client::ConsumeArgs),
     /// List, describe, delete consumer groups and reset their offsets.
     Group(group::GroupArgs),
+    /// List and describe transactions (transactional ids, their state and partitions).
+    Transactions(transactions::TransactionsArgs),
     /// Load generators: produce, consume and end-to-end, with HDR latency histograms.
     Bench(bench::BenchArgs),
     /// Development helpers: `dev cluster` runs N nodes on loopback as child processes.
@@ -56,6 +59,7 @@ impl Command {
             Command::Produce(a) => a.json(),
             Command::Consume(a) => a.json(),
             Command::Group(a) => a.json(),
+            Command::Transactions(a) => a.json(),
             Command::Bench(a) => a.json(),
             Command::Dev(_) => false,
         }
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => client::produce(args).await,
             Command::Consume(args) => client::consume(args).await,
             Command::Group(args) => group::group(args).await,
+            Command::Transactions(args) => transactions::transactions(args).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Dev(args) => dev_cluster::dev(args).await,
         }

@@ -145,6 +145,12 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         RequestKind::DescribeProducers(r) => {
             ResponseKind::DescribeProducers(producers::describe_producers(broker, r))
         }
+        RequestKind::DescribeTransactions(r) => {
+            ResponseKind::DescribeTransactions(txn::describe_transactions(broker, r).await)
+        }
+        RequestKind::ListTransactions(r) => {
+            ResponseKind::ListTransactions(txn::list_transactions(broker, r).await)
+        }
         other => {
             // decode_request only lets SUPPORTED_APIS through, so this is a programming
             // error in the version table; answer nothing and let the client time out

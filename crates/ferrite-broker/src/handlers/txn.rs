@@ -1,6 +1,6 @@
 //! The transactional producer's APIs: FindCoordinator with key type TRANSACTION,
 //! InitProducerId with a transactional id, AddPartitionsToTxn, AddOffsetsToTxn, EndTxn
-//! and TxnOffsetCommit. Each validates through the sans-I/O coordinator and carries out
+//! and TxnOffsetCommit; and the admin side, DescribeTransactions and ListTransactions. Each validates through the sans-I/O coordinator and carries out
 //! its effects (`txn_manager::apply`) before answering, so a client never sees a state
 //! a crash could take back.
 //!
@@ -22,8 +22,10 @@ use kafka_protocol::messages::txn_offset_commit_response::{
 };
 use kafka_protocol::messages::{
     AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest,
-    AddPartitionsToTxnResponse, BrokerId, EndTxnRequest, EndTxnResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse, ProducerId,
+    AddPartitionsToTxnResponse, BrokerId, DescribeTransactionsRequest,
+    DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse,
+    ListTransactionsRequest, ListTransactionsResponse, ProducerId, TransactionalId,
     TxnOffsetCommitRequest, TxnOffsetCommitResponse,
 };
 use kafka_protocol::protocol::StrBytes;
@@ -420,4 +422,100 @@ pub async fn txn_offset_commit(
         })
         .collect();
     TxnOffsetCommitResponse::default().with_topics(topics)
+}
+
+/// DescribeTransactions (what `kafka-transactions.sh describe` sends to the id's
+/// coordinator): each id's state, timeout, start time, producer id and epoch and the
+/// partitions of its current transaction, from the coordinator's memory.
+pub async fn describe_transactions(
+    broker: &Arc<Broker>,
+    req: DescribeTransactionsRequest,
+) -> DescribeTransactionsResponse {
+    use kafka_protocol::messages::describe_transactions_response::{TopicData, TransactionState};
+    let b = broker.clone();
+    let states = tokio::task::spawn_blocking(move || {
+        let st = b.txns.lock();
+        req.transactional_ids
+            .into_iter()
+            .map(|id| {
+                let state = TransactionState::default()
+                    .with_transactional_id(id.clone())
+                    .with_transaction_state(str_bytes(""))
+                    .with_transaction_start_time_ms(-1)
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1);
+                match st.describe(&id.0) {
+                    Err(e) => state.with_error_code(e.code()),
+                    Ok(m) => {
+                        let mut topics: Vec<TopicData> = Vec::new();
+                        for (topic, p) in &m.partitions {
+                            match topics.last_mut() {
+                                Some(t) if &*t.topic.0 == topic.as_str() => t.partitions.push(*p),
+                                _ => topics.push(
+                                    TopicData::default()
+                                        .with_topic(super::topic_name(topic))
+                                        .with_partitions(vec![*p]),
+                                ),
+                            }
+                        }
+                        state
+                            .with_transaction_state(str_bytes(m.state.as_str()))
+                            .with_transaction_timeout_ms(m.txn_timeout_ms)
+                            .with_transaction_start_time_ms(m.txn_start_timestamp_ms)
+                            .with_producer_id(ProducerId(m.producer_id))
+                            .with_producer_epoch(m.producer_epoch)
+                            .with_topics(topics)
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match states {
+        Ok(states) => DescribeTransactionsResponse::default().with_transaction_states(states),
+        Err(e) => {
+            tracing::error!(error = %e, "DescribeTransactions task failed");
+            DescribeTransactionsResponse::default()
+        }
+    }
+}
+
+/// ListTransactions: the transactional ids this broker coordinates, filtered by state,
+/// producer id and (v1, KIP-994) how long the transaction has run. Admin clients ask
+/// every broker and merge the answers.
+pub async fn list_transactions(
+    broker: &Arc<Broker>,
+    req: ListTransactionsRequest,
+) -> ListTransactionsResponse {
+    use kafka_protocol::messages::list_transactions_response::TransactionState;
+    let b = broker.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let st = b.txns.lock();
+        let states: Vec<String> = req.state_filters.iter().map(|s| s.to_string()).collect();
+        let producer_ids: Vec<i64> = req.producer_id_filters.iter().map(|p| p.0).collect();
+        match st.list_transactions(&states, &producer_ids, req.duration_filter, now_ms()) {
+            Err(e) => ListTransactionsResponse::default().with_error_code(e.code()),
+            Ok((listed, unknown)) => ListTransactionsResponse::default()
+                .with_unknown_state_filters(unknown.into_iter().map(str_bytes).collect())
+                .with_transaction_states(
+                    listed
+                        .into_iter()
+                        .map(|m| {
+                            TransactionState::default()
+                                .with_transactional_id(TransactionalId(str_bytes(
+                                    m.transactional_id.as_str(),
+                                )))
+                                .with_producer_id(ProducerId(m.producer_id))
+                                .with_transaction_state(str_bytes(m.state.as_str()))
+                        })
+                        .collect(),
+                ),
+        }
+    })
+    .await;
+    answer.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "ListTransactions task failed");
+        ListTransactionsResponse::default()
+            .with_error_code(ResponseError::UnknownServerError.code())
+    })
 }

@@ -69,6 +69,11 @@ impl TxnState {
         TxnState::ALL.into_iter().find(|s| s.id() == id)
     }
 
+    /// The state named `name` as DescribeTransactions/ListTransactions spell it.
+    pub fn from_name(name: &str) -> Option<TxnState> {
+        TxnState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// The name DescribeTransactions and ListTransactions use.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -177,6 +182,8 @@ pub enum TxnError {
     ResourceLimit,
     #[error("a partition of the transaction is not part of it")]
     PartitionNotInTxn,
+    #[error("no such transactional id")]
+    TransactionalIdNotFound,
 }
 
 impl TxnError {
@@ -195,6 +202,7 @@ impl TxnError {
             TxnError::ResourceLimit => ResponseError::CoordinatorNotAvailable,
             // Verification (KIP-890 part 1) answers INVALID_TXN_STATE for such partitions.
             TxnError::PartitionNotInTxn => ResponseError::InvalidTxnState,
+            TxnError::TransactionalIdNotFound => ResponseError::TransactionalIdNotFound,
         }
     }
 
@@ -447,6 +455,72 @@ impl<A: ProducerIdAllocator> TransactionCoordinator<A> {
 
     pub fn get(&self, transactional_id: &str) -> Option<&TxnMetadata> {
         self.txns.get(transactional_id)
+    }
+
+    /// DescribeTransactions of one id (Kafka's `handleDescribeTransactions`): its
+    /// metadata, TRANSACTIONAL_ID_NOT_FOUND for an unknown or Dead id. A record in flight
+    /// does not hide the id: the answer is the last state written.
+    pub fn describe(&self, transactional_id: &str) -> Result<&TxnMetadata, TxnError> {
+        if transactional_id.is_empty() {
+            return Err(TxnError::InvalidRequest);
+        }
+        match self.partitions.get(&self.partition_for(transactional_id)) {
+            None => return Err(TxnError::NotCoordinator),
+            Some(PartitionLoad::Loading) => return Err(TxnError::CoordinatorLoadInProgress),
+            Some(PartitionLoad::Loaded) => {}
+        }
+        self.txns
+            .get(transactional_id)
+            .filter(|m| m.state != TxnState::Dead)
+            .ok_or(TxnError::TransactionalIdNotFound)
+    }
+
+    /// ListTransactions (KIP-664; `duration_filter_ms`, KIP-994, is ListTransactions v1):
+    /// the ids of the loaded partitions whose state is in `states` (every state when
+    /// empty), whose producer id is in `producer_ids` (any when empty) and, when
+    /// `duration_filter_ms >= 0`, whose transaction has run longer than that. Returns
+    /// them in id order with the state names that are no state; COORDINATOR_LOAD_IN_PROGRESS
+    /// while a partition loads, as Kafka.
+    pub fn list_transactions(
+        &self,
+        states: &[String],
+        producer_ids: &[i64],
+        duration_filter_ms: i64,
+        now_ms: i64,
+    ) -> Result<(Vec<&TxnMetadata>, Vec<String>), TxnError> {
+        if self
+            .partitions
+            .values()
+            .any(|l| *l == PartitionLoad::Loading)
+        {
+            return Err(TxnError::CoordinatorLoadInProgress);
+        }
+        let mut wanted = BTreeSet::new();
+        let mut unknown = Vec::new();
+        for name in states {
+            match TxnState::from_name(name) {
+                Some(s) => {
+                    wanted.insert(s);
+                }
+                None => unknown.push(name.clone()),
+            }
+        }
+        if !states.is_empty() && wanted.is_empty() {
+            // Only unknown states asked for: nothing matches.
+            return Ok((Vec::new(), unknown));
+        }
+        let listed = self
+            .txns
+            .values()
+            .filter(|m| m.state != TxnState::Dead)
+            .filter(|m| producer_ids.is_empty() || producer_ids.contains(&m.producer_id))
+            .filter(|m| wanted.is_empty() || wanted.contains(&m.state))
+            .filter(|m| {
+                duration_filter_ms < 0
+                    || now_ms.saturating_sub(m.txn_start_timestamp_ms) > duration_filter_ms
+            })
+            .collect();
+        Ok((listed, unknown))
     }
 
     pub fn transactions(&self) -> impl Iterator<Item = &TxnMetadata> {

@@ -163,6 +163,7 @@ fn error_codes_are_kafkas() {
     assert_eq!(TxnError::InvalidTransactionTimeout.code(), 50);
     assert_eq!(TxnError::ConcurrentTransactions.code(), 51);
     assert_eq!(TxnError::ProducerFenced.code(), 90);
+    assert_eq!(TxnError::TransactionalIdNotFound.code(), 105);
     assert_eq!(
         TxnError::ProducerFenced.for_version(false),
         TxnError::InvalidProducerEpoch
@@ -526,6 +527,84 @@ fn restart_in_prepare_resumes_markers() {
         }
     }
     assert_eq!(c.get("c").unwrap().state, TxnState::CompleteCommit);
+}
+
+#[test]
+fn describe_and_list_transactions() {
+    let mut h = Harness::new();
+    let p = h.init("a", None, 0).unwrap();
+    h.add("a", p, &[("t", 0), ("t", 1), ("u", 0)], 100).unwrap();
+    let q = h.init("b", None, 0).unwrap();
+    h.add("b", q, &[("t", 2)], 500).unwrap();
+    h.end("b", q, TxnResult::Commit, 600).0.unwrap();
+    h.confirm_markers(601);
+    let r = h.init("c", None, 0).unwrap();
+
+    let a = h.c.describe("a").unwrap();
+    assert_eq!(
+        (a.state, a.producer_id, a.txn_start_timestamp_ms),
+        (TxnState::Ongoing, p.producer_id, 100)
+    );
+    assert_eq!(a.partitions.len(), 3);
+    assert_eq!(h.c.describe("b").unwrap().state, TxnState::CompleteCommit);
+    assert!(h.c.describe("b").unwrap().partitions.is_empty());
+    assert_eq!(h.c.describe("zzz"), Err(TxnError::TransactionalIdNotFound));
+    assert_eq!(h.c.describe(""), Err(TxnError::InvalidRequest));
+
+    let ids = |l: (Vec<&TxnMetadata>, Vec<String>)| {
+        (
+            l.0.iter()
+                .map(|m| m.transactional_id.clone())
+                .collect::<Vec<_>>(),
+            l.1,
+        )
+    };
+    let none: Vec<String> = vec![];
+    let all = h.c.list_transactions(&[], &[], -1, 1000).unwrap();
+    assert_eq!(
+        ids(all),
+        (vec!["a".into(), "b".into(), "c".into()], none.clone())
+    );
+    let ongoing =
+        h.c.list_transactions(&["Ongoing".into()], &[], -1, 1000)
+            .unwrap();
+    assert_eq!(ids(ongoing), (vec!["a".into()], none.clone()));
+    let by_pid =
+        h.c.list_transactions(&[], &[r.producer_id], -1, 1000)
+            .unwrap();
+    assert_eq!(ids(by_pid), (vec!["c".into()], none.clone()));
+    // Running longer than 850 ms at 1000: a started at 100; b at 500 (no longer running
+    // but its start is kept, as Kafka's filter compares the start only).
+    let long =
+        h.c.list_transactions(&["Ongoing".into()], &[], 850, 1000)
+            .unwrap();
+    assert_eq!(ids(long), (vec!["a".into()], none.clone()));
+    let long =
+        h.c.list_transactions(&["Ongoing".into()], &[], 950, 1000)
+            .unwrap();
+    assert_eq!(ids(long).0, Vec::<String>::new());
+    let unknown =
+        h.c.list_transactions(&["Ongoing".into(), "Bogus".into()], &[], -1, 1000)
+            .unwrap();
+    assert_eq!(ids(unknown), (vec!["a".into()], vec!["Bogus".into()]));
+    let only_unknown =
+        h.c.list_transactions(&["Bogus".into()], &[], -1, 1000)
+            .unwrap();
+    assert_eq!(ids(only_unknown), (vec![], vec!["Bogus".into()]));
+
+    // Not led here, or loading.
+    let mut c = TransactionCoordinator::new(TxnConfig::default(), CountingAllocator(1));
+    assert_eq!(c.describe("a").err(), Some(TxnError::NotCoordinator));
+    assert_eq!(c.list_transactions(&[], &[], -1, 0).unwrap().0.len(), 0);
+    c.begin_load(c.partition_for("a"));
+    assert_eq!(
+        c.describe("a").err(),
+        Some(TxnError::CoordinatorLoadInProgress)
+    );
+    assert_eq!(
+        c.list_transactions(&[], &[], -1, 0).err(),
+        Some(TxnError::CoordinatorLoadInProgress)
+    );
 }
 
 // ---- property test over random operation sequences ----
