@@ -30,7 +30,8 @@ export FERRITE_BIN="$PWD/target/debug/ferrite"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python
 
 # The fault harness (tests/fault, RELIABILITY.md): unit checks of its rules and schedule,
-# then the short run: real `ferrite server` processes in a network namespace of its own,
+# then the short run: three real `ferrite server` processes (RF 3, min.insync.replicas 2)
+# in a network namespace of its own,
 # faults from a fixed seed for about 1.5 minutes, the history checked by ferrite-check. It
 # fails on a lost write, inconsistent offsets, a non-monotonic poll, an unseen write, a
 # duplicate with the idempotent producer, or a cluster that does not come back. Needs root.

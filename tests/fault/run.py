@@ -389,7 +389,7 @@ class Harness:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--faults", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None, help="default: drawn and printed")
     ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(nemesis.ALL_KINDS)} "

@@ -253,7 +253,7 @@ def test_harness_catches_a_planted_loss(tmp_path):
     """A planted bug (acknowledged records cut off a segment while the node is down) must
     fail the run with lost or unseen writes: the whole pipeline, end to end."""
     p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
-                        "--faults", "1", "--kinds", "lose-tail", "--seed", "3", "--warmup-s", "5",
+                        "--nodes", "1", "--faults", "1", "--kinds", "lose-tail", "--seed", "3", "--warmup-s", "5",
                         "--out", str(tmp_path), "--python", sys.executable, "--ferrite-bin", FERRITE_BIN,
                         "--check-bin", CHECK_BIN], capture_output=True, text=True, timeout=400)
     assert p.returncode == 1, p.stdout + p.stderr
