@@ -134,6 +134,40 @@ def test_send_offsets_to_transaction_commits_offsets_only_on_commit(broker):
     assert out == [f"out-{i}" for i in range(50)]
 
 
+def test_an_open_transactions_offsets_are_unstable_for_read_committed(broker):
+    """KIP-447: while a transaction holds an offset for a partition, a read_committed
+    consumer's OffsetFetch (require_stable) gets UNSTABLE_OFFSET_COMMIT, which librdkafka
+    retries, instead of the offset committed before it; read_uncommitted gets that older
+    offset at once; after the commit both get the transaction's offset."""
+    ck_create(broker, "unstable-in", 1)
+    plain = Producer({"bootstrap.servers": broker.addr})
+    produce_values(plain, "unstable-in", [f"in-{i}" for i in range(20)])
+    c = ck_consumer(broker, **{"group.id": "unstable-group", "isolation.level": "read_committed"})
+    c.subscribe(["unstable-in"])
+    ck_consume(c, 20, timeout_s=60)
+    p = txn_producer(broker, "unstable")
+    p.begin_transaction()
+    p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), 30)
+    tp = [TopicPartition("unstable-in", 0)]
+    stable = ck_consumer(broker, **{"group.id": "unstable-group", "isolation.level": "read_committed"})
+    uncommitted = ck_consumer(broker, **{"group.id": "unstable-group", "isolation.level": "read_uncommitted"})
+    try:
+        try:
+            got = stable.committed(tp, timeout=3)
+            assert got[0].error is not None and got[0].error.code() == KafkaError.UNSTABLE_OFFSET_COMMIT, got
+        except KafkaException as e:
+            # librdkafka retried UNSTABLE_OFFSET_COMMIT until the call's timeout.
+            assert e.args[0].code() in (KafkaError._TIMED_OUT, KafkaError.UNSTABLE_OFFSET_COMMIT), e
+        assert uncommitted.committed(tp, timeout=10)[0].offset == confluent_kafka.OFFSET_INVALID
+        p.commit_transaction(30)
+        assert stable.committed(tp, timeout=10)[0].offset == 20
+        assert uncommitted.committed(tp, timeout=10)[0].offset == 20
+    finally:
+        stable.close()
+        uncommitted.close()
+        c.close()
+
+
 def test_second_producer_with_the_same_transactional_id_fences_the_first(broker):
     ck_create(broker, "txn-fence", 1)
     p1 = txn_producer(broker, "fence")

@@ -331,18 +331,26 @@ pub fn offset_commit(
     OffsetCommitResponse::default().with_topics(topics)
 }
 
-/// `(partition, offset, leader_epoch, metadata)`; offset -1 when nothing is committed.
-type FetchedOffset = (i32, i64, i32, Option<String>);
+/// `(partition, offset, leader_epoch, metadata, error_code)`; offset -1 when nothing is
+/// committed.
+type FetchedOffset = (i32, i64, i32, Option<String>, i16);
 
-/// `(topic, partition, offset, leader_epoch, metadata)` for the asked partitions, or for
-/// every committed partition when `topics` is null.
+/// `(topic, partition, offset, leader_epoch, metadata, error_code)` for the asked
+/// partitions, or for every committed partition when `topics` is null. With
+/// `require_stable` (OffsetFetch v7+, KIP-447) a partition for which an open transaction
+/// holds an offset answers UNSTABLE_OFFSET_COMMIT instead of the offset committed before
+/// it: a consumer starting there would re-read what that transaction may already have
+/// consumed. librdkafka asks for it with isolation.level=read_committed and retries.
 fn fetch_offsets(
     broker: &Arc<Broker>,
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
+    require_stable: bool,
 ) -> Vec<(String, Vec<FetchedOffset>)> {
     let state = broker.groups.lock();
     let c = &state.coordinator;
+    let unstable = |t: &str, p: i32| require_stable && state.has_pending_txn_offset(group, t, p);
+    let unstable_code = kafka_protocol::ResponseError::UnstableOffsetCommit.code();
     match topics {
         Some(topics) => topics
             .into_iter()
@@ -350,8 +358,9 @@ fn fetch_offsets(
                 let parts = parts
                     .into_iter()
                     .map(|p| match c.committed(group, &t, p) {
-                        Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone()),
-                        None => (p, -1, -1, None),
+                        _ if unstable(&t, p) => (p, -1, -1, None, unstable_code),
+                        Some(o) => (p, o.offset, o.leader_epoch, o.metadata.clone(), 0),
+                        None => (p, -1, -1, None, 0),
                     })
                     .collect();
                 (t, parts)
@@ -360,7 +369,11 @@ fn fetch_offsets(
         None => {
             let mut out: Vec<(String, Vec<FetchedOffset>)> = Vec::new();
             for ((t, p), o) in c.all_committed(group) {
-                let entry = (p, o.offset, o.leader_epoch, o.metadata.clone());
+                let entry = if unstable(&t, p) {
+                    (p, -1, -1, None, unstable_code)
+                } else {
+                    (p, o.offset, o.leader_epoch, o.metadata.clone(), 0)
+                };
                 match out.iter_mut().find(|(name, _)| *name == t) {
                     Some((_, v)) => v.push(entry),
                     None => out.push((t, vec![entry])),
@@ -387,7 +400,8 @@ pub fn offset_fetch(
                         .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
                         .collect()
                 });
-                let found = fetch_offsets(broker, g.group_id.0.as_str(), topics);
+                let found =
+                    fetch_offsets(broker, g.group_id.0.as_str(), topics, req.require_stable);
                 OffsetFetchResponseGroup::default()
                     .with_group_id(g.group_id.clone())
                     .with_topics(
@@ -399,9 +413,10 @@ pub fn offset_fetch(
                                     .with_partitions(
                                         parts
                                             .into_iter()
-                                            .map(|(p, o, e, m)| {
+                                            .map(|(p, o, e, m, code)| {
                                                 OffsetFetchResponsePartitions::default()
                                                     .with_partition_index(p)
+                                                    .with_error_code(code)
                                                     .with_committed_offset(o)
                                                     .with_committed_leader_epoch(e)
                                                     .with_metadata(m.map(|m| str_bytes(&m)))
@@ -420,7 +435,12 @@ pub fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
             .collect()
     });
-    let found = fetch_offsets(broker, req.group_id.0.as_str(), topics);
+    let found = fetch_offsets(
+        broker,
+        req.group_id.0.as_str(),
+        topics,
+        version >= 7 && req.require_stable,
+    );
     OffsetFetchResponse::default().with_topics(
         found
             .into_iter()
@@ -430,9 +450,10 @@ pub fn offset_fetch(
                     .with_partitions(
                         parts
                             .into_iter()
-                            .map(|(p, o, e, m)| {
+                            .map(|(p, o, e, m, code)| {
                                 OffsetFetchResponsePartition::default()
                                     .with_partition_index(p)
+                                    .with_error_code(code)
                                     .with_committed_offset(o)
                                     .with_committed_leader_epoch(e)
                                     .with_metadata(m.map(|m| str_bytes(&m)))
