@@ -20,8 +20,8 @@ use kafka_protocol::messages::alter_partition_response::{
 use kafka_protocol::messages::{
     AllocateProducerIdsRequest, AllocateProducerIdsResponse, AlterPartitionRequest,
     AlterPartitionResponse, ApiKey, BrokerHeartbeatRequest, BrokerHeartbeatResponse, BrokerId,
-    BrokerRegistrationRequest, BrokerRegistrationResponse, ProducerId, RequestHeader,
-    ResponseHeader,
+    BrokerRegistrationRequest, BrokerRegistrationResponse, DescribeQuorumRequest,
+    DescribeQuorumResponse, ProducerId, RequestHeader, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::ResponseError;
@@ -35,11 +35,15 @@ use crate::Broker;
 pub const BROKER_REGISTRATION_VERSION: i16 = 2;
 pub const BROKER_HEARTBEAT_VERSION: i16 = 1;
 pub const ALTER_PARTITION_VERSION: i16 = 3;
+/// DescribeQuorum is forwarded to the active controller at its highest version and
+/// answered to the client at the client's.
+pub const DESCRIBE_QUORUM_VERSION: i16 = 2;
 const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::BrokerRegistration, 0, 4),
     (ApiKey::BrokerHeartbeat, 0, 1),
     (ApiKey::AlterPartition, 2, 3),
     (ApiKey::AllocateProducerIds, 0, 0),
+    (ApiKey::DescribeQuorum, 0, 2),
 ];
 /// Largest response frame the client accepts from a controller.
 pub const CONTROLLER_RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -50,6 +54,7 @@ pub enum ControllerRequest {
     Heartbeat(BrokerHeartbeatRequest),
     AlterPartition(AlterPartitionRequest),
     AllocateProducerIds(AllocateProducerIdsRequest),
+    DescribeQuorum(DescribeQuorumRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +63,7 @@ pub enum ControllerResponse {
     Heartbeat(BrokerHeartbeatResponse),
     AlterPartition(AlterPartitionResponse),
     AllocateProducerIds(AllocateProducerIdsResponse),
+    DescribeQuorum(DescribeQuorumResponse),
 }
 
 impl ControllerRequest {
@@ -67,6 +73,7 @@ impl ControllerRequest {
             ControllerRequest::Heartbeat(_) => ApiKey::BrokerHeartbeat,
             ControllerRequest::AlterPartition(_) => ApiKey::AlterPartition,
             ControllerRequest::AllocateProducerIds(_) => ApiKey::AllocateProducerIds,
+            ControllerRequest::DescribeQuorum(_) => ApiKey::DescribeQuorum,
         }
     }
 
@@ -76,6 +83,7 @@ impl ControllerRequest {
             ControllerRequest::Heartbeat(_) => BROKER_HEARTBEAT_VERSION,
             ControllerRequest::AlterPartition(_) => ALTER_PARTITION_VERSION,
             ControllerRequest::AllocateProducerIds(_) => 0,
+            ControllerRequest::DescribeQuorum(_) => DESCRIBE_QUORUM_VERSION,
         }
     }
 
@@ -85,6 +93,7 @@ impl ControllerRequest {
             ControllerRequest::Heartbeat(r) => r.encode(buf, version),
             ControllerRequest::AlterPartition(r) => r.encode(buf, version),
             ControllerRequest::AllocateProducerIds(r) => r.encode(buf, version),
+            ControllerRequest::DescribeQuorum(r) => r.encode(buf, version),
         }
         .map_err(|e| e.to_string())
     }
@@ -94,6 +103,9 @@ impl ControllerRequest {
 /// answer is NOT_CONTROLLER) and answers after the change is committed.
 pub async fn answer(controller: &Controller, req: ControllerRequest) -> ControllerResponse {
     match req {
+        ControllerRequest::DescribeQuorum(r) => ControllerResponse::DescribeQuorum(
+            crate::handlers::quorum::describe_local(controller, &r),
+        ),
         ControllerRequest::AllocateProducerIds(r) => {
             let resp = AllocateProducerIdsResponse::default()
                 .with_producer_id_start(ProducerId(-1))
@@ -293,6 +305,9 @@ async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8
         ApiKey::AllocateProducerIds => ControllerRequest::AllocateProducerIds(
             AllocateProducerIdsRequest::decode(&mut frame, version).ok()?,
         ),
+        ApiKey::DescribeQuorum => ControllerRequest::DescribeQuorum(
+            DescribeQuorumRequest::decode(&mut frame, version).ok()?,
+        ),
         _ => return None,
     };
     let resp = answer(controller, req).await;
@@ -307,6 +322,7 @@ async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8
         ControllerResponse::Heartbeat(r) => r.encode(&mut buf, version),
         ControllerResponse::AlterPartition(r) => r.encode(&mut buf, version),
         ControllerResponse::AllocateProducerIds(r) => r.encode(&mut buf, version),
+        ControllerResponse::DescribeQuorum(r) => r.encode(&mut buf, version),
     }
     .ok()?;
     let len = i32::try_from(buf.len() - 4).ok()?;
@@ -431,6 +447,9 @@ impl ControllerChannel {
             ControllerRequest::AllocateProducerIds(_) => ControllerResponse::AllocateProducerIds(
                 AllocateProducerIdsResponse::decode(&mut frame, version)
                     .map_err(|e| e.to_string())?,
+            ),
+            ControllerRequest::DescribeQuorum(_) => ControllerResponse::DescribeQuorum(
+                DescribeQuorumResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
             ),
         };
         Ok(resp)

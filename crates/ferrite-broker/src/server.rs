@@ -298,6 +298,7 @@ fn commutes(api_key: ApiKey) -> bool {
             | ApiKey::ApiVersions
             | ApiKey::DescribeConfigs
             | ApiKey::DescribeCluster
+            | ApiKey::DescribeQuorum
             | ApiKey::DescribeLogDirs
             | ApiKey::DescribeGroups
             | ApiKey::ListGroups

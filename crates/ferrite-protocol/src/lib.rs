@@ -44,6 +44,9 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    // The metadata quorum (KIP-595); v1 adds fetch/caught-up times (KIP-836), v2 the
+    // voters' endpoints (KIP-853). Forwarded to the active controller.
+    (ApiKey::DescribeQuorum, 0, 2),
     // Consumer groups, classic protocol. FindCoordinator v5+ is KIP-890, v6 share groups.
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),

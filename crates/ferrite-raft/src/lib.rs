@@ -24,7 +24,8 @@ pub mod voters;
 pub use ferrite_metadata::MetadataRecord;
 pub use local::{read_local, LocalMetadata};
 pub use node::{
-    KafkaHandler, MetadataQuorum, QuorumConfig, QuorumError, QuorumStatus, QuorumTiming,
+    KafkaHandler, MetadataQuorum, QuorumConfig, QuorumDescription, QuorumError, QuorumStatus,
+    QuorumTiming, VoterProgress,
 };
 pub use state_machine::AppliedImage;
 pub use voters::{parse_voters, Voter, VotersError};

@@ -157,6 +157,36 @@ pub struct QuorumStatus {
     pub voter_log_end: BTreeMap<NodeId, Option<u64>>,
 }
 
+/// One voter as the active controller sees it (Kafka's DescribeQuorum `ReplicaState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VoterProgress {
+    pub node_id: NodeId,
+    /// The next offset after the last entry known to match the leader's log (Raft index
+    /// + 1, so Kafka's exclusive log end offset); -1 when not known yet.
+    pub log_end_offset: i64,
+    /// Wall-clock milliseconds when the voter last matched the leader's whole log; -1
+    /// when it has not since this node became leader.
+    pub last_caught_up_timestamp: i64,
+}
+
+/// The quorum as the active controller describes it (Kafka's DescribeQuorum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumDescription {
+    pub leader_id: NodeId,
+    /// The Raft term (KRaft's leader epoch).
+    pub leader_epoch: u64,
+    /// The offset after the last entry applied here (applied implies committed): the
+    /// exclusive high watermark of the metadata log in Kafka's terms.
+    pub high_watermark: i64,
+    /// Every configured voter, this node included.
+    pub voters: Vec<VoterProgress>,
+}
+
+/// Progress the watchdog records for [`MetadataQuorum::describe`]: kept out of the
+/// status watch because a caught-up timestamp changes on every check, and a watch that
+/// changes that often would wake every waiter for nothing.
+type VoterProgressMap = Arc<Mutex<BTreeMap<NodeId, VoterProgress>>>;
+
 pub(crate) struct Shared {
     pub(crate) raft: Raft,
     node_id: NodeId,
@@ -171,6 +201,8 @@ pub(crate) struct Shared {
     pub(crate) kafka_handler: std::sync::RwLock<Option<KafkaHandler>>,
     /// The quorum's directory, checked for free space before each write.
     dir: PathBuf,
+    /// Written by the watchdog while this node leads; cleared when it stops leading.
+    progress: VoterProgressMap,
 }
 
 /// Free space a write leaves on the quorum's file system at least: a write that would
@@ -318,6 +350,7 @@ impl MetadataQuorum {
             forward: tokio::sync::Mutex::new(HashMap::new()),
             kafka_handler: std::sync::RwLock::new(None),
             dir: config.dir.clone(),
+            progress: Arc::new(Mutex::new(BTreeMap::new())),
         });
         if configured.len() == 1 && restarted {
             // A one-voter quorum needs no one's vote: stand at once rather than after an
@@ -331,6 +364,7 @@ impl MetadataQuorum {
             config.node_id,
             config.timing.fetch_timeout,
             status_tx,
+            shared.progress.clone(),
         ));
         let server = tokio::spawn(serve(listener, shared.clone()));
         tracing::info!(node_id = config.node_id, %local_addr, "metadata quorum voter started");
@@ -359,6 +393,40 @@ impl MetadataQuorum {
     /// Status changes, for callers that wait on leadership.
     pub fn status_watch(&self) -> watch::Receiver<QuorumStatus> {
         self.shared.status.clone()
+    }
+
+    /// The quorum as described by the active controller, or `None` on a node that is
+    /// not the active controller (the caller forwards, or answers
+    /// NOT_LEADER_OR_FOLLOWER as Kafka's voters do).
+    pub fn describe(&self) -> Option<QuorumDescription> {
+        let status = self.status();
+        if !status.is_active_controller {
+            return None;
+        }
+        let progress = self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let voters = self
+            .shared
+            .voters
+            .keys()
+            .map(|id| {
+                progress.get(id).copied().unwrap_or(VoterProgress {
+                    node_id: *id,
+                    log_end_offset: -1,
+                    last_caught_up_timestamp: -1,
+                })
+            })
+            .collect();
+        Some(QuorumDescription {
+            leader_id: status.node_id,
+            leader_epoch: status.leader_epoch,
+            high_watermark: exclusive_end(status.raft_commit_index),
+            voters,
+        })
     }
 
     /// The applied image and its index; changes after every applied batch.
@@ -479,6 +547,59 @@ impl Drop for MetadataQuorum {
             t.abort();
         }
     }
+}
+
+/// Updates the voters' progress from one fresh metrics reading of the leader: each
+/// voter's matched log end, and the time it was last seen matching the leader's whole
+/// log. openraft reports progress, not fetches, so on an idle log that time is the last
+/// write's: it never claims a voter is alive that has stopped answering.
+fn record_progress(
+    progress: &VoterProgressMap,
+    fresh_leader_reading: bool,
+    node_id: NodeId,
+    m: &openraft::RaftMetrics<NodeId, BasicNode>,
+    voter_log_end: &BTreeMap<NodeId, Option<u64>>,
+) {
+    if !fresh_leader_reading {
+        return;
+    }
+    let mut progress = progress.lock().unwrap_or_else(|p| p.into_inner());
+    let now = wall_clock_ms();
+    let leader_end = exclusive_end(m.last_log_index);
+    let mut ends: BTreeMap<NodeId, i64> = voter_log_end
+        .iter()
+        .map(|(id, index)| (*id, index.map_or(-1, |i| exclusive_end(Some(i)))))
+        .collect();
+    ends.insert(node_id, leader_end);
+    for (id, end) in ends {
+        let entry = progress.entry(id).or_insert(VoterProgress {
+            node_id: id,
+            log_end_offset: -1,
+            last_caught_up_timestamp: -1,
+        });
+        entry.log_end_offset = end;
+        if end >= leader_end {
+            entry.last_caught_up_timestamp = now;
+        }
+    }
+}
+
+fn clear_progress(progress: &VoterProgressMap) {
+    progress.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// Kafka's exclusive end offset after Raft index `index` (0 for an empty log).
+fn exclusive_end(index: Option<u64>) -> i64 {
+    index.map_or(0, |i| {
+        i64::try_from(i).unwrap_or(i64::MAX).saturating_add(1)
+    })
+}
+
+/// Wall-clock milliseconds since the epoch (for Kafka's timestamps; never negative).
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn millis(d: Duration) -> u64 {
@@ -680,6 +801,7 @@ async fn check_quorum(
     node_id: NodeId,
     fetch_timeout: Duration,
     status_tx: watch::Sender<QuorumStatus>,
+    progress: VoterProgressMap,
 ) {
     let mut metrics = raft.metrics();
     let check_every = (fetch_timeout / 10).max(Duration::from_millis(10));
@@ -727,6 +849,10 @@ async fn check_quorum(
                     .collect()
             })
             .unwrap_or_default();
+        record_progress(&progress, is_leader && fresh, node_id, &m, &voter_log_end);
+        if !is_leader {
+            clear_progress(&progress);
+        }
         let status = QuorumStatus {
             node_id,
             leader_id,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod cluster;
 mod dev_cluster;
 mod group;
 mod producers;
@@ -44,6 +45,8 @@ enum Command {
     Group(group::GroupArgs),
     /// List and describe transactions (transactional ids, their state and partitions).
     Transactions(transactions::TransactionsArgs),
+    /// Describe the cluster: brokers, active controller, and the metadata quorum.
+    Cluster(cluster::ClusterArgs),
     /// Load generators: produce, consume and end-to-end, with HDR latency histograms.
     Bench(bench::BenchArgs),
     /// Development helpers: `dev cluster` runs N nodes on loopback as child processes.
@@ -60,6 +63,7 @@ impl Command {
             Command::Consume(a) => a.json(),
             Command::Group(a) => a.json(),
             Command::Transactions(a) => a.json(),
+            Command::Cluster(a) => a.json(),
             Command::Bench(a) => a.json(),
             Command::Dev(_) => false,
         }
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
             Command::Consume(args) => client::consume(args).await,
             Command::Group(args) => group::group(args).await,
             Command::Transactions(args) => transactions::transactions(args).await,
+            Command::Cluster(args) => cluster::cluster(args).await,
             Command::Bench(args) => bench::bench(args).await,
             Command::Dev(args) => dev_cluster::dev(args).await,
         }

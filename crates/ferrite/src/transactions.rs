@@ -8,8 +8,8 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
 use ferrite_protocol::kafka_protocol::messages::{
     ApiKey, DescribeTransactionsRequest, DescribeTransactionsResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse, ListTransactionsRequest, ListTransactionsResponse, MetadataRequest,
-    MetadataResponse, ProducerId, TransactionalId,
+    FindCoordinatorResponse, ListTransactionsRequest, ListTransactionsResponse, ProducerId,
+    TransactionalId,
 };
 use ferrite_protocol::kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};
@@ -69,13 +69,8 @@ fn s(v: &str) -> StrBytes {
 
 /// Every broker's "host:port" from Metadata.
 fn brokers(conn: &mut Conn) -> Result<Vec<(i32, String)>> {
-    let version = conn.version(ApiKey::Metadata, 1, 12)?;
-    let md: MetadataResponse = conn.send(
-        ApiKey::Metadata,
-        version,
-        &MetadataRequest::default().with_topics(Some(vec![])),
-    )?;
-    Ok(md
+    Ok(conn
+        .cluster_metadata()?
         .brokers
         .iter()
         .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))

@@ -163,12 +163,7 @@ impl Conn {
     /// A connection to the controller, where admin requests go.
     pub fn controller(bootstrap: &str) -> Result<Conn> {
         let mut conn = Conn::open(bootstrap)?;
-        let version = conn.version(ApiKey::Metadata, 1, 12)?;
-        let md: MetadataResponse = conn.send(
-            ApiKey::Metadata,
-            version,
-            &MetadataRequest::default().with_topics(Some(vec![])),
-        )?;
+        let md = conn.cluster_metadata()?;
         let controller = md.brokers.iter().find(|b| b.node_id == md.controller_id);
         match controller {
             Some(b) => {
@@ -187,6 +182,16 @@ impl Conn {
             // No controller known: the bootstrap broker answers or says why not.
             None => Ok(conn),
         }
+    }
+
+    /// Metadata for no topic: the brokers and the controller id.
+    pub fn cluster_metadata(&mut self) -> Result<MetadataResponse> {
+        let version = self.version(ApiKey::Metadata, 1, 12)?;
+        self.send(
+            ApiKey::Metadata,
+            version,
+            &MetadataRequest::default().with_topics(Some(vec![])),
+        )
     }
 
     /// The highest version of `key` both sides support, within `[ours_min, ours_max]`.

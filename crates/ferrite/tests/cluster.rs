@@ -508,6 +508,36 @@ fn controller_failover_keeps_committing_and_a_minority_commits_nothing() {
     );
     let next = active_controller(&cluster);
     assert_ne!(next, controller);
+    // DescribeQuorum, asked of the survivor that is not the active controller (so it is
+    // forwarded): the new leader, all three voters, the live follower caught up to the
+    // high watermark.
+    let follower = cluster
+        .live()
+        .iter()
+        .find(|n| n.id != next)
+        .map(|n| n.addr.clone())
+        .unwrap();
+    let quorum = wait_for("DescribeQuorum naming the new leader", OP_TIMEOUT, || {
+        cluster_describe(&follower).filter(|d| {
+            let q = &d["quorum"];
+            q["leader_id"] == next
+                && q["voters"].as_array().is_some_and(|v| {
+                    v.iter()
+                        .any(|v| v["id"] != next && v["id"] != controller && v["lag"] == 0)
+                })
+        })
+    });
+    let q = &quorum["quorum"];
+    let mut voters: Vec<i64> = q["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["id"].as_i64())
+        .collect();
+    voters.sort_unstable();
+    assert_eq!(voters, vec![1, 2, 3], "{quorum}");
+    assert!(q["high_watermark"].as_i64().unwrap() > 0, "{quorum}");
+    assert!(q["leader_epoch"].as_i64().unwrap() > 0, "{quorum}");
     let survivor = cluster.live()[0].addr.clone();
     wait_for("the new topic in Metadata", OP_TIMEOUT, || {
         metadata(&survivor, Some("after-controller-death"))
@@ -532,6 +562,25 @@ fn controller_failover_keeps_committing_and_a_minority_commits_nothing() {
         seen.is_none_or(|s| s.partitions.is_empty()),
         "the minority shows a topic it could not commit"
     );
+    // Nor does it claim a quorum leader.
+    assert!(
+        cluster_describe(&last).is_none(),
+        "a one-node minority described a quorum leader"
+    );
+}
+
+/// `ferrite cluster describe --json` against `addr`: `None` when it fails (no active
+/// controller reachable, for one).
+fn cluster_describe(addr: &str) -> Option<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["cluster", "describe", "--json", "-b", addr])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 #[test]

@@ -47,17 +47,27 @@ async fn commit(
             });
         }
     };
+    install_committed(broker, &image, prepared)?;
+    Ok(image)
+}
+
+/// Installs a committed image's partitions whose logs `prepared` opened before the
+/// commit.
+fn install_committed(
+    broker: &Broker,
+    image: &MetadataImage,
+    prepared: crate::replica_manager::Prepared,
+) -> Result<(), AdminError> {
     broker
         .replicas
-        .install(&image, &broker.config, true, prepared)
+        .install(image, &broker.config, true, prepared)
         .map_err(|e| {
             tracing::error!(error = %e, "cannot open a partition log after a metadata commit");
             AdminError {
                 code: storage_error_code(&e),
                 message: e.to_string(),
             }
-        })?;
-    Ok(image)
+        })
 }
 
 /// Decides `event` on the active controller, opens the logs of the partitions it adds
@@ -93,16 +103,7 @@ async fn decide_and_commit(
             return Err(e.into());
         }
     };
-    broker
-        .replicas
-        .install(&image, &broker.config, true, prepared)
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot open a partition log after a metadata commit");
-            AdminError {
-                code: storage_error_code(&e),
-                message: e.to_string(),
-            }
-        })?;
+    install_committed(broker, &image, prepared)?;
     Ok(out.reply)
 }
 

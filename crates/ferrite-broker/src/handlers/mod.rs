@@ -12,6 +12,7 @@ pub mod metadata;
 pub mod offset_for_leader_epoch;
 pub mod produce;
 pub mod producers;
+pub mod quorum;
 pub mod txn;
 
 use std::net::SocketAddr;
@@ -51,6 +52,9 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         }
         RequestKind::DescribeCluster(r) => {
             ResponseKind::DescribeCluster(metadata::describe_cluster(broker, r))
+        }
+        RequestKind::DescribeQuorum(r) => {
+            ResponseKind::DescribeQuorum(quorum::handle(broker, r).await)
         }
         RequestKind::Produce(r) => {
             return produce::handle(broker, r, version)
