@@ -144,23 +144,24 @@ fn run(args: ClusterArgs) -> Result<()> {
     );
     println!("VOTER\tLOG-END-OFFSET\tLAG\tLAST-CAUGHT-UP-MS-AGO");
     let now = ferrite_now_ms();
-    for v in &p.current_voters {
-        let lag = if v.log_end_offset >= 0 {
-            (p.high_watermark - v.log_end_offset).max(0).to_string()
-        } else {
+    let or_dash = |v: &Value| {
+        if v.is_null() {
             "-".to_string()
-        };
-        let ago = if v.last_caught_up_timestamp >= 0 {
-            (now - v.last_caught_up_timestamp).max(0).to_string()
         } else {
-            "-".to_string()
-        };
-        let end = if v.log_end_offset >= 0 {
-            v.log_end_offset.to_string()
-        } else {
-            "-".to_string()
-        };
-        println!("{}\t{end}\t{lag}\t{ago}", v.replica_id.0);
+            v.to_string()
+        }
+    };
+    for v in &voters {
+        let ago = v["last_caught_up_timestamp"]
+            .as_i64()
+            .map_or("-".to_string(), |t| (now - t).max(0).to_string());
+        let end = v["log_end_offset"].as_i64().filter(|e| *e >= 0);
+        println!(
+            "{}\t{}\t{}\t{ago}",
+            v["id"],
+            end.map_or("-".to_string(), |e| e.to_string()),
+            or_dash(&v["lag"])
+        );
     }
     Ok(())
 }
