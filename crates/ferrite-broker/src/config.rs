@@ -77,6 +77,10 @@ pub struct BrokerConfig {
     pub offsets_topic_num_partitions: i32,
     /// `offsets.topic.segment.bytes`: small, so that compaction has closed segments to work on.
     pub offsets_topic_segment_bytes: i64,
+    /// `offsets.commit.timeout.ms`: how long a group coordinator's write waits for every
+    /// in-sync replica of its `__consumer_offsets` partition (acks=all) before the commit
+    /// is answered as failed.
+    pub offsets_commit_timeout_ms: i64,
     /// `group.*` and `offsets.retention.minutes` settings of the group coordinator.
     pub group: ferrite_coordinator::GroupConfig,
     /// `transaction.max.timeout.ms` and `transactional.id.expiration.ms` of the
@@ -213,6 +217,7 @@ impl Default for BrokerConfig {
             message_timestamp_type: TimestampType::CreateTime,
             offsets_topic_num_partitions: 50,
             offsets_topic_segment_bytes: 100 * 1024 * 1024,
+            offsets_commit_timeout_ms: 5000,
             group: ferrite_coordinator::GroupConfig::default(),
             txn: ferrite_coordinator::txn::TxnConfig::default(),
             fetch_zero_copy: true,
@@ -437,6 +442,9 @@ impl BrokerConfig {
             }
             "offsets.topic.segment.bytes" => {
                 self.offsets_topic_segment_bytes = parse_num(key, value, limits::SEGMENT_BYTES_MIN)?
+            }
+            "offsets.commit.timeout.ms" => {
+                self.offsets_commit_timeout_ms = parse_num(key, value, 1)?
             }
             "group.initial.rebalance.delay.ms" => {
                 self.group.initial_rebalance_delay_ms = parse_num(key, value, 0)?

@@ -290,13 +290,6 @@ impl Broker {
             ),
             config.offsets_topic_num_partitions,
         );
-        let loaded = groups
-            .load(&replicas)
-            .map_err(|e| StartError::Meta(e.to_string()))?;
-        tracing::info!(
-            records = loaded,
-            "group metadata and committed offsets loaded"
-        );
         let advertised = config.advertised(local_addr);
         let (lifecycle_tx, lifecycle_rx) =
             tokio::sync::watch::channel(lifecycle::LifecycleState::default());
@@ -315,6 +308,9 @@ impl Broker {
             _lock: lock,
         });
         metadata_quorum.set_kafka_handler(controller_rpc::handler(Arc::downgrade(&broker)));
+        // The groups of the `__consumer_offsets` partitions led here; the ticker loads
+        // those this broker comes to lead later.
+        broker.groups.sync_leadership(&broker);
         // After the groups: resumed commits apply their pending offsets.
         broker.txns.sync_leadership(&broker);
         tokio::spawn(follow_metadata(

@@ -69,6 +69,13 @@ pub struct ProduceWaiter {
     rx: oneshot::Receiver<Result<(), ReplicationError>>,
 }
 
+impl ProduceWaiter {
+    /// The outcome if it is already decided (one node: the append itself completes it).
+    pub fn try_result(&mut self) -> Option<Result<(), ReplicationError>> {
+        self.rx.try_recv().ok()
+    }
+}
+
 /// Why a produce to this partition is refused before or after the append.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
@@ -129,13 +136,42 @@ impl Partition {
         matches!(self.replication().role, Role::Leader(_))
     }
 
-    /// An append by this broker as leader with acks=1 semantics (the group coordinator's
-    /// writes). Refused with NOT_LEADER_OR_FOLLOWER when this broker does not lead.
+    /// The leader epoch this broker leads the partition in, if it leads it.
+    pub fn led_epoch(&self) -> Option<i32> {
+        match &self.replication().role {
+            Role::Leader(l) => Some(l.state.leader_epoch()),
+            Role::Follower => None,
+        }
+    }
+
+    /// An append by this broker as leader with acks=1 semantics (a start-up migration of
+    /// `__consumer_offsets`, which runs before any follower can fetch). Refused with
+    /// NOT_LEADER_OR_FOLLOWER when this broker does not lead.
     pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, ProduceError> {
         self.leader_write(now_ms, 1, 0, |log, epoch| {
             log.append_coordinator(records, epoch, now_ms)
         })
         .map(|(info, _)| info)
+    }
+
+    /// A group coordinator's write (`__consumer_offsets`) as leader with acks=all
+    /// semantics, as Kafka's GroupMetadataManager appends: refused with
+    /// NOT_ENOUGH_REPLICAS below min.insync.replicas, and answered through the waiter
+    /// once every ISR member has it (or REQUEST_TIMED_OUT after `timeout_ms`).
+    pub fn append_coordinator(
+        &self,
+        records: &[u8],
+        now_ms: i64,
+        timeout_ms: i64,
+    ) -> Result<(AppendInfo, ProduceWaiter), ProduceError> {
+        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, |log, epoch| {
+            log.append_coordinator(records, epoch, now_ms)
+        })?;
+        // acks=-1 always returns a waiter.
+        let Some(waiter) = waiter else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()).into());
+        };
+        Ok((info, waiter))
     }
 
     /// The transaction coordinator's end-transaction marker, appended as leader with

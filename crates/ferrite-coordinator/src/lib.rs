@@ -388,6 +388,18 @@ fn sync_error(code: ResponseError) -> SyncGroupResponse {
     SyncGroupResponse::default().with_error_code(code.code())
 }
 
+/// The `__consumer_offsets` partition that holds `group` and whose leader is its
+/// coordinator: Kafka's `Utils.abs(groupId.hashCode()) % partitions`, with Java's UTF-16
+/// string hash (`abs(i32::MIN)` is 0, as Kafka's `Utils.abs`).
+pub fn partition_for_group(group: &str, partitions: i32) -> i32 {
+    let mut h: i32 = 0;
+    for unit in group.encode_utf16() {
+        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
+    }
+    let abs = if h == i32::MIN { 0 } else { h.abs() };
+    abs % partitions.max(1)
+}
+
 impl GroupCoordinator {
     /// `member_id_prefix` makes member ids unique across broker restarts (the broker
     /// passes something random; tests pass a constant).
@@ -1370,6 +1382,47 @@ impl GroupCoordinator {
                 };
             }
         }
+    }
+
+    /// Forgets every group of `__consumer_offsets` partition `partition` (of
+    /// `partitions`): this broker no longer leads it (Kafka's `removeGroupsForPartition`).
+    /// Members waiting in JoinGroup or SyncGroup are answered NOT_COORDINATOR, so that
+    /// they find the new coordinator and rejoin there. Returns those answers.
+    pub fn unload_partition(&mut self, partition: i32, partitions: i32) -> Vec<Effect> {
+        let gone: Vec<String> = self
+            .groups
+            .keys()
+            .filter(|g| partition_for_group(g, partitions) == partition)
+            .cloned()
+            .collect();
+        let mut effects = Vec::new();
+        for id in gone {
+            let Some(group) = self.groups.remove(&id) else {
+                continue;
+            };
+            for m in group.members.values() {
+                if let Some(t) = m.awaiting_join {
+                    effects.push(Effect::JoinDone(
+                        t,
+                        join_error(ResponseError::NotCoordinator, &m.member_id),
+                    ));
+                }
+                if let Some(t) = m.awaiting_sync {
+                    effects.push(Effect::SyncDone(
+                        t,
+                        sync_error(ResponseError::NotCoordinator),
+                    ));
+                }
+            }
+        }
+        effects
+    }
+
+    /// Whether any group of `__consumer_offsets` partition `partition` is held.
+    pub fn holds_partition(&self, partition: i32, partitions: i32) -> bool {
+        self.groups
+            .keys()
+            .any(|g| partition_for_group(g, partitions) == partition)
     }
 
     /// Records that rebuild the whole current state through [`Self::replay`]: every

@@ -493,3 +493,58 @@ fn a_group_record_that_cannot_be_persisted_sends_the_group_back_to_rebalance() {
     assert_eq!(j[0].1.generation_id, 2);
     assert!(c.persist_failed("unknown", 5).is_empty());
 }
+
+#[test]
+fn java_hash_partitioning() {
+    // "".hashCode() == 0; "a".hashCode() == 97; "ab" == 3105.
+    assert_eq!(partition_for_group("", 50), 0);
+    assert_eq!(partition_for_group("a", 50), 97 % 50);
+    assert_eq!(partition_for_group("ab", 50), 3105 % 50);
+    // "polygenelubricants".hashCode() == i32::MIN, which Kafka's abs maps to 0.
+    assert_eq!(partition_for_group("polygenelubricants", 50), 0);
+}
+
+#[test]
+fn unloading_a_partition_drops_its_groups_and_answers_waiters_not_coordinator() {
+    let mut c = GroupCoordinator::new(cfg(), "p".into());
+    // "g" is in partition javaHash("g") % 3 = 103 % 3 = 1; "a" in 97 % 3 = 1; "b" in 98 % 3 = 2.
+    let partitions = 3;
+    assert_eq!(partition_for_group("g", partitions), 1);
+    for (group, offset) in [("b", 5), ("g", 42)] {
+        let records = c
+            .commit_offsets(
+                1,
+                8,
+                group,
+                "",
+                None,
+                -1,
+                &[("t".into(), 0, offset, -1, None)],
+            )
+            .unwrap_or_else(|e| panic!("commit to {group}: {e}"));
+        c.replay(&records[0].clone().unwrap(), 1);
+    }
+    // A member-less commit first: a group with members refuses it.
+    // The first member's join completes at once; a second one's waits for the first to
+    // rejoin.
+    let (_first, _) = join_dynamic(&mut c, 2, 6);
+    let (member, _) = join_dynamic(&mut c, 3, 7);
+    assert!(c.holds_partition(1, partitions));
+    assert!(c.holds_partition(2, partitions));
+    assert!(c.unload_partition(0, partitions).is_empty());
+    let effects = c.unload_partition(1, partitions);
+    // The member still waiting in JoinGroup (the initial rebalance delay) hears
+    // NOT_COORDINATOR.
+    let j = joins(&effects);
+    assert_eq!(j.len(), 1, "{effects:?}");
+    assert_eq!(
+        (j[0].0, j[0].1.error_code),
+        (7, ResponseError::NotCoordinator.code())
+    );
+    assert_eq!(j[0].1.member_id.as_str(), member);
+    assert!(!c.holds_partition(1, partitions));
+    assert!(c.committed("g", "t", 0).is_none());
+    assert_eq!(c.state("g"), None);
+    // The other partition's group is untouched.
+    assert_eq!(c.committed("b", "t", 0).map(|o| o.offset), Some(5));
+}

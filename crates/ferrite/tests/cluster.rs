@@ -652,3 +652,386 @@ fn sigterm_moves_leadership_first_and_a_restarted_broker_rejoins() {
     let got = consume(&cluster.bootstrap(), topic, values.len());
     assert_eq!(got, values);
 }
+
+const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// The harness's `offsets.topic.num.partitions`.
+const OFFSETS_PARTITIONS: i32 = 3;
+
+/// Kafka's `Utils.abs(group.hashCode()) % partitions`: Java's `String.hashCode` over
+/// UTF-16 units with i32 wrapping, and `abs(i32::MIN) == 0`. Computed here rather than
+/// taken from the broker, so the test checks the broker's placement too.
+fn group_partition(group: &str, partitions: i32) -> i32 {
+    let mut h: i32 = 0;
+    for unit in group.encode_utf16() {
+        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
+    }
+    let abs = if h == i32::MIN { 0 } else { h.abs() };
+    abs % partitions
+}
+
+/// A consumer of `group` that commits only what it is told to, bootstrapped from the
+/// nodes running now.
+fn group_consumer(cluster: &Cluster, group: &str) -> BaseConsumer {
+    cluster
+        .config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// Errors a commit or an offset fetch may meet while a coordinator moves or loads.
+fn retriable(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::CoordinatorLoadInProgress
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::TimedOutQueue
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::UnknownTopicOrPartition
+        )
+    )
+}
+
+/// Commits `offsets[p]` for partition `p` of `topic` synchronously, retrying retriable
+/// errors for at most `timeout`.
+fn commit_offsets(c: &BaseConsumer, topic: &str, offsets: &[i64], timeout: Duration) {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets.iter().enumerate() {
+        tpl.add_partition_offset(topic, p as i32, rdkafka::Offset::Offset(*o))
+            .unwrap();
+    }
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match c.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) => {
+                eprintln!(
+                    "committed {offsets:?} after {attempts} attempt(s), {:?}",
+                    started.elapsed()
+                );
+                return;
+            }
+            Err(e) if retriable(&e) && Instant::now() < deadline => {
+                eprintln!("commit of {offsets:?}: retriable {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!(
+                "commit of {offsets:?} failed after {attempts} attempt(s), {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+    }
+}
+
+/// The committed offsets of partitions `0..n` of `topic` as one OffsetFetch answers
+/// them (`None` for no committed offset: Invalid, -1), or the error.
+fn fetch_committed(c: &BaseConsumer, topic: &str, n: i32) -> Result<Vec<Option<i64>>, String> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    (0..n)
+        .map(|p| {
+            let e = got
+                .find_partition(topic, p)
+                .ok_or_else(|| format!("partition {p} missing from the answer"))?;
+            e.error().map_err(|e| format!("partition {p}: {e}"))?;
+            Ok(match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+/// Asks the group's coordinator (through a new consumer bootstrapped from the live
+/// nodes) for the committed offsets until every partition has one, for at most
+/// `timeout`; then asserts they are `expected`. A coordinator that keeps answering "no
+/// committed offset" fails the test with what it answered.
+fn assert_committed(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+    expected: &[i64],
+    timeout: Duration,
+    who: &str,
+) {
+    let c = group_consumer(cluster, group);
+    let started = Instant::now();
+    let deadline = started + timeout;
+    // Each distinct answer once, with when it was first seen.
+    let mut seen: Vec<(Duration, String)> = Vec::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let r = fetch_committed(&c, topic, expected.len() as i32);
+        let answer = format!("{r:?}");
+        if seen.last().is_none_or(|(_, a)| *a != answer) {
+            eprintln!(
+                "{who}: committed offsets {answer} at {:?}",
+                started.elapsed()
+            );
+            seen.push((started.elapsed(), answer));
+        }
+        if let Ok(got) = &r {
+            if got.iter().all(Option::is_some) {
+                let got: Vec<i64> = got.iter().flatten().copied().collect();
+                assert_eq!(
+                    got, expected,
+                    "{who} answered committed offsets {got:?}, expected {expected:?}"
+                );
+                eprintln!("{who}: {got:?} after {:?}", started.elapsed());
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who} did not answer the committed offsets {expected:?} within {timeout:?} \
+             ({rounds} OffsetFetch rounds); its answers (None = no committed offset, \
+             Invalid/-1), each from when first seen: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The leader of `partition` of `topic` as some live node answers, once that leader is
+/// live, not in `not`, and (with `full_isr`) the ISR holds all three nodes.
+fn live_leader(
+    cluster: &Cluster,
+    topic: &str,
+    partition: i32,
+    not: &[i32],
+    full_isr: bool,
+    what: &str,
+) -> (i32, Vec<i32>) {
+    let live: Vec<(i32, String)> = cluster
+        .live()
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
+    wait_for(what, OP_TIMEOUT, || {
+        live.iter().find_map(|(_, addr)| {
+            metadata(addr, Some(topic))
+                .and_then(|s| s.partitions.get(&partition).cloned())
+                .filter(|(l, _, isr)| {
+                    live.iter().any(|(id, _)| id == l)
+                        && !not.contains(l)
+                        && (!full_isr || isr.len() == 3)
+                })
+                .map(|(l, _, isr)| (l, isr))
+        })
+    })
+}
+
+/// The sizes of every node's copy of `__consumer_offsets-partition` (for the log: was the
+/// commit replicated before the kill?).
+fn offsets_replica_sizes(cluster: &Cluster, partition: i32) -> Vec<(i32, u64)> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let dir = n.data_dir.join(format!("{OFFSETS_TOPIC}-{partition}"));
+            let size = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            (n.id, size)
+        })
+        .collect()
+}
+
+#[test]
+fn committed_offsets_survive_a_coordinator_kill() {
+    // Java's hash, checked on known values: "a" is 97, "polygenelubricants" is i32::MIN.
+    assert_eq!(group_partition("a", 1000), 97);
+    assert_eq!(group_partition("polygenelubricants", 7), 0);
+
+    let t0 = Instant::now();
+    let mut cluster = Cluster::start();
+    let rt = runtime();
+    let group = "failover-group";
+    let topic = "offsets-failover";
+    let first_addr = cluster.nodes[0].addr.clone();
+
+    // 1. `__consumer_offsets` exists with 3 partitions of 3 replicas, ISRs full.
+    wait_for(
+        "__consumer_offsets with 3 full partitions",
+        OP_TIMEOUT,
+        || {
+            metadata(&first_addr, Some(OFFSETS_TOPIC)).filter(|s| {
+                s.partitions.len() == OFFSETS_PARTITIONS as usize
+                    && s.partitions
+                        .values()
+                        .all(|(l, r, isr)| *l >= 0 && r.len() == 3 && isr.len() == 3)
+            })
+        },
+    );
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    rt.block_on(create_topic(&admin, topic, 2, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    wait_for("offsets-failover with full ISRs", OP_TIMEOUT, || {
+        metadata(&first_addr, Some(topic)).filter(|s| {
+            s.partitions.len() == 2
+                && s.partitions
+                    .values()
+                    .all(|(l, _, isr)| *l >= 0 && isr.len() == 3)
+        })
+    });
+    eprintln!("cluster up, topics ready after {:?}", t0.elapsed());
+
+    // 2. Commit 42 and 7, read them back.
+    let c = group_consumer(&cluster, group);
+    commit_offsets(&c, topic, &[42, 7], OP_TIMEOUT);
+    assert_eq!(
+        fetch_committed(&c, topic, 2),
+        Ok(vec![Some(42), Some(7)]),
+        "read-back from the first coordinator"
+    );
+    drop(c);
+
+    // 3. kill -9 the coordinator: the leader of the group's partition.
+    let partition = group_partition(group, OFFSETS_PARTITIONS);
+    let (first, _) = live_leader(
+        &cluster,
+        OFFSETS_TOPIC,
+        partition,
+        &[],
+        true,
+        "the coordinator",
+    );
+    eprintln!(
+        "group {group} is in {OFFSETS_TOPIC}-{partition}; coordinator 1 is node {first}; \
+         replica log sizes before the kill {:?}",
+        offsets_replica_sizes(&cluster, partition)
+    );
+    cluster.kill9(first);
+    let killed_at = Instant::now();
+
+    // 4. A new leader of that partition.
+    let (second, isr) = live_leader(
+        &cluster,
+        OFFSETS_TOPIC,
+        partition,
+        &[first],
+        false,
+        "a new leader of the group's __consumer_offsets partition",
+    );
+    eprintln!(
+        "coordinator 2 is node {second} (ISR {isr:?}), {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    // 5. The new coordinator answers the offsets committed through the old one.
+    assert_committed(
+        &cluster,
+        group,
+        topic,
+        &[42, 7],
+        OP_TIMEOUT,
+        &format!("coordinator 2 (node {second}, after node {first} was killed)"),
+    );
+    eprintln!(
+        "offsets survived the first kill, {:?} after it",
+        killed_at.elapsed()
+    );
+
+    // 6. Commit through the new coordinator; the killed node comes back and catches up;
+    // kill -9 the coordinator again, and the third one answers the new offsets.
+    let c = group_consumer(&cluster, group);
+    commit_offsets(&c, topic, &[43, 8], OP_TIMEOUT);
+    assert_eq!(
+        fetch_committed(&c, topic, 2),
+        Ok(vec![Some(43), Some(8)]),
+        "read-back from coordinator 2 (node {second})"
+    );
+    drop(c);
+    cluster.restart(first);
+    let restarted_at = Instant::now();
+    live_leader(
+        &cluster,
+        OFFSETS_TOPIC,
+        partition,
+        &[],
+        true,
+        "the group's __consumer_offsets partition with its ISR of 3 again",
+    );
+    // Preferred-leader elections run every second: let leadership settle (the same
+    // leader with a full ISR for 3 s) before picking the coordinator to kill.
+    let mut stable: Option<(i32, Instant)> = None;
+    let current = wait_for("a settled coordinator", OP_TIMEOUT, || {
+        let (l, _) = live_leader(&cluster, OFFSETS_TOPIC, partition, &[], true, "a leader");
+        match stable {
+            Some((s, since)) if s == l && since.elapsed() >= Duration::from_secs(3) => Some(l),
+            Some((s, _)) if s == l => None,
+            _ => {
+                stable = Some((l, Instant::now()));
+                None
+            }
+        }
+    });
+    eprintln!(
+        "node {first} restarted; ISR full and node {current} leads {OFFSETS_TOPIC}-{partition} \
+         {:?} after the restart; replica log sizes {:?}",
+        restarted_at.elapsed(),
+        offsets_replica_sizes(&cluster, partition)
+    );
+    // The settled coordinator answers the new offsets before it is killed: when
+    // preferred-leader election gave the partition back to the restarted node, this is
+    // the check that it caught up and reloaded on becoming leader (the coordinator after
+    // the next kill may be node {second}, which holds them in memory).
+    assert_committed(
+        &cluster,
+        group,
+        topic,
+        &[43, 8],
+        OP_TIMEOUT,
+        &format!("the settled coordinator (node {current}, restarted node {first})"),
+    );
+    cluster.kill9(current);
+    let killed_at = Instant::now();
+    let (third, isr) = live_leader(
+        &cluster,
+        OFFSETS_TOPIC,
+        partition,
+        &[current],
+        false,
+        "a third leader of the group's __consumer_offsets partition",
+    );
+    eprintln!(
+        "coordinator 3 is node {third} (ISR {isr:?}), {:?} after killing node {current}",
+        killed_at.elapsed()
+    );
+    assert_committed(
+        &cluster,
+        group,
+        topic,
+        &[43, 8],
+        OP_TIMEOUT,
+        &format!("coordinator 3 (node {third}, after node {current} was killed)"),
+    );
+    eprintln!(
+        "coordinators {first} -> {second} -> {current} -> {third}; total {:?}",
+        t0.elapsed()
+    );
+}

@@ -29,7 +29,7 @@ use kafka_protocol::ResponseError;
 use tokio::sync::oneshot;
 
 use super::str_bytes;
-use crate::group_manager::{append_records, Waiter};
+use crate::group_manager::Waiter;
 use crate::{now_ms, Broker};
 
 const KEY_TYPE_GROUP: i8 = 0;
@@ -64,7 +64,7 @@ pub fn find_coordinator(
                 .and_then(|t| {
                     let n = t.partitions.len() as i32;
                     t.partitions
-                        .get(&crate::group_manager::partition_for_group(key, n))
+                        .get(&ferrite_coordinator::partition_for_group(key, n))
                 })
                 .map(|p| p.leader);
             let endpoint = match leader {
@@ -135,6 +135,12 @@ pub async fn join_group(
     let limit = long_poll_limit(req.rebalance_timeout_ms.max(req.session_timeout_ms));
     {
         let mut state = broker.groups.lock();
+        if let Err(e) = state.check(broker, req.group_id.0.as_str()) {
+            return JoinGroupResponse::default()
+                .with_error_code(e.code())
+                .with_generation_id(-1)
+                .with_member_id(req.member_id.clone());
+        }
         state.register(token, Waiter::Join(tx));
         let (reply, effects) = state
             .coordinator
@@ -161,6 +167,9 @@ pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGrou
     let (tx, rx) = oneshot::channel();
     {
         let mut state = broker.groups.lock();
+        if let Err(e) = state.check(broker, req.group_id.0.as_str()) {
+            return SyncGroupResponse::default().with_error_code(e.code());
+        }
         state.register(token, Waiter::Sync(tx));
         let (reply, effects) = state.coordinator.sync(now_ms(), token, &req);
         state.apply(broker, effects);
@@ -181,6 +190,9 @@ pub async fn sync_group(broker: &Arc<Broker>, req: SyncGroupRequest) -> SyncGrou
 pub fn heartbeat(broker: &Arc<Broker>, req: HeartbeatRequest) -> HeartbeatResponse {
     let now = now_ms();
     let mut state = broker.groups.lock();
+    if let Err(e) = state.check(broker, req.group_id.0.as_str()) {
+        return HeartbeatResponse::default().with_error_code(e.code());
+    }
     // Due timeouts first, so that a member past its session deadline is gone (Kafka's
     // timer would have fired), whenever the ticker last ran.
     state.tick(broker, now);
@@ -214,6 +226,9 @@ pub fn leave_group(
         vec![(req.member_id.to_string(), None)]
     };
     let mut state = broker.groups.lock();
+    if let Err(e) = state.check(broker, req.group_id.0.as_str()) {
+        return LeaveGroupResponse::default().with_error_code(e.code());
+    }
     let (result, effects) = state
         .coordinator
         .leave(now_ms(), req.group_id.0.as_str(), &members);
@@ -241,71 +256,99 @@ pub fn leave_group(
     }
 }
 
-pub fn offset_commit(
+pub async fn offset_commit(
     broker: &Arc<Broker>,
     req: OffsetCommitRequest,
     version: i16,
 ) -> OffsetCommitResponse {
     let group = req.group_id.0.to_string();
     let now = now_ms();
-    // Unknown topics and partitions fail on their own; the rest are committed.
+    // Unknown topics and partitions fail on their own (the cluster's, not only those
+    // hosted here); the rest are committed.
     let mut wanted = Vec::new();
     let mut per_partition: Vec<(String, i32, Option<i16>)> = Vec::new();
-    for t in &req.topics {
-        let topic = t.name.0.to_string();
-        for p in &t.partitions {
-            if broker.replicas.get(&topic, p.partition_index).is_none() {
-                per_partition.push((
-                    topic.clone(),
-                    p.partition_index,
-                    Some(ResponseError::UnknownTopicOrPartition.code()),
-                ));
-            } else {
-                per_partition.push((topic.clone(), p.partition_index, None));
-                wanted.push((
-                    topic.clone(),
-                    p.partition_index,
-                    p.committed_offset,
-                    p.committed_leader_epoch,
-                    p.committed_metadata.as_ref().map(|m| m.to_string()),
-                ));
+    {
+        let image = broker.controller.image();
+        for t in &req.topics {
+            let topic = t.name.0.to_string();
+            let known = image.topic(&topic);
+            for p in &t.partitions {
+                if !known.is_some_and(|t| t.partitions.contains_key(&p.partition_index)) {
+                    per_partition.push((
+                        topic.clone(),
+                        p.partition_index,
+                        Some(ResponseError::UnknownTopicOrPartition.code()),
+                    ));
+                } else {
+                    per_partition.push((topic.clone(), p.partition_index, None));
+                    wanted.push((
+                        topic.clone(),
+                        p.partition_index,
+                        p.committed_offset,
+                        p.committed_leader_epoch,
+                        p.committed_metadata.as_ref().map(|m| m.to_string()),
+                    ));
+                }
             }
         }
     }
-    let mut state = broker.groups.lock();
-    state.tick(broker, now);
-    let result = state.coordinator.commit_offsets(
-        now,
-        version,
-        &group,
-        req.member_id.as_str(),
-        req.group_instance_id.as_deref(),
-        req.generation_id_or_member_epoch,
-        &wanted,
-    );
+    // (records validated, or the whole request's error; the write waiting for its ISR)
+    let (result, write) = {
+        let mut state = broker.groups.lock();
+        match state.check(broker, &group) {
+            Err(e) => (Err(e.code()), Ok(None)),
+            Ok(()) => {
+                state.tick(broker, now);
+                let result = state.coordinator.commit_offsets(
+                    now,
+                    version,
+                    &group,
+                    req.member_id.as_str(),
+                    req.group_instance_id.as_deref(),
+                    req.generation_id_or_member_epoch,
+                    &wanted,
+                );
+                let write = match &result {
+                    Ok(records) => {
+                        let good: Vec<GroupRecord> = records
+                            .iter()
+                            .filter_map(|r| r.as_ref().ok().cloned())
+                            .collect();
+                        state.write(broker, &good, now, true)
+                    }
+                    Err(_) => Ok(None),
+                };
+                (result, write)
+            }
+        }
+    };
+    let written = match write {
+        Ok(None) => Ok(()),
+        Ok(Some(w)) => {
+            let partition = w.partition;
+            let r = w.wait().await;
+            broker
+                .groups
+                .lock()
+                .replay_replicated(broker, partition, now_ms());
+            r
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &written {
+        tracing::warn!(%group, error = %e, "offset commit write failed");
+    }
+    let write_code = written.as_ref().err().map(|e| e.offset_commit_code());
     let mut codes: Vec<i16> = Vec::with_capacity(per_partition.len());
     match result {
         Err(code) => codes.extend(per_partition.iter().map(|(_, _, c)| c.unwrap_or(code))),
         Ok(records) => {
-            let good: Vec<GroupRecord> = records
-                .iter()
-                .filter_map(|r| r.as_ref().ok().cloned())
-                .collect();
-            let write = append_records(broker, &good, now);
-            if write.is_ok() {
-                for r in &good {
-                    state.coordinator.replay(r, now);
-                }
-            } else if let Err(e) = &write {
-                tracing::error!(%group, error = %e, "offset commit write failed");
-            }
             let mut results = records.into_iter();
             for (_, _, c) in &per_partition {
                 codes.push(match c {
                     Some(c) => *c,
                     None => match results.next() {
-                        Some(Ok(_)) if write.is_ok() => 0,
-                        Some(Ok(_)) => ResponseError::CoordinatorNotAvailable.code(),
+                        Some(Ok(_)) => write_code.unwrap_or(0),
                         Some(Err(code)) => code,
                         None => ResponseError::UnknownServerError.code(),
                     },
@@ -313,7 +356,6 @@ pub fn offset_commit(
             }
         }
     }
-    drop(state);
     let mut topics: Vec<OffsetCommitResponseTopic> = Vec::new();
     for ((topic, partition, _), code) in per_partition.into_iter().zip(codes) {
         let part = OffsetCommitResponsePartition::default()
@@ -346,12 +388,13 @@ fn fetch_offsets(
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
     require_stable: bool,
-) -> Vec<(String, Vec<FetchedOffset>)> {
-    let state = broker.groups.lock();
+) -> Result<Vec<(String, Vec<FetchedOffset>)>, ResponseError> {
+    let mut state = broker.groups.lock();
+    state.check(broker, group)?;
     let c = &state.coordinator;
     let unstable = |t: &str, p: i32| require_stable && state.has_pending_txn_offset(group, t, p);
     let unstable_code = kafka_protocol::ResponseError::UnstableOffsetCommit.code();
-    match topics {
+    Ok(match topics {
         Some(topics) => topics
             .into_iter()
             .map(|(t, parts)| {
@@ -381,7 +424,7 @@ fn fetch_offsets(
             }
             out
         }
-    }
+    })
 }
 
 pub fn offset_fetch(
@@ -400,10 +443,18 @@ pub fn offset_fetch(
                         .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
                         .collect()
                 });
-                let found =
-                    fetch_offsets(broker, g.group_id.0.as_str(), topics, req.require_stable);
+                let (found, code) = match fetch_offsets(
+                    broker,
+                    g.group_id.0.as_str(),
+                    topics,
+                    req.require_stable,
+                ) {
+                    Ok(found) => (found, 0),
+                    Err(e) => (Vec::new(), e.code()),
+                };
                 OffsetFetchResponseGroup::default()
                     .with_group_id(g.group_id.clone())
+                    .with_error_code(code)
                     .with_topics(
                         found
                             .into_iter()
@@ -435,12 +486,29 @@ pub fn offset_fetch(
             .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
             .collect()
     });
-    let found = fetch_offsets(
+    let found = match fetch_offsets(
         broker,
         req.group_id.0.as_str(),
-        topics,
+        topics.clone(),
         version >= 7 && req.require_stable,
-    );
+    ) {
+        Ok(found) => found,
+        // v2+ has a top-level error; v0-1 only the partitions' (each gets the error).
+        Err(e) if version >= 2 => {
+            return OffsetFetchResponse::default().with_error_code(e.code());
+        }
+        Err(e) => topics
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(t, parts)| {
+                let parts = parts
+                    .into_iter()
+                    .map(|p| (p, -1, -1, None, e.code()))
+                    .collect();
+                (t, parts)
+            })
+            .collect(),
+    };
     OffsetFetchResponse::default().with_topics(
         found
             .into_iter()
@@ -476,17 +544,28 @@ pub fn describe_groups(broker: &Arc<Broker>, req: DescribeGroupsRequest) -> Desc
     DescribeGroupsResponse::default().with_groups(
         req.groups
             .iter()
-            .map(|g| {
-                state
+            .map(|g| match state.check(broker, g.0.as_str()) {
+                Ok(()) => state
                     .coordinator
                     .describe(g.0.as_str())
-                    .with_authorized_operations(operations)
+                    .with_authorized_operations(operations),
+                Err(e) => {
+                    kafka_protocol::messages::describe_groups_response::DescribedGroup::default()
+                        .with_group_id(g.clone())
+                        .with_error_code(e.code())
+                        .with_group_state(str_bytes(""))
+                        .with_protocol_type(str_bytes(""))
+                        .with_protocol_data(str_bytes(""))
+                        .with_authorized_operations(operations)
+                }
             })
             .collect(),
     )
 }
 
 pub fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsResponse {
+    // The groups of every partition led here, loaded first if leadership just came.
+    broker.groups.sync_leadership(broker);
     let mut state = broker.groups.lock();
     state.tick(broker, now_ms());
     let groups = state
@@ -519,32 +598,48 @@ pub fn list_groups(broker: &Arc<Broker>, req: ListGroupsRequest) -> ListGroupsRe
     ListGroupsResponse::default().with_groups(groups)
 }
 
-pub fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+pub async fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
     let now = now_ms();
-    let mut state = broker.groups.lock();
-    state.tick(broker, now);
-    let results = req
-        .groups_names
-        .iter()
-        .map(|g| {
-            let code = match state.coordinator.delete_group(g.0.as_str()) {
-                Err(code) => code,
-                Ok(records) => match append_records(broker, &records, now) {
-                    Ok(()) => {
-                        for r in &records {
-                            state.coordinator.replay(r, now);
-                        }
-                        0
-                    }
-                    Err(e) => {
-                        tracing::error!(group = %g.0.as_str(), error = %e, "delete group write failed");
-                        ResponseError::CoordinatorNotAvailable.code()
-                    }
+    let mut results = Vec::with_capacity(req.groups_names.len());
+    for g in &req.groups_names {
+        let write = {
+            let mut state = broker.groups.lock();
+            state.tick(broker, now);
+            match state.check(broker, g.0.as_str()) {
+                Err(e) => Err(e.code()),
+                Ok(()) => match state.coordinator.delete_group(g.0.as_str()) {
+                    Err(code) => Err(code),
+                    Ok(records) => state
+                        .write(broker, &records, now, true)
+                        .map_err(|e| e.offset_commit_code()),
                 },
-            };
-            DeletableGroupResult::default().with_group_id(g.clone()).with_error_code(code)
-        })
-        .collect();
+            }
+        };
+        let code = match write {
+            Err(code) => code,
+            Ok(None) => 0,
+            Ok(Some(w)) => {
+                let partition = w.partition;
+                let r = w.wait().await;
+                broker
+                    .groups
+                    .lock()
+                    .replay_replicated(broker, partition, now_ms());
+                match r {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::warn!(group = %g.0.as_str(), error = %e, "delete group write failed");
+                        e.offset_commit_code()
+                    }
+                }
+            }
+        };
+        results.push(
+            DeletableGroupResult::default()
+                .with_group_id(g.clone())
+                .with_error_code(code),
+        );
+    }
     DeleteGroupsResponse::default().with_results(results)
 }
 
@@ -561,7 +656,7 @@ fn subscribed(subscriptions: &[Bytes], topic: &str) -> bool {
     })
 }
 
-pub fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
+pub async fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDeleteResponse {
     let now = now_ms();
     let partitions: Vec<(String, i32)> = req
         .topics
@@ -572,31 +667,44 @@ pub fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> OffsetDe
                 .map(move |p| (t.name.0.to_string(), p.partition_index))
         })
         .collect();
-    let mut state = broker.groups.lock();
-    let records =
-        match state
-            .coordinator
-            .delete_offsets(req.group_id.0.as_str(), &partitions, subscribed)
-        {
-            Err(code) => return OffsetDeleteResponse::default().with_error_code(code),
-            Ok(r) => r,
-        };
-    let good: Vec<GroupRecord> = records
-        .iter()
-        .filter_map(|r| r.as_ref().ok().cloned())
-        .collect();
-    let write = append_records(broker, &good, now);
-    if write.is_ok() {
-        for r in &good {
-            state.coordinator.replay(r, now);
+    let (records, write) = {
+        let mut state = broker.groups.lock();
+        if let Err(e) = state.check(broker, req.group_id.0.as_str()) {
+            return OffsetDeleteResponse::default().with_error_code(e.code());
         }
-    }
-    drop(state);
+        let records =
+            match state
+                .coordinator
+                .delete_offsets(req.group_id.0.as_str(), &partitions, subscribed)
+            {
+                Err(code) => return OffsetDeleteResponse::default().with_error_code(code),
+                Ok(r) => r,
+            };
+        let good: Vec<GroupRecord> = records
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let write = state.write(broker, &good, now, true);
+        (records, write)
+    };
+    let written = match write {
+        Ok(None) => Ok(()),
+        Ok(Some(w)) => {
+            let partition = w.partition;
+            let r = w.wait().await;
+            broker
+                .groups
+                .lock()
+                .replay_replicated(broker, partition, now_ms());
+            r
+        }
+        Err(e) => Err(e),
+    };
+    let write_code = written.as_ref().err().map(|e| e.offset_commit_code());
     let mut topics: Vec<OffsetDeleteResponseTopic> = Vec::new();
     for ((topic, partition), r) in partitions.into_iter().zip(records) {
         let code = match r {
-            Ok(_) if write.is_ok() => 0,
-            Ok(_) => ResponseError::CoordinatorNotAvailable.code(),
+            Ok(_) => write_code.unwrap_or(0),
             Err(c) => c,
         };
         let part = OffsetDeleteResponsePartition::default()

@@ -110,7 +110,7 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
             ResponseKind::LeaveGroup(groups::leave_group(broker, r, version))
         }
         RequestKind::OffsetCommit(r) => {
-            ResponseKind::OffsetCommit(groups::offset_commit(broker, r, version))
+            ResponseKind::OffsetCommit(groups::offset_commit(broker, r, version).await)
         }
         RequestKind::OffsetFetch(r) => {
             ResponseKind::OffsetFetch(groups::offset_fetch(broker, r, version))
@@ -120,13 +120,13 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         }
         RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(broker, r)),
         RequestKind::DeleteGroups(r) => {
-            ResponseKind::DeleteGroups(groups::delete_groups(broker, r))
+            ResponseKind::DeleteGroups(groups::delete_groups(broker, r).await)
         }
         RequestKind::DescribeLogDirs(r) => {
             ResponseKind::DescribeLogDirs(log_dirs::handle(broker, r))
         }
         RequestKind::OffsetDelete(r) => {
-            ResponseKind::OffsetDelete(groups::offset_delete(broker, r))
+            ResponseKind::OffsetDelete(groups::offset_delete(broker, r).await)
         }
         RequestKind::InitProducerId(r)
             if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) =>

@@ -321,7 +321,8 @@ pub async fn txn_offset_commit(
     let generation_id = req.generation_id;
     let b = broker.clone();
     let topics = req.topics.clone();
-    let result: Result<Vec<Vec<i16>>, i16> = tokio::task::spawn_blocking(move || {
+    type Written = (Vec<Vec<i16>>, Option<crate::group_manager::GroupWrite>);
+    let result: Result<Written, i16> = tokio::task::spawn_blocking(move || {
         let st = b.txns.lock();
         let check = st
             .verify_partitions(
@@ -339,6 +340,7 @@ pub async fn txn_offset_commit(
         }
         let now = now_ms();
         let mut groups = b.groups.lock();
+        groups.check(&b, &group).map_err(|e| e.code())?;
         validate_txn_offset_commit_state(
             &groups.coordinator,
             &group,
@@ -348,11 +350,13 @@ pub async fn txn_offset_commit(
         )?;
         let mut codes = Vec::new();
         let mut records = Vec::new();
+        let image = b.controller.image();
         for t in &topics {
             let name = t.name.0.to_string();
+            let known = image.topic(&name);
             let mut pcodes = Vec::new();
             for p in &t.partitions {
-                if b.replicas.get(&name, p.partition_index).is_none() {
+                if !known.is_some_and(|t| t.partitions.contains_key(&p.partition_index)) {
                     pcodes.push(ResponseError::UnknownTopicOrPartition.code());
                     continue;
                 }
@@ -379,24 +383,29 @@ pub async fn txn_offset_commit(
             }
             codes.push(pcodes);
         }
-        if !records.is_empty() {
-            if let Err(e) = crate::group_manager::append_txn_offsets(
-                &b,
-                &records,
-                producer_id,
-                producer_epoch,
-                now,
-            ) {
+        let write = groups
+            .write_txn_offsets(&b, records, producer_id, producer_epoch, now)
+            .map_err(|e| {
                 tracing::warn!(%group, error = %e, "cannot write transactional offsets");
-                return Err(ResponseError::NotCoordinator.code());
-            }
-            groups.add_txn_offsets(producer_id, records);
-        }
+                e.offset_commit_code()
+            })?;
         drop(st);
-        Ok(codes)
+        Ok((codes, write))
     })
     .await
     .unwrap_or(Err(ResponseError::NotCoordinator.code()));
+    // acks=all, as an OffsetCommit: answered once every in-sync replica has the offsets.
+    let result = match result {
+        Ok((codes, Some(w))) => match w.wait().await {
+            Ok(()) => Ok(codes),
+            Err(e) => {
+                tracing::warn!(group = %req.group_id.0.as_str(), error = %e, "transactional offsets not replicated");
+                Err(e.offset_commit_code())
+            }
+        },
+        Ok((codes, None)) => Ok(codes),
+        Err(c) => Err(c),
+    };
     let topics = req
         .topics
         .iter()
