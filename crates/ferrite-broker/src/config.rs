@@ -100,6 +100,11 @@ pub struct BrokerConfig {
     pub segment_fds_max: usize,
     /// `process.roles`: whether this node runs a broker and/or a controller voter.
     pub process_roles: ProcessRoles,
+    /// `cluster.id` (what `kafka-storage format --cluster-id` gives Kafka): the id a new
+    /// data directory is written with. `None`: derived from `controller.quorum.voters`
+    /// (every voter of one cluster is given the same list, so all derive the same id),
+    /// or random for a node that is its own quorum.
+    pub cluster_id: Option<String>,
     /// `controller.quorum.voters` (`1@host:port,...`); `None`: this node alone is the
     /// quorum (a one-voter quorum on an ephemeral port of the listen address).
     pub controller_quorum_voters: Option<String>,
@@ -228,6 +233,7 @@ impl Default for BrokerConfig {
                 broker: true,
                 controller: true,
             },
+            cluster_id: None,
             controller_quorum_voters: None,
             controller_listen: None,
             broker_heartbeat_interval_ms: 2000,
@@ -319,6 +325,21 @@ impl BrokerConfig {
             "process.roles" => {
                 self.process_roles = ProcessRoles::parse(value)
                     .ok_or_else(|| invalid(key, value, "expected broker, controller or both"))?
+            }
+            "cluster.id" => {
+                // Kafka's: a UUID in URL-safe base64 without padding (22 characters).
+                let valid = value.len() == 22
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !valid {
+                    return Err(invalid(
+                        key,
+                        value,
+                        "expected a UUID in URL-safe base64 (22 characters, as `kafka-storage random-uuid` prints)",
+                    ));
+                }
+                self.cluster_id = Some(value.to_string());
             }
             "controller.quorum.voters" => {
                 ferrite_raft::parse_voters(value)

@@ -73,12 +73,12 @@ impl From<ferrite_controller::ControllerError> for AdminError {
     }
 }
 
-/// The controller settings of a broker's configuration (Kafka's names).
-pub fn controller_config(config: &BrokerConfig) -> ControllerConfig {
+/// The controller settings of a broker's configuration (Kafka's names). Registrations
+/// are checked against `cluster_id`, this node's (INCONSISTENT_CLUSTER_ID otherwise):
+/// voters of one quorum derive the same one (see `cluster.id`).
+pub fn controller_config(config: &BrokerConfig, cluster_id: &str) -> ControllerConfig {
     ControllerConfig {
-        // Each node writes its own cluster id at its first start (there is no
-        // `kafka-storage format` step), so registrations are not checked against one.
-        cluster_id: None,
+        cluster_id: Some(cluster_id.to_string()),
         broker_session_timeout_ms: i64::try_from(config.broker_session_timeout_ms)
             .unwrap_or(i64::MAX),
         auto_leader_rebalance_enable: config.auto_leader_rebalance_enable,

@@ -184,7 +184,16 @@ impl Broker {
         let partition_dirs = replica_manager::partition_dirs(&dir).map_err(dir_err)?;
         let populated = local.log_frames > 0 || !partition_dirs.is_empty();
         let cluster_id = match (&meta, populated) {
-            (Some(m), _) => Some(m.cluster_id.clone()),
+            (Some(m), _) => {
+                if let Some(configured) = config.cluster_id.as_ref().filter(|c| **c != m.cluster_id) {
+                    return Err(StartError::Meta(format!(
+                        "cluster.id is {configured}, but {} says {}: this data directory belongs to another cluster",
+                        dir.join(META_PROPERTIES_FILE).display(),
+                        m.cluster_id
+                    )));
+                }
+                Some(m.cluster_id.clone())
+            }
             (None, true) => {
                 return Err(StartError::Meta(format!(
                     "{} is missing, but {} holds a metadata log or partition directories: refusing to start rather than give this data a new cluster id; restore meta.properties from a backup (or from {} if present)",
@@ -250,7 +259,15 @@ impl Broker {
         // The start is committed from here on.
         let cluster_id = match cluster_id {
             Some(id) => id,
-            None => write_new_meta_properties(&dir, config.node_id)?,
+            None => {
+                let id = match (&config.cluster_id, quorum.derived_cluster_id()) {
+                    (Some(configured), _) => configured.clone(),
+                    (None, Some(derived)) => derived,
+                    (None, None) => base64_url(uuid::Uuid::new_v4().as_bytes()),
+                };
+                write_meta_properties(&dir.join(META_PROPERTIES_FILE), &id, config.node_id)?;
+                id
+            }
         };
         if metadata_meta.is_none() {
             // Older data directories have no copy beside the metadata log yet.
@@ -277,7 +294,7 @@ impl Broker {
         wait_for_quorum(&metadata_quorum, local_last_index).await?;
         let controller = Controller::with_config(
             metadata_quorum.clone(),
-            controller::controller_config(&config),
+            controller::controller_config(&config, &cluster_id),
         );
         // The follower starts from here: what this reconcile sees is done.
         let mut applied = metadata_quorum.applied();
@@ -677,6 +694,18 @@ impl QuorumPlan {
         })
     }
 
+    /// The cluster id every voter of this quorum derives alike for a new data directory
+    /// (there is no `kafka-storage format` step to hand them one): a name-based UUID
+    /// (RFC 9562 version 5) of the voter list, sorted by id. `None` for a node that is its
+    /// own quorum: its id is random. Two clusters given the same voter list get the same
+    /// id; `cluster.id` sets one explicitly.
+    fn derived_cluster_id(&self) -> Option<String> {
+        if self.sole_voter {
+            return None;
+        }
+        Some(cluster_id_of_voters(&self.voters))
+    }
+
     fn config(&self, dir: PathBuf) -> ferrite_raft::QuorumConfig {
         let mut voters = self.voters.clone();
         if self.sole_voter {
@@ -688,6 +717,19 @@ impl QuorumPlan {
         }
         ferrite_raft::QuorumConfig::new(self.node_id, self.listen, voters, dir)
     }
+}
+
+/// See [`QuorumPlan::derived_cluster_id`].
+fn cluster_id_of_voters(voters: &[ferrite_raft::Voter]) -> String {
+    /// The namespace of Ferrite's derived cluster ids (a fixed, random UUID).
+    const CLUSTER_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("5b0e3c1e-8f3a-4c55-9a63-2f4d8f0c7a11");
+    let mut sorted: Vec<String> = voters
+        .iter()
+        .map(|v| format!("{}@{}:{}", v.id, v.host.to_ascii_lowercase(), v.port))
+        .collect();
+    sorted.sort_unstable();
+    let name = sorted.join(",");
+    base64_url(uuid::Uuid::new_v5(&CLUSTER_ID_NAMESPACE, name.as_bytes()).as_bytes())
 }
 
 /// Largest index in the local quorum log (`None`: empty), read before the quorum starts:
@@ -945,12 +987,6 @@ fn parse_meta_properties(text: &str, node_id: i32) -> Result<MetaProperties, Str
 
 /// First start in an empty directory: a new cluster id (Kafka's form: URL-safe base64 of
 /// a UUID, 22 characters).
-fn write_new_meta_properties(dir: &Path, node_id: i32) -> Result<String, StartError> {
-    let cluster_id = base64_url(uuid::Uuid::new_v4().as_bytes());
-    write_meta_properties(&dir.join(META_PROPERTIES_FILE), &cluster_id, node_id)?;
-    Ok(cluster_id)
-}
-
 fn write_meta_properties(path: &Path, cluster_id: &str, node_id: i32) -> Result<(), StartError> {
     let dir_err = |source| StartError::DataDir {
         path: path.to_path_buf(),
@@ -985,4 +1021,32 @@ fn base64_url(bytes: &[u8]) -> String {
         out.push(char::from(ALPHABET[((acc << (6 - bits)) & 63) as usize]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn voter(id: u64, host: &str, port: u16) -> ferrite_raft::Voter {
+        ferrite_raft::Voter {
+            id,
+            host: host.to_string(),
+            port,
+        }
+    }
+
+    #[test]
+    fn voters_of_one_quorum_derive_one_cluster_id() {
+        let a = cluster_id_of_voters(&[voter(1, "10.0.0.1", 9093), voter(2, "10.0.0.2", 9093)]);
+        // The same list in another order (as each node may be given it) is the same id.
+        let b = cluster_id_of_voters(&[voter(2, "10.0.0.2", 9093), voter(1, "10.0.0.1", 9093)]);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 22, "{a}");
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        // Another quorum, another id.
+        let c = cluster_id_of_voters(&[voter(1, "10.0.0.1", 9093), voter(2, "10.0.0.3", 9093)]);
+        assert_ne!(a, c);
+    }
 }

@@ -168,12 +168,20 @@ async fn register(
                 tracing::info!(broker_epoch = r.broker_epoch, %incarnation_id, "registered with the active controller");
                 return r.broker_epoch;
             }
+            Ok(ControllerResponse::Register(r))
+                if r.error_code == kafka_protocol::ResponseError::InconsistentClusterId.code() =>
+            {
+                format!(
+                    "INCONSISTENT_CLUSTER_ID: the active controller's cluster id is not this data directory's {} (meta.properties): this node's data belongs to another cluster; give it an empty --data-dir, or start every voter with the same cluster.id",
+                    broker.cluster_id
+                )
+            }
             Ok(ControllerResponse::Register(r)) => format!("error code {}", r.error_code),
             Ok(_) => "unexpected answer".to_string(),
             Err(e) => e,
         };
         if last_error.as_ref() != Some(&error) {
-            tracing::info!(error = %error, "broker registration did not succeed yet; retrying");
+            tracing::warn!(error = %error, "broker registration did not succeed yet; retrying");
             last_error = Some(error);
         }
         tokio::time::sleep(Duration::from_millis(CONTROLLER_RETRY_BACKOFF_MS)).await;

@@ -945,3 +945,22 @@ fn a_metadata_log_written_by_the_single_node_broker_still_works() {
     let p = h.partition("old", 0);
     assert_eq!((p.leader, p.leader_epoch, p.isr.clone()), (0, 2, vec![0]));
 }
+
+#[test]
+fn registration_from_another_cluster_is_refused() {
+    let mut h = Harness::new(ControllerConfig {
+        cluster_id: Some("c".into()),
+        ..ControllerConfig::default()
+    });
+    assert!(
+        h.register(0).is_ok(),
+        "the harness registers with cluster id `c`"
+    );
+    let mut r = h.registration(1, 1);
+    r.cluster_id = "another".into();
+    match h.run(Event::RegisterBroker(r)) {
+        Reply::RegisterBroker(r) => assert_eq!(code(r), 104, "INCONSISTENT_CLUSTER_ID"),
+        other => panic!("{other:?}"),
+    }
+    assert!(h.c.image().broker(1).is_none());
+}

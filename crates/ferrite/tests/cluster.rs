@@ -360,6 +360,29 @@ fn quorum_forms_replicates_and_fails_over() {
         });
         assert_eq!(seen.brokers, vec![1, 2, 3]);
     }
+    // One cluster, one cluster id: every node answers the same one (librdkafka warns
+    // of "different ClusterId" otherwise), and each data directory was written with it.
+    let ids: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let d = wait_for("cluster describe", OP_TIMEOUT, || cluster_describe(&n.addr));
+            d["cluster_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.iter().all(|id| *id == ids[0] && id.len() == 22),
+        "{ids:?}"
+    );
+    for n in &cluster.nodes {
+        let meta = std::fs::read_to_string(n.data_dir.join("meta.properties")).unwrap();
+        assert!(
+            meta.lines().any(|l| l == format!("cluster.id={}", ids[0])),
+            "node {}: {meta}",
+            n.id
+        );
+    }
 
     // RF 3 is placed over the three brokers; RF 4 is refused.
     let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();

@@ -385,6 +385,15 @@ fn meta_properties_is_checked_not_regenerated() {
     .unwrap();
     refused_twice(&data, &[], "cluster id mismatch");
 
+    std::fs::write(&path, &original).unwrap();
+    // A configured cluster.id other than the directory's: the data belongs elsewhere.
+    refused_twice(
+        &data,
+        &["cluster.id=BBBBBBBBBBBBBBBBBBBBBB"],
+        "belongs to another cluster",
+    );
+    refused_twice(&data, &["cluster.id=short"], "URL-safe base64");
+
     std::fs::remove_file(&path).unwrap();
     refused_twice(&data, &[], "meta.properties is missing");
 
