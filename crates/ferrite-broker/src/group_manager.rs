@@ -469,10 +469,19 @@ impl GroupManagerState {
             p,
             waiter,
         };
-        if replay && matches!(write.try_result(), Some(Ok(()))) {
-            // One node (or an ISR of this broker alone): replicated by the append.
-            self.replay_replicated(broker, partition, now);
-            return Ok(None);
+        if replay {
+            match write.try_result() {
+                // One node (or an ISR of this broker alone): replicated by the append.
+                Some(Ok(())) => {
+                    self.replay_replicated(broker, partition, now);
+                    return Ok(None);
+                }
+                // Decided already, and not replicated: the records stay queued and are
+                // replayed if the high watermark passes them after all (they are in
+                // the log a new leader would load).
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
         }
         Ok(Some(write))
     }
