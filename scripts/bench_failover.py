@@ -48,13 +48,15 @@ class Node:
         self.addr = args[args.index("--listen") + 1]
 
     def start(self, binary, timeout_s=60):
-        self.proc = subprocess.Popen(
-            [binary] + self.args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": "error"},
-            text=True,
-        )
+        self.log = os.path.join(os.path.dirname(self.data_dir), f"node-{self.id}.log")
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [binary] + self.args,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
+                text=True,
+            )
         deadline = time.monotonic() + timeout_s
         ready = threading.Event()
 
@@ -66,7 +68,9 @@ class Node:
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(max(0.0, deadline - time.monotonic())):
             self.stop(signal.SIGKILL)
-            raise RuntimeError(f"node {self.id} not ready within {timeout_s} s")
+            kept = f"/tmp/ferrite-w8-node-{self.id}.log"
+            subprocess.run(["cp", self.log, kept], check=False)
+            raise RuntimeError(f"node {self.id} not ready within {timeout_s} s (its log: {kept})")
 
     def stop(self, sig):
         if self.proc is None:

@@ -751,28 +751,42 @@ async fn wait_for_quorum(
     local_last_index: Option<u64>,
 ) -> Result<(), StartError> {
     const NOTICE_INTERVAL: Duration = Duration::from_secs(5);
+    /// A node that restarts after it was the leader starts out believing it still is
+    /// (its stored vote); the first round with the other voters tells it otherwise.
+    const STALE_LEADER_RETRY_MS: u64 = 100;
     let mut status = quorum.status_watch();
     loop {
         let known = status.borrow_and_update().leader_id.is_some();
-        if known {
+        if !known {
+            match tokio::time::timeout(NOTICE_INTERVAL, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(StartError::Quorum(ferrite_raft::QuorumError::Stopped(
+                        "status channel closed".into(),
+                    )))
+                }
+                Err(_) => tracing::info!(
+                    voters = ?quorum.voters(),
+                    "waiting for the metadata quorum to elect a leader"
+                ),
+            }
+            continue;
+        }
+        if !quorum.status().is_active_controller {
             break;
         }
-        match tokio::time::timeout(NOTICE_INTERVAL, status.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                return Err(StartError::Quorum(ferrite_raft::QuorumError::Stopped(
-                    "status channel closed".into(),
-                )))
+        match quorum.read_barrier().await {
+            Ok(_) => return Ok(()),
+            // Restarted as the leader of an old term that the others have left: wait
+            // for the current leader instead of failing the start.
+            Err(ferrite_raft::QuorumError::NotController { .. }) => {
+                tracing::info!("this node led an older term of the metadata quorum; waiting for the current leader");
+                tokio::time::sleep(Duration::from_millis(STALE_LEADER_RETRY_MS)).await;
             }
-            Err(_) => tracing::info!(
-                voters = ?quorum.voters(),
-                "waiting for the metadata quorum to elect a leader"
-            ),
+            Err(e) => return Err(e.into()),
         }
     }
-    if quorum.status().is_active_controller {
-        quorum.read_barrier().await?;
-    } else if let Some(index) = local_last_index {
+    if let Some(index) = local_last_index {
         // A follower: at least what it had before (committed entries come with the
         // leader's next heartbeat).
         let _ = quorum.wait_applied(index, quorum.write_timeout()).await;

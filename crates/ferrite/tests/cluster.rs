@@ -590,6 +590,27 @@ fn controller_failover_keeps_committing_and_a_minority_commits_nothing() {
         cluster_describe(&last).is_none(),
         "a one-node minority described a quorum leader"
     );
+
+    // The first controller comes back: it starts believing it still leads its old term
+    // (its stored vote) and must join the current one, not fail its start; with it the
+    // two live nodes are a majority again and commit.
+    cluster.restart(controller);
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    wait_for(
+        "a topic committed after the old controller rejoined",
+        OP_TIMEOUT,
+        || {
+            rt.block_on(create_topic(
+                &admin,
+                "after-rejoin",
+                1,
+                1,
+                &[],
+                Duration::from_secs(5),
+            ))
+            .ok()
+        },
+    );
 }
 
 /// `ferrite cluster describe --json` against `addr`: `None` when it fails (no active
