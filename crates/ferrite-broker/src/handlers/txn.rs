@@ -40,8 +40,9 @@ use crate::{now_ms, Broker};
 pub const KEY_TYPE_TRANSACTION: i8 = 1;
 
 /// FindCoordinator for transactional ids: the leader of the id's `__transaction_state`
-/// partition, created on first use. A partition led elsewhere, or not loaded yet,
-/// answers COORDINATOR_NOT_AVAILABLE (retriable) until this broker knows better.
+/// partition in the image (any broker answers), created on first use. A partition
+/// without a live leader, or led here but not loaded yet, answers
+/// COORDINATOR_NOT_AVAILABLE (retriable).
 pub async fn find_coordinator(
     broker: &Arc<Broker>,
     req: FindCoordinatorRequest,
@@ -69,20 +70,40 @@ pub async fn find_coordinator(
         if let Err(e) = &ready {
             return fail(ResponseError::CoordinatorNotAvailable, e.clone());
         }
+        // The coordinator is the leader of the id's partition as the image names it,
+        // whichever broker was asked (with several brokers the asked one is usually
+        // not it; answering COORDINATOR_NOT_AVAILABLE there made clients retry forever).
         let partition = broker.txns.lock().partition_for(key);
-        let led = broker
-            .replicas
-            .get(TRANSACTION_STATE_TOPIC, partition)
-            .is_some_and(|p| p.is_leader());
-        if !led {
-            return fail(
+        let image = broker.controller.image();
+        let leader = image
+            .topic(TRANSACTION_STATE_TOPIC)
+            .and_then(|t| t.partitions.get(&partition))
+            .map(|p| p.leader);
+        let endpoint = match leader {
+            Some(id) if id == broker.config.node_id => {
+                let loaded = broker
+                    .replicas
+                    .get(TRANSACTION_STATE_TOPIC, partition)
+                    .is_some_and(|p| p.is_leader());
+                loaded.then(|| (id, host.clone(), *port))
+            }
+            Some(id) if id >= 0 => image
+                .broker(id)
+                .filter(|b| !b.fenced)
+                .and_then(|b| b.endpoints.first())
+                .map(|e| (id, e.host.clone(), e.port)),
+            _ => None,
+        };
+        match endpoint {
+            Some((id, host, port)) => c
+                .with_node_id(BrokerId(id))
+                .with_host(str_bytes(host))
+                .with_port(i32::from(port)),
+            None => fail(
                 ResponseError::CoordinatorNotAvailable,
-                format!("{TRANSACTION_STATE_TOPIC}-{partition} is not led by this broker"),
-            );
+                format!("{TRANSACTION_STATE_TOPIC}-{partition} has no leader yet"),
+            ),
         }
-        c.with_node_id(BrokerId(broker.config.node_id))
-            .with_host(str_bytes(host))
-            .with_port(i32::from(*port))
     };
     if version >= 4 {
         FindCoordinatorResponse::default()
