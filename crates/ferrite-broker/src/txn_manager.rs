@@ -32,6 +32,8 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
+use kafka_protocol::ResponseError;
+
 use crate::group_manager::OFFSETS_TOPIC;
 use crate::replica_manager::{Partition, ProduceError};
 use crate::{now_ms, Broker, StartError};
@@ -242,7 +244,8 @@ pub fn apply(st: &mut Coordinator, broker: &Broker, effects: Vec<Effect>) -> Res
 /// (abort) the producer's pending transactional offsets. Returns whether all were
 /// written. A partition that no longer exists is skipped (Kafka does the same); one
 /// refusing the marker's epoch already has a newer producer epoch's marker, so there is
-/// nothing left to close.
+/// nothing left to close. A partition hosted here as a follower is not written (that
+/// would fork its log from the leader's): it counts as not written, retried.
 fn write_markers(
     broker: &Broker,
     producer_id: i64,
@@ -251,39 +254,78 @@ fn write_markers(
     coordinator_epoch: i32,
     partitions: &BTreeSet<(String, i32)>,
 ) -> bool {
+    let now = now_ms();
+    let mut all = true;
+    for (topic, index) in partitions {
+        match write_marker_here(
+            broker,
+            topic,
+            *index,
+            producer_id,
+            producer_epoch,
+            result,
+            coordinator_epoch,
+            now,
+        ) {
+            Ok(()) | Err(ResponseError::UnknownTopicOrPartition) => {}
+            Err(ResponseError::InvalidProducerEpoch) => {}
+            Err(_) => all = false,
+        }
+    }
+    all
+}
+
+/// One marker into one partition led here (WriteTxnMarkers' per-partition work and the
+/// local path's): UNKNOWN_TOPIC_OR_PARTITION when not hosted, NOT_LEADER_OR_FOLLOWER
+/// when not led, INVALID_PRODUCER_EPOCH when the partition has a newer epoch of the
+/// producer (nothing left to close). acks=1: the marker is in the leader's log when
+/// this returns; Kafka waits for acks=all.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_marker_here(
+    broker: &Broker,
+    topic: &str,
+    index: i32,
+    producer_id: i64,
+    producer_epoch: i16,
+    result: TxnResult,
+    coordinator_epoch: i32,
+    now: i64,
+) -> Result<(), ResponseError> {
     let control = match result {
         TxnResult::Commit => ControlType::Commit,
         TxnResult::Abort => ControlType::Abort,
     };
-    let now = now_ms();
-    let mut all = true;
-    for (topic, index) in partitions {
-        let Some(p) = broker.replicas.get(topic, *index) else {
-            tracing::warn!(%topic, partition = index, producer_id, "partition of a transaction is gone; no marker written");
-            continue;
-        };
-        match p.append_marker(producer_id, producer_epoch, control, coordinator_epoch, now) {
-            Ok(_) => {}
-            Err(ProduceError::Storage(StorageError::Producer(
-                ferrite_storage::ProducerStateError::InvalidProducerEpoch { .. },
-            ))) => {
-                tracing::warn!(%topic, partition = index, producer_id, producer_epoch, "marker refused: the partition has a newer epoch of this producer");
-            }
-            Err(e) => {
-                tracing::warn!(%topic, partition = index, producer_id, error = %e, "cannot write transaction marker; retried");
-                all = false;
-                continue;
-            }
+    let Some(p) = broker.replicas.get(topic, index) else {
+        tracing::warn!(%topic, partition = index, producer_id, "partition of a transaction is not hosted here; no marker written");
+        return Err(ResponseError::UnknownTopicOrPartition);
+    };
+    if !p.is_leader() {
+        tracing::debug!(%topic, partition = index, producer_id, "partition of a transaction not led here; no marker written");
+        return Err(ResponseError::NotLeaderOrFollower);
+    }
+    match p.append_marker(producer_id, producer_epoch, control, coordinator_epoch, now) {
+        Ok(_) => {}
+        Err(ProduceError::Storage(StorageError::Producer(
+            ferrite_storage::ProducerStateError::InvalidProducerEpoch { .. },
+        ))) => {
+            tracing::warn!(%topic, partition = index, producer_id, producer_epoch, "marker refused: the partition has a newer epoch of this producer");
+            return Err(ResponseError::InvalidProducerEpoch);
         }
-        if topic == OFFSETS_TOPIC {
-            broker.groups.lock().complete_txn_offsets(
-                producer_id,
-                result == TxnResult::Commit,
-                now,
-            );
+        Err(e) => {
+            tracing::warn!(%topic, partition = index, producer_id, error = %e, "cannot write transaction marker; retried");
+            return Err(match e {
+                ProduceError::Replication(_) => ResponseError::NotLeaderOrFollower,
+                ProduceError::Storage(_) => ResponseError::KafkaStorageError,
+            });
         }
     }
-    all
+    if topic == OFFSETS_TOPIC {
+        broker
+            .groups
+            .lock()
+            .complete_txn_offsets(producer_id, result == TxnResult::Commit, now);
+    }
+    Ok(())
 }
 
 /// Appends one record to `__transaction_state-<partition>` as one batch.
