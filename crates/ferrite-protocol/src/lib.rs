@@ -76,6 +76,9 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AddOffsetsToTxn, 0, 3),
     (ApiKey::EndTxn, 0, 3),
     (ApiKey::TxnOffsetCommit, 0, 3),
+    // Broker to broker: the transaction coordinator's COMMIT/ABORT markers for the
+    // partitions another broker leads. v1 only (flexible; Kafka 4.0 removed v0).
+    (ApiKey::WriteTxnMarkers, 1, 1),
     // Admin side of transactions (KIP-664). ListTransactions v1 adds the duration filter
     // (KIP-994); v2's transactional id pattern (a Java regular expression) is not offered.
     (ApiKey::DescribeTransactions, 0, 0),

@@ -140,6 +140,9 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
             ResponseKind::AddOffsetsToTxn(txn::add_offsets_to_txn(broker, r, version).await)
         }
         RequestKind::EndTxn(r) => ResponseKind::EndTxn(txn::end_txn(broker, r, version).await),
+        RequestKind::WriteTxnMarkers(r) => {
+            ResponseKind::WriteTxnMarkers(txn::write_txn_markers(broker, r, peer).await)
+        }
         RequestKind::TxnOffsetCommit(r) => {
             ResponseKind::TxnOffsetCommit(txn::txn_offset_commit(broker, r, version).await)
         }

@@ -26,7 +26,8 @@ use kafka_protocol::messages::{
     DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse, FindCoordinatorRequest,
     FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse,
     ListTransactionsRequest, ListTransactionsResponse, ProducerId, TransactionalId,
-    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    TxnOffsetCommitRequest, TxnOffsetCommitResponse, WriteTxnMarkersRequest,
+    WriteTxnMarkersResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
@@ -548,4 +549,97 @@ pub async fn list_transactions(
         ListTransactionsResponse::default()
             .with_error_code(ResponseError::UnknownServerError.code())
     })
+}
+
+/// WriteTxnMarkers v1, from another broker's transaction coordinator: each marker into
+/// each of its partitions led here (`txn_manager::write_marker_here`, acks=1). Only a
+/// registered broker's address may send it (the peer's IP against the image's broker
+/// endpoints' hosts); anyone else gets CLUSTER_AUTHORIZATION_FAILED for every partition.
+pub async fn write_txn_markers(
+    broker: &Arc<Broker>,
+    req: WriteTxnMarkersRequest,
+    peer: std::net::SocketAddr,
+) -> WriteTxnMarkersResponse {
+    use kafka_protocol::messages::write_txn_markers_response::{
+        WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
+    };
+    let authorized = peer_is_broker(broker, peer).await;
+    let b = broker.clone();
+    let markers = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        req.markers
+            .iter()
+            .map(|m| {
+                let result = if m.transaction_result {
+                    TxnResult::Commit
+                } else {
+                    TxnResult::Abort
+                };
+                let topics = m
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        let partitions = t
+                            .partition_indexes
+                            .iter()
+                            .map(|p| {
+                                let code = if !authorized {
+                                    ResponseError::ClusterAuthorizationFailed.code()
+                                } else {
+                                    crate::txn_manager::write_marker_here(
+                                        &b,
+                                        &t.name.0,
+                                        *p,
+                                        m.producer_id.0,
+                                        m.producer_epoch,
+                                        result,
+                                        m.coordinator_epoch,
+                                        now,
+                                    )
+                                    .err()
+                                    .map_or(0, |e| e.code())
+                                };
+                                WritableTxnMarkerPartitionResult::default()
+                                    .with_partition_index(*p)
+                                    .with_error_code(code)
+                            })
+                            .collect();
+                        WritableTxnMarkerTopicResult::default()
+                            .with_name(t.name.clone())
+                            .with_partitions(partitions)
+                    })
+                    .collect();
+                WritableTxnMarkerResult::default()
+                    .with_producer_id(m.producer_id)
+                    .with_topics(topics)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match markers {
+        Ok(markers) => WriteTxnMarkersResponse::default().with_markers(markers),
+        Err(e) => {
+            tracing::error!(error = %e, "WriteTxnMarkers task failed");
+            WriteTxnMarkersResponse::default()
+        }
+    }
+}
+
+/// Whether `peer` is the address of a registered broker (an endpoint's host, resolved).
+async fn peer_is_broker(broker: &Broker, peer: std::net::SocketAddr) -> bool {
+    let hosts: Vec<(String, u16)> = broker
+        .controller
+        .image()
+        .brokers()
+        .flat_map(|b| b.endpoints.iter().map(|e| (e.host.clone(), e.port)))
+        .collect();
+    for (host, port) in hosts {
+        if let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), port)).await {
+            if addrs.any(|a| a.ip() == peer.ip()) {
+                return true;
+            }
+        }
+    }
+    tracing::warn!(%peer, "WriteTxnMarkers from an address that is no registered broker's");
+    false
 }
