@@ -435,7 +435,7 @@ fn whole_batches(records: &Bytes) -> &[u8] {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum FetchError {
+pub(crate) enum FetchError {
     #[error("I/O with the leader: {0}")]
     Io(#[from] std::io::Error),
     #[error("the leader's request timed out")]
@@ -447,13 +447,13 @@ enum FetchError {
 }
 
 /// One connection to a leader, requests one at a time.
-struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream,
     correlation_id: i32,
 }
 
 impl Connection {
-    async fn open(broker: &Arc<Broker>, leader: i32) -> Result<Connection, FetchError> {
+    pub(crate) async fn open(broker: &Arc<Broker>, leader: i32) -> Result<Connection, FetchError> {
         let image = broker.controller.image();
         let Some(reg) = image.broker(leader) else {
             return Err(FetchError::Protocol(format!(
@@ -493,7 +493,7 @@ impl Connection {
         })
     }
 
-    async fn send<Req: Encodable, Resp: Decodable>(
+    pub(crate) async fn send<Req: Encodable, Resp: Decodable>(
         &mut self,
         key: ApiKey,
         version: i16,

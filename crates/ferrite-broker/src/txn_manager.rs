@@ -19,7 +19,7 @@
 //!
 //! Lock order: this mutex, then a partition's log, then the group coordinator's mutex.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -44,6 +44,9 @@ use crate::{now_ms, Broker, StartError};
 pub const TXN_TICK_INTERVAL_MS: u64 = 1000;
 /// Bytes read at a time while loading a `__transaction_state` partition.
 const LOAD_READ_BYTES_MAX: usize = 1024 * 1024;
+/// Most transactions whose WriteTxnMarkers requests (markers for partitions led by other
+/// brokers) are in flight at once; more wait for the ticker's retry (`markers_due`).
+pub const TXN_MARKER_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 
 /// The producer id InitProducerId claimed (asynchronously, through the metadata log)
 /// before it takes the coordinator's lock; the coordinator takes it if it needs one.
@@ -64,6 +67,9 @@ pub struct TxnManager {
     partitions: i32,
     /// Serializes the creation of `__transaction_state` on first use.
     create: tokio::sync::Mutex<()>,
+    /// Transactional ids whose WriteTxnMarkers requests are in flight: at most one send
+    /// per id, at most [`TXN_MARKER_REQUESTS_IN_FLIGHT_MAX`] ids.
+    markers_in_flight: Mutex<HashSet<String>>,
 }
 
 impl TxnManager {
@@ -73,6 +79,7 @@ impl TxnManager {
             state: Mutex::new(TransactionCoordinator::new(config, ClaimedId(None))),
             partitions,
             create: tokio::sync::Mutex::new(()),
+            markers_in_flight: Mutex::new(HashSet::new()),
         }
     }
 
@@ -86,7 +93,7 @@ impl TxnManager {
 
     /// Creates `__transaction_state` on first use (a transactional FindCoordinator or
     /// InitProducerId), as Kafka does, then loads what this broker leads.
-    pub async fn ensure_topic(&self, broker: &Broker) -> Result<(), String> {
+    pub async fn ensure_topic(&self, broker: &Arc<Broker>) -> Result<(), String> {
         if broker
             .controller
             .image()
@@ -103,7 +110,7 @@ impl TxnManager {
     /// Loads the `__transaction_state` partitions this broker leads and has not loaded,
     /// and forgets those it no longer leads. A loaded partition's Prepare* transactions
     /// get their markers written now.
-    pub fn sync_leadership(&self, broker: &Broker) {
+    pub fn sync_leadership(&self, broker: &Arc<Broker>) {
         let mut st = self.lock();
         for partition in 0..self.partitions {
             let led = broker
@@ -146,7 +153,7 @@ impl TxnManager {
 
     /// Timeouts (abort with an epoch bump), id expiration, and markers whose write
     /// failed earlier.
-    pub fn tick(&self, broker: &Broker, now: i64) {
+    pub fn tick(&self, broker: &Arc<Broker>, now: i64) {
         self.sync_leadership(broker);
         let mut st = self.lock();
         let mut effects = st.tick(now);
@@ -183,7 +190,11 @@ pub async fn run_ticker(broker: Arc<Broker>) {
 /// undone (`write_failed`), drops the markers that depended on it, and answers
 /// NOT_COORDINATOR, which clients retry after finding the coordinator again. Markers
 /// that cannot all be written leave the transaction in Prepare*, retried by the ticker.
-pub fn apply(st: &mut Coordinator, broker: &Broker, effects: Vec<Effect>) -> Result<(), TxnError> {
+pub fn apply(
+    st: &mut Coordinator,
+    broker: &Arc<Broker>,
+    effects: Vec<Effect>,
+) -> Result<(), TxnError> {
     let mut queue: VecDeque<Effect> = effects.into();
     let mut result = Ok(());
     while let Some(effect) = queue.pop_front() {
@@ -208,35 +219,213 @@ pub fn apply(st: &mut Coordinator, broker: &Broker, effects: Vec<Effect>) -> Res
                 result: txn_result,
                 partitions,
             } => {
+                if broker.txns.in_flight().contains(&transactional_id) {
+                    // A WriteTxnMarkers send of this id is out; it finishes the
+                    // transaction or leaves it to the ticker.
+                    continue;
+                }
                 let coordinator_epoch = broker
                     .replicas
                     .get(TRANSACTION_STATE_TOPIC, st.partition_for(&transactional_id))
                     .map_or(0, |p| p.leader_epoch().max(0));
-                if write_markers(
+                // Partitions led by another broker (per the image) get their markers
+                // through WriteTxnMarkers; the rest (led here, or gone) are written here.
+                let image = broker.controller.image();
+                let me = broker.config.node_id;
+                let (remote, local): (BTreeSet<_>, BTreeSet<_>) =
+                    partitions.iter().cloned().partition(|(t, i)| {
+                        image
+                            .topic(t)
+                            .and_then(|t| t.partitions.get(i))
+                            .is_some_and(|p| p.leader != me)
+                    });
+                let local_ok = write_markers(
                     broker,
                     producer_id,
                     producer_epoch,
                     txn_result,
                     coordinator_epoch,
-                    &partitions,
-                ) {
-                    let out = st.markers_written(
-                        &transactional_id,
+                    &local,
+                );
+                if !local_ok {
+                    continue;
+                }
+                if !remote.is_empty() {
+                    let mut in_flight = broker.txns.in_flight();
+                    if in_flight.len() >= TXN_MARKER_REQUESTS_IN_FLIGHT_MAX {
+                        tracing::debug!(%transactional_id, "too many WriteTxnMarkers sends in flight; retried by the ticker");
+                        continue;
+                    }
+                    in_flight.insert(transactional_id.clone());
+                    drop(in_flight);
+                    tokio::spawn(send_markers(
+                        broker.clone(),
+                        transactional_id,
                         producer_id,
                         producer_epoch,
-                        now_ms(),
-                    );
-                    if let Err(e) = out.result {
-                        tracing::debug!(%transactional_id, error = %e, "markers written for a transaction that moved on");
-                    }
-                    for e in out.effects.into_iter().rev() {
-                        queue.push_front(e);
-                    }
+                        txn_result,
+                        coordinator_epoch,
+                        remote,
+                    ));
+                    continue;
+                }
+                let out =
+                    st.markers_written(&transactional_id, producer_id, producer_epoch, now_ms());
+                if let Err(e) = out.result {
+                    tracing::debug!(%transactional_id, error = %e, "markers written for a transaction that moved on");
+                }
+                for e in out.effects.into_iter().rev() {
+                    queue.push_front(e);
                 }
             }
         }
     }
     result
+}
+
+impl TxnManager {
+    fn in_flight(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.markers_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sends the markers of one transaction to the brokers leading its other partitions
+/// (one WriteTxnMarkers v1 per leader, over a connection from this broker's listen
+/// address), then, if every partition answered OK or has nothing left to close
+/// (INVALID_PRODUCER_EPOCH, or UNKNOWN_TOPIC_OR_PARTITION for a partition the image no
+/// longer has), completes the transaction under the coordinator's lock as the local
+/// path does. Otherwise the transaction stays in Prepare* for the ticker.
+async fn send_markers(
+    broker: Arc<Broker>,
+    transactional_id: String,
+    producer_id: i64,
+    producer_epoch: i16,
+    result: TxnResult,
+    coordinator_epoch: i32,
+    partitions: BTreeSet<(String, i32)>,
+) {
+    let all = send_markers_to_leaders(
+        &broker,
+        producer_id,
+        producer_epoch,
+        result,
+        coordinator_epoch,
+        &partitions,
+    )
+    .await;
+    let b = broker.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut st = b.txns.lock();
+        b.txns.in_flight().remove(&transactional_id);
+        if !all {
+            return;
+        }
+        let out = st.markers_written(&transactional_id, producer_id, producer_epoch, now_ms());
+        if let Err(e) = out.result {
+            tracing::debug!(%transactional_id, error = %e, "markers written for a transaction that moved on");
+        }
+        let _ = apply(&mut st, &b, out.effects);
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "completing a transaction after WriteTxnMarkers failed");
+    }
+}
+
+async fn send_markers_to_leaders(
+    broker: &Arc<Broker>,
+    producer_id: i64,
+    producer_epoch: i16,
+    result: TxnResult,
+    coordinator_epoch: i32,
+    partitions: &BTreeSet<(String, i32)>,
+) -> bool {
+    use kafka_protocol::messages::write_txn_markers_request::{
+        WritableTxnMarker, WritableTxnMarkerTopic,
+    };
+    use kafka_protocol::messages::{
+        ApiKey, TopicName, WriteTxnMarkersRequest, WriteTxnMarkersResponse,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let image = broker.controller.image();
+    let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
+    for (topic, index) in partitions {
+        match image.topic(topic).and_then(|t| t.partitions.get(index)) {
+            None => {
+                tracing::warn!(%topic, partition = index, producer_id, "partition of a transaction is gone; no marker written");
+            }
+            Some(p) if p.leader < 0 => {
+                tracing::info!(%topic, partition = index, producer_id, "partition of a transaction has no leader; markers retried");
+                return false;
+            }
+            Some(p) => by_leader
+                .entry(p.leader)
+                .or_default()
+                .entry(topic.clone())
+                .or_default()
+                .push(*index),
+        }
+    }
+    let mut all = true;
+    for (leader, topics) in by_leader {
+        let marker = WritableTxnMarker::default()
+            .with_producer_id(kafka_protocol::messages::ProducerId(producer_id))
+            .with_producer_epoch(producer_epoch)
+            .with_transaction_result(result == TxnResult::Commit)
+            .with_coordinator_epoch(coordinator_epoch)
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        WritableTxnMarkerTopic::default()
+                            .with_name(TopicName(StrBytes::from_string(t)))
+                            .with_partition_indexes(ps)
+                    })
+                    .collect(),
+            );
+        let req = WriteTxnMarkersRequest::default().with_markers(vec![marker]);
+        let timeout =
+            std::time::Duration::from_millis(crate::replica_fetcher::REPLICA_REQUEST_TIMEOUT_MS);
+        let resp: Result<WriteTxnMarkersResponse, String> = async {
+            let mut conn = crate::replica_fetcher::Connection::open(broker, leader)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.send(ApiKey::WriteTxnMarkers, 1, &req, timeout)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(leader, producer_id, error = %e, "WriteTxnMarkers failed; retried");
+                all = false;
+                continue;
+            }
+        };
+        let now_image = broker.controller.image();
+        for m in &resp.markers {
+            for t in &m.topics {
+                for p in &t.partitions {
+                    let code = p.error_code;
+                    let gone = now_image
+                        .topic(&t.name.0)
+                        .and_then(|x| x.partitions.get(&p.partition_index))
+                        .is_none();
+                    let closed = code == 0
+                        || code == ResponseError::InvalidProducerEpoch.code()
+                        || (code == ResponseError::UnknownTopicOrPartition.code() && gone);
+                    if !closed {
+                        tracing::info!(leader, topic = %t.name.0.as_str(), partition = p.partition_index, producer_id, code, "marker not written by the leader; retried");
+                        all = false;
+                    }
+                }
+            }
+        }
+    }
+    all
 }
 
 /// Writes the COMMIT/ABORT marker to every partition of the transaction; for the
