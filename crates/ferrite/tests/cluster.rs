@@ -16,7 +16,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1078,4 +1078,120 @@ fn committed_offsets_survive_a_coordinator_kill() {
         "coordinators {first} -> {second} -> {current} -> {third}; total {:?}",
         t0.elapsed()
     );
+}
+
+/// Reads `topic`'s partitions 0..partitions from the beginning with `isolation`, until
+/// `count` records or the timeout; (partition, value) pairs.
+fn consume_isolated(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    isolation: &str,
+    count: usize,
+) -> Vec<(i32, String)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .set("group.id", format!("txn-reader-{isolation}"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while got.len() < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            got.push((
+                m.partition(),
+                String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
+            ));
+        }
+    }
+    // A little longer: nothing beyond `count` may arrive.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            got.push((
+                m.partition(),
+                String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
+            ));
+        }
+    }
+    got.sort();
+    got
+}
+
+#[test]
+fn transaction_markers_reach_partitions_led_by_other_brokers() {
+    let t0 = Instant::now();
+    let cluster = Cluster::start();
+    let rt = runtime();
+    let topic = "txn-spread";
+    let first_addr = cluster.nodes[0].addr.clone();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    rt.block_on(create_topic(&admin, topic, 3, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    // Preferred leaders rotate with placement: three partitions, three distinct leaders.
+    let leaders = wait_for("txn-spread led by three brokers", OP_TIMEOUT, || {
+        metadata(&first_addr, Some(topic)).and_then(|s| {
+            let leaders: std::collections::BTreeSet<i32> =
+                s.partitions.values().map(|(l, _, _)| *l).collect();
+            let full = s.partitions.len() == 3
+                && s.partitions
+                    .values()
+                    .all(|(l, _, isr)| *l >= 0 && isr.len() == 3);
+            (full && leaders.len() == 3).then_some(leaders)
+        })
+    });
+    eprintln!("topic ready, leaders {leaders:?}, after {:?}", t0.elapsed());
+
+    let producer: rdkafka::producer::BaseProducer = cluster
+        .config()
+        .set("transactional.id", "txn-spread-producer")
+        .create()
+        .unwrap();
+    producer.init_transactions(OP_TIMEOUT).unwrap();
+    eprintln!("init_transactions done after {:?}", t0.elapsed());
+    let send = |value: &str, partition: i32| {
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::<(), str>::to(topic)
+                    .payload(value)
+                    .partition(partition),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    };
+    producer.begin_transaction().unwrap();
+    for p in 0..3 {
+        send(&format!("committed-{p}"), p);
+    }
+    producer.commit_transaction(OP_TIMEOUT).unwrap();
+    producer.begin_transaction().unwrap();
+    for p in 0..3 {
+        send(&format!("aborted-{p}"), p);
+    }
+    producer.flush(OP_TIMEOUT).unwrap();
+    producer.abort_transaction(OP_TIMEOUT).unwrap();
+    eprintln!("committed and aborted after {:?}", t0.elapsed());
+
+    let committed: Vec<(i32, String)> = (0..3).map(|p| (p, format!("committed-{p}"))).collect();
+    let got = consume_isolated(&cluster.bootstrap(), topic, 3, "read_committed", 3);
+    assert_eq!(
+        got, committed,
+        "read_committed sees exactly the committed records"
+    );
+    let mut all = committed.clone();
+    all.extend((0..3).map(|p| (p, format!("aborted-{p}"))));
+    all.sort();
+    let got = consume_isolated(&cluster.bootstrap(), topic, 3, "read_uncommitted", 6);
+    assert_eq!(got, all, "read_uncommitted sees both transactions");
+    eprintln!("done after {:?}", t0.elapsed());
 }
