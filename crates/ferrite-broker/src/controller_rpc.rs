@@ -20,8 +20,9 @@ use kafka_protocol::messages::alter_partition_response::{
 use kafka_protocol::messages::{
     AllocateProducerIdsRequest, AllocateProducerIdsResponse, AlterPartitionRequest,
     AlterPartitionResponse, ApiKey, BrokerHeartbeatRequest, BrokerHeartbeatResponse, BrokerId,
-    BrokerRegistrationRequest, BrokerRegistrationResponse, DescribeQuorumRequest,
-    DescribeQuorumResponse, ProducerId, RequestHeader, ResponseHeader,
+    BrokerRegistrationRequest, BrokerRegistrationResponse, CreateTopicsRequest,
+    CreateTopicsResponse, DescribeQuorumRequest, DescribeQuorumResponse, ProducerId, RequestHeader,
+    ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::ResponseError;
@@ -38,12 +39,15 @@ pub const ALTER_PARTITION_VERSION: i16 = 3;
 /// DescribeQuorum is forwarded to the active controller at its highest version and
 /// answered to the client at the client's.
 pub const DESCRIBE_QUORUM_VERSION: i16 = 2;
+/// CreateTopics a broker forwards for an internal topic it creates on first use.
+pub const CREATE_TOPICS_VERSION: i16 = 7;
 const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::BrokerRegistration, 0, 4),
     (ApiKey::BrokerHeartbeat, 0, 1),
     (ApiKey::AlterPartition, 2, 3),
     (ApiKey::AllocateProducerIds, 0, 0),
     (ApiKey::DescribeQuorum, 0, 2),
+    (ApiKey::CreateTopics, 2, 7),
 ];
 /// Largest response frame the client accepts from a controller.
 pub const CONTROLLER_RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -267,12 +271,13 @@ pub fn handler(broker: Weak<Broker>) -> ferrite_raft::KafkaHandler {
         let broker = broker.clone();
         Box::pin(async move {
             let broker = broker.upgrade()?;
-            serve_frame(&broker.controller, Bytes::from(frame)).await
+            serve_frame(&broker, Bytes::from(frame)).await
         })
     })
 }
 
-async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8>> {
+async fn serve_frame(broker: &Arc<Broker>, mut frame: Bytes) -> Option<Vec<u8>> {
+    let controller = &broker.controller;
     if frame.len() < 8 {
         return None;
     }
@@ -292,6 +297,22 @@ async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8
         return None;
     }
     let header = RequestHeader::decode(&mut frame, api_key.request_header_version(version)).ok()?;
+    let mut buf = BytesMut::new();
+    buf.put_i32(0);
+    ResponseHeader::default()
+        .with_correlation_id(header.correlation_id)
+        .encode(&mut buf, api_key.response_header_version(version))
+        .ok()?;
+    if api_key == ApiKey::CreateTopics {
+        // Answered by this node's CreateTopics handler: NOT_CONTROLLER per topic unless
+        // it is the active controller.
+        let req = CreateTopicsRequest::decode(&mut frame, version).ok()?;
+        crate::handlers::admin::create_topics(broker, req, version)
+            .await
+            .encode(&mut buf, version)
+            .ok()?;
+        return finish_frame(buf);
+    }
     let req = match api_key {
         ApiKey::BrokerRegistration => ControllerRequest::Register(
             BrokerRegistrationRequest::decode(&mut frame, version).ok()?,
@@ -311,12 +332,6 @@ async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8
         _ => return None,
     };
     let resp = answer(controller, req).await;
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    ResponseHeader::default()
-        .with_correlation_id(header.correlation_id)
-        .encode(&mut buf, api_key.response_header_version(version))
-        .ok()?;
     match &resp {
         ControllerResponse::Register(r) => r.encode(&mut buf, version),
         ControllerResponse::Heartbeat(r) => r.encode(&mut buf, version),
@@ -325,7 +340,12 @@ async fn serve_frame(controller: &Controller, mut frame: Bytes) -> Option<Vec<u8
         ControllerResponse::DescribeQuorum(r) => r.encode(&mut buf, version),
     }
     .ok()?;
-    let len = i32::try_from(buf.len() - 4).ok()?;
+    finish_frame(buf)
+}
+
+/// Writes the length prefix of a response frame built after a 4-byte placeholder.
+fn finish_frame(mut buf: BytesMut) -> Option<Vec<u8>> {
+    let len = i32::try_from(buf.len().checked_sub(4)?).ok()?;
     buf.get_mut(..4)?.copy_from_slice(&len.to_be_bytes());
     Some(buf.to_vec())
 }
@@ -390,6 +410,101 @@ impl ControllerChannel {
         addr: &str,
         req: &ControllerRequest,
     ) -> Result<ControllerResponse, String> {
+        let version = req.version();
+        let mut frame = self
+            .exchange_frame(leader, addr, req.api_key(), version, |buf| {
+                req.encode(buf, version)
+            })
+            .await?;
+        let resp = match req {
+            ControllerRequest::Register(_) => ControllerResponse::Register(
+                BrokerRegistrationResponse::decode(&mut frame, version)
+                    .map_err(|e| e.to_string())?,
+            ),
+            ControllerRequest::Heartbeat(_) => ControllerResponse::Heartbeat(
+                BrokerHeartbeatResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
+            ),
+            ControllerRequest::AlterPartition(_) => ControllerResponse::AlterPartition(
+                AlterPartitionResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
+            ),
+            ControllerRequest::AllocateProducerIds(_) => ControllerResponse::AllocateProducerIds(
+                AllocateProducerIdsResponse::decode(&mut frame, version)
+                    .map_err(|e| e.to_string())?,
+            ),
+            ControllerRequest::DescribeQuorum(_) => ControllerResponse::DescribeQuorum(
+                DescribeQuorumResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
+            ),
+        };
+        Ok(resp)
+    }
+
+    /// Creates topics through the active controller, as Kafka's brokers send
+    /// CreateTopics to it for the internal topics they create on first use
+    /// (`AutoTopicCreationManager`): in-process when this node is the active controller,
+    /// else over the controller listener. The broker's own CreateTopics handler answers
+    /// on both sides, so the topic configs are checked as an admin client's would be.
+    /// Errors mean no answer; per-topic refusals (NOT_CONTROLLER while leadership moves)
+    /// are in the response, and the caller retries.
+    pub async fn create_topics(
+        &mut self,
+        broker: &Arc<Broker>,
+        req: CreateTopicsRequest,
+    ) -> Result<CreateTopicsResponse, String> {
+        let quorum = broker.controller.quorum();
+        let status = quorum.status();
+        if status.is_active_controller {
+            self.conn = None;
+            return tokio::time::timeout(
+                self.timeout,
+                crate::handlers::admin::create_topics(broker, req, CREATE_TOPICS_VERSION),
+            )
+            .await
+            .map_err(|_| "the local controller did not answer in time".to_string());
+        }
+        let Some(leader) = status.leader_id else {
+            return Err("no active controller known".into());
+        };
+        let addr = quorum
+            .voters()
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| format!("controller {leader} is not a configured voter"))?;
+        let timeout = self.timeout;
+        let exchange = async {
+            let mut frame = self
+                .exchange_frame(
+                    leader,
+                    &addr,
+                    ApiKey::CreateTopics,
+                    CREATE_TOPICS_VERSION,
+                    |buf| {
+                        req.encode(buf, CREATE_TOPICS_VERSION)
+                            .map_err(|e| e.to_string())
+                    },
+                )
+                .await?;
+            CreateTopicsResponse::decode(&mut frame, CREATE_TOPICS_VERSION)
+                .map_err(|e| e.to_string())
+        };
+        let result = tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("controller {leader} did not answer in time")));
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// One request frame out, one response frame back on the connection to `leader`
+    /// (made when missing); returns the response body after its checked header.
+    async fn exchange_frame(
+        &mut self,
+        leader: u64,
+        addr: &str,
+        key: ApiKey,
+        version: i16,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), String>,
+    ) -> Result<Bytes, String> {
         if self.conn.as_ref().is_none_or(|(id, _)| *id != leader) {
             self.conn = Some((leader, self.connect(addr).await?));
         }
@@ -398,8 +513,6 @@ impl ControllerChannel {
         };
         self.correlation_id = self.correlation_id.wrapping_add(1);
         let correlation_id = self.correlation_id;
-        let key = req.api_key();
-        let version = req.version();
         let mut buf = BytesMut::new();
         buf.put_i32(0);
         RequestHeader::default()
@@ -409,7 +522,7 @@ impl ControllerChannel {
             .with_client_id(Some(StrBytes::from_static_str("ferrite-broker")))
             .encode(&mut buf, key.request_header_version(version))
             .map_err(|e| e.to_string())?;
-        req.encode(&mut buf, version)?;
+        encode(&mut buf)?;
         let len = i32::try_from(buf.len() - 4).map_err(|e| e.to_string())?;
         if let Some(prefix) = buf.get_mut(..4) {
             prefix.copy_from_slice(&len.to_be_bytes());
@@ -433,26 +546,7 @@ impl ControllerChannel {
                 header.correlation_id
             ));
         }
-        let resp = match req {
-            ControllerRequest::Register(_) => ControllerResponse::Register(
-                BrokerRegistrationResponse::decode(&mut frame, version)
-                    .map_err(|e| e.to_string())?,
-            ),
-            ControllerRequest::Heartbeat(_) => ControllerResponse::Heartbeat(
-                BrokerHeartbeatResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
-            ),
-            ControllerRequest::AlterPartition(_) => ControllerResponse::AlterPartition(
-                AlterPartitionResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
-            ),
-            ControllerRequest::AllocateProducerIds(_) => ControllerResponse::AllocateProducerIds(
-                AllocateProducerIdsResponse::decode(&mut frame, version)
-                    .map_err(|e| e.to_string())?,
-            ),
-            ControllerRequest::DescribeQuorum(_) => ControllerResponse::DescribeQuorum(
-                DescribeQuorumResponse::decode(&mut frame, version).map_err(|e| e.to_string())?,
-            ),
-        };
-        Ok(resp)
+        Ok(frame)
     }
 
     async fn connect(&self, addr: &str) -> Result<TcpStream, String> {

@@ -36,7 +36,7 @@ use kafka_protocol::ResponseError;
 
 use crate::group_manager::OFFSETS_TOPIC;
 use crate::replica_manager::{Partition, ProduceError};
-use crate::{now_ms, Broker, StartError};
+use crate::{now_ms, Broker};
 
 /// Longest the ticker sleeps between timeout checks. Kafka checks every
 /// `transaction.abort.timed.out.transaction.cleanup.interval.ms` (10 s); a shorter
@@ -101,7 +101,7 @@ impl TxnManager {
             .is_none()
         {
             let _creating = self.create.lock().await;
-            create_topic(broker).await.map_err(|e| e.to_string())?;
+            create_topic(broker).await?;
         }
         self.sync_leadership(broker);
         Ok(())
@@ -599,13 +599,15 @@ fn load_partition(st: &mut Coordinator, p: &Partition) -> Result<usize, String> 
 }
 
 /// Creates `__transaction_state` (Kafka's `transaction.state.log.num.partitions`, 50 by
-/// default; compacted by key like `__consumer_offsets`; no time or size retention).
-async fn create_topic(broker: &Broker) -> Result<(), StartError> {
-    let mut writer = broker.controller.writer().await;
-    let image = writer.image();
-    if image.topic(TRANSACTION_STATE_TOPIC).is_some() {
-        return Ok(());
-    }
+/// default; compacted by key like `__consumer_offsets`; no time or size retention)
+/// through the active controller, from whichever broker is asked first (Kafka's
+/// `AutoTopicCreationManager`): placement over the registered brokers,
+/// min(offsets.topic.replication.factor, brokers) replicas (an internal topic). Already
+/// existing counts as created (another broker won the race).
+async fn create_topic(broker: &Arc<Broker>) -> Result<(), String> {
+    use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+    use kafka_protocol::messages::{CreateTopicsRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
     let configs = [
         ("retention.ms", "-1".to_string()),
         ("retention.bytes", "-1".to_string()),
@@ -615,32 +617,42 @@ async fn create_topic(broker: &Broker) -> Result<(), StartError> {
         ),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
+    .map(|(k, v)| {
+        CreatableTopicConfig::default()
+            .with_name(StrBytes::from_static_str(k))
+            .with_value(Some(StrBytes::from_string(v)))
+    })
     .collect();
     let partitions = broker.txns.partitions();
-    // Through the active controller as every topic: placement over the registered
-    // brokers, min(offsets.topic.replication.factor, brokers) replicas (an internal topic).
-    let event = ferrite_controller::Event::CreateTopics(ferrite_controller::CreateTopics {
-        topics: vec![ferrite_controller::CreatableTopic {
-            name: TRANSACTION_STATE_TOPIC.to_string(),
-            num_partitions: partitions,
-            replication_factor: -1,
-            assignments: None,
-            configs,
-        }],
-        validate_only: false,
-    });
-    let (reply, image) = writer.handle(event).await?;
-    if let ferrite_controller::Reply::CreateTopics(results) = reply {
-        for r in results {
-            if let Err(e) = r.result {
-                return Err(StartError::Meta(format!(
-                    "cannot create {TRANSACTION_STATE_TOPIC}: {e}"
-                )));
-            }
+    let req = CreateTopicsRequest::default()
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(TopicName(StrBytes::from_static_str(
+                TRANSACTION_STATE_TOPIC,
+            )))
+            .with_num_partitions(partitions)
+            .with_replication_factor(-1)
+            .with_configs(configs)])
+        .with_timeout_ms(
+            i32::try_from(broker.controller.quorum().write_timeout().as_millis())
+                .unwrap_or(i32::MAX),
+        );
+    let mut channel = crate::controller_rpc::ControllerChannel::new(
+        broker.controller.quorum().local_addr().ip(),
+        broker.controller.quorum().write_timeout(),
+    );
+    let resp = channel.create_topics(broker, req).await?;
+    for t in resp.topics {
+        if t.error_code == kafka_protocol::ResponseError::TopicAlreadyExists.code() {
+            continue;
         }
+        if t.error_code != 0 {
+            return Err(format!(
+                "cannot create {TRANSACTION_STATE_TOPIC}: error {} {}",
+                t.error_code,
+                t.error_message.as_deref().unwrap_or("")
+            ));
+        }
+        tracing::info!(partitions, "created {TRANSACTION_STATE_TOPIC}");
     }
-    broker.replicas.reconcile(&image, &broker.config, true)?;
-    tracing::info!(partitions, "created {TRANSACTION_STATE_TOPIC}");
     Ok(())
 }
