@@ -1130,13 +1130,21 @@ fn consume_isolated(
 
 #[test]
 fn transaction_markers_reach_partitions_led_by_other_brokers() {
-    let t0 = Instant::now();
     let cluster = Cluster::start();
+    // Three replicas: markers go to each leader and reach followers only by
+    // replication. One replica: the coordinator hosts at most one of the partitions, so
+    // AddPartitionsToTxn must know the others from the cluster's metadata.
+    for (topic, replicas) in [("txn-spread", 3), ("txn-spread-rf1", 1)] {
+        transaction_over_three_leaders(&cluster, topic, replicas);
+    }
+}
+
+fn transaction_over_three_leaders(cluster: &Cluster, topic: &str, replicas: i32) {
+    let t0 = Instant::now();
     let rt = runtime();
-    let topic = "txn-spread";
     let first_addr = cluster.nodes[0].addr.clone();
     let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
-    rt.block_on(create_topic(&admin, topic, 3, 3, &[], OP_TIMEOUT))
+    rt.block_on(create_topic(&admin, topic, 3, replicas, &[], OP_TIMEOUT))
         .unwrap();
     // Preferred leaders rotate with placement: three partitions, three distinct leaders.
     let leaders = wait_for("txn-spread led by three brokers", OP_TIMEOUT, || {
@@ -1146,19 +1154,22 @@ fn transaction_markers_reach_partitions_led_by_other_brokers() {
             let full = s.partitions.len() == 3
                 && s.partitions
                     .values()
-                    .all(|(l, _, isr)| *l >= 0 && isr.len() == 3);
+                    .all(|(l, _, isr)| *l >= 0 && isr.len() == replicas as usize);
             (full && leaders.len() == 3).then_some(leaders)
         })
     });
-    eprintln!("topic ready, leaders {leaders:?}, after {:?}", t0.elapsed());
+    eprintln!(
+        "{topic}: ready, leaders {leaders:?}, after {:?}",
+        t0.elapsed()
+    );
 
     let producer: rdkafka::producer::BaseProducer = cluster
         .config()
-        .set("transactional.id", "txn-spread-producer")
+        .set("transactional.id", format!("{topic}-producer"))
         .create()
         .unwrap();
     producer.init_transactions(OP_TIMEOUT).unwrap();
-    eprintln!("init_transactions done after {:?}", t0.elapsed());
+    eprintln!("{topic}: init_transactions done after {:?}", t0.elapsed());
     let send = |value: &str, partition: i32| {
         producer
             .send(
@@ -1180,7 +1191,7 @@ fn transaction_markers_reach_partitions_led_by_other_brokers() {
     }
     producer.flush(OP_TIMEOUT).unwrap();
     producer.abort_transaction(OP_TIMEOUT).unwrap();
-    eprintln!("committed and aborted after {:?}", t0.elapsed());
+    eprintln!("{topic}: committed and aborted after {:?}", t0.elapsed());
 
     let committed: Vec<(i32, String)> = (0..3).map(|p| (p, format!("committed-{p}"))).collect();
     let got = consume_isolated(&cluster.bootstrap(), topic, 3, "read_committed", 3);
@@ -1193,5 +1204,5 @@ fn transaction_markers_reach_partitions_led_by_other_brokers() {
     all.sort();
     let got = consume_isolated(&cluster.bootstrap(), topic, 3, "read_uncommitted", 6);
     assert_eq!(got, all, "read_uncommitted sees both transactions");
-    eprintln!("done after {:?}", t0.elapsed());
+    eprintln!("{topic}: done after {:?}", t0.elapsed());
 }

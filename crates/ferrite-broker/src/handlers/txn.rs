@@ -202,13 +202,20 @@ pub async fn add_partitions_to_txn(
     let producer_epoch = req.v3_and_below_producer_epoch;
     let mut wanted: Vec<(String, i32)> = Vec::new();
     let mut unknown = false;
+    // A partition of the cluster's, wherever it is led (not only those hosted here: the
+    // coordinator sends markers to other leaders); internal topics never join.
+    let image = broker.controller.image();
+    let addable = |name: &str, p: i32| {
+        name != OFFSETS_TOPIC
+            && name != TRANSACTION_STATE_TOPIC
+            && image
+                .topic(name)
+                .is_some_and(|t| t.partitions.contains_key(&p))
+    };
     for t in &req.v3_and_below_topics {
         for p in &t.partitions {
             let name = t.name.0.to_string();
-            if name == OFFSETS_TOPIC
-                || name == TRANSACTION_STATE_TOPIC
-                || broker.replicas.get(&name, *p).is_none()
-            {
+            if !addable(&name, *p) {
                 unknown = true;
             }
             wanted.push((name, *p));
@@ -218,10 +225,7 @@ pub async fn add_partitions_to_txn(
         wanted
             .iter()
             .map(|(t, p)| {
-                if broker.replicas.get(t, *p).is_none()
-                    || t == OFFSETS_TOPIC
-                    || t == TRANSACTION_STATE_TOPIC
-                {
+                if !addable(t, *p) {
                     ResponseError::UnknownTopicOrPartition.code()
                 } else {
                     ResponseError::OperationNotAttempted.code()
