@@ -77,8 +77,13 @@ pub fn recompress_error_code(e: &crate::recompress::RecompressError) -> i16 {
 
 /// Kafka error code for a replication refusal (produce, fetch, ListOffsets).
 pub fn replication_error_code(e: &ferrite_replication::ReplicationError) -> i16 {
+    replication_response_error(e).code()
+}
+
+/// Kafka error for a replication refusal.
+pub fn replication_response_error(e: &ferrite_replication::ReplicationError) -> ResponseError {
     use ferrite_replication::ReplicationError as R;
-    let code = match e {
+    match e {
         R::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
         R::NotEnoughReplicasAfterAppend { .. } => ResponseError::NotEnoughReplicasAfterAppend,
         R::RequestTimedOut { .. } | R::TooManyPendingProduces(_) => ResponseError::RequestTimedOut,
@@ -90,8 +95,7 @@ pub fn replication_error_code(e: &ferrite_replication::ReplicationError) -> i16 
         R::EpochRegression { .. } | R::InvalidEpochHistory { .. } => {
             ResponseError::KafkaStorageError
         }
-    };
-    code.code()
+    }
 }
 
 /// Kafka error code for a failed metadata commit through the quorum.

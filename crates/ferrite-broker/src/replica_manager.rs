@@ -175,7 +175,8 @@ impl Partition {
     }
 
     /// The transaction coordinator's end-transaction marker, appended as leader with
-    /// acks=1 semantics (`PartitionLog::append_marker`).
+    /// acks=all semantics, as Kafka writes markers (`PartitionLog::append_marker`):
+    /// refused below min.insync.replicas; the waiter completes when the ISR has it.
     pub fn append_marker(
         &self,
         producer_id: i64,
@@ -183,8 +184,9 @@ impl Partition {
         control: ferrite_storage::ControlType,
         coordinator_epoch: i32,
         now_ms: i64,
-    ) -> Result<AppendInfo, ProduceError> {
-        self.leader_write(now_ms, 1, 0, |log, epoch| {
+        timeout_ms: i64,
+    ) -> Result<(AppendInfo, ProduceWaiter), ProduceError> {
+        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, |log, epoch| {
             log.append_marker(
                 producer_id,
                 producer_epoch,
@@ -193,8 +195,63 @@ impl Partition {
                 epoch,
                 now_ms,
             )
+        })?;
+        let Some(waiter) = waiter else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()).into());
+        };
+        Ok((info, waiter))
+    }
+
+    /// A coordinator's append that must reach the ISR (refused with NOT_ENOUGH_REPLICAS
+    /// below min.insync.replicas) but is waited for later, with
+    /// [`Self::replicated_waiter`], by whatever answer depends on it.
+    pub fn append_coordinator_unwaited(
+        &self,
+        records: &[u8],
+        now_ms: i64,
+    ) -> Result<AppendInfo, ProduceError> {
+        {
+            let repl = self.replication();
+            let Role::Leader(leader) = &repl.role else {
+                return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()).into());
+            };
+            leader.state.check_acks_all()?;
+        }
+        self.leader_write(now_ms, 1, 0, |log, epoch| {
+            log.append_coordinator(records, epoch, now_ms)
         })
         .map(|(info, _)| info)
+    }
+
+    /// A waiter that completes when the high watermark reaches `end_offset` (an offset
+    /// this leader appended up to), as an acks=all produce's would; refused when not
+    /// leader.
+    pub fn replicated_waiter(
+        &self,
+        end_offset: i64,
+        now_ms: i64,
+        timeout_ms: i64,
+    ) -> Result<ProduceWaiter, ReplicationError> {
+        let mut repl = self.replication();
+        let Replication { role, next_token } = &mut *repl;
+        let Role::Leader(leader) = role else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()));
+        };
+        if end_offset > leader.state.log_end_offset() {
+            // Not appended by this leader (truncated away after a leader change).
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()));
+        }
+        let token = *next_token;
+        *next_token += 1;
+        let deadline_ms = now_ms.saturating_add(timeout_ms.max(0));
+        leader
+            .state
+            .add_pending_produce(token, end_offset, clock(deadline_ms))?;
+        let (tx, rx) = oneshot::channel();
+        leader.waiters.insert(token, tx);
+        let completions = leader.state.poll_produces(clock(now_ms));
+        complete(leader, completions);
+        Ok(ProduceWaiter { deadline_ms, rx })
     }
 
     /// The last stable offset (read_committed's bound): the high watermark, or the first

@@ -12,20 +12,26 @@
 //! mid-commit writes the remaining markers when it comes back.
 //!
 //! Markers (COMMIT/ABORT control batches, Kafka's format) are written by this broker
-//! into every partition of the transaction that it hosts as leader, before the
-//! transaction is completed (the Complete* record). Markers for partitions led by
-//! another broker (Kafka's WriteTxnMarkers RPC) are not built: one node, or a
-//! transaction whose partitions are all led by the coordinator's broker.
+//! into every partition of the transaction that it leads, and sent with WriteTxnMarkers
+//! to the leaders of the others, before the transaction is completed (the Complete*
+//! record).
+//!
+//! Replication, as Kafka's coordinator: every record and marker must reach the ISR
+//! (acks=all). A record is appended and replayed at once (later decisions see it), but
+//! nothing that depends on it happens before the high watermark passes it: no answer
+//! to a client ([`finish`] waits for the id's latest record), no marker for a Prepare*
+//! record (`apply` stops there and [`finish`] resumes it), no Complete* record before
+//! its markers are replicated. A failover can then take back only what nobody was told.
 //!
 //! Lock order: this mutex, then a partition's log, then the group coordinator's mutex.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use ferrite_coordinator::txn::{
-    Effect, ProducerIdAllocator, TransactionCoordinator, TxnConfig, TxnError, TxnRecord, TxnResult,
-    TRANSACTION_STATE_TOPIC,
+    Effect, Outcome, ProducerIdAllocator, TransactionCoordinator, TxnConfig, TxnError, TxnRecord,
+    TxnResult, TRANSACTION_STATE_TOPIC,
 };
 use ferrite_storage::{ControlType, StorageError};
 use kafka_protocol::records::{
@@ -35,7 +41,7 @@ use kafka_protocol::records::{
 use kafka_protocol::ResponseError;
 
 use crate::group_manager::OFFSETS_TOPIC;
-use crate::replica_manager::{Partition, ProduceError};
+use crate::replica_manager::{Partition, ProduceError, ProduceWaiter};
 use crate::{now_ms, Broker};
 
 /// Longest the ticker sleeps between timeout checks. Kafka checks every
@@ -47,6 +53,10 @@ const LOAD_READ_BYTES_MAX: usize = 1024 * 1024;
 /// Most transactions whose WriteTxnMarkers requests (markers for partitions led by other
 /// brokers) are in flight at once; more wait for the ticker's retry (`markers_due`).
 pub const TXN_MARKER_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// Longest an answer or a marker waits for a `__transaction_state` record or a marker to
+/// reach the in-sync replicas; past it the client hears COORDINATOR_NOT_AVAILABLE
+/// (retriable) and the ticker retries the markers.
+pub const TXN_REPLICATION_TIMEOUT_MS: i64 = 5_000;
 
 /// The producer id InitProducerId claimed (asynchronously, through the metadata log)
 /// before it takes the coordinator's lock; the coordinator takes it if it needs one.
@@ -70,6 +80,10 @@ pub struct TxnManager {
     /// Transactional ids whose WriteTxnMarkers requests are in flight: at most one send
     /// per id, at most [`TXN_MARKER_REQUESTS_IN_FLIGHT_MAX`] ids.
     markers_in_flight: Mutex<HashSet<String>>,
+    /// Transactional ids whose latest `__transaction_state` record may not be replicated
+    /// yet: its partition and the offset after it. Dropped once the high watermark is
+    /// seen past it, and with the partition when it is unloaded.
+    unreplicated: Mutex<HashMap<String, (i32, i64)>>,
 }
 
 impl TxnManager {
@@ -80,6 +94,7 @@ impl TxnManager {
             partitions,
             create: tokio::sync::Mutex::new(()),
             markers_in_flight: Mutex::new(HashSet::new()),
+            unreplicated: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,7 +136,14 @@ impl TxnManager {
                 (Some(p), false) => {
                     st.begin_load(partition);
                     match load_partition(&mut st, &p) {
-                        Ok(records) => {
+                        Ok((records, tail)) => {
+                            // Records above the high watermark: a new leader's own,
+                            // replicated only once followers fetch them.
+                            let mut unreplicated = self.unreplicated_ids();
+                            for (id, end) in tail {
+                                unreplicated.insert(id, (partition, end));
+                            }
+                            drop(unreplicated);
                             let effects = st.complete_load(partition);
                             if records > 0 || !effects.is_empty() {
                                 tracing::info!(
@@ -131,7 +153,8 @@ impl TxnManager {
                                     "{TRANSACTION_STATE_TOPIC} partition loaded"
                                 );
                             }
-                            let _ = apply(&mut st, broker, effects);
+                            let applied = apply(&mut st, broker, effects);
+                            spawn_finish(broker, applied);
                         }
                         Err(e) => {
                             tracing::error!(partition, error = %e, "cannot load {TRANSACTION_STATE_TOPIC} partition; it stays unloaded and is retried");
@@ -145,6 +168,7 @@ impl TxnManager {
                         "{TRANSACTION_STATE_TOPIC} partition no longer led here; unloading"
                     );
                     st.unload(partition);
+                    self.unreplicated_ids().retain(|_, (p, _)| *p != partition);
                 }
                 _ => {}
             }
@@ -159,9 +183,174 @@ impl TxnManager {
         let mut effects = st.tick(now);
         effects.extend(st.markers_due());
         if !effects.is_empty() {
-            let _ = apply(&mut st, broker, effects);
+            let applied = apply(&mut st, broker, effects);
+            spawn_finish(broker, applied);
         }
     }
+
+    fn unreplicated_ids(&self) -> MutexGuard<'_, HashMap<String, (i32, i64)>> {
+        self.unreplicated.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that `transactional_id`'s latest record ends at `end` in `partition`.
+    fn note_written(&self, broker: &Broker, transactional_id: &str, partition: i32, end: i64) {
+        let mut unreplicated = self.unreplicated_ids();
+        unreplicated.insert(transactional_id.to_string(), (partition, end));
+        drop(unreplicated);
+        self.is_replicated(broker, transactional_id);
+    }
+
+    /// Whether `transactional_id`'s latest record is known to be replicated now (no wait).
+    fn is_replicated(&self, broker: &Broker, transactional_id: &str) -> bool {
+        let mut unreplicated = self.unreplicated_ids();
+        let Some(&(partition, end)) = unreplicated.get(transactional_id) else {
+            return true;
+        };
+        let replicated = broker
+            .replicas
+            .get(TRANSACTION_STATE_TOPIC, partition)
+            .is_some_and(|p| p.is_leader() && p.high_watermark() >= end);
+        if replicated {
+            unreplicated.remove(transactional_id);
+        }
+        replicated
+    }
+
+    /// Waits until `transactional_id`'s latest record is replicated: NOT_COORDINATOR if
+    /// the partition is no longer led here, COORDINATOR_NOT_AVAILABLE past
+    /// [`TXN_REPLICATION_TIMEOUT_MS`].
+    pub async fn wait_replicated(
+        &self,
+        broker: &Broker,
+        transactional_id: &str,
+    ) -> Result<(), TxnError> {
+        if self.is_replicated(broker, transactional_id) {
+            return Ok(());
+        }
+        let Some((partition, end)) = self.unreplicated_ids().get(transactional_id).copied() else {
+            return Ok(());
+        };
+        let Some(p) = broker.replicas.get(TRANSACTION_STATE_TOPIC, partition) else {
+            return Err(TxnError::NotCoordinator);
+        };
+        let waiter = p
+            .replicated_waiter(end, now_ms(), TXN_REPLICATION_TIMEOUT_MS)
+            .map_err(|e| replication_txn_error(&e))?;
+        p.wait(waiter).await.map_err(|e| {
+            tracing::info!(%transactional_id, partition, error = %e, "{TRANSACTION_STATE_TOPIC} record not replicated");
+            replication_txn_error(&e)
+        })?;
+        let mut unreplicated = self.unreplicated_ids();
+        if unreplicated.get(transactional_id) == Some(&(partition, end)) {
+            unreplicated.remove(transactional_id);
+        }
+        Ok(())
+    }
+}
+
+fn replication_txn_error(e: &ferrite_replication::ReplicationError) -> TxnError {
+    match e {
+        ferrite_replication::ReplicationError::NotLeaderOrFollower(_) => TxnError::NotCoordinator,
+        _ => TxnError::NotReplicated,
+    }
+}
+
+/// What [`apply`] did: the first error for the answer, and the effects it left until a
+/// record is replicated (carried out by [`finish`]).
+#[must_use]
+pub struct Applied {
+    pub result: Result<(), TxnError>,
+    pending: Option<Pending>,
+}
+
+/// Effects stopped at a WriteMarkers whose Prepare* record is not replicated yet. The
+/// transactional id is in the in-flight set meanwhile (no second writer of its markers).
+struct Pending {
+    transactional_id: String,
+    rest: VecDeque<Effect>,
+}
+
+/// Runs one coordinator operation under its lock (off the async workers: appends are
+/// file I/O), carries out its effects, and returns once everything the answer depends
+/// on is replicated: the handlers' one path.
+pub async fn run<T: Send + 'static>(
+    broker: &Arc<Broker>,
+    transactional_id: String,
+    op: impl FnOnce(&mut Coordinator) -> Outcome<T> + Send + 'static,
+) -> Result<T, TxnError> {
+    let b = broker.clone();
+    let (result, applied) = tokio::task::spawn_blocking(move || {
+        let mut st = b.txns.lock();
+        let out = op(&mut st);
+        let applied = apply(&mut st, &b, out.effects);
+        (out.result, applied)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "transaction coordinator task failed");
+        TxnError::NotCoordinator
+    })?;
+    let done = finish(broker, Some(&transactional_id), applied).await;
+    result.and_then(|r| done.map(|()| r))
+}
+
+/// Carries out what [`apply`] left waiting for replication, then (for an answer) waits
+/// until `answer_for`'s latest record is replicated. Returns the first error.
+pub async fn finish(
+    broker: &Arc<Broker>,
+    answer_for: Option<&str>,
+    applied: Applied,
+) -> Result<(), TxnError> {
+    let Applied {
+        mut result,
+        mut pending,
+    } = applied;
+    while let Some(Pending {
+        transactional_id,
+        mut rest,
+    }) = pending.take()
+    {
+        if let Err(e) = broker.txns.wait_replicated(broker, &transactional_id).await {
+            // The transaction stays in Prepare*; the ticker writes its markers once the
+            // record is replicated.
+            rest.retain(|e| !matches!(e, Effect::WriteMarkers { transactional_id: t, .. } if *t == transactional_id));
+            if answer_for == Some(transactional_id.as_str()) {
+                result = result.and(Err(e));
+            }
+        }
+        let b = broker.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            let mut st = b.txns.lock();
+            b.txns.in_flight().remove(&transactional_id);
+            apply(&mut st, &b, rest)
+        })
+        .await;
+        match next {
+            Ok(next) => {
+                result = result.and(next.result);
+                pending = next.pending;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "transaction coordinator task failed");
+                return Err(TxnError::NotCoordinator);
+            }
+        }
+    }
+    if let Some(id) = answer_for {
+        result = result.and(broker.txns.wait_replicated(broker, id).await);
+    }
+    result
+}
+
+/// [`finish`] in the background, for the ticker and loads (nobody waits for an answer).
+fn spawn_finish(broker: &Arc<Broker>, applied: Applied) {
+    if applied.pending.is_none() {
+        return;
+    }
+    let b = broker.clone();
+    tokio::spawn(async move {
+        let _ = finish(&b, None, applied).await;
+    });
 }
 
 /// Drives [`TxnManager::tick`]; spawned with the broker's background work.
@@ -189,12 +378,14 @@ pub async fn run_ticker(broker: Arc<Broker>) {
 /// anything after it (markers, answers) happens; a failed append leaves the transition
 /// undone (`write_failed`), drops the markers that depended on it, and answers
 /// NOT_COORDINATOR, which clients retry after finding the coordinator again. Markers
-/// that cannot all be written leave the transaction in Prepare*, retried by the ticker.
+/// wait until their Prepare* record is replicated: `apply` stops there and returns the
+/// rest for [`finish`]. Markers that cannot all be written leave the transaction in
+/// Prepare*, retried by the ticker.
 pub fn apply(
     st: &mut Coordinator,
     broker: &Arc<Broker>,
-    effects: Vec<Effect>,
-) -> Result<(), TxnError> {
+    effects: impl Into<VecDeque<Effect>>,
+) -> Applied {
     let mut queue: VecDeque<Effect> = effects.into();
     let mut result = Ok(());
     while let Some(effect) = queue.pop_front() {
@@ -202,7 +393,12 @@ pub fn apply(
             Effect::Persist(record) => {
                 let partition = st.partition_for(&record.transactional_id);
                 match append_txn_record(broker, partition, &record) {
-                    Ok(()) => st.replay(&record),
+                    Ok(end) => {
+                        st.replay(&record);
+                        broker
+                            .txns
+                            .note_written(broker, &record.transactional_id, partition, end);
+                    }
                     Err(e) => {
                         tracing::warn!(transactional_id = %record.transactional_id, error = %e, "cannot write {TRANSACTION_STATE_TOPIC} record");
                         st.write_failed(&record.transactional_id);
@@ -220,9 +416,32 @@ pub fn apply(
                 partitions,
             } => {
                 if broker.txns.in_flight().contains(&transactional_id) {
-                    // A WriteTxnMarkers send of this id is out; it finishes the
-                    // transaction or leaves it to the ticker.
+                    // Its markers are being written (or wait for its record); that
+                    // finishes the transaction or leaves it to the ticker.
                     continue;
+                }
+                if !broker.txns.is_replicated(broker, &transactional_id) {
+                    let mut in_flight = broker.txns.in_flight();
+                    if in_flight.len() >= TXN_MARKER_REQUESTS_IN_FLIGHT_MAX {
+                        tracing::debug!(%transactional_id, "too many transactions waiting for markers; retried by the ticker");
+                        continue;
+                    }
+                    in_flight.insert(transactional_id.clone());
+                    drop(in_flight);
+                    queue.push_front(Effect::WriteMarkers {
+                        transactional_id: transactional_id.clone(),
+                        producer_id,
+                        producer_epoch,
+                        result: txn_result,
+                        partitions,
+                    });
+                    return Applied {
+                        result,
+                        pending: Some(Pending {
+                            transactional_id,
+                            rest: queue,
+                        }),
+                    };
                 }
                 let coordinator_epoch = broker
                     .replicas
@@ -239,21 +458,20 @@ pub fn apply(
                             .and_then(|t| t.partitions.get(i))
                             .is_some_and(|p| p.leader != me)
                     });
-                let local_ok = write_markers(
+                let Some(local_waiters) = write_markers(
                     broker,
                     producer_id,
                     producer_epoch,
                     txn_result,
                     coordinator_epoch,
                     &local,
-                );
-                if !local_ok {
+                ) else {
                     continue;
-                }
-                if !remote.is_empty() {
+                };
+                if !remote.is_empty() || !local_waiters.is_empty() {
                     let mut in_flight = broker.txns.in_flight();
                     if in_flight.len() >= TXN_MARKER_REQUESTS_IN_FLIGHT_MAX {
-                        tracing::debug!(%transactional_id, "too many WriteTxnMarkers sends in flight; retried by the ticker");
+                        tracing::debug!(%transactional_id, "too many transactions waiting for markers; retried by the ticker");
                         continue;
                     }
                     in_flight.insert(transactional_id.clone());
@@ -265,6 +483,7 @@ pub fn apply(
                         producer_epoch,
                         txn_result,
                         coordinator_epoch,
+                        local_waiters,
                         remote,
                     ));
                     continue;
@@ -280,7 +499,10 @@ pub fn apply(
             }
         }
     }
-    result
+    Applied {
+        result,
+        pending: None,
+    }
 }
 
 impl TxnManager {
@@ -291,12 +513,14 @@ impl TxnManager {
     }
 }
 
-/// Sends the markers of one transaction to the brokers leading its other partitions
-/// (one WriteTxnMarkers v1 per leader, over a connection from this broker's listen
-/// address), then, if every partition answered OK or has nothing left to close
-/// (INVALID_PRODUCER_EPOCH, or UNKNOWN_TOPIC_OR_PARTITION for a partition the image no
-/// longer has), completes the transaction under the coordinator's lock as the local
-/// path does. Otherwise the transaction stays in Prepare* for the ticker.
+/// Waits for the markers written here to be replicated and sends the others to the
+/// brokers leading those partitions (one WriteTxnMarkers v1 per leader, over a
+/// connection from this broker's listen address). Then, if every partition is closed
+/// (OK, or nothing left to close: INVALID_PRODUCER_EPOCH, or UNKNOWN_TOPIC_OR_PARTITION
+/// for a partition the image no longer has), completes the transaction under the
+/// coordinator's lock as the local path does. Otherwise the transaction stays in
+/// Prepare* for the ticker.
+#[allow(clippy::too_many_arguments)]
 async fn send_markers(
     broker: Arc<Broker>,
     transactional_id: String,
@@ -304,33 +528,49 @@ async fn send_markers(
     producer_epoch: i16,
     result: TxnResult,
     coordinator_epoch: i32,
-    partitions: BTreeSet<(String, i32)>,
+    local: Vec<(Arc<Partition>, ProduceWaiter)>,
+    remote: BTreeSet<(String, i32)>,
 ) {
-    let all = send_markers_to_leaders(
-        &broker,
-        producer_id,
-        producer_epoch,
-        result,
-        coordinator_epoch,
-        &partitions,
-    )
-    .await;
+    let mut all = true;
+    for (p, waiter) in local {
+        if let Err(e) = p.wait(waiter).await {
+            tracing::info!(topic = %p.topic, partition = p.index, producer_id, error = %e, "marker not replicated; retried");
+            all = false;
+        }
+    }
+    if all && !remote.is_empty() {
+        all = send_markers_to_leaders(
+            &broker,
+            producer_id,
+            producer_epoch,
+            result,
+            coordinator_epoch,
+            &remote,
+        )
+        .await;
+    }
     let b = broker.clone();
     let done = tokio::task::spawn_blocking(move || {
         let mut st = b.txns.lock();
         b.txns.in_flight().remove(&transactional_id);
         if !all {
-            return;
+            return None;
         }
         let out = st.markers_written(&transactional_id, producer_id, producer_epoch, now_ms());
         if let Err(e) = out.result {
             tracing::debug!(%transactional_id, error = %e, "markers written for a transaction that moved on");
         }
-        let _ = apply(&mut st, &b, out.effects);
+        Some(apply(&mut st, &b, out.effects))
     })
     .await;
-    if let Err(e) = done {
-        tracing::error!(error = %e, "completing a transaction after WriteTxnMarkers failed");
+    match done {
+        Ok(Some(applied)) => {
+            let _ = finish(&broker, None, applied).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "completing a transaction after its markers failed")
+        }
     }
 }
 
@@ -428,13 +668,14 @@ async fn send_markers_to_leaders(
     all
 }
 
-/// Writes the COMMIT/ABORT marker to every partition of the transaction; for the
-/// `__consumer_offsets` partition the group coordinator then applies (commit) or drops
-/// (abort) the producer's pending transactional offsets. Returns whether all were
-/// written. A partition that no longer exists is skipped (Kafka does the same); one
-/// refusing the marker's epoch already has a newer producer epoch's marker, so there is
-/// nothing left to close. A partition hosted here as a follower is not written (that
-/// would fork its log from the leader's): it counts as not written, retried.
+/// Writes the COMMIT/ABORT marker to every partition of the transaction led here; for
+/// the `__consumer_offsets` partition the group coordinator then applies (commit) or
+/// drops (abort) the producer's pending transactional offsets. Returns the waiters of
+/// the markers not yet replicated, or None if a marker could not be written. A
+/// partition that no longer exists is skipped (Kafka does the same); one refusing the
+/// marker's epoch already has a newer producer epoch's marker, so there is nothing left
+/// to close. A partition hosted here as a follower is not written (that would fork its
+/// log from the leader's): it counts as not written, retried.
 fn write_markers(
     broker: &Broker,
     producer_id: i64,
@@ -442,9 +683,10 @@ fn write_markers(
     result: TxnResult,
     coordinator_epoch: i32,
     partitions: &BTreeSet<(String, i32)>,
-) -> bool {
+) -> Option<Vec<(Arc<Partition>, ProduceWaiter)>> {
     let now = now_ms();
     let mut all = true;
+    let mut waiting = Vec::new();
     for (topic, index) in partitions {
         match write_marker_here(
             broker,
@@ -456,19 +698,27 @@ fn write_markers(
             coordinator_epoch,
             now,
         ) {
-            Ok(()) | Err(ResponseError::UnknownTopicOrPartition) => {}
+            Ok((p, mut waiter)) => match waiter.try_result() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::info!(%topic, partition = index, producer_id, error = %e, "marker not replicated; retried");
+                    all = false;
+                }
+                None => waiting.push((p, waiter)),
+            },
+            Err(ResponseError::UnknownTopicOrPartition) => {}
             Err(ResponseError::InvalidProducerEpoch) => {}
             Err(_) => all = false,
         }
     }
-    all
+    all.then_some(waiting)
 }
 
 /// One marker into one partition led here (WriteTxnMarkers' per-partition work and the
-/// local path's): UNKNOWN_TOPIC_OR_PARTITION when not hosted, NOT_LEADER_OR_FOLLOWER
-/// when not led, INVALID_PRODUCER_EPOCH when the partition has a newer epoch of the
-/// producer (nothing left to close). acks=1: the marker is in the leader's log when
-/// this returns; Kafka waits for acks=all.
+/// local path's), acks=all as Kafka writes markers: the waiter completes when the ISR
+/// has it. UNKNOWN_TOPIC_OR_PARTITION when not hosted, NOT_LEADER_OR_FOLLOWER when not
+/// led, NOT_ENOUGH_REPLICAS below min.insync.replicas, INVALID_PRODUCER_EPOCH when the
+/// partition has a newer epoch of the producer (nothing left to close).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_marker_here(
     broker: &Broker,
@@ -479,7 +729,7 @@ pub(crate) fn write_marker_here(
     result: TxnResult,
     coordinator_epoch: i32,
     now: i64,
-) -> Result<(), ResponseError> {
+) -> Result<(Arc<Partition>, ProduceWaiter), ResponseError> {
     let control = match result {
         TxnResult::Commit => ControlType::Commit,
         TxnResult::Abort => ControlType::Abort,
@@ -492,8 +742,15 @@ pub(crate) fn write_marker_here(
         tracing::debug!(%topic, partition = index, producer_id, "partition of a transaction not led here; no marker written");
         return Err(ResponseError::NotLeaderOrFollower);
     }
-    match p.append_marker(producer_id, producer_epoch, control, coordinator_epoch, now) {
-        Ok(_) => {}
+    let waiter = match p.append_marker(
+        producer_id,
+        producer_epoch,
+        control,
+        coordinator_epoch,
+        now,
+        TXN_REPLICATION_TIMEOUT_MS,
+    ) {
+        Ok((_, waiter)) => waiter,
         Err(ProduceError::Storage(StorageError::Producer(
             ferrite_storage::ProducerStateError::InvalidProducerEpoch { .. },
         ))) => {
@@ -503,22 +760,26 @@ pub(crate) fn write_marker_here(
         Err(e) => {
             tracing::warn!(%topic, partition = index, producer_id, error = %e, "cannot write transaction marker; retried");
             return Err(match e {
-                ProduceError::Replication(_) => ResponseError::NotLeaderOrFollower,
+                ProduceError::Replication(e) => crate::error::replication_response_error(&e),
                 ProduceError::Storage(_) => ResponseError::KafkaStorageError,
             });
         }
-    }
+    };
     if topic == OFFSETS_TOPIC {
+        // At the append, as the group coordinator's other records: a failover that
+        // takes the marker back reloads the partition, and the coordinator retries the
+        // marker until it is replicated.
         broker
             .groups
             .lock()
             .complete_txn_offsets(producer_id, result == TxnResult::Commit, now);
     }
-    Ok(())
+    Ok((p, waiter))
 }
 
-/// Appends one record to `__transaction_state-<partition>` as one batch.
-fn append_txn_record(broker: &Broker, partition: i32, record: &TxnRecord) -> Result<(), String> {
+/// Appends one record to `__transaction_state-<partition>` as one batch, refused below
+/// min.insync.replicas; returns the offset after it (what its replication waits for).
+fn append_txn_record(broker: &Broker, partition: i32, record: &TxnRecord) -> Result<i64, String> {
     let p = broker
         .replicas
         .get(TRANSACTION_STATE_TOPIC, partition)
@@ -550,16 +811,26 @@ fn append_txn_record(broker: &Broker, partition: i32, record: &TxnRecord) -> Res
         },
     )
     .map_err(|e| e.to_string())?;
-    p.append(&buf, now).map(|_| ()).map_err(|e| e.to_string())
+    p.append_coordinator_unwaited(&buf, now)
+        .map(|info| info.last_offset + 1)
+        .map_err(|e| e.to_string())
 }
 
 /// Replays one `__transaction_state` partition from its log start. Returns the number
-/// of records applied; undecodable records are skipped with a warning.
-fn load_partition(st: &mut Coordinator, p: &Partition) -> Result<usize, String> {
+/// of records applied, and for each transactional id with a record at or above the
+/// high watermark the offset after its last one; undecodable records are skipped with a
+/// warning.
+#[allow(clippy::type_complexity)]
+fn load_partition(
+    st: &mut Coordinator,
+    p: &Partition,
+) -> Result<(usize, HashMap<String, i64>), String> {
     let (start, end) = {
         let log = p.log();
         (log.log_start_offset(), log.log_end_offset())
     };
+    let high_watermark = p.high_watermark();
+    let mut tail = HashMap::new();
     let mut offset = start;
     let mut count = 0;
     while offset < end {
@@ -584,6 +855,9 @@ fn load_partition(st: &mut Coordinator, p: &Partition) -> Result<usize, String> 
                 let Some(key) = r.key else { continue };
                 match TxnRecord::decode(&key, r.value.as_deref()) {
                     Ok(rec) => {
+                        if r.offset >= high_watermark {
+                            tail.insert(rec.transactional_id.clone(), r.offset + 1);
+                        }
                         st.replay(&rec);
                         count += 1;
                     }
@@ -595,7 +869,7 @@ fn load_partition(st: &mut Coordinator, p: &Partition) -> Result<usize, String> 
         }
         offset = last + 1;
     }
-    Ok(count)
+    Ok((count, tail))
 }
 
 /// Creates `__transaction_state` (Kafka's `transaction.state.log.num.partitions`, 50 by

@@ -49,6 +49,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts three combined nodes and waits for all three ready lines.
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// [`Cluster::start`] with more `--set` configs on every node.
+    fn start_with(extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let ids = [1, 2, 3];
         let ports: Vec<(u16, u16)> = ids.iter().map(|_| (free_port(), free_port())).collect();
@@ -80,7 +85,10 @@ impl Cluster {
                 "broker.heartbeat.interval.ms=500".to_string(),
                 "offsets.topic.num.partitions=3".to_string(),
                 "leader.imbalance.check.interval.seconds=1".to_string(),
-            ] {
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            {
                 args.push("--set".into());
                 args.push(s);
             }
@@ -136,6 +144,19 @@ impl Cluster {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) by PID.
+    fn pause(&self, id: i32, stop: bool) {
+        let node = self.nodes.iter().find(|n| n.id == id).unwrap();
+        let pid = node.child.as_ref().unwrap().id();
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     fn live(&self) -> Vec<&Node> {
@@ -1205,4 +1226,95 @@ fn transaction_over_three_leaders(cluster: &Cluster, topic: &str, replicas: i32)
     let got = consume_isolated(&cluster.bootstrap(), topic, 3, "read_uncommitted", 6);
     assert_eq!(got, all, "read_uncommitted sees both transactions");
     eprintln!("{topic}: done after {:?}", t0.elapsed());
+}
+
+/// The transaction coordinator's records are acks=all (Kafka's): with
+/// min.insync.replicas=3, a commit is not acknowledged while a replica of the
+/// transactional id's `__transaction_state` partition is frozen, and it completes once
+/// that replica runs again. The committed record is then read_committed, also after the
+/// coordinator is killed. On a broker that wrote these records acks=1 the commit was
+/// acknowledged at once.
+#[test]
+fn a_commit_is_acknowledged_only_once_its_records_reach_the_isr() {
+    const TXN_STATE: &str = "__transaction_state";
+    let t0 = Instant::now();
+    let mut cluster = Cluster::start_with(&["min.insync.replicas=3"]);
+    let rt = runtime();
+    let topic = "txn-isr";
+    let tid = "txn-isr-producer";
+    let first_addr = cluster.nodes[0].addr.clone();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    rt.block_on(create_topic(&admin, topic, 1, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    let producer: rdkafka::producer::BaseProducer = cluster
+        .config()
+        .set("transactional.id", tid)
+        .create()
+        .unwrap();
+    wait_for("txn-isr with a full ISR", OP_TIMEOUT, || {
+        metadata(&first_addr, Some(topic)).filter(|s| {
+            s.partitions
+                .values()
+                .all(|(l, _, isr)| *l >= 0 && isr.len() == 3)
+                && !s.partitions.is_empty()
+        })
+    });
+    producer.init_transactions(OP_TIMEOUT).unwrap();
+    let partition = group_partition(tid, 50);
+    let (coordinator, _) =
+        live_leader(&cluster, TXN_STATE, partition, &[], true, "the coordinator");
+    let frozen = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != coordinator)
+        .unwrap();
+    eprintln!(
+        "{tid} is in {TXN_STATE}-{partition}, coordinator node {coordinator}; freezing node {frozen}; {:?}",
+        t0.elapsed()
+    );
+    producer.begin_transaction().unwrap();
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::<(), str>::to(topic)
+                .payload("committed")
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(OP_TIMEOUT).unwrap();
+
+    cluster.pause(frozen, true);
+    let committed = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel();
+        let p = &producer;
+        scope.spawn(move || {
+            let _ = tx.send(p.commit_transaction(OP_TIMEOUT));
+        });
+        // Less than the brokers' session: the frozen node is still in the ISR.
+        let early = rx.recv_timeout(Duration::from_millis(1200));
+        cluster.pause(frozen, false);
+        assert!(
+            early.is_err(),
+            "the commit was acknowledged while node {frozen}, in the ISR of {TXN_STATE}-{partition}, was frozen: {early:?}"
+        );
+        rx.recv_timeout(OP_TIMEOUT + Duration::from_secs(5))
+            .expect("commit_transaction returned")
+    });
+    committed.expect("the commit completes once the frozen node runs again");
+    eprintln!("committed after the thaw, {:?}", t0.elapsed());
+    let want = vec![(0, "committed".to_string())];
+    assert_eq!(
+        consume_isolated(&cluster.bootstrap(), topic, 1, "read_committed", 1),
+        want,
+        "read_committed sees the committed record"
+    );
+    drop(producer);
+    cluster.kill9(coordinator);
+    assert_eq!(
+        consume_isolated(&cluster.bootstrap(), topic, 1, "read_committed", 1),
+        want,
+        "read_committed sees the committed record after the coordinator was killed"
+    );
+    eprintln!("done after {:?}", t0.elapsed());
 }

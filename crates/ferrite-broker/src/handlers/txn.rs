@@ -34,7 +34,7 @@ use kafka_protocol::ResponseError;
 
 use super::str_bytes;
 use crate::group_manager::{partition_for_group, OFFSETS_TOPIC};
-use crate::txn_manager::apply;
+use crate::txn_manager;
 use crate::{now_ms, Broker};
 
 /// FindCoordinator's key type of transactional ids.
@@ -166,26 +166,19 @@ pub async fn init_producer_id(
         producer_id: req.producer_id.0,
         producer_epoch: req.producer_epoch,
     });
-    let b = broker.clone();
     let timeout_ms = req.transaction_timeout_ms;
-    let result = tokio::task::spawn_blocking(move || {
-        let mut st = b.txns.lock();
+    let result = txn_manager::run(broker, tid.clone(), move |st| {
         st.allocator_mut().0 = Some(claimed);
         let out = st.init_producer_id(&tid, timeout_ms, expected, now_ms());
         st.allocator_mut().0 = None;
-        let applied = apply(&mut st, &b, out.effects);
-        out.result.and_then(|r| applied.map(|()| r))
+        out
     })
     .await;
     match result {
-        Ok(Ok(pe)) => InitProducerIdResponse::default()
+        Ok(pe) => InitProducerIdResponse::default()
             .with_producer_id(ProducerId(pe.producer_id))
             .with_producer_epoch(pe.producer_epoch),
-        Ok(Err(e)) => failed(code(e, version >= 4)),
-        Err(e) => {
-            tracing::error!(error = %e, "InitProducerId task failed");
-            failed(ResponseError::CoordinatorNotAvailable.code())
-        }
+        Err(e) => failed(code(e, version >= 4)),
     }
 }
 
@@ -233,16 +226,11 @@ pub async fn add_partitions_to_txn(
             })
             .collect()
     } else {
-        let b = broker.clone();
         let parts = wanted.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut st = b.txns.lock();
-            let out = st.add_partitions(&tid, producer_id, producer_epoch, &parts, now_ms());
-            let applied = apply(&mut st, &b, out.effects);
-            out.result.and(applied)
+        let result = txn_manager::run(broker, tid.clone(), move |st| {
+            st.add_partitions(&tid, producer_id, producer_epoch, &parts, now_ms())
         })
-        .await
-        .unwrap_or(Err(TxnError::NotCoordinator));
+        .await;
         let c = result.err().map_or(0, |e| code(e, version >= 2));
         vec![c; wanted.len()]
     };
@@ -276,30 +264,28 @@ pub async fn add_offsets_to_txn(
             .with_error_code(ResponseError::InvalidGroupId.code());
     }
     let partition = partition_for_group(&group, broker.groups.partitions());
-    let b = broker.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let mut st = b.txns.lock();
-        let out = st.add_offsets(
+    let result = txn_manager::run(broker, tid.clone(), move |st| {
+        st.add_offsets(
             &tid,
             req.producer_id.0,
             req.producer_epoch,
             partition,
             now_ms(),
-        );
-        let applied = apply(&mut st, &b, out.effects);
-        out.result.and(applied)
+        )
     })
-    .await
-    .unwrap_or(Err(TxnError::NotCoordinator));
+    .await;
     AddOffsetsToTxnResponse::default()
         .with_error_code(result.err().map_or(0, |e| code(e, version >= 2)))
 }
 
-/// EndTxn: PrepareCommit/PrepareAbort is written, then the markers, then
-/// CompleteCommit/CompleteAbort, all before the answer, so the producer's next
-/// transaction starts on a clean slate. A marker that cannot be written leaves the
-/// transaction in Prepare*; the answer is still a success (the decision is durable and
-/// the ticker finishes it), as in Kafka.
+/// EndTxn: PrepareCommit/PrepareAbort is written and replicated, then the markers, then
+/// CompleteCommit/CompleteAbort. The answer waits for the Prepare* record's replication
+/// and, when every marker is written here and replicated at once (one node), for the
+/// Complete* record too. Markers that take longer, or go to other brokers, finish in the
+/// background, and the transaction stays in Prepare* until they do: the producer's next
+/// AddPartitionsToTxn gets CONCURRENT_TRANSACTIONS (retriable) meanwhile, as in Kafka. A
+/// marker that cannot be written leaves the transaction in Prepare*; the answer is still
+/// a success (the decision is durable and the ticker finishes it), as in Kafka.
 pub async fn end_txn(broker: &Arc<Broker>, req: EndTxnRequest, version: i16) -> EndTxnResponse {
     let tid = req.transactional_id.0.to_string();
     let result = if req.committed {
@@ -307,21 +293,16 @@ pub async fn end_txn(broker: &Arc<Broker>, req: EndTxnRequest, version: i16) -> 
     } else {
         TxnResult::Abort
     };
-    let b = broker.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut st = b.txns.lock();
-        let out = st.end_txn(
+    let outcome = txn_manager::run(broker, tid.clone(), move |st| {
+        st.end_txn(
             &tid,
             req.producer_id.0,
             req.producer_epoch,
             result,
             now_ms(),
-        );
-        let applied = apply(&mut st, &b, out.effects);
-        out.result.and(applied)
+        )
     })
-    .await
-    .unwrap_or(Err(TxnError::NotCoordinator));
+    .await;
     EndTxnResponse::default()
         .with_error_code(outcome.err().map_or(0, |e| code(e, version >= 2)))
         .with_producer_id(ProducerId(-1))
@@ -556,9 +537,11 @@ pub async fn list_transactions(
 }
 
 /// WriteTxnMarkers v1, from another broker's transaction coordinator: each marker into
-/// each of its partitions led here (`txn_manager::write_marker_here`, acks=1). Only a
-/// registered broker's address may send it (the peer's IP against the image's broker
-/// endpoints' hosts); anyone else gets CLUSTER_AUTHORIZATION_FAILED for every partition.
+/// each of its partitions led here (`txn_manager::write_marker_here`), answered once
+/// the ISR has it (acks=all, as Kafka; NOT_ENOUGH_REPLICAS_AFTER_APPEND or
+/// REQUEST_TIMED_OUT otherwise, which the coordinator retries). Only a registered
+/// broker's address may send it (the peer's IP against the image's broker endpoints'
+/// hosts); anyone else gets CLUSTER_AUTHORIZATION_FAILED for every partition.
 pub async fn write_txn_markers(
     broker: &Arc<Broker>,
     req: WriteTxnMarkersRequest,
@@ -567,13 +550,21 @@ pub async fn write_txn_markers(
     use kafka_protocol::messages::write_txn_markers_response::{
         WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
     };
+    type Waiting = Vec<(
+        (usize, usize, usize),
+        Arc<crate::replica_manager::Partition>,
+        crate::replica_manager::ProduceWaiter,
+    )>;
     let authorized = peer_is_broker(broker, peer).await;
     let b = broker.clone();
-    let markers = tokio::task::spawn_blocking(move || {
+    let written = tokio::task::spawn_blocking(move || {
         let now = now_ms();
-        req.markers
+        let mut waiting: Waiting = Vec::new();
+        let markers = req
+            .markers
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(mi, m)| {
                 let result = if m.transaction_result {
                     TxnResult::Commit
                 } else {
@@ -582,15 +573,17 @@ pub async fn write_txn_markers(
                 let topics = m
                     .topics
                     .iter()
-                    .map(|t| {
+                    .enumerate()
+                    .map(|(ti, t)| {
                         let partitions = t
                             .partition_indexes
                             .iter()
-                            .map(|p| {
+                            .enumerate()
+                            .map(|(pi, p)| {
                                 let code = if !authorized {
                                     ResponseError::ClusterAuthorizationFailed.code()
                                 } else {
-                                    crate::txn_manager::write_marker_here(
+                                    match crate::txn_manager::write_marker_here(
                                         &b,
                                         &t.name.0,
                                         *p,
@@ -599,9 +592,13 @@ pub async fn write_txn_markers(
                                         result,
                                         m.coordinator_epoch,
                                         now,
-                                    )
-                                    .err()
-                                    .map_or(0, |e| e.code())
+                                    ) {
+                                        Ok((partition, waiter)) => {
+                                            waiting.push(((mi, ti, pi), partition, waiter));
+                                            0
+                                        }
+                                        Err(e) => e.code(),
+                                    }
                                 };
                                 WritableTxnMarkerPartitionResult::default()
                                     .with_partition_index(*p)
@@ -617,16 +614,29 @@ pub async fn write_txn_markers(
                     .with_producer_id(m.producer_id)
                     .with_topics(topics)
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (markers, waiting)
     })
     .await;
-    match markers {
-        Ok(markers) => WriteTxnMarkersResponse::default().with_markers(markers),
+    let (mut markers, waiting) = match written {
+        Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "WriteTxnMarkers task failed");
-            WriteTxnMarkersResponse::default()
+            return WriteTxnMarkersResponse::default();
+        }
+    };
+    for ((mi, ti, pi), partition, waiter) in waiting {
+        if let Err(e) = partition.wait(waiter).await {
+            let slot = markers
+                .get_mut(mi)
+                .and_then(|m| m.topics.get_mut(ti))
+                .and_then(|t| t.partitions.get_mut(pi));
+            if let Some(slot) = slot {
+                slot.error_code = crate::error::replication_error_code(&e);
+            }
         }
     }
+    WriteTxnMarkersResponse::default().with_markers(markers)
 }
 
 /// Whether `peer` is the address of a registered broker (an endpoint's host, resolved).

@@ -184,6 +184,10 @@ pub enum TxnError {
     PartitionNotInTxn,
     #[error("no such transactional id")]
     TransactionalIdNotFound,
+    /// A `__transaction_state` record or a marker did not reach the in-sync replicas in
+    /// time (Kafka maps NOT_ENOUGH_REPLICAS and REQUEST_TIMED_OUT of its appends so).
+    #[error("the coordinator's write did not reach the in-sync replicas in time")]
+    NotReplicated,
 }
 
 impl TxnError {
@@ -203,6 +207,7 @@ impl TxnError {
             // Verification (KIP-890 part 1) answers INVALID_TXN_STATE for such partitions.
             TxnError::PartitionNotInTxn => ResponseError::InvalidTxnState,
             TxnError::TransactionalIdNotFound => ResponseError::TransactionalIdNotFound,
+            TxnError::NotReplicated => ResponseError::CoordinatorNotAvailable,
         }
     }
 
