@@ -392,8 +392,14 @@ fn sync_error(code: ResponseError) -> SyncGroupResponse {
 /// coordinator: Kafka's `Utils.abs(groupId.hashCode()) % partitions`, with Java's UTF-16
 /// string hash (`abs(i32::MIN)` is 0, as Kafka's `Utils.abs`).
 pub fn partition_for_group(group: &str, partitions: i32) -> i32 {
+    java_hash_partition(group, partitions)
+}
+
+/// `Utils.abs(key.hashCode()) % partitions` with Java's UTF-16 string hash: how Kafka
+/// maps a group id or a transactional id to its coordinator's partition.
+pub(crate) fn java_hash_partition(key: &str, partitions: i32) -> i32 {
     let mut h: i32 = 0;
-    for unit in group.encode_utf16() {
+    for unit in key.encode_utf16() {
         h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
     }
     let abs = if h == i32::MIN { 0 } else { h.abs() };

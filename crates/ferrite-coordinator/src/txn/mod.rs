@@ -369,12 +369,7 @@ pub struct TransactionCoordinator<A: ProducerIdAllocator> {
 
 /// Kafka's `Utils.abs(transactionalId.hashCode()) % partitions`, Java's UTF-16 hash.
 pub fn partition_for(transactional_id: &str, partitions: i32) -> i32 {
-    let mut h: i32 = 0;
-    for unit in transactional_id.encode_utf16() {
-        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
-    }
-    let abs = if h == i32::MIN { 0 } else { h.abs() };
-    abs % partitions.max(1)
+    crate::java_hash_partition(transactional_id, partitions)
 }
 
 impl<A: ProducerIdAllocator> TransactionCoordinator<A> {
