@@ -180,6 +180,15 @@ impl TxnManager {
     pub fn tick(&self, broker: &Arc<Broker>, now: i64) {
         self.sync_leadership(broker);
         let mut st = self.lock();
+        // Forget the records seen replicated that nobody waited for (the ticker's own
+        // aborts and tombstones, answers that timed out), so the map stays bounded by
+        // the ids whose latest record is still above the high watermark.
+        self.unreplicated_ids().retain(|_, (partition, end)| {
+            broker
+                .replicas
+                .get(TRANSACTION_STATE_TOPIC, *partition)
+                .is_some_and(|p| p.is_leader() && p.high_watermark() < *end)
+        });
         let mut effects = st.tick(now);
         effects.extend(st.markers_due());
         if !effects.is_empty() {
