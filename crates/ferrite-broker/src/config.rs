@@ -117,6 +117,9 @@ pub struct BrokerConfig {
     pub broker_session_timeout_ms: u64,
     /// `offsets.topic.replication.factor`: `__consumer_offsets` gets min(this, brokers).
     pub offsets_topic_replication_factor: i16,
+    /// `transaction.state.log.min.isr`: `__transaction_state`'s `min.insync.replicas`
+    /// when it is created (at most its replicas).
+    pub transaction_state_log_min_isr: i16,
     /// `auto.leader.rebalance.enable`: leadership returns to preferred replicas.
     pub auto_leader_rebalance_enable: bool,
     /// `leader.imbalance.check.interval.seconds`
@@ -239,6 +242,8 @@ impl Default for BrokerConfig {
             broker_heartbeat_interval_ms: 2000,
             broker_session_timeout_ms: 9000,
             offsets_topic_replication_factor: 3,
+            transaction_state_log_min_isr:
+                ferrite_controller::config::TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
             auto_leader_rebalance_enable: true,
             leader_imbalance_check_interval_seconds: 300,
         }
@@ -358,6 +363,9 @@ impl BrokerConfig {
             }
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor = parse_num(key, value, 1)?
+            }
+            "transaction.state.log.min.isr" => {
+                self.transaction_state_log_min_isr = parse_num(key, value, 1)?
             }
             "auto.leader.rebalance.enable" => {
                 self.auto_leader_rebalance_enable = parse_bool(key, value)?
@@ -834,7 +842,7 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         default: Some("1"),
         broker_synonyms: &["min.insync.replicas"],
         doc: "When a producer sets acks to \"all\" (or \"-1\"), this configuration specifies the minimum number of replicas that must acknowledge a write for the write to be considered successful. If this minimum cannot be met, then the producer will raise an exception (either NotEnoughReplicas or NotEnoughReplicasAfterAppend).",
-        no_effect: Some("acks=all is satisfied by the local append until replication (issue 9) enforces it"),
+        no_effect: None,
     },
     TopicConfigDef {
         name: "preallocate",
@@ -935,7 +943,7 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         default: Some("false"),
         broker_synonyms: &["unclean.leader.election.enable"],
         doc: "Indicates whether to enable replicas not in the ISR set to be elected as leader as a last resort, even though doing so may result in data loss.",
-        no_effect: Some("one node has no other replica to elect; the cluster controller (ferrite-controller) reads it once wired"),
+        no_effect: None,
     },
 ];
 

@@ -55,7 +55,7 @@ pub struct GroupManagerState {
     persist_errors: crate::RateLimitedLog,
     load_errors: crate::RateLimitedLog,
     /// TxnOffsetCommit records written but not yet committed, by producer id: applied
-    /// when the COMMIT marker is written to their `__consumer_offsets` partition,
+    /// when the COMMIT marker of their `__consumer_offsets` partition is replicated,
     /// dropped on ABORT (Kafka's pending transactional offsets). Rebuilt at load.
     pending_txn_offsets: HashMap<i64, Vec<GroupRecord>>,
     /// The `__consumer_offsets` partitions whose groups are loaded here, with the leader
@@ -70,6 +70,9 @@ pub struct GroupManagerState {
 struct Unreplicated {
     end_offset: i64,
     records: Vec<GroupRecord>,
+    /// An end-transaction marker of this producer (true: COMMIT): its pending offsets
+    /// become committed or are dropped once replicated.
+    txn_end: Option<(i64, bool)>,
 }
 
 pub struct GroupManager {
@@ -343,7 +346,7 @@ impl GroupManagerState {
                         // applied (COMMIT) or dropped (ABORT).
                         let commit =
                             r.key.as_deref().and_then(|k| k.get(2..4)) == Some(&[0u8, 1][..]);
-                        self.complete_txn_offsets(r.producer_id, commit, now);
+                        self.complete_txn_offsets(partition, r.producer_id, commit, now);
                         continue;
                     }
                     let Some(key) = r.key else { continue };
@@ -462,6 +465,7 @@ impl GroupManagerState {
                 .push_back(Unreplicated {
                     end_offset: info.last_offset + 1,
                     records: records.to_vec(),
+                    txn_end: None,
                 });
         }
         let mut write = GroupWrite {
@@ -495,19 +499,53 @@ impl GroupManagerState {
             return;
         };
         let high_watermark = p.high_watermark();
+        let mut replicated = Vec::new();
         while queue
             .front()
             .is_some_and(|w| w.end_offset <= high_watermark)
         {
             if let Some(w) = queue.pop_front() {
-                for r in &w.records {
-                    self.coordinator.replay(r, now);
-                }
+                replicated.push(w);
             }
         }
         if queue.is_empty() {
             self.unreplicated.remove(&partition);
         }
+        for w in replicated {
+            for r in &w.records {
+                self.coordinator.replay(r, now);
+            }
+            if let Some((producer_id, commit)) = w.txn_end {
+                self.complete_txn_offsets(partition, producer_id, commit, now);
+            }
+        }
+    }
+
+    /// An end-transaction marker of `producer_id` was appended to `partition` as leader,
+    /// ending at `end_offset`: the producer's pending offsets become committed offsets
+    /// (COMMIT) or are dropped (ABORT) once the high watermark passes it, as Kafka's
+    /// `onTransactionCompleted` runs after the marker's acks=all append. Until then
+    /// OffsetFetch answers the offsets committed before and UNSTABLE_OFFSET_COMMIT, so
+    /// it never shows an offset a failover could take back. The caller holds this lock
+    /// across the append, so the queue stays in log order.
+    pub fn txn_marker_appended(
+        &mut self,
+        broker: &Broker,
+        partition: i32,
+        end_offset: i64,
+        producer_id: i64,
+        commit: bool,
+        now: i64,
+    ) {
+        self.unreplicated
+            .entry(partition)
+            .or_default()
+            .push_back(Unreplicated {
+                end_offset,
+                records: Vec::new(),
+                txn_end: Some((producer_id, commit)),
+            });
+        self.replay_replicated(broker, partition, now);
     }
 
     fn replay_all_replicated(&mut self, broker: &Broker, now: i64) {
@@ -526,14 +564,24 @@ impl GroupManagerState {
             .extend(records);
     }
 
-    /// The transaction of `producer_id` ended: its pending offsets become committed
-    /// offsets (COMMIT) or are dropped (ABORT).
-    pub fn complete_txn_offsets(&mut self, producer_id: i64, commit: bool, now: i64) {
-        let Some(records) = self.pending_txn_offsets.remove(&producer_id) else {
+    /// The transaction of `producer_id` ended in `partition` (its marker there): its
+    /// pending offsets of that partition's groups become committed offsets (COMMIT) or
+    /// are dropped (ABORT). Those of other partitions wait for their own marker.
+    fn complete_txn_offsets(&mut self, partition: i32, producer_id: i64, commit: bool, now: i64) {
+        let Some(pending) = self.pending_txn_offsets.get_mut(&producer_id) else {
             return;
         };
+        let n = self.partitions;
+        let (ended, kept): (Vec<GroupRecord>, Vec<GroupRecord>) = std::mem::take(pending)
+            .into_iter()
+            .partition(|r| partition_for_group(r.group(), n) == partition);
+        if kept.is_empty() {
+            self.pending_txn_offsets.remove(&producer_id);
+        } else {
+            *pending = kept;
+        }
         if commit {
-            for r in &records {
+            for r in &ended {
                 self.coordinator.replay(r, now);
             }
         }

@@ -257,6 +257,22 @@ impl TxnManager {
     }
 }
 
+/// Whether the transactional ids of `__transaction_state-<partition>` are coordinated by
+/// another broker: the cluster's metadata has that partition led by a broker other than
+/// this one. A transactional batch or TxnOffsetCommit of such an id is taken unverified,
+/// as Kafka takes them without KIP-890's verification: the verify-only
+/// AddPartitionsToTxn between brokers is not built. The partition's own producer state
+/// still fences older producer epochs, and the coordinator's marker closes the
+/// transaction.
+pub fn coordinated_elsewhere(broker: &Broker, partition: i32) -> bool {
+    broker
+        .controller
+        .image()
+        .topic(TRANSACTION_STATE_TOPIC)
+        .and_then(|t| t.partitions.get(&partition).map(|p| p.leader))
+        .is_some_and(|leader| leader >= 0 && leader != broker.config.node_id)
+}
+
 fn replication_txn_error(e: &ferrite_replication::ReplicationError) -> TxnError {
     match e {
         ferrite_replication::ReplicationError::NotLeaderOrFollower(_) => TxnError::NotCoordinator,
@@ -751,6 +767,9 @@ pub(crate) fn write_marker_here(
         tracing::debug!(%topic, partition = index, producer_id, "partition of a transaction not led here; no marker written");
         return Err(ResponseError::NotLeaderOrFollower);
     }
+    // A `__consumer_offsets` marker is appended under the group coordinator's lock, as
+    // its other writes, so that its replicated-writes queue stays in log order.
+    let mut groups = (topic == OFFSETS_TOPIC).then(|| broker.groups.lock());
     let waiter = match p.append_marker(
         producer_id,
         producer_epoch,
@@ -759,7 +778,19 @@ pub(crate) fn write_marker_here(
         now,
         TXN_REPLICATION_TIMEOUT_MS,
     ) {
-        Ok((_, waiter)) => waiter,
+        Ok((info, waiter)) => {
+            if let Some(groups) = groups.as_mut() {
+                groups.txn_marker_appended(
+                    broker,
+                    index,
+                    info.last_offset + 1,
+                    producer_id,
+                    result == TxnResult::Commit,
+                    now,
+                );
+            }
+            waiter
+        }
         Err(ProduceError::Storage(StorageError::Producer(
             ferrite_storage::ProducerStateError::InvalidProducerEpoch { .. },
         ))) => {
@@ -774,15 +805,6 @@ pub(crate) fn write_marker_here(
             });
         }
     };
-    if topic == OFFSETS_TOPIC {
-        // At the append, as the group coordinator's other records: a failover that
-        // takes the marker back reloads the partition, and the coordinator retries the
-        // marker until it is replicated.
-        broker
-            .groups
-            .lock()
-            .complete_txn_offsets(producer_id, result == TxnResult::Commit, now);
-    }
     Ok((p, waiter))
 }
 
@@ -885,7 +907,9 @@ fn load_partition(
 /// default; compacted by key like `__consumer_offsets`; no time or size retention)
 /// through the active controller, from whichever broker is asked first (Kafka's
 /// `AutoTopicCreationManager`): placement over the registered brokers,
-/// min(offsets.topic.replication.factor, brokers) replicas (an internal topic). Already
+/// min(offsets.topic.replication.factor, brokers) replicas (an internal topic), and the
+/// controller sets its min.insync.replicas to min(transaction.state.log.min.isr, those
+/// replicas). Already
 /// existing counts as created (another broker won the race).
 async fn create_topic(broker: &Arc<Broker>) -> Result<(), String> {
     use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};

@@ -14,9 +14,16 @@ pub const PARTITIONS_CREATED_MAX: i32 = 10_000;
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// The topic config that allows electing an out-of-sync replica.
 pub const UNCLEAN_LEADER_ELECTION_ENABLE: &str = "unclean.leader.election.enable";
+/// The topic config acks=all writes need that many in-sync replicas for.
+pub const MIN_INSYNC_REPLICAS: &str = "min.insync.replicas";
+/// Kafka's `transaction.state.log.min.isr` default.
+pub const TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT: i16 = 2;
+/// The transaction coordinator's topic; created with `min.insync.replicas` =
+/// min(`transaction.state.log.min.isr`, its replicas) unless the request sets it.
+pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
 /// Internal topics: their replication factor defaults to
 /// `min(offsets.topic.replication.factor, usable brokers)`.
-pub const INTERNAL_TOPICS: [&str; 2] = ["__consumer_offsets", "__transaction_state"];
+pub const INTERNAL_TOPICS: [&str; 2] = ["__consumer_offsets", TRANSACTION_STATE_TOPIC];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerConfig {
@@ -37,6 +44,9 @@ pub struct ControllerConfig {
     /// `offsets.topic.replication.factor`: the most replicas an internal topic gets by
     /// default (fewer when fewer brokers are usable).
     pub offsets_topic_replication_factor: i16,
+    /// `transaction.state.log.min.isr`: `__transaction_state`'s `min.insync.replicas`
+    /// (at most its replication factor).
+    pub transaction_state_log_min_isr: i16,
 }
 
 impl Default for ControllerConfig {
@@ -50,6 +60,7 @@ impl Default for ControllerConfig {
             num_partitions: 1,
             default_replication_factor: 1,
             offsets_topic_replication_factor: 3,
+            transaction_state_log_min_isr: TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
         }
     }
 }

@@ -14,8 +14,9 @@ use uuid::Uuid;
 
 use crate::api::*;
 use crate::config::{
-    ControllerConfig, ELECTIONS_PER_REBALANCE_MAX, INTERNAL_TOPICS, PARTITIONS_CREATED_MAX,
-    TOPIC_NAME_BYTES_MAX, UNCLEAN_LEADER_ELECTION_ENABLE,
+    ControllerConfig, ELECTIONS_PER_REBALANCE_MAX, INTERNAL_TOPICS, MIN_INSYNC_REPLICAS,
+    PARTITIONS_CREATED_MAX, TOPIC_NAME_BYTES_MAX, TRANSACTION_STATE_TOPIC,
+    UNCLEAN_LEADER_ELECTION_ENABLE,
 };
 use crate::election::{partition_change, ChangeRequest, Election};
 use crate::error::ControllerError;
@@ -620,6 +621,21 @@ impl Controller {
             num_partitions: assignment.len() as i32,
             replication_factor: assignment.first().map_or(0, Vec::len) as i16,
         };
+        let mut configs = t.configs;
+        if t.name == TRANSACTION_STATE_TOPIC {
+            // Kafka's `transaction.state.log.min.isr` (2): the coordinator's acks=all
+            // writes need that many in-sync replicas. Clamped to the replicas it got, so
+            // that a one-broker cluster can still run transactions (Kafka needs both
+            // settings lowered by hand there).
+            let min_isr = self
+                .config
+                .transaction_state_log_min_isr
+                .min(created.replication_factor)
+                .max(1);
+            configs
+                .entry(MIN_INSYNC_REPLICAS.to_string())
+                .or_insert_with(|| min_isr.to_string());
+        }
         if !validate_only {
             self.emit(
                 records,
@@ -629,7 +645,7 @@ impl Controller {
                 },
             );
             self.emit_partitions(records, topic_id, 0, assignment, isrs);
-            for (key, value) in t.configs {
+            for (key, value) in configs {
                 self.emit(
                     records,
                     MetadataRecord::TopicConfig {

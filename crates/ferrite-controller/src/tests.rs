@@ -665,6 +665,49 @@ fn internal_topics_get_min_of_three_and_the_usable_brokers() {
 }
 
 #[test]
+fn transaction_state_gets_transaction_state_log_min_isr_at_most_its_replicas() {
+    let min_isr = |h: &Harness, name: &str| {
+        h.c.image()
+            .topic(name)
+            .unwrap()
+            .configs
+            .get("min.insync.replicas")
+            .cloned()
+    };
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    let t = h.create("__transaction_state", 3, -1, &[]).unwrap();
+    assert_eq!(t.replication_factor, 3);
+    assert_eq!(min_isr(&h, "__transaction_state").as_deref(), Some("2"));
+    // Only the transaction coordinator's topic: others keep the broker default.
+    h.create("__consumer_offsets", 3, -1, &[]).unwrap();
+    assert_eq!(min_isr(&h, "__consumer_offsets"), None);
+    // One broker: clamped to the one replica, so that transactions still run.
+    let mut h = Harness::default();
+    h.start(&[0]);
+    h.create("__transaction_state", 3, -1, &[]).unwrap();
+    assert_eq!(min_isr(&h, "__transaction_state").as_deref(), Some("1"));
+    // A config in the request wins; so does the broker's setting.
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    h.create(
+        "__transaction_state",
+        3,
+        -1,
+        &[("min.insync.replicas", "3")],
+    )
+    .unwrap();
+    assert_eq!(min_isr(&h, "__transaction_state").as_deref(), Some("3"));
+    let mut h = Harness::new(ControllerConfig {
+        transaction_state_log_min_isr: 3,
+        ..ControllerConfig::default()
+    });
+    h.start(&[0, 1, 2, 3]);
+    h.create("__transaction_state", 3, -1, &[]).unwrap();
+    assert_eq!(min_isr(&h, "__transaction_state").as_deref(), Some("3"));
+}
+
+#[test]
 fn manual_assignments_are_validated() {
     let mut h = Harness::default();
     h.start(&[0, 1, 2]);

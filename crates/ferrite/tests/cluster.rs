@@ -38,12 +38,43 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
+/// A port for a node that may be killed and restarted on it (the voters list names it).
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`): a port from that
+/// range, free while its node was down, could be taken by any outgoing connection or
+/// port-0 bind of the tests running beside, and the restart failed with "Address already
+/// in use". Distinct within this test process (a counter from a per-run base); one that
+/// does not bind is skipped.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static BASE: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_low > LOWEST + 2_000,
+        "ip_local_port_range starts at {ephemeral_low}: no room for fixed test ports"
+    );
+    let span = ephemeral_low - LOWEST;
+    let base = *BASE.get_or_init(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ std::process::id();
+        seed % span
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOWEST + (base + n) % span;
+        let port = u16::try_from(port).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOWEST}..{ephemeral_low}");
 }
 
 impl Cluster {
@@ -1228,8 +1259,8 @@ fn transaction_over_three_leaders(cluster: &Cluster, topic: &str, replicas: i32)
     eprintln!("{topic}: done after {:?}", t0.elapsed());
 }
 
-/// The transaction coordinator's records are acks=all (Kafka's): with
-/// min.insync.replicas=3, a commit is not acknowledged while a replica of the
+/// The transaction coordinator's records are acks=all (Kafka's): even with
+/// min.insync.replicas=2 on its topic, a commit is not acknowledged while a replica of the
 /// transactional id's `__transaction_state` partition is frozen, and it completes once
 /// that replica runs again. The committed record is then read_committed, also after the
 /// coordinator is killed. On a broker that wrote these records acks=1 the commit was
@@ -1260,6 +1291,29 @@ fn a_commit_is_acknowledged_only_once_its_records_reach_the_isr() {
         })
     });
     producer.init_transactions(OP_TIMEOUT).unwrap();
+    // The coordinator's topic takes transaction.state.log.min.isr (2), not the
+    // brokers' min.insync.replicas (3), as Kafka creates it.
+    let described = rt
+        .block_on(admin.describe_configs(
+            [&rdkafka::admin::ResourceSpecifier::Topic(TXN_STATE)],
+            &AdminOptions::new().operation_timeout(Some(OP_TIMEOUT)),
+        ))
+        .unwrap();
+    let entries = described.into_iter().next().unwrap().unwrap().entries;
+    let min_isr = entries
+        .iter()
+        .find(|e| e.name == "min.insync.replicas")
+        .unwrap();
+    assert_eq!(
+        min_isr.value.as_deref(),
+        Some("2"),
+        "{TXN_STATE}'s min.insync.replicas"
+    );
+    assert!(
+        matches!(min_isr.source, rdkafka::admin::ConfigSource::DynamicTopic),
+        "{TXN_STATE}'s min.insync.replicas is a topic config: {:?}",
+        min_isr.source
+    );
     let partition = group_partition(tid, 50);
     let (coordinator, _) =
         live_leader(&cluster, TXN_STATE, partition, &[], true, "the coordinator");
@@ -1316,5 +1370,192 @@ fn a_commit_is_acknowledged_only_once_its_records_reach_the_isr() {
         want,
         "read_committed sees the committed record after the coordinator was killed"
     );
+    eprintln!("done after {:?}", t0.elapsed());
+}
+
+/// Offsets committed in a transaction become the group's committed offsets only once
+/// the COMMIT marker in the group's `__consumer_offsets` partition is replicated, as
+/// Kafka applies them after the marker's acks=all append. The group's offsets partition
+/// is placed on its leader and a frozen follower, the transactional id's
+/// `__transaction_state` partition on the two other nodes: the commit's marker waits
+/// for the frozen node (the commit itself is answered once PrepareCommit is replicated),
+/// and meanwhile OffsetFetch answers the offset committed before.
+/// On a broker that applied the offsets at the marker's append, OffsetFetch answered the
+/// new offset while the marker could still be lost to a failover; on one that verified
+/// TxnOffsetCommit and transactional batches against its own coordinator only, both were
+/// refused (NOT_COORDINATOR) by a broker not hosting the id's partition.
+#[test]
+fn transactional_offsets_count_only_once_their_marker_is_replicated() {
+    const TXN_STATE: &str = "__transaction_state";
+    let t0 = Instant::now();
+    // Two replicas for the internal topics; sessions long enough that the frozen node
+    // stays in the ISR while the test looks.
+    let cluster = Cluster::start_with(&[
+        "offsets.topic.replication.factor=2",
+        "broker.session.timeout.ms=20000",
+    ]);
+    let rt = runtime();
+    let topic = "txo-in";
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    rt.block_on(create_topic(&admin, topic, 1, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    // Creates __transaction_state.
+    let probe: rdkafka::producer::BaseProducer = cluster
+        .config()
+        .set("transactional.id", "txo-probe")
+        .create()
+        .unwrap();
+    probe.init_transactions(OP_TIMEOUT).unwrap();
+    drop(probe);
+    let controller = active_controller(&cluster);
+    let first_addr = cluster.nodes[0].addr.clone();
+    // A group whose offsets partition has both replicas in sync and a follower that is
+    // not the active controller (freezing that would move the quorum too), and a
+    // transactional id whose partition has neither that follower nor any other
+    // out-of-sync replica.
+    let (group, leader, frozen, tid) = wait_for("a placement to freeze", OP_TIMEOUT, || {
+        let offsets = metadata(&first_addr, Some(OFFSETS_TOPIC))?;
+        let txns = metadata(&first_addr, Some(TXN_STATE))?;
+        if offsets.partitions.len() != OFFSETS_PARTITIONS as usize || txns.partitions.len() != 50 {
+            return None;
+        }
+        (0..100).find_map(|i| {
+            let group = format!("txo-group-{i}");
+            let (l, replicas, isr) = offsets
+                .partitions
+                .get(&group_partition(&group, OFFSETS_PARTITIONS))?
+                .clone();
+            let f = *replicas.iter().find(|r| **r != l)?;
+            if l < 0 || isr.len() != 2 || f == controller {
+                return None;
+            }
+            let tid = (0..1000).map(|j| format!("txo-{i}-{j}")).find(|tid| {
+                txns.partitions
+                    .get(&group_partition(tid, 50))
+                    .is_some_and(|(tl, r, isr)| *tl >= 0 && !r.contains(&f) && isr.len() == r.len())
+            })?;
+            Some((group, l, f, tid))
+        })
+    });
+    let offsets_partition = group_partition(&group, OFFSETS_PARTITIONS);
+    eprintln!(
+        "{group} in {OFFSETS_TOPIC}-{offsets_partition} led by node {leader}, follower {frozen}; {tid} elsewhere; {:?}",
+        t0.elapsed()
+    );
+    let not_frozen = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != frozen)
+        .map(|n| n.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let leader_addr = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .addr
+        .clone();
+    let producer: rdkafka::producer::BaseProducer = cluster
+        .config()
+        .set("bootstrap.servers", &not_frozen)
+        .set("transactional.id", &tid)
+        .create()
+        .unwrap();
+    // Asks the group's coordinator only; read_uncommitted, so OffsetFetch does not ask
+    // for stable offsets (librdkafka would wait out UNSTABLE_OFFSET_COMMIT).
+    let fetcher: BaseConsumer = cluster
+        .config()
+        .set("bootstrap.servers", &leader_addr)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let group_metadata = fetcher.group_metadata().unwrap();
+    let offsets = |o: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(o))
+            .unwrap();
+        tpl
+    };
+    // An output partition on the node that does not host the id's
+    // `__transaction_state` partition: its leader takes the transactional batch
+    // (the coordinator is elsewhere), as it takes the group's TxnOffsetCommit.
+    let out = "txo-out";
+    let assignment: &[&[i32]] = &[&[frozen]];
+    let opts = AdminOptions::new().operation_timeout(Some(OP_TIMEOUT));
+    let created = rt
+        .block_on(admin.create_topics(
+            [&NewTopic::new(
+                out,
+                1,
+                TopicReplication::Variable(assignment),
+            )],
+            &opts,
+        ))
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    wait_for("txo-out led by its one replica", OP_TIMEOUT, || {
+        metadata(&first_addr, Some(out))
+            .filter(|s| s.partitions.get(&0).is_some_and(|p| p.0 == frozen))
+    });
+    producer.init_transactions(OP_TIMEOUT).unwrap();
+    producer.begin_transaction().unwrap();
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::<(), str>::to(out)
+                .payload("processed")
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(OP_TIMEOUT).unwrap();
+    producer
+        .send_offsets_to_transaction(&offsets(5), &group_metadata, OP_TIMEOUT)
+        .unwrap();
+    producer.commit_transaction(OP_TIMEOUT).unwrap();
+    assert_eq!(
+        consume_isolated(&cluster.bootstrap(), out, 1, "read_committed", 1),
+        vec![(0, "processed".to_string())],
+        "the committed output on a broker that is not the coordinator's replica"
+    );
+    let committed = |want: i64| {
+        wait_for(&format!("committed offset {want}"), OP_TIMEOUT, || {
+            (fetch_committed(&fetcher, topic, 1).ok()? == vec![Some(want)]).then_some(())
+        })
+    };
+    committed(5);
+
+    producer.begin_transaction().unwrap();
+    producer
+        .send_offsets_to_transaction(&offsets(9), &group_metadata, OP_TIMEOUT)
+        .unwrap();
+    cluster.pause(frozen, true);
+    // EndTxn answers once PrepareCommit is replicated (on the two other nodes); the
+    // COMMIT marker is then appended to the group's partition, where it waits for the
+    // frozen follower.
+    producer.commit_transaction(OP_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(fetch_committed(&fetcher, topic, 1));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let sizes = offsets_replica_sizes(&cluster, offsets_partition);
+    cluster.pause(frozen, false);
+    eprintln!(
+        "while node {frozen} was frozen: OffsetFetch {answers:?}, replica sizes {sizes:?}; {:?}",
+        t0.elapsed()
+    );
+    for a in &answers {
+        assert_eq!(
+            a.as_ref().ok(),
+            Some(&vec![Some(5)]),
+            "OffsetFetch while the COMMIT marker in {OFFSETS_TOPIC}-{offsets_partition} was not replicated (node {frozen} frozen): {answers:?}"
+        );
+    }
+    // Once the follower has the marker, the transaction's offset is the committed one.
+    committed(9);
     eprintln!("done after {:?}", t0.elapsed());
 }

@@ -922,6 +922,9 @@ async fn describe_configs_documents_every_topic_config() {
     assert!(doc("delete.retention.ms").contains("no effect in Ferrite yet"));
     assert!(!doc("compression.type").contains("no effect"));
     assert!(!doc("retention.ms").contains("no effect"));
+    // Replication enforces them (acks=all, the controller's elections).
+    assert!(!doc("min.insync.replicas").contains("no effect"));
+    assert!(!doc("unclean.leader.election.enable").contains("no effect"));
     // Types: LONG 5, INT 3, BOOLEAN 1, DOUBLE 6, LIST 7, STRING 2.
     assert_eq!(by_name["retention.ms"].config_type, 5);
     assert_eq!(by_name["min.insync.replicas"].config_type, 3);

@@ -207,18 +207,12 @@ fn append_partition(
             );
         match verified {
             Ok(()) => {}
-            // Coordinated by another broker (its `__transaction_state` partition is
-            // hosted here as a follower): that broker's verification (an
-            // AddPartitionsToTxn verify-only call) is not built; the batch is taken
-            // unverified. With no coordinator anywhere it is refused.
+            // Coordinated by another broker (its `__transaction_state` partition is led
+            // elsewhere, hosted here as a follower or not at all): that broker's
+            // verification (an AddPartitionsToTxn verify-only call) is not built; the
+            // batch is taken unverified. With no coordinator anywhere it is refused.
             Err(ferrite_coordinator::txn::TxnError::NotCoordinator)
-                if broker
-                    .replicas
-                    .get(
-                        ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC,
-                        st.partition_for(tid),
-                    )
-                    .is_some_and(|p| !p.is_leader()) => {}
+                if crate::txn_manager::coordinated_elsewhere(broker, st.partition_for(tid)) => {}
             Err(e) => {
                 let e = e.for_version(false);
                 return Err((

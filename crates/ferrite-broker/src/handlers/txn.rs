@@ -341,9 +341,14 @@ pub async fn txn_offset_commit(
             .into_iter()
             .next()
             .map_or(Err(TxnError::InvalidRequest), |(_, r)| r);
-        if let Err(e) = check {
+        match check {
+            Ok(()) => {}
+            // The transaction's coordinator is another broker: taken unverified, as
+            // a transactional batch is (`coordinated_elsewhere`).
+            Err(TxnError::NotCoordinator)
+                if crate::txn_manager::coordinated_elsewhere(&b, st.partition_for(&tid)) => {}
             // Not added: Kafka's coordinator answers INVALID_TXN_STATE too.
-            return Err(code(e, version >= 3));
+            Err(e) => return Err(code(e, version >= 3)),
         }
         let now = now_ms();
         let mut groups = b.groups.lock();
