@@ -70,9 +70,10 @@ pub struct GroupManagerState {
 struct Unreplicated {
     end_offset: i64,
     records: Vec<GroupRecord>,
-    /// An end-transaction marker of this producer (true: COMMIT): its pending offsets
-    /// become committed or are dropped once replicated.
-    txn_end: Option<(i64, bool)>,
+    /// `Some` for an end-transaction marker (true: COMMIT): `records` are the offsets of
+    /// the transaction it ends, still pending (UNSTABLE_OFFSET_COMMIT) until it is
+    /// replicated, then committed offsets (COMMIT) or dropped (ABORT).
+    txn_marker: Option<bool>,
 }
 
 pub struct GroupManager {
@@ -465,7 +466,7 @@ impl GroupManagerState {
                 .push_back(Unreplicated {
                     end_offset: info.last_offset + 1,
                     records: records.to_vec(),
-                    txn_end: None,
+                    txn_marker: None,
                 });
         }
         let mut write = GroupWrite {
@@ -512,11 +513,10 @@ impl GroupManagerState {
             self.unreplicated.remove(&partition);
         }
         for w in replicated {
-            for r in &w.records {
-                self.coordinator.replay(r, now);
-            }
-            if let Some((producer_id, commit)) = w.txn_end {
-                self.complete_txn_offsets(partition, producer_id, commit, now);
+            if w.txn_marker != Some(false) {
+                for r in &w.records {
+                    self.coordinator.replay(r, now);
+                }
             }
         }
     }
@@ -526,8 +526,10 @@ impl GroupManagerState {
     /// (COMMIT) or are dropped (ABORT) once the high watermark passes it, as Kafka's
     /// `onTransactionCompleted` runs after the marker's acks=all append. Until then
     /// OffsetFetch answers the offsets committed before and UNSTABLE_OFFSET_COMMIT, so
-    /// it never shows an offset a failover could take back. The caller holds this lock
-    /// across the append, so the queue stays in log order.
+    /// it never shows an offset a failover could take back. The entry takes this
+    /// transaction's offsets with it: a next transaction's, pending before the entry is
+    /// replayed, stay pending. The caller holds this lock across the append, so the
+    /// queue stays in log order.
     pub fn txn_marker_appended(
         &mut self,
         broker: &Broker,
@@ -537,13 +539,14 @@ impl GroupManagerState {
         commit: bool,
         now: i64,
     ) {
+        let records = self.take_txn_offsets(partition, producer_id);
         self.unreplicated
             .entry(partition)
             .or_default()
             .push_back(Unreplicated {
                 end_offset,
-                records: Vec::new(),
-                txn_end: Some((producer_id, commit)),
+                records,
+                txn_marker: Some(commit),
             });
         self.replay_replicated(broker, partition, now);
     }
@@ -568,8 +571,19 @@ impl GroupManagerState {
     /// pending offsets of that partition's groups become committed offsets (COMMIT) or
     /// are dropped (ABORT). Those of other partitions wait for their own marker.
     fn complete_txn_offsets(&mut self, partition: i32, producer_id: i64, commit: bool, now: i64) {
+        let ended = self.take_txn_offsets(partition, producer_id);
+        if commit {
+            for r in &ended {
+                self.coordinator.replay(r, now);
+            }
+        }
+    }
+
+    /// Removes and returns the pending offsets of `producer_id` for the groups of
+    /// `partition`.
+    fn take_txn_offsets(&mut self, partition: i32, producer_id: i64) -> Vec<GroupRecord> {
         let Some(pending) = self.pending_txn_offsets.get_mut(&producer_id) else {
-            return;
+            return Vec::new();
         };
         let n = self.partitions;
         let (ended, kept): (Vec<GroupRecord>, Vec<GroupRecord>) = std::mem::take(pending)
@@ -580,20 +594,27 @@ impl GroupManagerState {
         } else {
             *pending = kept;
         }
-        if commit {
-            for r in &ended {
-                self.coordinator.replay(r, now);
-            }
-        }
+        ended
     }
 
     /// Whether an open transaction holds an offset for this group and partition
     /// (OffsetFetch's UNSTABLE_OFFSET_COMMIT, KIP-447).
     pub fn has_pending_txn_offset(&self, group: &str, topic: &str, partition: i32) -> bool {
-        self.pending_txn_offsets.values().flatten().any(|r| {
-            matches!(r, GroupRecord::Offset { group: g, topic: t, partition: p, .. }
+        // Also those of a transaction whose marker is not replicated yet.
+        let ending = self
+            .unreplicated
+            .values()
+            .flatten()
+            .filter(|w| w.txn_marker.is_some())
+            .flat_map(|w| &w.records);
+        self.pending_txn_offsets
+            .values()
+            .flatten()
+            .chain(ending)
+            .any(|r| {
+                matches!(r, GroupRecord::Offset { group: g, topic: t, partition: p, .. }
                 if g == group && t == topic && *p == partition)
-        })
+            })
     }
 
     pub fn register(&mut self, token: Token, waiter: Waiter) {

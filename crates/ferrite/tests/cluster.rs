@@ -1557,5 +1557,17 @@ fn transactional_offsets_count_only_once_their_marker_is_replicated() {
     }
     // Once the follower has the marker, the transaction's offset is the committed one.
     committed(9);
+    // An aborted transaction's offsets never count, also once its marker is replicated.
+    producer.begin_transaction().unwrap();
+    producer
+        .send_offsets_to_transaction(&offsets(12), &group_metadata, OP_TIMEOUT)
+        .unwrap();
+    producer.abort_transaction(OP_TIMEOUT).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        fetch_committed(&fetcher, topic, 1),
+        Ok(vec![Some(9)]),
+        "after an aborted transaction"
+    );
     eprintln!("done after {:?}", t0.elapsed());
 }
