@@ -117,6 +117,9 @@ pub struct BrokerConfig {
     pub broker_session_timeout_ms: u64,
     /// `offsets.topic.replication.factor`: `__consumer_offsets` gets min(this, brokers).
     pub offsets_topic_replication_factor: i16,
+    /// `transaction.state.log.replication.factor`: `__transaction_state` gets
+    /// min(this, brokers).
+    pub transaction_state_log_replication_factor: i16,
     /// `transaction.state.log.min.isr`: `__transaction_state`'s `min.insync.replicas`
     /// when it is created (at most its replicas).
     pub transaction_state_log_min_isr: i16,
@@ -242,6 +245,7 @@ impl Default for BrokerConfig {
             broker_heartbeat_interval_ms: 2000,
             broker_session_timeout_ms: 9000,
             offsets_topic_replication_factor: 3,
+            transaction_state_log_replication_factor: 3,
             transaction_state_log_min_isr:
                 ferrite_controller::config::TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
             auto_leader_rebalance_enable: true,
@@ -363,6 +367,9 @@ impl BrokerConfig {
             }
             "offsets.topic.replication.factor" => {
                 self.offsets_topic_replication_factor = parse_num(key, value, 1)?
+            }
+            "transaction.state.log.replication.factor" => {
+                self.transaction_state_log_replication_factor = parse_num(key, value, 1)?
             }
             "transaction.state.log.min.isr" => {
                 self.transaction_state_log_min_isr = parse_num(key, value, 1)?

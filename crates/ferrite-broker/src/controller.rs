@@ -89,6 +89,7 @@ pub fn controller_config(config: &BrokerConfig, cluster_id: &str) -> ControllerC
         num_partitions: config.num_partitions,
         default_replication_factor: config.default_replication_factor,
         offsets_topic_replication_factor: config.offsets_topic_replication_factor,
+        transaction_state_log_replication_factor: config.transaction_state_log_replication_factor,
         transaction_state_log_min_isr: config.transaction_state_log_min_isr,
     }
 }

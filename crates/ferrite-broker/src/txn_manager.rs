@@ -907,7 +907,7 @@ fn load_partition(
 /// default; compacted by key like `__consumer_offsets`; no time or size retention)
 /// through the active controller, from whichever broker is asked first (Kafka's
 /// `AutoTopicCreationManager`): placement over the registered brokers,
-/// min(offsets.topic.replication.factor, brokers) replicas (an internal topic), and the
+/// min(transaction.state.log.replication.factor, brokers) replicas, and the
 /// controller sets its min.insync.replicas to min(transaction.state.log.min.isr, those
 /// replicas). Already
 /// existing counts as created (another broker won the race).

@@ -22,7 +22,9 @@ pub const TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT: i16 = 2;
 /// min(`transaction.state.log.min.isr`, its replicas) unless the request sets it.
 pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
 /// Internal topics: their replication factor defaults to
-/// `min(offsets.topic.replication.factor, usable brokers)`.
+/// `min(offsets.topic.replication.factor, usable brokers)` (`__consumer_offsets`) or
+/// `min(transaction.state.log.replication.factor, usable brokers)`
+/// (`__transaction_state`).
 pub const INTERNAL_TOPICS: [&str; 2] = ["__consumer_offsets", TRANSACTION_STATE_TOPIC];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,9 @@ pub struct ControllerConfig {
     /// `offsets.topic.replication.factor`: the most replicas an internal topic gets by
     /// default (fewer when fewer brokers are usable).
     pub offsets_topic_replication_factor: i16,
+    /// `transaction.state.log.replication.factor`: the most replicas
+    /// `__transaction_state` gets by default (fewer when fewer brokers are usable).
+    pub transaction_state_log_replication_factor: i16,
     /// `transaction.state.log.min.isr`: `__transaction_state`'s `min.insync.replicas`
     /// (at most its replication factor).
     pub transaction_state_log_min_isr: i16,
@@ -60,6 +65,7 @@ impl Default for ControllerConfig {
             num_partitions: 1,
             default_replication_factor: 1,
             offsets_topic_replication_factor: 3,
+            transaction_state_log_replication_factor: 3,
             transaction_state_log_min_isr: TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
         }
     }

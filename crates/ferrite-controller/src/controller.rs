@@ -597,7 +597,12 @@ impl Controller {
                     t.replication_factor
                 } else if INTERNAL_TOPICS.contains(&t.name.as_str()) {
                     let n = i16::try_from(usable.len()).unwrap_or(i16::MAX);
-                    self.config.offsets_topic_replication_factor.min(n).max(1)
+                    let wanted = if t.name == TRANSACTION_STATE_TOPIC {
+                        self.config.transaction_state_log_replication_factor
+                    } else {
+                        self.config.offsets_topic_replication_factor
+                    };
+                    wanted.min(n).max(1)
                 } else {
                     self.config.default_replication_factor
                 };

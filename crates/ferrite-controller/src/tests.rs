@@ -708,6 +708,32 @@ fn transaction_state_gets_transaction_state_log_min_isr_at_most_its_replicas() {
 }
 
 #[test]
+fn transaction_state_takes_its_own_replication_factor() {
+    let mut h = Harness::new(ControllerConfig {
+        transaction_state_log_replication_factor: 2,
+        ..ControllerConfig::default()
+    });
+    h.start(&[0, 1, 2, 3]);
+    let t = h.create("__transaction_state", 3, -1, &[]).unwrap();
+    assert_eq!(t.replication_factor, 2);
+    let t = h.create("__consumer_offsets", 3, -1, &[]).unwrap();
+    assert_eq!(t.replication_factor, 3, "offsets.topic.replication.factor");
+    // Clamped to the usable brokers, as the offsets topic is.
+    let mut h = Harness::new(ControllerConfig {
+        transaction_state_log_replication_factor: 5,
+        ..ControllerConfig::default()
+    });
+    h.start(&[0, 1]);
+    let t = h.create("__transaction_state", 3, -1, &[]).unwrap();
+    assert_eq!(t.replication_factor, 2);
+    // An explicit replication factor in the request wins.
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    let t = h.create("__transaction_state", 3, 1, &[]).unwrap();
+    assert_eq!(t.replication_factor, 1);
+}
+
+#[test]
 fn manual_assignments_are_validated() {
     let mut h = Harness::default();
     h.start(&[0, 1, 2]);

@@ -956,6 +956,7 @@ impl World {
             num_partitions: PARTITIONS,
             default_replication_factor: REPLICATION_FACTOR,
             offsets_topic_replication_factor: REPLICATION_FACTOR,
+            transaction_state_log_replication_factor: REPLICATION_FACTOR,
             transaction_state_log_min_isr:
                 ferrite_controller::config::TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
         }

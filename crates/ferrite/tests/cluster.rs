@@ -1392,6 +1392,7 @@ fn transactional_offsets_count_only_once_their_marker_is_replicated() {
     // stays in the ISR while the test looks.
     let cluster = Cluster::start_with(&[
         "offsets.topic.replication.factor=2",
+        "transaction.state.log.replication.factor=2",
         "broker.session.timeout.ms=20000",
     ]);
     let rt = runtime();
