@@ -7,6 +7,7 @@ stderr (logs) goes to a file next to the data dir and its tail is printed when a
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -29,19 +30,28 @@ DEFAULT_SETTINGS = ("log.retention.check.interval.ms=200", "group.initial.rebala
 class Broker:
     """One `ferrite server` process over one data dir; restartable on the same dir."""
 
-    def __init__(self, data_dir, settings, log_path):
+    def __init__(self, data_dir, settings, log_path, args=()):
         self.data_dir = data_dir
         self.settings = list(settings)
         self.log_path = log_path
+        # More `ferrite server` flags (a cluster node's --node-id, voters, ...).
+        self.args = list(args)
         self.proc = None
         self.addr = None
         self.starts = 0
+        self._lines = None
         os.makedirs(data_dir, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self, listen="127.0.0.1:0", timeout_s=READY_TIMEOUT_S):
+        self.spawn(listen)
+        return self.wait_ready(timeout_s)
+
+    def spawn(self, listen="127.0.0.1:0"):
+        """Starts the process without waiting for its ready line (a cluster node is ready
+        only once a majority of voters runs, so all are spawned before any is waited for)."""
         assert not self.alive(), "already running"
-        cmd = [FERRITE_BIN, "server", "--listen", listen, "--data-dir", self.data_dir]
+        cmd = [FERRITE_BIN, "server", "--listen", listen, "--data-dir", self.data_dir, *self.args]
         for s in self.settings:
             cmd += ["--set", s]
         env = dict(os.environ)
@@ -56,6 +66,7 @@ class Broker:
         finally:
             log.close()
         lines = queue.Queue()
+        self._lines = lines
 
         def pump(stream):
             for line in stream:
@@ -63,6 +74,11 @@ class Broker:
             lines.put(None)
 
         threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True).start()
+        return self
+
+    def wait_ready(self, timeout_s=READY_TIMEOUT_S):
+        """Waits for the ready line of the process spawn() started; returns self."""
+        lines = self._lines
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
@@ -197,3 +213,105 @@ def broker_factory(request):
 @pytest.fixture
 def broker(broker_factory):
     return broker_factory(*DEFAULT_SETTINGS)
+
+
+# -- a cluster of real processes ----------------------------------------------------------
+# A cluster node is killed and restarted on the ports its voters list names. Those ports are
+# taken below the kernel's ephemeral range (ip_local_port_range): one from that range,
+# free while its node is down, could be taken by any outgoing connection meanwhile.
+_FIXED_PORT_LOWEST = 10_000
+_fixed_port_next = [None]
+
+
+def fixed_port():
+    """A free loopback port below the ephemeral range, distinct within this test process."""
+    import socket
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768
+    span = ephemeral_low - _FIXED_PORT_LOWEST
+    assert span > 2_000, f"ip_local_port_range starts at {ephemeral_low}: no room for fixed test ports"
+    if _fixed_port_next[0] is None:
+        _fixed_port_next[0] = (time.time_ns() ^ os.getpid()) % span
+    for _ in range(span):
+        port = _FIXED_PORT_LOWEST + _fixed_port_next[0] % span
+        _fixed_port_next[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_FIXED_PORT_LOWEST}..{ephemeral_low}")
+
+
+# A cluster node's settings: Kafka's heartbeat and session shortened so that a killed
+# node is fenced within seconds (a debug build on two busy cores needs more than W8's
+# 1.5 s), and few offsets partitions so that groups load quickly.
+CLUSTER_SETTINGS = DEFAULT_SETTINGS + ("broker.heartbeat.interval.ms=500", "broker.session.timeout.ms=4000",
+                                       "offsets.topic.num.partitions=3")
+CLUSTER_READY_TIMEOUT_S = 60
+
+
+class Cluster:
+    """Combined broker+controller nodes on 127.0.0.1, node ids 1..n, fixed ports."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    @property
+    def bootstrap(self):
+        return ",".join(n.addr for n in self.nodes)
+
+    @property
+    def addr(self):
+        """bootstrap.servers, so that support's client helpers take a cluster too."""
+        return self.bootstrap
+
+    def node(self, node_id):
+        return self.nodes[node_id - 1]
+
+    def restart(self, node_id):
+        """Starts a stopped or killed node again on its ports and data dir."""
+        n = self.node(node_id)
+        assert not n.alive()
+        return n.start(n.addr, timeout_s=CLUSTER_READY_TIMEOUT_S)
+
+
+@pytest.fixture
+def cluster_factory(request):
+    """make(*settings, nodes=3) starts a cluster whose nodes all get these --set settings."""
+    brokers = []
+    tmp = tempfile.mkdtemp(prefix="ferrite-cluster-")
+
+    def make(*settings, nodes=3):
+        ports = [(fixed_port(), fixed_port()) for _ in range(nodes)]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
+        made = []
+        for i, (kafka, controller) in enumerate(ports):
+            args = ["--node-id", str(i + 1), "--process-roles", "broker,controller",
+                    "--controller-listen", f"127.0.0.1:{controller}", "--controller-quorum-voters", voters]
+            b = Broker(os.path.join(tmp, f"node{i + 1}"), settings,
+                       os.path.join(tmp, f"node{i + 1}.log"), args=args)
+            brokers.append(b)
+            made.append(b)
+            b.spawn(f"127.0.0.1:{kafka}")
+        for b in made:
+            b.wait_ready(CLUSTER_READY_TIMEOUT_S)
+        return Cluster(made)
+
+    yield make
+    try:
+        _teardown(brokers, request)
+    finally:
+        if os.environ.get("FERRITE_KEEP_TEST_DIRS") == "1":
+            print(f"kept the cluster's data dirs and logs in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(cluster_factory):
+    return cluster_factory(*CLUSTER_SETTINGS)
