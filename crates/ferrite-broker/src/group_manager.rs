@@ -117,54 +117,44 @@ impl GroupWriteError {
         }
     }
 
-    /// The code an OffsetCommit, OffsetDelete or DeleteGroups answers (Kafka's
-    /// `GroupMetadataManager.storeOffsets` mapping).
-    pub fn offset_commit_code(&self) -> i16 {
+    /// Kafka's `GroupMetadataManager` mapping of an append error to a group API's code.
+    /// Its two uses (storeOffsets, storeGroup) differ only in what a timeout and a
+    /// too-large write become.
+    fn store_code(&self, timed_out: Option<ResponseError>, too_large: ResponseError) -> i16 {
         let c = self.append_code();
-        let mapped = if c == ResponseError::UnknownTopicOrPartition.code()
-            || c == ResponseError::NotEnoughReplicas.code()
-            || c == ResponseError::NotEnoughReplicasAfterAppend.code()
+        let is = |e: ResponseError| c == e.code();
+        let mapped = if is(ResponseError::UnknownTopicOrPartition)
+            || is(ResponseError::NotEnoughReplicas)
+            || is(ResponseError::NotEnoughReplicasAfterAppend)
         {
             ResponseError::CoordinatorNotAvailable
-        } else if c == ResponseError::NotLeaderOrFollower.code()
-            || c == ResponseError::KafkaStorageError.code()
-        {
+        } else if is(ResponseError::NotLeaderOrFollower) || is(ResponseError::KafkaStorageError) {
             ResponseError::NotCoordinator
-        } else if c == ResponseError::MessageTooLarge.code()
-            || c == ResponseError::RecordListTooLarge.code()
-            || c == ResponseError::InvalidFetchSize.code()
+        } else if is(ResponseError::MessageTooLarge)
+            || is(ResponseError::RecordListTooLarge)
+            || is(ResponseError::InvalidFetchSize)
         {
-            ResponseError::InvalidCommitOffsetSize
+            too_large
+        } else if let Some(t) = timed_out.filter(|_| is(ResponseError::RequestTimedOut)) {
+            t
         } else {
             return c;
         };
         mapped.code()
     }
 
-    /// The code a SyncGroup answers when the group record cannot be written (Kafka's
-    /// `GroupMetadataManager.storeGroup` mapping).
+    /// The code an OffsetCommit, OffsetDelete or DeleteGroups answers (storeOffsets).
+    pub fn offset_commit_code(&self) -> i16 {
+        self.store_code(None, ResponseError::InvalidCommitOffsetSize)
+    }
+
+    /// The code a SyncGroup answers when the group record cannot be written
+    /// (storeGroup).
     pub fn group_code(&self) -> i16 {
-        let c = self.append_code();
-        let mapped = if c == ResponseError::UnknownTopicOrPartition.code()
-            || c == ResponseError::NotEnoughReplicas.code()
-            || c == ResponseError::NotEnoughReplicasAfterAppend.code()
-        {
-            ResponseError::CoordinatorNotAvailable
-        } else if c == ResponseError::NotLeaderOrFollower.code()
-            || c == ResponseError::KafkaStorageError.code()
-        {
-            ResponseError::NotCoordinator
-        } else if c == ResponseError::RequestTimedOut.code() {
-            ResponseError::RebalanceInProgress
-        } else if c == ResponseError::MessageTooLarge.code()
-            || c == ResponseError::RecordListTooLarge.code()
-            || c == ResponseError::InvalidFetchSize.code()
-        {
-            ResponseError::UnknownServerError
-        } else {
-            return c;
-        };
-        mapped.code()
+        self.store_code(
+            Some(ResponseError::RebalanceInProgress),
+            ResponseError::UnknownServerError,
+        )
     }
 }
 
@@ -196,6 +186,26 @@ impl GroupWrite {
 }
 
 impl GroupManager {
+    /// The end of every handler whose records are applied once replicated
+    /// (OffsetCommit, OffsetDelete, DeleteGroups): waits for the write's in-sync
+    /// replicas, then applies whatever of the partition's queue they have, this write's
+    /// records included when it succeeded.
+    pub async fn finish_write(
+        &self,
+        broker: &Broker,
+        write: Result<Option<GroupWrite>, GroupWriteError>,
+    ) -> Result<(), GroupWriteError> {
+        let w = match write {
+            Ok(None) => return Ok(()),
+            Ok(Some(w)) => w,
+            Err(e) => return Err(e),
+        };
+        let partition = w.partition;
+        let r = w.wait().await;
+        self.lock().replay_replicated(broker, partition, now_ms());
+        r
+    }
+
     pub fn new(coordinator: GroupCoordinator, partitions: i32) -> Self {
         GroupManager {
             state: Mutex::new(GroupManagerState {
@@ -973,5 +983,67 @@ pub async fn run_ticker(broker: Arc<Broker>) {
                 .clamp(1, GROUP_TICK_INTERVAL_MS_MAX)
         };
         tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GroupWriteError;
+    use ferrite_replication::ReplicationError;
+    use kafka_protocol::ResponseError;
+
+    /// Kafka's storeOffsets and storeGroup mappings: the same but for a timeout (a
+    /// SyncGroup retries it as a rebalance) and a too-large write.
+    #[test]
+    fn write_errors_map_as_kafkas_group_metadata_manager() {
+        let cases = [
+            (
+                GroupWriteError::Backlog {
+                    partition: 0,
+                    queued: 1,
+                },
+                ResponseError::CoordinatorNotAvailable,
+                ResponseError::CoordinatorNotAvailable,
+            ),
+            (
+                GroupWriteError::Replication(ReplicationError::NotEnoughReplicasAfterAppend {
+                    isr: 1,
+                    min_insync_replicas: 2,
+                }),
+                ResponseError::CoordinatorNotAvailable,
+                ResponseError::CoordinatorNotAvailable,
+            ),
+            (
+                GroupWriteError::NotHosted(3),
+                ResponseError::NotCoordinator,
+                ResponseError::NotCoordinator,
+            ),
+            (
+                GroupWriteError::Replication(ReplicationError::RequestTimedOut {
+                    required_offset: 7,
+                }),
+                ResponseError::RequestTimedOut,
+                ResponseError::RebalanceInProgress,
+            ),
+            (
+                GroupWriteError::Produce(crate::replica_manager::ProduceError::Storage(
+                    ferrite_storage::StorageError::MessageTooLarge { size: 2, max: 1 },
+                )),
+                ResponseError::InvalidCommitOffsetSize,
+                ResponseError::UnknownServerError,
+            ),
+            (
+                GroupWriteError::Replication(ReplicationError::FencedLeaderEpoch {
+                    request: 1,
+                    current: 2,
+                }),
+                ResponseError::FencedLeaderEpoch,
+                ResponseError::FencedLeaderEpoch,
+            ),
+        ];
+        for (e, offsets, group) in cases {
+            assert_eq!(e.offset_commit_code(), offsets.code(), "{e}: storeOffsets");
+            assert_eq!(e.group_code(), group.code(), "{e}: storeGroup");
+        }
     }
 }

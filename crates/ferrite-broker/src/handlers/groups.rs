@@ -322,19 +322,7 @@ pub async fn offset_commit(
             }
         }
     };
-    let written = match write {
-        Ok(None) => Ok(()),
-        Ok(Some(w)) => {
-            let partition = w.partition;
-            let r = w.wait().await;
-            broker
-                .groups
-                .lock()
-                .replay_replicated(broker, partition, now_ms());
-            r
-        }
-        Err(e) => Err(e),
-    };
+    let written = broker.groups.finish_write(broker, write).await;
     if let Err(e) = &written {
         tracing::warn!(%group, error = %e, "offset commit write failed");
     }
@@ -617,22 +605,13 @@ pub async fn delete_groups(broker: &Arc<Broker>, req: DeleteGroupsRequest) -> De
         };
         let code = match write {
             Err(code) => code,
-            Ok(None) => 0,
-            Ok(Some(w)) => {
-                let partition = w.partition;
-                let r = w.wait().await;
-                broker
-                    .groups
-                    .lock()
-                    .replay_replicated(broker, partition, now_ms());
-                match r {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::warn!(group = %g.0.as_str(), error = %e, "delete group write failed");
-                        e.offset_commit_code()
-                    }
+            Ok(write) => match broker.groups.finish_write(broker, Ok(write)).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!(group = %g.0.as_str(), error = %e, "delete group write failed");
+                    e.offset_commit_code()
                 }
-            }
+            },
         };
         results.push(
             DeletableGroupResult::default()
@@ -687,19 +666,7 @@ pub async fn offset_delete(broker: &Arc<Broker>, req: OffsetDeleteRequest) -> Of
         let write = state.write(broker, &good, now, true);
         (records, write)
     };
-    let written = match write {
-        Ok(None) => Ok(()),
-        Ok(Some(w)) => {
-            let partition = w.partition;
-            let r = w.wait().await;
-            broker
-                .groups
-                .lock()
-                .replay_replicated(broker, partition, now_ms());
-            r
-        }
-        Err(e) => Err(e),
-    };
+    let written = broker.groups.finish_write(broker, write).await;
     let write_code = written.as_ref().err().map(|e| e.offset_commit_code());
     let mut topics: Vec<OffsetDeleteResponseTopic> = Vec::new();
     for ((topic, partition), r) in partitions.into_iter().zip(records) {
