@@ -3,7 +3,8 @@ broker+controller nodes on loopback, fixed ports below the ephemeral range):
 
 - kafka-python 3 with its defaults (idempotent, acks=all) keeps every acknowledged write,
   in order and without duplicates, while partition leaders are killed with SIGKILL one
-  after another and a node is stopped with SIGTERM (controlled shutdown);
+  after another and a node is stopped with SIGTERM (controlled shutdown); so does
+  confluent-kafka with its defaults (acks=all, not idempotent: duplicates are counted);
 - confluent-kafka's consume-transform-produce loop stays exactly once while the
   transaction coordinator, then the group coordinator, then an output partition's leader
   are killed with SIGKILL mid-transaction and restarted.
@@ -84,12 +85,60 @@ def find_coordinator(cluster, key, key_type):
     return None
 
 
+def leader_faults(cluster, topic, partitions, acked_count):
+    """The leader of partition 0 killed (SIGKILL) and restarted, twice (each time the
+    current leader), then a node stopped with SIGTERM and restarted; between the steps,
+    200 more acknowledgements (writes flow again) and a full ISR."""
+    def progress(what, more=200):
+        start = acked_count()
+        wait_until(f"{more} more acknowledgements {what}", lambda: acked_count() >= start + more,
+                   timeout_s=OP_TIMEOUT_S)
+
+    progress("before any fault")
+    for round_ in range(2):
+        victim = partition_state(cluster, topic)[0][0]
+        cluster.node(victim).kill()
+        wait_leader_not(cluster, topic, 0, victim)
+        progress(f"after kill -9 of node {victim} (round {round_ + 1})")
+        cluster.restart(victim)
+        wait_full_isr(cluster, topic, partitions)
+        progress(f"after node {victim} rejoined")
+    victim = partition_state(cluster, topic)[0][0]
+    code = cluster.node(victim).stop()
+    assert code == 0, f"node {victim} exited with {code} on SIGTERM"
+    progress(f"after SIGTERM of node {victim}")
+    cluster.restart(victim)
+    wait_full_isr(cluster, topic, partitions)
+    progress(f"after node {victim} rejoined")
+
+
+def check_acknowledged(acked, read, exactly_once):
+    """acked: {value: (partition, offset)}; read: {partition: [(offset, value)]}. Every
+    acknowledged value is read back at its acknowledged place; with exactly_once no value
+    appears twice and each partition keeps send order."""
+    at = {}
+    for p, recs in read.items():
+        for o, v in recs:
+            at.setdefault(v, set()).add((p, o))
+    lost = [v for v in acked if v not in at]
+    assert not lost, f"{len(lost)} acknowledged records lost, e.g. {lost[:5]}"
+    moved = [(v, acked[v], sorted(at[v])) for v in acked if acked[v] not in at[v]]
+    assert not moved, f"records not at their acknowledged offsets: {moved[:5]}"
+    duplicates = sum(len(places) - 1 for places in at.values())
+    if exactly_once:
+        assert duplicates == 0, f"{duplicates} duplicated records"
+        for p, recs in read.items():
+            values = [v for _, v in recs]
+            assert values == sorted(values), f"partition {p} out of send order"
+    assert len(acked) > 1000
+    return duplicates
+
+
 def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills(cluster):
     """kafka-python 3's default producer (enable_idempotence, acks=-1, unbounded retries
-    within delivery_timeout_ms) writes without pause while the leader of partition 0 is
-    killed (SIGKILL) and restarted, then the next leader too, then a node is stopped with
-    SIGTERM and restarted. Every acknowledged record is read back at its acknowledged
-    offset; each value appears once; within a partition values keep their send order."""
+    within delivery_timeout_ms) writes without pause through leader_faults(). Every
+    acknowledged record is read back at its acknowledged offset; each value appears
+    once; within a partition values keep their send order."""
     kafka = pytest.importorskip("kafka")
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition as KpTopicPartition
     topic, partitions = "kp-durable", 3
@@ -131,29 +180,8 @@ def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills
         with lock:
             return len(acked)
 
-    def progress(what, more=200):
-        """Waits until `more` further records are acknowledged (writes flow again)."""
-        start = acked_count()
-        wait_until(f"{more} more acknowledgements {what}", lambda: acked_count() >= start + more,
-                   timeout_s=OP_TIMEOUT_S)
-
     try:
-        progress("before any fault")
-        for round_ in range(2):
-            victim = partition_state(cluster, topic)[0][0]
-            cluster.node(victim).kill()
-            wait_leader_not(cluster, topic, 0, victim)
-            progress(f"after kill -9 of node {victim} (round {round_ + 1})")
-            cluster.restart(victim)
-            wait_full_isr(cluster, topic, partitions)
-            progress(f"after node {victim} rejoined")
-        victim = partition_state(cluster, topic)[0][0]
-        code = cluster.node(victim).stop()
-        assert code == 0, f"node {victim} exited with {code} on SIGTERM"
-        progress(f"after SIGTERM of node {victim}")
-        cluster.restart(victim)
-        wait_full_isr(cluster, topic, partitions)
-        progress(f"after node {victim} rejoined")
+        leader_faults(cluster, topic, partitions, acked_count)
     finally:
         stop.set()
         writer.join(10)
@@ -178,19 +206,76 @@ def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills
             for r in recs:
                 read.setdefault(r.partition, []).append((r.offset, int(r.value)))
     consumer.close()
+    check_acknowledged(acked, read, exactly_once=True)
+    print(f"kafka-python: {len(acked)} acknowledged, all read back in place, once")
 
-    seen = [v for recs in read.values() for _, v in recs]
-    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} duplicated values"
-    at = {v: (p, o) for p, recs in read.items() for o, v in recs}
-    lost = [v for v in acked if v not in at]
-    assert not lost, f"{len(lost)} acknowledged records lost, e.g. {lost[:5]}"
-    moved = [(v, acked[v], at[v]) for v in acked if at[v] != acked[v]]
-    assert not moved, f"records not at their acknowledged offsets: {moved[:5]}"
-    for p, recs in read.items():
-        values = [v for _, v in recs]
-        assert values == sorted(values), f"partition {p} out of send order"
-    assert len(acked) > 1000
-    print(f"{len(acked)} acknowledged, all read back in place; {len(read)} partitions")
+
+def test_confluent_kafka_defaults_keep_every_acknowledged_write_across_leader_kills(cluster):
+    """The same faults under confluent-kafka's default producer: acks=all (librdkafka's
+    default), idempotence off (its default), so a retry after a lost answer may write a
+    record twice, as with Kafka. Every acknowledged record is read back at its
+    acknowledged offset; duplicates are counted, not refused."""
+    topic, partitions = "ck-durable", 3
+    ck_create(cluster, topic, partitions, {"min.insync.replicas": "2"}, rf=3)
+    wait_full_isr(cluster, topic, partitions)
+    producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 5})
+    acked, failed = {}, []
+    lock = threading.Lock()
+    stop = threading.Event()
+    sent = [0]
+
+    def on_delivery(err, msg):
+        value = int(msg.value())
+        with lock:
+            if err is not None:
+                failed.append((value, str(err)))
+            else:
+                acked[value] = (msg.partition(), msg.offset())
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            try:
+                producer.produce(topic, value=str(i).encode(), partition=i % partitions,
+                                 on_delivery=on_delivery)
+            except BufferError:
+                producer.poll(0.05)
+                continue
+            i += 1
+            sent[0] = i
+            producer.poll(0)
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+
+    def acked_count():
+        with lock:
+            return len(acked)
+
+    try:
+        leader_faults(cluster, topic, partitions, acked_count)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert producer.flush(120) == 0, "sends never answered"
+    with lock:
+        assert not failed, f"{len(failed)} sends failed, first: {failed[:3]}"
+        assert len(acked) == sent[0], f"{sent[0] - len(acked)} sends never answered"
+        acked = dict(acked)
+
+    consumer = ck_consumer(cluster)
+    ends = []
+    for p in range(partitions):
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+        ends.append(high)
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    read = {}
+    for m in ck_consume(consumer, sum(ends), timeout_s=OP_TIMEOUT_S):
+        read.setdefault(m.partition(), []).append((m.offset(), int(m.value())))
+    consumer.close()
+    duplicates = check_acknowledged(acked, read, exactly_once=False)
+    print(f"confluent-kafka: {len(acked)} acknowledged, all read back in place; {duplicates} duplicates")
 
 
 # Kills in the transactional loop: (cycle, where, whom). "produced": after the cycle's
