@@ -325,11 +325,6 @@ impl Broker {
             _lock: lock,
         });
         metadata_quorum.set_kafka_handler(controller_rpc::handler(Arc::downgrade(&broker)));
-        // The groups of the `__consumer_offsets` partitions led here; the ticker loads
-        // those this broker comes to lead later.
-        broker.groups.sync_leadership(&broker);
-        // After the groups: resumed commits apply their pending offsets.
-        broker.txns.sync_leadership(&broker);
         tokio::spawn(follow_metadata(
             Arc::downgrade(&broker),
             metadata_quorum.clone(),
@@ -343,6 +338,16 @@ impl Broker {
         ));
         tokio::spawn(lifecycle::tick(Arc::downgrade(&broker)));
         wait_until_unfenced(&broker).await?;
+        // The coordinators of the `__consumer_offsets` and `__transaction_state`
+        // partitions led here, loaded only now: unfenced means caught up with the
+        // metadata log, and before that the local image can still name this broker the
+        // leader of partitions it lost while down (a restart would load them, resume
+        // their transactions and unload them a moment later). Kafka's broker, too,
+        // takes no partition role before its initial catch-up. The tickers load those
+        // this broker comes to lead later.
+        broker.groups.sync_leadership(&broker);
+        // After the groups: resumed commits apply their pending offsets.
+        broker.txns.sync_leadership(&broker);
         if metadata_quorum.status().is_active_controller && metadata_quorum.voters().len() == 1 {
             // A one-voter cluster has all its brokers now; a larger one creates the
             // topic from the controller's tick once enough brokers registered.
