@@ -23,6 +23,33 @@ def wait_until(what, predicate, timeout_s=60, interval_s=0.1):
         time.sleep(interval_s)
 
 
+class Hung(AssertionError):
+    """A bounded call did not return in time."""
+
+
+def run_bounded(what, fn, timeout_s):
+    """fn() on a daemon thread, joined with timeout_s: its result, its exception, or Hung.
+    For client calls whose own timeout may not hold (librdkafka's
+    send_offsets_to_transaction does not enforce its timeout, librdkafka #5456)."""
+    import threading
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise Hung(f"{what} did not return within {timeout_s}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 # Kafka's murmur2 (the Java client's Utils.murmur2) lives in murmur2.py; re-exported here.
 from murmur2 import murmur2, partition_for  # noqa: E402,F401
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import CLUSTER_READY_TIMEOUT_S
-from support import ck_admin, ck_consume, ck_consumer, ck_create, raw_request, wait_until
+from support import Hung, ck_admin, ck_consume, ck_consumer, ck_create, raw_request, run_bounded, wait_until
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 from confluent_kafka import KafkaException, Producer, TopicPartition  # noqa: E402
@@ -134,41 +134,27 @@ def check_acknowledged(acked, read, exactly_once):
     return duplicates
 
 
-def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills(cluster):
-    """kafka-python 3's default producer (enable_idempotence, acks=-1, unbounded retries
-    within delivery_timeout_ms) writes without pause through leader_faults(). Every
-    acknowledged record is read back at its acknowledged offset; each value appears
-    once; within a partition values keep their send order."""
-    kafka = pytest.importorskip("kafka")
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition as KpTopicPartition
-    topic, partitions = "kp-durable", 3
-    ck_create(cluster, topic, partitions, {"min.insync.replicas": "2"}, rf=3)
-    wait_full_isr(cluster, topic, partitions)
-
-    producer = KafkaProducer(bootstrap_servers=cluster.bootstrap.split(","), linger_ms=5)
-    assert producer.config["enable_idempotence"] is True and producer.config["acks"] == -1, \
-        "the test is about kafka-python's defaults"
+def write_through_leader_faults(cluster, topic, partitions, send, flush):
+    """Sends the values 0, 1, 2, ... (value i to partition i % partitions) from a thread
+    without pause while leader_faults() runs, then stops and flush()es. send(i, ok, err)
+    makes one send whose answer calls ok(partition, offset) or err(reason). Fails if a
+    send failed or was never answered; returns {value: (partition, offset)}."""
     acked, failed = {}, []
     lock = threading.Lock()
     stop = threading.Event()
     sent = [0]
 
-    def record(value):
-        def ok(md):
-            with lock:
-                acked[value] = (md.partition, md.offset)
-
-        def err(e):
-            with lock:
-                failed.append((value, repr(e)))
-        return ok, err
-
     def write():
         i = 0
         while not stop.is_set():
-            ok, err = record(i)
-            producer.send(topic, value=str(i).encode(), partition=i % partitions) \
-                .add_callback(ok).add_errback(err)
+            def ok(partition, offset, i=i):
+                with lock:
+                    acked[i] = (partition, offset)
+
+            def err(reason, i=i):
+                with lock:
+                    failed.append((i, reason))
+            send(i, ok, err)
             i += 1
             sent[0] = i
             time.sleep(0.002)
@@ -185,12 +171,37 @@ def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills
     finally:
         stop.set()
         writer.join(10)
-    producer.flush(timeout=120)
-    producer.close(timeout=10)
+    flush()
     with lock:
         assert not failed, f"{len(failed)} sends failed, first: {failed[:3]}"
         assert len(acked) == sent[0], f"{sent[0] - len(acked)} sends never answered"
-        acked = dict(acked)
+        return dict(acked)
+
+
+def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills(cluster):
+    """kafka-python 3's default producer (enable_idempotence, acks=-1, unbounded retries
+    within delivery_timeout_ms) writes without pause through leader_faults(). Every
+    acknowledged record is read back at its acknowledged offset; each value appears
+    once; within a partition values keep their send order."""
+    kafka = pytest.importorskip("kafka")
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition as KpTopicPartition
+    topic, partitions = "kp-durable", 3
+    ck_create(cluster, topic, partitions, {"min.insync.replicas": "2"}, rf=3)
+    wait_full_isr(cluster, topic, partitions)
+
+    producer = KafkaProducer(bootstrap_servers=cluster.bootstrap.split(","), linger_ms=5)
+    assert producer.config["enable_idempotence"] is True and producer.config["acks"] == -1, \
+        "the test is about kafka-python's defaults"
+
+    def send(i, ok, err):
+        producer.send(topic, value=str(i).encode(), partition=i % partitions) \
+            .add_callback(lambda md: ok(md.partition, md.offset)).add_errback(lambda e: err(repr(e)))
+
+    def flush():
+        producer.flush(timeout=120)
+        producer.close(timeout=10)
+
+    acked = write_through_leader_faults(cluster, topic, partitions, send, flush)
 
     consumer = KafkaConsumer(bootstrap_servers=cluster.bootstrap.split(","), enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=5000)
@@ -219,50 +230,26 @@ def test_confluent_kafka_defaults_keep_every_acknowledged_write_across_leader_ki
     ck_create(cluster, topic, partitions, {"min.insync.replicas": "2"}, rf=3)
     wait_full_isr(cluster, topic, partitions)
     producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 5})
-    acked, failed = {}, []
-    lock = threading.Lock()
-    stop = threading.Event()
-    sent = [0]
 
-    def on_delivery(err, msg):
-        value = int(msg.value())
-        with lock:
-            if err is not None:
-                failed.append((value, str(err)))
+    def send(i, ok, err):
+        def on_delivery(e, msg):
+            if e is not None:
+                err(str(e))
             else:
-                acked[value] = (msg.partition(), msg.offset())
-
-    def write():
-        i = 0
-        while not stop.is_set():
+                ok(msg.partition(), msg.offset())
+        while True:
             try:
                 producer.produce(topic, value=str(i).encode(), partition=i % partitions,
                                  on_delivery=on_delivery)
+                break
             except BufferError:
                 producer.poll(0.05)
-                continue
-            i += 1
-            sent[0] = i
-            producer.poll(0)
-            time.sleep(0.002)
+        producer.poll(0)
 
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    def flush():
+        assert producer.flush(120) == 0, "sends never answered"
 
-    def acked_count():
-        with lock:
-            return len(acked)
-
-    try:
-        leader_faults(cluster, topic, partitions, acked_count)
-    finally:
-        stop.set()
-        writer.join(10)
-    assert producer.flush(120) == 0, "sends never answered"
-    with lock:
-        assert not failed, f"{len(failed)} sends failed, first: {failed[:3]}"
-        assert len(acked) == sent[0], f"{sent[0] - len(acked)} sends never answered"
-        acked = dict(acked)
+    acked = write_through_leader_faults(cluster, topic, partitions, send, flush)
 
     consumer = ck_consumer(cluster)
     ends = []
@@ -285,39 +272,12 @@ EOS_KILLS = {3: ("produced", "txn-coordinator"), 6: ("offsets", "group-coordinat
              9: ("committed", "output-leader")}
 # The victim is restarted this long after its kill, from a timer: past the broker
 # session (4 s), so that it is fenced and its leaderships and coordinators move first.
-# Not from the loop: while the victim is missing from metadata, librdkafka 2.16's
-# send_offsets_to_transaction can wait for the decommissioned coordinator handle until
-# some broker changes state (librdkafka #5511, open; Kafka omits fenced brokers from
-# Metadata too), and the victim's return is that change.
+# From a timer, not the loop, so that a cycle hung in the client (librdkafka #5511,
+# below) does not also keep the node down.
 EOS_RESTART_AFTER_S = 8
 # A cycle that takes longer is taken for hung (a healthy one after a kill takes a broker
 # session, a controller election and a coordinator load: under 15 s here).
 EOS_CYCLE_TIMEOUT_S = 30
-
-
-class Hung(AssertionError):
-    """A bounded call did not return in time."""
-
-
-def run_bounded(what, fn, timeout_s=EOS_CYCLE_TIMEOUT_S):
-    """fn() on a daemon thread (librdkafka's send_offsets_to_transaction does not enforce
-    its timeout, librdkafka #5456): its result, its exception, or Hung."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise Hung(f"{what} did not return within {timeout_s}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def test_consume_transform_produce_stays_exactly_once_across_coordinator_kills(cluster):
@@ -356,7 +316,7 @@ def test_consume_transform_produce_stays_exactly_once_across_coordinator_kills(c
         p.init_transactions(OP_TIMEOUT_S)
         return c, p
 
-    c, p = run_bounded("init_transactions", make)
+    c, p = run_bounded("init_transactions", make, EOS_CYCLE_TIMEOUT_S)
     restarts = []  # threads restarting a victim, and their errors
     restart_errors = []
     kills_done = []
@@ -433,7 +393,7 @@ def test_consume_transform_produce_stays_exactly_once_across_coordinator_kills(c
             break
         cycle += 1
         try:
-            run_bounded(f"cycle {cycle}", lambda: one_cycle(cycle, c, p, generation[0]))
+            run_bounded(f"cycle {cycle}", lambda: one_cycle(cycle, c, p, generation[0]), EOS_CYCLE_TIMEOUT_S)
         except Hung:
             # librdkafka #5511 (open): once the cached group coordinator is missing from
             # Metadata (fenced; Kafka omits fenced brokers too), its handle is
@@ -444,8 +404,8 @@ def test_consume_transform_produce_stays_exactly_once_across_coordinator_kills(c
             hung += 1
             assert hung <= len(EOS_KILLS), f"{hung} hung cycles for {len(EOS_KILLS)} kills"
             generation[0] += 1
-            run_bounded("closing the hung application's consumer", c.close)
-            c, p = run_bounded("restarting the application", make)
+            run_bounded("closing the hung application's consumer", c.close, EOS_CYCLE_TIMEOUT_S)
+            c, p = run_bounded("restarting the application", make, EOS_CYCLE_TIMEOUT_S)
         except KafkaException as e:
             err = e.args[0]
             assert not err.fatal(), f"fatal error in cycle {cycle}: {err}"
@@ -457,7 +417,7 @@ def test_consume_transform_produce_stays_exactly_once_across_coordinator_kills(c
                 c.close()
                 return make()
             # As the application would: abort, then resume from the committed offsets.
-            c, p = run_bounded("resuming after an abortable error", again)
+            c, p = run_bounded("resuming after an abortable error", again, EOS_CYCLE_TIMEOUT_S)
     for t in restarts:
         t.join(EOS_RESTART_AFTER_S + CLUSTER_READY_TIMEOUT_S)
     assert not restart_errors, restart_errors

@@ -7,12 +7,11 @@ exactly once across kill -9 of the broker."""
 import json
 import os
 import subprocess
-import threading
 import time
 
 import pytest
 
-from support import ck_consume, ck_consumer, ck_create, ck_assert_nothing_more, wait_until
+from support import ck_consume, ck_consumer, ck_create, ck_assert_nothing_more, run_bounded, wait_until
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition  # noqa: E402
@@ -292,26 +291,6 @@ CYCLE_TIMEOUT_S = 60
 NO_REBOOTSTRAP = {"metadata.recovery.strategy": "none"}
 
 
-def run_bounded(what, fn, timeout_s=CYCLE_TIMEOUT_S):
-    """fn() on a daemon thread; its result, its exception, or a failure after timeout_s."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise AssertionError(f"{what} did not return within {timeout_s}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 @pytest.mark.parametrize("kills", [
     pytest.param({}, id="no-kill"),
     pytest.param(KILLS_LONG if LONG else KILLS_MID_TRANSACTION, id="kill-9"),
@@ -349,7 +328,7 @@ def test_consume_transform_produce_is_exactly_once(broker, kills):
                                                 **NO_REBOOTSTRAP})
         return c, p
 
-    c, p = run_bounded("init_transactions", make)
+    c, p = run_bounded("init_transactions", make, CYCLE_TIMEOUT_S)
     cycle = 0
     restarts = 0
     deadline = time.monotonic() + (900 if LONG else 150)
@@ -403,7 +382,7 @@ def test_consume_transform_produce_is_exactly_once(broker, kills):
         cycle += 1
         where = kills.pop(cycle, None)
         try:
-            run_bounded(f"cycle {cycle} ({where or 'no kill'})", lambda: one_cycle(where))
+            run_bounded(f"cycle {cycle} ({where or 'no kill'})", lambda: one_cycle(where), CYCLE_TIMEOUT_S)
         except (KafkaException, AppCrash) as e:
             # Whatever failed, start over as a restarted application would: a new
             # producer with the same transactional.id (fencing and aborting the old
@@ -418,7 +397,7 @@ def test_consume_transform_produce_is_exactly_once(broker, kills):
                         pass
                 c.close()
                 return make()
-            c, p = run_bounded("restarting the application", again)
+            c, p = run_bounded("restarting the application", again, CYCLE_TIMEOUT_S)
     c.close()
     assert restarts == planned_restarts
     got = consume_all(broker, "eos-out", partitions, total, "read_committed")
