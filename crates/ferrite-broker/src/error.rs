@@ -115,11 +115,43 @@ pub fn quorum_error_code(e: &ferrite_raft::QuorumError) -> i16 {
     code.code()
 }
 
+/// The code a produce gets when its transaction could not be verified with the
+/// coordinator (KIP-890 part 1), from the coordinator's code: the retriable ones become
+/// NOT_ENOUGH_REPLICAS, which older clients retry without a metadata refresh, as Kafka
+/// maps them (`ReplicaManager.handleProduceAppend`); PRODUCER_FENCED becomes
+/// INVALID_PRODUCER_EPOCH, as the local check answers; INVALID_TXN_STATE (not added)
+/// and the others stay.
+pub fn verification_produce_code(code: i16) -> i16 {
+    let retriable = [
+        ResponseError::ConcurrentTransactions,
+        ResponseError::NetworkException,
+        ResponseError::CoordinatorLoadInProgress,
+        ResponseError::CoordinatorNotAvailable,
+        ResponseError::NotCoordinator,
+    ];
+    if retriable.iter().any(|e| e.code() == code) {
+        ResponseError::NotEnoughReplicas.code()
+    } else if code == ResponseError::ProducerFenced.code() {
+        // What the local check answers a produce too (`TxnError::for_version`).
+        ResponseError::InvalidProducerEpoch.code()
+    } else {
+        code
+    }
+}
+
 /// Kafka error code for a refused produce.
 pub fn produce_error_code(e: &crate::replica_manager::ProduceError) -> i16 {
     match e {
         crate::replica_manager::ProduceError::Storage(e) => storage_error_code(e),
         crate::replica_manager::ProduceError::Replication(e) => replication_error_code(e),
+        crate::replica_manager::ProduceError::NotInTransaction { .. } => {
+            ResponseError::InvalidTxnState.code()
+        }
+        // Retriable, and one that older clients retry without a metadata refresh: what
+        // Kafka answers for a verification that could not be made.
+        crate::replica_manager::ProduceError::VerificationsFull(_) => {
+            ResponseError::NotEnoughReplicas.code()
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use kafka_protocol::records::{
 use kafka_protocol::ResponseError;
 use tokio::sync::oneshot;
 
-use crate::replica_manager::{Partition, ProduceError, ProduceWaiter};
+use crate::replica_manager::{Partition, ProduceError, ProduceWaiter, TxnWrite};
 use crate::{now_ms, Broker};
 
 pub use ferrite_coordinator::partition_for_group;
@@ -420,7 +420,7 @@ impl GroupManagerState {
         now: i64,
         replay: bool,
     ) -> Result<Option<GroupWrite>, GroupWriteError> {
-        self.write_as(broker, records, now, replay, None)
+        self.write_as(broker, records, now, replay, None, TxnWrite::None)
     }
 
     /// A TxnOffsetCommit's records: one transactional batch of
@@ -434,6 +434,7 @@ impl GroupManagerState {
         producer_id: i64,
         producer_epoch: i16,
         now: i64,
+        verified: TxnWrite,
     ) -> Result<Option<GroupWrite>, GroupWriteError> {
         let write = self.write_as(
             broker,
@@ -441,6 +442,7 @@ impl GroupManagerState {
             now,
             false,
             Some((producer_id, producer_epoch)),
+            verified,
         )?;
         self.add_txn_offsets(producer_id, records);
         Ok(write)
@@ -453,6 +455,7 @@ impl GroupManagerState {
         now: i64,
         replay: bool,
         txn: Option<(i64, i16)>,
+        txn_write: TxnWrite,
     ) -> Result<Option<GroupWrite>, GroupWriteError> {
         let Some(first) = records.first() else {
             return Ok(None);
@@ -467,8 +470,12 @@ impl GroupManagerState {
             .get(OFFSETS_TOPIC, partition)
             .ok_or(GroupWriteError::NotHosted(partition))?;
         let batch = encode_batch(records, now, txn).map_err(GroupWriteError::Encode)?;
-        let (info, waiter) =
-            p.append_coordinator(&batch, now, broker.config.offsets_commit_timeout_ms)?;
+        let (info, waiter) = p.append_coordinator(
+            &batch,
+            now,
+            broker.config.offsets_commit_timeout_ms,
+            txn_write,
+        )?;
         if replay {
             self.unreplicated
                 .entry(partition)

@@ -56,6 +56,69 @@ struct LeaderRole {
     state: PartitionLeader,
     /// acks=all produces waiting for the high watermark, by token.
     waiters: HashMap<u64, oneshot::Sender<Result<(), ReplicationError>>>,
+    /// KIP-890 part 1's verification guards (Kafka's `VerificationStateEntry`), by
+    /// producer id: a verification with another broker's transaction coordinator in
+    /// progress or done, for a producer with no transaction ongoing here. A marker or
+    /// any transactional write of the producer removes its guard, so a batch verified
+    /// before the transaction ended cannot open a new one afterwards (KAFKA-17754).
+    /// Leader state only: a new leader starts with none and verifies again.
+    verification_guards: HashMap<i64, VerificationGuard>,
+}
+
+/// Verification guards one partition's leader holds at most; a verification beyond
+/// it is refused with a retriable error (NOT_ENOUGH_REPLICAS, as Kafka maps retriable
+/// verification errors), after guards older than [`VERIFICATION_GUARD_EXPIRY_MS`]
+/// are dropped.
+pub const VERIFICATION_GUARDS_MAX: usize = 4096;
+/// A verification guard older than this is dropped when the table is full: its
+/// producer's verified batch either arrived long ago or never will.
+pub const VERIFICATION_GUARD_EXPIRY_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, Copy)]
+struct VerificationGuard {
+    token: u64,
+    created_ms: i64,
+}
+
+/// How a leader's write takes part in KIP-890 part 1's verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnWrite {
+    /// Not transactional.
+    None,
+    /// A transactional write (data batch or marker) of this producer that needs no
+    /// guard: a marker, or a batch checked under the local coordinator's lock. It ends
+    /// the producer's verification here.
+    Producer(i64),
+    /// A transactional write checked by another broker's coordinator: accepted only if
+    /// the producer's transaction is ongoing here, or `guard` (from
+    /// [`Partition::begin_txn_verification`]) is still the producer's guard, i.e. no
+    /// marker or other transactional write came since the verification began.
+    Verified {
+        producer_id: i64,
+        guard: Option<u64>,
+    },
+}
+
+impl TxnWrite {
+    /// A producer's transactional batch ([`TxnWrite::Producer`]) or not.
+    pub fn of(records: &[u8]) -> TxnWrite {
+        match ferrite_storage::BatchHeader::parse(records) {
+            Ok(h) if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0 => {
+                TxnWrite::Producer(h.producer_id)
+            }
+            _ => TxnWrite::None,
+        }
+    }
+
+    fn producer_id(self) -> Option<i64> {
+        match self {
+            TxnWrite::None => None,
+            TxnWrite::Producer(id)
+            | TxnWrite::Verified {
+                producer_id: id, ..
+            } => Some(id),
+        }
+    }
 }
 
 struct Replication {
@@ -83,6 +146,12 @@ pub enum ProduceError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// KIP-890 part 1: the batch's transaction is not ongoing here and its verification
+    /// does not hold (never verified, or a marker came since).
+    #[error("transactional batch of producer {producer_id} is not part of an ongoing transaction: not verified with the coordinator, or the transaction ended since")]
+    NotInTransaction { producer_id: i64 },
+    #[error("{0} transaction verifications already in progress on this partition")]
+    VerificationsFull(usize),
 }
 
 pub struct Partition {
@@ -148,7 +217,7 @@ impl Partition {
     /// `__consumer_offsets`, which runs before any follower can fetch). Refused with
     /// NOT_LEADER_OR_FOLLOWER when this broker does not lead.
     pub fn append(&self, records: &[u8], now_ms: i64) -> Result<AppendInfo, ProduceError> {
-        self.leader_write(now_ms, 1, 0, |log, epoch| {
+        self.leader_write(now_ms, 1, 0, TxnWrite::of(records), |log, epoch| {
             log.append_coordinator(records, epoch, now_ms)
         })
         .map(|(info, _)| info)
@@ -158,13 +227,16 @@ impl Partition {
     /// semantics, as Kafka's GroupMetadataManager appends: refused with
     /// NOT_ENOUGH_REPLICAS below min.insync.replicas, and answered through the waiter
     /// once every ISR member has it (or REQUEST_TIMED_OUT after `timeout_ms`).
+    /// `txn` is the write's part in transaction verification (TxnOffsetCommit's
+    /// transactional offsets).
     pub fn append_coordinator(
         &self,
         records: &[u8],
         now_ms: i64,
         timeout_ms: i64,
+        txn: TxnWrite,
     ) -> Result<(AppendInfo, ProduceWaiter), ProduceError> {
-        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, |log, epoch| {
+        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, txn, |log, epoch| {
             log.append_coordinator(records, epoch, now_ms)
         })?;
         // acks=-1 always returns a waiter.
@@ -186,7 +258,8 @@ impl Partition {
         now_ms: i64,
         timeout_ms: i64,
     ) -> Result<(AppendInfo, ProduceWaiter), ProduceError> {
-        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, |log, epoch| {
+        let txn = TxnWrite::Producer(producer_id);
+        let (info, waiter) = self.leader_write(now_ms, -1, timeout_ms, txn, |log, epoch| {
             log.append_marker(
                 producer_id,
                 producer_epoch,
@@ -217,7 +290,7 @@ impl Partition {
             };
             leader.state.check_acks_all()?;
         }
-        self.leader_write(now_ms, 1, 0, |log, epoch| {
+        self.leader_write(now_ms, 1, 0, TxnWrite::None, |log, epoch| {
             log.append_coordinator(records, epoch, now_ms)
         })
         .map(|(info, _)| info)
@@ -272,9 +345,68 @@ impl Partition {
         acks: i16,
         timeout_ms: i64,
     ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
-        self.leader_write(now_ms, acks, timeout_ms, |log, epoch| {
+        self.append_as_leader_txn(records, now_ms, acks, timeout_ms, TxnWrite::of(records))
+    }
+
+    /// [`Self::append_as_leader`] with the batch's part in transaction verification.
+    pub fn append_as_leader_txn(
+        &self,
+        records: &[u8],
+        now_ms: i64,
+        acks: i16,
+        timeout_ms: i64,
+        txn: TxnWrite,
+    ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
+        self.leader_write(now_ms, acks, timeout_ms, txn, |log, epoch| {
             log.append(records, epoch, now_ms)
         })
+    }
+
+    /// KIP-890 part 1, before asking another broker's transaction coordinator whether
+    /// this partition is in the producer's transaction: None if the producer's
+    /// transaction is ongoing here already (no verification needed; the append checks
+    /// it still is), otherwise the producer's verification guard, created if it has
+    /// none (Kafka's `maybeStartTransactionVerification`). The verified append passes
+    /// it back in [`TxnWrite::Verified`].
+    pub fn begin_txn_verification(
+        &self,
+        producer_id: i64,
+        now_ms: i64,
+    ) -> Result<Option<u64>, ProduceError> {
+        let mut repl = self.replication();
+        let Replication { role, next_token } = &mut *repl;
+        let Role::Leader(leader) = role else {
+            return Err(ReplicationError::NotLeaderOrFollower(self.leader_id()).into());
+        };
+        if self
+            .log()
+            .producers()
+            .ongoing_txn_first_offset(producer_id)
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let guards = &mut leader.verification_guards;
+        if let Some(g) = guards.get(&producer_id) {
+            return Ok(Some(g.token));
+        }
+        if guards.len() >= VERIFICATION_GUARDS_MAX {
+            guards
+                .retain(|_, g| now_ms.saturating_sub(g.created_ms) < VERIFICATION_GUARD_EXPIRY_MS);
+            if guards.len() >= VERIFICATION_GUARDS_MAX {
+                return Err(ProduceError::VerificationsFull(guards.len()));
+            }
+        }
+        let token = *next_token;
+        *next_token += 1;
+        guards.insert(
+            producer_id,
+            VerificationGuard {
+                token,
+                created_ms: now_ms,
+            },
+        );
+        Ok(Some(token))
     }
 
     /// An append as leader through `write` (given the log and the leader epoch), with
@@ -284,6 +416,7 @@ impl Partition {
         now_ms: i64,
         acks: i16,
         timeout_ms: i64,
+        txn: TxnWrite,
         write: impl FnOnce(&mut PartitionLog, i32) -> Result<AppendInfo, StorageError>,
     ) -> Result<(AppendInfo, Option<ProduceWaiter>), ProduceError> {
         let mut repl = self.replication();
@@ -297,10 +430,32 @@ impl Partition {
         let epoch = leader.state.leader_epoch();
         let (info, leo) = {
             let mut log = self.log();
+            // Checked and appended under the log's lock, as markers are: nothing ends
+            // the transaction in between.
+            if let TxnWrite::Verified { producer_id, guard } = txn {
+                let ongoing = log
+                    .producers()
+                    .ongoing_txn_first_offset(producer_id)
+                    .is_some();
+                let guarded = guard.is_some()
+                    && leader
+                        .verification_guards
+                        .get(&producer_id)
+                        .map(|g| g.token)
+                        == guard;
+                if !ongoing && !guarded {
+                    return Err(ProduceError::NotInTransaction { producer_id });
+                }
+            }
             let info = write(&mut log, epoch);
             self.note_disk_space(&log, &info);
             (info?, log.log_end_offset())
         };
+        if let Some(producer_id) = txn.producer_id() {
+            // Ongoing here now (a data batch) or ended (a marker): either way the
+            // verification is spent.
+            leader.verification_guards.remove(&producer_id);
+        }
         leader.state.on_append(leo);
         let now = clock(now_ms);
         let waiter = if acks == -1 {
@@ -577,6 +732,7 @@ impl Partition {
                 Role::Leader(Box::new(LeaderRole {
                     state,
                     waiters: HashMap::new(),
+                    verification_guards: HashMap::new(),
                 })),
             );
             resign(previous);
@@ -611,7 +767,9 @@ fn complete(leader: &mut LeaderRole, completions: Vec<ProduceCompletion>) {
 
 fn resign(previous: Role) {
     if let Role::Leader(leader) = previous {
-        let LeaderRole { state, mut waiters } = *leader;
+        let LeaderRole {
+            state, mut waiters, ..
+        } = *leader;
         for c in state.resign() {
             if let Some(tx) = waiters.remove(&c.token) {
                 let _ = tx.send(c.result);
@@ -1572,6 +1730,97 @@ mod tests {
         plan.unwrap()
             .map(|plan| plan.read(1 << 30, true).unwrap().to_vec())
             .unwrap_or_default()
+    }
+
+    /// KIP-890 part 1's guard: a transactional batch verified with another broker's
+    /// coordinator is appended only if no marker of its producer came since the
+    /// verification began (the KAFKA-17754 race: the transaction ended meanwhile, and
+    /// the late batch would open one that no marker closes).
+    #[test]
+    fn a_marker_voids_a_transaction_verification_in_progress() {
+        use ferrite_storage::test_support::{batch_around_producer, record, Producer};
+        let n0 = node(0);
+        let img = image(Uuid::new_v4(), vec![0, 1], 0, 1);
+        n0.rm.reconcile(&img, &n0.config, true).unwrap();
+        let p = n0.rm.get("t", 0).unwrap();
+        let now = crate::now_ms();
+        let pid = 7;
+        let batch = |seq: i32| {
+            batch_around_producer(
+                ferrite_storage::batch::ATTR_TRANSACTIONAL,
+                1,
+                now,
+                now,
+                &record(0, b"v"),
+                Producer {
+                    producer_id: pid,
+                    producer_epoch: 0,
+                    base_sequence: seq,
+                },
+            )
+        };
+        let verified = |guard| TxnWrite::Verified {
+            producer_id: pid,
+            guard,
+        };
+        let refused = |r: Result<(AppendInfo, Option<ProduceWaiter>), ProduceError>| matches!(r, Err(ProduceError::NotInTransaction { producer_id }) if producer_id == pid);
+        // Nothing ongoing and no verification: refused, nothing appended.
+        assert!(refused(p.append_as_leader_txn(
+            &batch(0),
+            now,
+            1,
+            0,
+            verified(None)
+        )));
+        // A verification begins; the transaction ends before the verified batch lands.
+        let guard = p.begin_txn_verification(pid, now).unwrap();
+        assert!(guard.is_some());
+        assert_eq!(
+            p.begin_txn_verification(pid, now).unwrap(),
+            guard,
+            "one guard per producer"
+        );
+        p.append_marker(pid, 0, ferrite_storage::ControlType::Abort, 0, now, 30_000)
+            .unwrap();
+        assert!(refused(p.append_as_leader_txn(
+            &batch(0),
+            now,
+            1,
+            0,
+            verified(guard)
+        )));
+        assert_eq!(p.log().log_end_offset(), 1, "only the marker");
+        // A verification that holds: appended; the transaction is then ongoing here and
+        // the next batch needs none.
+        let guard = p.begin_txn_verification(pid, now).unwrap();
+        p.append_as_leader_txn(&batch(0), now, 1, 0, verified(guard))
+            .unwrap();
+        assert_eq!(p.begin_txn_verification(pid, now).unwrap(), None);
+        p.append_as_leader_txn(&batch(1), now, 1, 0, verified(None))
+            .unwrap();
+        // After the commit marker, neither the spent guard nor "ongoing" lets a batch in.
+        p.append_marker(pid, 0, ferrite_storage::ControlType::Commit, 0, now, 30_000)
+            .unwrap();
+        assert!(refused(p.append_as_leader_txn(
+            &batch(2),
+            now,
+            1,
+            0,
+            verified(guard)
+        )));
+        assert!(refused(p.append_as_leader_txn(
+            &batch(2),
+            now,
+            1,
+            0,
+            verified(None)
+        )));
+        assert_eq!(p.log().log_end_offset(), 4);
+        assert_eq!(
+            p.log().first_unstable_offset(),
+            None,
+            "no transaction left open"
+        );
     }
 
     #[tokio::test]

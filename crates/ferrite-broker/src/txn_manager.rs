@@ -57,6 +57,12 @@ pub const TXN_MARKER_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// reach the in-sync replicas; past it the client hears COORDINATOR_NOT_AVAILABLE
 /// (retriable) and the ticker retries the markers.
 pub const TXN_REPLICATION_TIMEOUT_MS: i64 = 5_000;
+/// Longest a partition leader waits for another broker's coordinator to answer a
+/// transaction verification (KIP-890 part 1); past it the produce gets a retriable
+/// error.
+pub const TXN_VERIFY_TIMEOUT_MS: u64 = 5_000;
+/// Idle connections kept, per coordinator broker, for transaction verifications.
+pub const TXN_VERIFY_CONNECTIONS_IDLE_MAX: usize = 4;
 
 /// The producer id InitProducerId claimed (asynchronously, through the metadata log)
 /// before it takes the coordinator's lock; the coordinator takes it if it needs one.
@@ -84,6 +90,9 @@ pub struct TxnManager {
     /// yet: its partition and the offset after it. Dropped once the high watermark is
     /// seen past it, and with the partition when it is unloaded.
     unreplicated: Mutex<HashMap<String, (i32, i64)>>,
+    /// Idle connections to other brokers for verifications ([`verify_elsewhere`]), by
+    /// broker id, at most [`TXN_VERIFY_CONNECTIONS_IDLE_MAX`] each.
+    verify_idle: Mutex<HashMap<i32, Vec<crate::replica_fetcher::Connection>>>,
 }
 
 impl TxnManager {
@@ -95,6 +104,7 @@ impl TxnManager {
             create: tokio::sync::Mutex::new(()),
             markers_in_flight: Mutex::new(HashSet::new()),
             unreplicated: Mutex::new(HashMap::new()),
+            verify_idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -259,11 +269,9 @@ impl TxnManager {
 
 /// Whether the transactional ids of `__transaction_state-<partition>` are coordinated by
 /// another broker: the cluster's metadata has that partition led by a broker other than
-/// this one. A transactional batch or TxnOffsetCommit of such an id is taken unverified,
-/// as Kafka takes them without KIP-890's verification: the verify-only
-/// AddPartitionsToTxn between brokers is not built. The partition's own producer state
-/// still fences older producer epochs, and the coordinator's marker closes the
-/// transaction.
+/// this one. A transactional batch or TxnOffsetCommit of such an id is verified with
+/// that broker ([`verify_elsewhere`]) and appended under the partition's verification
+/// guard.
 pub fn coordinated_elsewhere(broker: &Broker, partition: i32) -> bool {
     broker
         .controller
@@ -271,6 +279,141 @@ pub fn coordinated_elsewhere(broker: &Broker, partition: i32) -> bool {
         .topic(TRANSACTION_STATE_TOPIC)
         .and_then(|t| t.partitions.get(&partition).map(|p| p.leader))
         .is_some_and(|leader| leader >= 0 && leader != broker.config.node_id)
+}
+
+/// KIP-890 part 1 for a transaction another broker coordinates: asks the leader of the
+/// transactional id's `__transaction_state` partition, with AddPartitionsToTxn v4 and
+/// verify_only, whether each of `partitions` is in the producer's ongoing transaction.
+/// Returns each partition's code in the order given (0: in it; INVALID_TXN_STATE: not
+/// added; PRODUCER_FENCED, INVALID_PRODUCER_ID_MAPPING, ... as the coordinator
+/// answers), or one code for all when the coordinator cannot be asked:
+/// COORDINATOR_NOT_AVAILABLE (no leader), NOT_COORDINATOR (this broker leads it),
+/// NETWORK_EXCEPTION (connection, timeout or a malformed answer).
+pub async fn verify_elsewhere(
+    broker: &Arc<Broker>,
+    transactional_id: &str,
+    producer_id: i64,
+    producer_epoch: i16,
+    partitions: &[(String, i32)],
+) -> Result<Vec<i16>, i16> {
+    use kafka_protocol::messages::add_partitions_to_txn_request::{
+        AddPartitionsToTxnTopic, AddPartitionsToTxnTransaction,
+    };
+    use kafka_protocol::messages::{
+        AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey, ProducerId, TopicName,
+        TransactionalId,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let state_partition =
+        ferrite_coordinator::txn::partition_for(transactional_id, broker.txns.partitions());
+    let leader = broker
+        .controller
+        .image()
+        .topic(TRANSACTION_STATE_TOPIC)
+        .and_then(|t| t.partitions.get(&state_partition).map(|p| p.leader))
+        .unwrap_or(-1);
+    if leader < 0 {
+        return Err(ResponseError::CoordinatorNotAvailable.code());
+    }
+    if leader == broker.config.node_id {
+        return Err(ResponseError::NotCoordinator.code());
+    }
+    let mut topics: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (t, p) in partitions {
+        topics.entry(t.as_str()).or_default().push(*p);
+    }
+    let req = AddPartitionsToTxnRequest::default().with_transactions(vec![
+        AddPartitionsToTxnTransaction::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_string(
+                transactional_id.to_string(),
+            )))
+            .with_producer_id(ProducerId(producer_id))
+            .with_producer_epoch(producer_epoch)
+            .with_verify_only(true)
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        AddPartitionsToTxnTopic::default()
+                            .with_name(TopicName(StrBytes::from_string(t.to_string())))
+                            .with_partitions(ps)
+                    })
+                    .collect(),
+            ),
+    ]);
+    let timeout = std::time::Duration::from_millis(TXN_VERIFY_TIMEOUT_MS);
+    let network = ResponseError::NetworkException.code();
+    // A pooled connection the peer closed while idle fails at once: one more try on a
+    // new connection.
+    let mut resp: Option<AddPartitionsToTxnResponse> = None;
+    for _ in 0..2 {
+        let pooled = broker
+            .txns
+            .verify_idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&leader)
+            .and_then(Vec::pop);
+        let was_pooled = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match crate::replica_fetcher::Connection::open(broker, leader).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(leader, %transactional_id, error = %e, "cannot reach the transaction coordinator to verify");
+                    return Err(network);
+                }
+            },
+        };
+        match conn
+            .send::<_, AddPartitionsToTxnResponse>(ApiKey::AddPartitionsToTxn, 4, &req, timeout)
+            .await
+        {
+            Ok(r) => {
+                let mut idle = broker
+                    .txns
+                    .verify_idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let conns = idle.entry(leader).or_default();
+                if conns.len() < TXN_VERIFY_CONNECTIONS_IDLE_MAX {
+                    conns.push(conn);
+                }
+                resp = Some(r);
+                break;
+            }
+            Err(e) if was_pooled => {
+                tracing::debug!(leader, error = %e, "pooled verification connection failed; a new one");
+            }
+            Err(e) => {
+                tracing::info!(leader, %transactional_id, error = %e, "transaction verification failed");
+                return Err(network);
+            }
+        }
+    }
+    let resp = resp.ok_or(network)?;
+    if resp.error_code != 0 {
+        return Err(resp.error_code);
+    }
+    let Some(result) = resp
+        .results_by_transaction
+        .iter()
+        .find(|r| &*r.transactional_id.0 == transactional_id)
+    else {
+        return Err(network);
+    };
+    Ok(partitions
+        .iter()
+        .map(|(t, p)| {
+            result
+                .topic_results
+                .iter()
+                .filter(|r| &*r.name.0 == t.as_str())
+                .flat_map(|r| r.results_by_partition.iter())
+                .find(|r| r.partition_index == *p)
+                .map_or(network, |r| r.partition_error_code)
+        })
+        .collect())
 }
 
 fn replication_txn_error(e: &ferrite_replication::ReplicationError) -> TxnError {
@@ -802,6 +945,10 @@ pub(crate) fn write_marker_here(
             return Err(match e {
                 ProduceError::Replication(e) => crate::error::replication_response_error(&e),
                 ProduceError::Storage(_) => ResponseError::KafkaStorageError,
+                // A marker is never a verified write and never verifies.
+                ProduceError::NotInTransaction { .. } | ProduceError::VerificationsFull(_) => {
+                    ResponseError::UnknownServerError
+                }
             });
         }
     };

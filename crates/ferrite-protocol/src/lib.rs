@@ -69,10 +69,11 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     // KIP-890) only add errors of transactional producers; v6 is KIP-939's 2PC.
     (ApiKey::InitProducerId, 0, 5),
     (ApiKey::DescribeProducers, 0, 0),
-    // Transactions, transaction version 1. AddPartitionsToTxn v4+ is the brokers' batched
-    // verify form (KIP-890 part 1); EndTxn/TxnOffsetCommit v4 add TRANSACTION_ABORTABLE
-    // and v5 transaction version 2 (KIP-890 part 2): not offered.
-    (ApiKey::AddPartitionsToTxn, 0, 3),
+    // Transactions, transaction version 1. AddPartitionsToTxn v4 is the brokers' batched
+    // verify form (KIP-890 part 1), served to registered brokers only (clients send v3
+    // at most); v5 (TRANSACTION_ABORTABLE), EndTxn/TxnOffsetCommit v4 (the same) and v5
+    // (transaction version 2, KIP-890 part 2) are not offered.
+    (ApiKey::AddPartitionsToTxn, 0, 4),
     (ApiKey::AddOffsetsToTxn, 0, 3),
     (ApiKey::EndTxn, 0, 3),
     (ApiKey::TxnOffsetCommit, 0, 3),

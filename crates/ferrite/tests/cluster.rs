@@ -4,6 +4,8 @@
 //! timeout; processes are killed by PID.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -1571,4 +1573,286 @@ fn transactional_offsets_count_only_once_their_marker_is_replicated() {
         "after an aborted transaction"
     );
     eprintln!("done after {:?}", t0.elapsed());
+}
+
+/// One transactional batch of one record, for [`transactional_writes_are_verified_with_a_coordinator_on_another_broker`].
+fn transactional_batch(producer_id: i64, producer_epoch: i16, sequence: i32) -> bytes::Bytes {
+    use ferrite_protocol::kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let record = Record {
+        transactional: true,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id,
+        producer_epoch,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence,
+        timestamp: 0,
+        key: None,
+        value: Some(bytes::Bytes::from(format!("seq-{sequence}"))),
+        headers: Default::default(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        [record].iter(),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    buf.freeze()
+}
+
+/// KIP-890 part 1 across brokers. A transactional batch, and a TxnOffsetCommit, is
+/// accepted only for a partition the producer's transaction holds, also when the
+/// transaction's coordinator is another broker (the partition leader asks it with
+/// AddPartitionsToTxn v4 verify-only) and not only when it is the leader itself. A batch
+/// that arrives after the commit (KAFKA-17754's late batch) is refused instead of opening
+/// a transaction that no marker would close, so the partition's last stable offset is
+/// not held back. Before, a write whose coordinator was elsewhere was taken unverified.
+#[test]
+fn transactional_writes_are_verified_with_a_coordinator_on_another_broker() {
+    use ferrite_protocol::kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+    use ferrite_protocol::kafka_protocol::messages::list_offsets_request::{
+        ListOffsetsPartition, ListOffsetsTopic,
+    };
+    use ferrite_protocol::kafka_protocol::messages::produce_request::{
+        PartitionProduceData, TopicProduceData,
+    };
+    use ferrite_protocol::kafka_protocol::messages::txn_offset_commit_request::{
+        TxnOffsetCommitRequestPartition, TxnOffsetCommitRequestTopic,
+    };
+    use ferrite_protocol::kafka_protocol::messages::*;
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    const TOPIC: &str = "verified";
+    const TID: &str = "verify-txn";
+    const INVALID_TXN_STATE: i16 = 48;
+    let cluster = Cluster::start();
+    let rt = runtime();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    rt.block_on(create_topic(&admin, TOPIC, 3, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    let first = cluster.nodes[0].addr.clone();
+    let leaders: BTreeMap<i32, i32> = wait_for("three leaders, full ISRs", OP_TIMEOUT, || {
+        let s = metadata(&first, Some(TOPIC))?;
+        let leaders: BTreeMap<i32, i32> =
+            s.partitions.iter().map(|(p, (l, _, _))| (*p, *l)).collect();
+        let distinct: std::collections::BTreeSet<i32> = leaders.values().copied().collect();
+        let full = s.partitions.len() == 3
+            && s.partitions
+                .values()
+                .all(|(l, _, isr)| *l >= 0 && isr.len() == 3);
+        (full && distinct.len() == 3).then_some(leaders)
+    });
+    let addr_of = |id: i32| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap()
+            .addr
+            .clone()
+    };
+    let str_bytes = |s: &str| StrBytes::from_string(s.to_string());
+    let find_coordinator = |key: &str, key_type: i8| -> i32 {
+        wait_for("FindCoordinator", OP_TIMEOUT, || {
+            let r: FindCoordinatorResponse = common::raw(
+                &first,
+                ApiKey::FindCoordinator,
+                3,
+                &FindCoordinatorRequest::default()
+                    .with_key(str_bytes(key))
+                    .with_key_type(key_type),
+            );
+            (r.error_code == 0).then_some(r.node_id.0)
+        })
+    };
+    let coordinator = find_coordinator(TID, 1);
+    let coordinator_addr = addr_of(coordinator);
+    let remote = *leaders.iter().find(|(_, l)| **l != coordinator).unwrap().0;
+    let local = *leaders.iter().find(|(_, l)| **l == coordinator).unwrap().0;
+    eprintln!(
+        "coordinator {coordinator}, leaders {leaders:?}: partition {remote} remote, {local} local"
+    );
+    let init: InitProducerIdResponse = wait_for("InitProducerId", OP_TIMEOUT, || {
+        let r: InitProducerIdResponse = common::raw(
+            &coordinator_addr,
+            ApiKey::InitProducerId,
+            3,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(TransactionalId(str_bytes(TID))))
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        );
+        (r.error_code == 0).then_some(r)
+    });
+    let (pid, epoch) = (init.producer_id.0, init.producer_epoch);
+    let produce = |partition: i32, sequence: i32| -> i16 {
+        let req = ProduceRequest::default()
+            .with_transactional_id(Some(TransactionalId(str_bytes(TID))))
+            .with_acks(-1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(str_bytes(TOPIC)))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(partition)
+                    .with_records(Some(transactional_batch(pid, epoch, sequence)))])]);
+        let r: ProduceResponse =
+            common::raw(&addr_of(leaders[&partition]), ApiKey::Produce, 9, &req);
+        r.responses[0].partition_responses[0].error_code
+    };
+    let end_txn = |commit: bool| {
+        let r: EndTxnResponse = common::raw(
+            &coordinator_addr,
+            ApiKey::EndTxn,
+            3,
+            &EndTxnRequest::default()
+                .with_transactional_id(TransactionalId(str_bytes(TID)))
+                .with_producer_id(ProducerId(pid))
+                .with_producer_epoch(epoch)
+                .with_committed(commit),
+        );
+        assert_eq!(r.error_code, 0, "EndTxn");
+    };
+    let completed = |state: &str| {
+        wait_for(state, OP_TIMEOUT, || {
+            let r: DescribeTransactionsResponse = common::raw(
+                &coordinator_addr,
+                ApiKey::DescribeTransactions,
+                0,
+                &DescribeTransactionsRequest::default()
+                    .with_transactional_ids(vec![TransactionalId(str_bytes(TID))]),
+            );
+            (&*r.transaction_states[0].transaction_state == state).then_some(())
+        })
+    };
+
+    // Not added: refused at both leaders, the coordinator's own and the other.
+    assert_eq!(
+        produce(remote, 0),
+        INVALID_TXN_STATE,
+        "unadded partition, coordinator elsewhere"
+    );
+    assert_eq!(
+        produce(local, 0),
+        INVALID_TXN_STATE,
+        "unadded partition, coordinator here"
+    );
+    let added: AddPartitionsToTxnResponse = common::raw(
+        &coordinator_addr,
+        ApiKey::AddPartitionsToTxn,
+        3,
+        &AddPartitionsToTxnRequest::default()
+            .with_v3_and_below_transactional_id(TransactionalId(str_bytes(TID)))
+            .with_v3_and_below_producer_id(ProducerId(pid))
+            .with_v3_and_below_producer_epoch(epoch)
+            .with_v3_and_below_topics(vec![AddPartitionsToTxnTopic::default()
+                .with_name(TopicName(str_bytes(TOPIC)))
+                .with_partitions(vec![remote, local])]),
+    );
+    for p in &added.results_by_topic_v3_and_below[0].results_by_partition {
+        assert_eq!(p.partition_error_code, 0, "AddPartitionsToTxn");
+    }
+    // Added: accepted, the first batch verified, the next one inside the open transaction.
+    assert_eq!(
+        produce(remote, 0),
+        0,
+        "added partition, coordinator elsewhere"
+    );
+    assert_eq!(produce(local, 0), 0, "added partition, coordinator here");
+    assert_eq!(produce(remote, 1), 0, "second batch of the transaction");
+    end_txn(true);
+    completed("CompleteCommit");
+    // The late batch after the commit: refused, no transaction opened.
+    assert_eq!(
+        produce(remote, 2),
+        INVALID_TXN_STATE,
+        "late batch, coordinator elsewhere"
+    );
+    assert_eq!(
+        produce(local, 1),
+        INVALID_TXN_STATE,
+        "late batch, coordinator here"
+    );
+    let remote_addr = addr_of(leaders[&remote]);
+    let latest = |isolation: i8| -> i64 {
+        let r: ListOffsetsResponse = common::raw(
+            &remote_addr,
+            ApiKey::ListOffsets,
+            5,
+            &ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_isolation_level(isolation)
+                .with_topics(vec![ListOffsetsTopic::default()
+                    .with_name(TopicName(str_bytes(TOPIC)))
+                    .with_partitions(vec![ListOffsetsPartition::default()
+                        .with_partition_index(remote)
+                        .with_timestamp(-1)])]),
+        );
+        r.topics[0].partitions[0].offset
+    };
+    // Two batches and the COMMIT marker; nothing open, so read_committed reaches the end.
+    wait_for(
+        "last stable offset at the end of the partition",
+        OP_TIMEOUT,
+        || (latest(1) == 3 && latest(0) == 3).then_some(()),
+    );
+
+    // TxnOffsetCommit at a group coordinator that is not the transaction's coordinator.
+    let group = (0..64)
+        .map(|i| format!("verify-group-{i}"))
+        .find(|g| find_coordinator(g, 0) != coordinator)
+        .unwrap();
+    let group_addr = addr_of(find_coordinator(&group, 0));
+    let txn_offset_commit = || -> i16 {
+        let r: TxnOffsetCommitResponse = common::raw(
+            &group_addr,
+            ApiKey::TxnOffsetCommit,
+            3,
+            &TxnOffsetCommitRequest::default()
+                .with_transactional_id(TransactionalId(str_bytes(TID)))
+                .with_group_id(GroupId(str_bytes(&group)))
+                .with_producer_id(ProducerId(pid))
+                .with_producer_epoch(epoch)
+                .with_generation_id(-1)
+                .with_member_id(str_bytes(""))
+                .with_topics(vec![TxnOffsetCommitRequestTopic::default()
+                    .with_name(TopicName(str_bytes(TOPIC)))
+                    .with_partitions(vec![TxnOffsetCommitRequestPartition::default()
+                        .with_partition_index(0)
+                        .with_committed_offset(42)
+                        .with_committed_leader_epoch(-1)])]),
+        );
+        r.topics[0].partitions[0].error_code
+    };
+    assert_eq!(
+        txn_offset_commit(),
+        INVALID_TXN_STATE,
+        "offsets before AddOffsetsToTxn"
+    );
+    let r: AddOffsetsToTxnResponse = common::raw(
+        &coordinator_addr,
+        ApiKey::AddOffsetsToTxn,
+        3,
+        &AddOffsetsToTxnRequest::default()
+            .with_transactional_id(TransactionalId(str_bytes(TID)))
+            .with_producer_id(ProducerId(pid))
+            .with_producer_epoch(epoch)
+            .with_group_id(GroupId(str_bytes(&group))),
+    );
+    assert_eq!(r.error_code, 0, "AddOffsetsToTxn");
+    assert_eq!(txn_offset_commit(), 0, "offsets after AddOffsetsToTxn");
+    end_txn(true);
+    completed("CompleteCommit");
+    let consumer: BaseConsumer = cluster.config().set("group.id", &group).create().unwrap();
+    wait_for("the transactional offset committed", OP_TIMEOUT, || {
+        let got = fetch_committed(&consumer, TOPIC, 1).ok()?;
+        (got == vec![Some(42)]).then_some(())
+    });
 }

@@ -8,6 +8,7 @@
 //! or REQUEST_TIMED_OUT at the request's `timeout_ms`. With fewer in-sync replicas than
 //! `min.insync.replicas` nothing is appended: NOT_ENOUGH_REPLICAS.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use kafka_protocol::messages::produce_response::{
@@ -17,8 +18,10 @@ use kafka_protocol::messages::{BrokerId, ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
 use super::str_bytes;
-use crate::error::{produce_error_code, recompress_error_code, replication_error_code};
-use crate::replica_manager::{Partition, ProduceWaiter};
+use crate::error::{
+    produce_error_code, recompress_error_code, replication_error_code, verification_produce_code,
+};
+use crate::replica_manager::{Partition, ProduceWaiter, TxnWrite};
 use crate::{now_ms, Broker};
 
 /// Returns `None` for acks=0, which gets no response.
@@ -36,6 +39,10 @@ pub async fn handle(
     // position, partition, waiter).
     let mut waiting: Vec<(usize, usize, Arc<Partition>, ProduceWaiter)> = Vec::new();
     let transactional_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
+    let mut verified = match (&transactional_id, acks_valid) {
+        (Some(tid), true) => verify_with_coordinator(broker, &req, tid, now).await,
+        _ => HashMap::new(),
+    };
     for topic in req.topic_data {
         let name = topic.name.0.to_string();
         let mut partition_responses = Vec::with_capacity(topic.partition_data.len());
@@ -61,6 +68,7 @@ pub async fn handle(
                     acks,
                     timeout_ms,
                     transactional_id.as_deref(),
+                    verified.remove(&(name.clone(), pd.index)),
                 )
             };
             match result {
@@ -144,6 +152,7 @@ fn append_partition(
     acks: i16,
     timeout_ms: i64,
     transactional_id: Option<&str>,
+    verified: Option<Result<TxnWrite, i16>>,
 ) -> Result<Appended, (i16, String, Option<Arc<Partition>>)> {
     if topic == crate::group_manager::OFFSETS_TOPIC
         || topic == ferrite_coordinator::txn::TRANSACTION_STATE_TOPIC
@@ -173,16 +182,19 @@ fn append_partition(
     };
     let records = recompressed.as_deref().unwrap_or(records);
     // A transactional batch is accepted only for a partition the coordinator has in
-    // the producer's ongoing transaction (KIP-890 part 1's verification, done here
-    // against the local coordinator), checked and appended under the coordinator's
-    // lock so that no EndTxn can complete the transaction in between: a late batch
-    // can never open a transaction that no marker will close (KAFKA-17754).
+    // the producer's ongoing transaction (KIP-890 part 1). With the coordinator here it
+    // is checked and appended under the coordinator's lock, so that no EndTxn can
+    // complete the transaction in between: a late batch can never open a transaction
+    // that no marker will close (KAFKA-17754). With the coordinator on another broker
+    // it was verified there (`verify_with_coordinator`) and is appended under this
+    // partition's verification guard, which a marker voids.
     // Only well-formed batches get here: malformed bytes with the transactional bit set
     // are CORRUPT_MESSAGE from the append below, as any other malformed batch.
     let header = ferrite_storage::BatchHeader::parse(records).ok();
     let transactional = header
         .is_some_and(|h| h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0)
         && producer_batches_valid(records);
+    let mut txn = TxnWrite::of(records);
     let _coordinator = if let (true, Some(h)) = (transactional, header) {
         let Some(tid) = transactional_id else {
             return Err((
@@ -191,42 +203,59 @@ fn append_partition(
                 None,
             ));
         };
-        let st = broker.txns.lock();
-        let verified = st
-            .verify_partitions(
-                tid,
-                h.producer_id,
-                h.producer_epoch,
-                &[(topic.to_string(), partition)],
-            )
-            .into_iter()
-            .next()
-            .map_or(
-                Err(ferrite_coordinator::txn::TxnError::InvalidRequest),
-                |(_, r)| r,
-            );
         match verified {
-            Ok(()) => {}
-            // Coordinated by another broker (its `__transaction_state` partition is led
-            // elsewhere, hosted here as a follower or not at all): that broker's
-            // verification (an AddPartitionsToTxn verify-only call) is not built; the
-            // batch is taken unverified. With no coordinator anywhere it is refused.
-            Err(ferrite_coordinator::txn::TxnError::NotCoordinator)
-                if crate::txn_manager::coordinated_elsewhere(broker, st.partition_for(tid)) => {}
-            Err(e) => {
-                let e = e.for_version(false);
+            Some(Ok(v)) => {
+                txn = v;
+                None
+            }
+            Some(Err(code)) => {
                 return Err((
-                    e.code(),
-                    format!("transactional batch refused for {topic}-{partition}: {e}"),
+                    code,
+                    format!(
+                        "transactional batch refused for {topic}-{partition}: its coordinator \
+                         did not verify it (error {code})"
+                    ),
                     None,
-                ));
+                ))
+            }
+            None => {
+                let st = broker.txns.lock();
+                let check = st
+                    .verify_partitions(
+                        tid,
+                        h.producer_id,
+                        h.producer_epoch,
+                        &[(topic.to_string(), partition)],
+                    )
+                    .into_iter()
+                    .next()
+                    .map_or(
+                        Err(ferrite_coordinator::txn::TxnError::InvalidRequest),
+                        |(_, r)| r,
+                    );
+                if let Err(e) = check {
+                    let e = e.for_version(false);
+                    let code = match e {
+                        // The coordinator moved to another broker since this request
+                        // was verified: retried, then verified there.
+                        ferrite_coordinator::txn::TxnError::NotCoordinator => {
+                            verification_produce_code(e.code())
+                        }
+                        _ => e.code(),
+                    };
+                    return Err((
+                        code,
+                        format!("transactional batch refused for {topic}-{partition}: {e}"),
+                        None,
+                    ));
+                }
+                Some(st)
             }
         }
-        Some(st)
     } else {
         None
     };
-    match p.append_as_leader(records, now, acks, timeout_ms) {
+    match p.append_as_leader_txn(records, now, acks, timeout_ms, txn) {
         Ok((info, waiter)) => Ok((info, waiter.map(|w| (p, w)))),
         Err(e) => {
             let code = produce_error_code(&e);
@@ -234,6 +263,103 @@ fn append_partition(
             Err((code, e.to_string(), leader))
         }
     }
+}
+
+/// Each partition's verification result: the [`TxnWrite`] its append passes, or the
+/// code it is answered with.
+type Verified = HashMap<(String, i32), Result<TxnWrite, i16>>;
+
+/// KIP-890 part 1 for a transaction another broker coordinates: for each partition
+/// with a transactional batch, led here, whose producer has no transaction ongoing
+/// here, starts the partition's verification (its guard) and asks the coordinator, one
+/// AddPartitionsToTxn verify-only for all of them. Empty when the coordinator is this
+/// broker (checked under its lock at the append) or has no leader (refused there).
+async fn verify_with_coordinator(
+    broker: &Arc<Broker>,
+    req: &ProduceRequest,
+    transactional_id: &str,
+    now: i64,
+) -> Verified {
+    let state_partition =
+        ferrite_coordinator::txn::partition_for(transactional_id, broker.txns.partitions());
+    let mut out = Verified::new();
+    if !crate::txn_manager::coordinated_elsewhere(broker, state_partition) {
+        return out;
+    }
+    // By producer id and epoch (one, from a well-behaved client): the partitions to ask
+    // about and their guards.
+    type Guarded = Vec<((String, i32), u64)>;
+    let mut ask: HashMap<(i64, i16), Guarded> = HashMap::new();
+    for topic in &req.topic_data {
+        for pd in &topic.partition_data {
+            let key = (topic.name.0.to_string(), pd.index);
+            let Some(records) = pd.records.as_deref() else {
+                continue;
+            };
+            let Ok(h) = ferrite_storage::BatchHeader::parse(records) else {
+                continue;
+            };
+            if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL == 0
+                || !producer_batches_valid(records)
+            {
+                continue;
+            }
+            // Not hosted here: the append answers it.
+            let Some(p) = broker.replicas.get(&key.0, key.1) else {
+                continue;
+            };
+            match p.begin_txn_verification(h.producer_id, now) {
+                // Ongoing here: the append checks that it still is.
+                Ok(None) => {
+                    out.insert(
+                        key,
+                        Ok(TxnWrite::Verified {
+                            producer_id: h.producer_id,
+                            guard: None,
+                        }),
+                    );
+                }
+                Ok(Some(guard)) => ask
+                    .entry((h.producer_id, h.producer_epoch))
+                    .or_default()
+                    .push((key, guard)),
+                Err(e) => {
+                    out.insert(key, Err(produce_error_code(&e)));
+                }
+            }
+        }
+    }
+    for ((producer_id, producer_epoch), partitions) in ask {
+        let keys: Vec<(String, i32)> = partitions.iter().map(|(k, _)| k.clone()).collect();
+        let codes = crate::txn_manager::verify_elsewhere(
+            broker,
+            transactional_id,
+            producer_id,
+            producer_epoch,
+            &keys,
+        )
+        .await;
+        for (i, (key, guard)) in partitions.into_iter().enumerate() {
+            let code = match &codes {
+                Ok(c) => c
+                    .get(i)
+                    .copied()
+                    .unwrap_or(ResponseError::NetworkException.code()),
+                Err(c) => *c,
+            };
+            let result = if code == 0 {
+                Ok(TxnWrite::Verified {
+                    producer_id,
+                    guard: Some(guard),
+                })
+            } else {
+                tracing::debug!(topic = %key.0, partition = key.1, producer_id, code, "transaction verification refused");
+                Err(verification_produce_code(code))
+            };
+            out.insert(key, result);
+        }
+    }
+    out
 }
 
 /// `records` is one or more complete, valid producer batches (length, CRC, dense

@@ -4,10 +4,11 @@
 //! its effects (`txn_manager::apply`) before answering, so a client never sees a state
 //! a crash could take back.
 //!
-//! Transaction version 1 (the classic protocol): AddPartitionsToTxn v0-v3 (v4+ is the
-//! brokers' batched and verify-only form, KIP-890 part 1, which this broker does
-//! locally on the produce path instead), EndTxn v0-v3, TxnOffsetCommit v0-v3,
-//! AddOffsetsToTxn v0-v3; the later versions are transaction version 2 (KIP-890 part 2).
+//! Transaction version 1 (the classic protocol): AddPartitionsToTxn v0-v3 from clients
+//! and v4 (the brokers' batched, verify-only form, KIP-890 part 1) from partition
+//! leaders that verify a transactional write with this coordinator, EndTxn v0-v3,
+//! TxnOffsetCommit v0-v3, AddOffsetsToTxn v0-v3; the later versions are transaction
+//! version 2 (KIP-890 part 2).
 
 use std::sync::Arc;
 
@@ -189,7 +190,11 @@ pub async fn add_partitions_to_txn(
     broker: &Arc<Broker>,
     req: AddPartitionsToTxnRequest,
     version: i16,
+    peer: std::net::SocketAddr,
 ) -> AddPartitionsToTxnResponse {
+    if version >= 4 {
+        return add_partitions_to_txn_batched(broker, req, peer).await;
+    }
     let tid = req.v3_and_below_transactional_id.0.to_string();
     let producer_id = req.v3_and_below_producer_id.0;
     let producer_epoch = req.v3_and_below_producer_epoch;
@@ -249,6 +254,73 @@ pub async fn add_partitions_to_txn(
         }
     }
     AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(topics)
+}
+
+/// AddPartitionsToTxn v4, the brokers' batched form (KIP-890 part 1): from a partition
+/// leader that verifies a transactional batch before appending it. With verify_only,
+/// each partition's code says whether it is in the producer's ongoing transaction (0),
+/// not added (INVALID_TXN_STATE) or why not (fenced, unknown id, not coordinator);
+/// nothing is written. Without it, the partitions are added as v3 adds them. Only
+/// registered brokers may send it (Kafka requires CLUSTER_ACTION):
+/// CLUSTER_AUTHORIZATION_FAILED otherwise.
+async fn add_partitions_to_txn_batched(
+    broker: &Arc<Broker>,
+    req: AddPartitionsToTxnRequest,
+    peer: std::net::SocketAddr,
+) -> AddPartitionsToTxnResponse {
+    use kafka_protocol::messages::add_partitions_to_txn_response::AddPartitionsToTxnResult;
+    if !peer_is_broker(broker, peer, "AddPartitionsToTxn v4").await {
+        return AddPartitionsToTxnResponse::default()
+            .with_error_code(ResponseError::ClusterAuthorizationFailed.code());
+    }
+    let mut results = Vec::with_capacity(req.transactions.len());
+    for t in &req.transactions {
+        let tid = t.transactional_id.0.to_string();
+        let wanted: Vec<(String, i32)> = t
+            .topics
+            .iter()
+            .flat_map(|topic| {
+                let name = topic.name.0.to_string();
+                topic.partitions.iter().map(move |p| (name.clone(), *p))
+            })
+            .collect();
+        let codes: Vec<i16> = if t.verify_only {
+            let st = broker.txns.lock();
+            st.verify_partitions(&tid, t.producer_id.0, t.producer_epoch, &wanted)
+                .into_iter()
+                .map(|(_, r)| r.err().map_or(0, |e| code(e, true)))
+                .collect()
+        } else {
+            let parts = wanted.clone();
+            let (pid, epoch) = (t.producer_id.0, t.producer_epoch);
+            let id = tid.clone();
+            let result = txn_manager::run(broker, tid.clone(), move |st| {
+                st.add_partitions(&id, pid, epoch, &parts, now_ms())
+            })
+            .await;
+            vec![result.err().map_or(0, |e| code(e, true)); wanted.len()]
+        };
+        let mut topics: Vec<AddPartitionsToTxnTopicResult> = Vec::new();
+        for ((topic, p), c) in wanted.into_iter().zip(codes) {
+            let r = AddPartitionsToTxnPartitionResult::default()
+                .with_partition_index(p)
+                .with_partition_error_code(c);
+            match topics.last_mut() {
+                Some(t) if &*t.name.0 == topic.as_str() => t.results_by_partition.push(r),
+                _ => topics.push(
+                    AddPartitionsToTxnTopicResult::default()
+                        .with_name(super::topic_name(&topic))
+                        .with_results_by_partition(vec![r]),
+                ),
+            }
+        }
+        results.push(
+            AddPartitionsToTxnResult::default()
+                .with_transactional_id(t.transactional_id.clone())
+                .with_topic_results(topics),
+        );
+    }
+    AddPartitionsToTxnResponse::default().with_results_by_transaction(results)
 }
 
 /// AddOffsetsToTxn: the group's `__consumer_offsets` partition joins the transaction.
@@ -326,30 +398,56 @@ pub async fn txn_offset_commit(
     let member_id = req.member_id.to_string();
     let instance_id = req.group_instance_id.as_ref().map(|s| s.to_string());
     let generation_id = req.generation_id;
+    // KIP-890 part 1 with another broker's transaction coordinator: verified there
+    // first, then written under the offsets partition's verification guard.
+    let state_partition = ferrite_coordinator::txn::partition_for(&tid, broker.txns.partitions());
+    let mut verified: Option<crate::replica_manager::TxnWrite> = None;
+    if crate::txn_manager::coordinated_elsewhere(broker, state_partition) {
+        match verify_offsets_elsewhere(broker, &tid, producer_id, producer_epoch, offsets_partition)
+            .await
+        {
+            Ok(v) => verified = Some(v),
+            Err(c) if c == ResponseError::ProducerFenced.code() && version < 3 => {
+                return txn_offset_commit_failed(&req, ResponseError::InvalidProducerEpoch.code())
+            }
+            Err(c) => return txn_offset_commit_failed(&req, c),
+        }
+    }
     let b = broker.clone();
     let topics = req.topics.clone();
     type Written = (Vec<Vec<i16>>, Option<crate::group_manager::GroupWrite>);
     let result: Result<Written, i16> = tokio::task::spawn_blocking(move || {
         let st = b.txns.lock();
-        let check = st
-            .verify_partitions(
-                &tid,
-                producer_id,
-                producer_epoch,
-                &[(OFFSETS_TOPIC.to_string(), offsets_partition)],
-            )
-            .into_iter()
-            .next()
-            .map_or(Err(TxnError::InvalidRequest), |(_, r)| r);
-        match check {
-            Ok(()) => {}
-            // The transaction's coordinator is another broker: taken unverified, as
-            // a transactional batch is (`coordinated_elsewhere`).
-            Err(TxnError::NotCoordinator)
-                if crate::txn_manager::coordinated_elsewhere(&b, st.partition_for(&tid)) => {}
-            // Not added: Kafka's coordinator answers INVALID_TXN_STATE too.
-            Err(e) => return Err(code(e, version >= 3)),
-        }
+        let txn_write = match verified {
+            Some(v) => v,
+            None => {
+                let check = st
+                    .verify_partitions(
+                        &tid,
+                        producer_id,
+                        producer_epoch,
+                        &[(OFFSETS_TOPIC.to_string(), offsets_partition)],
+                    )
+                    .into_iter()
+                    .next()
+                    .map_or(Err(TxnError::InvalidRequest), |(_, r)| r);
+                match check {
+                    Ok(()) => crate::replica_manager::TxnWrite::Producer(producer_id),
+                    // The transaction's coordinator moved to another broker since the
+                    // check above: retried, then verified there.
+                    Err(TxnError::NotCoordinator)
+                        if crate::txn_manager::coordinated_elsewhere(
+                            &b,
+                            st.partition_for(&tid),
+                        ) =>
+                    {
+                        return Err(ResponseError::CoordinatorNotAvailable.code())
+                    }
+                    // Not added: Kafka's coordinator answers INVALID_TXN_STATE too.
+                    Err(e) => return Err(code(e, version >= 3)),
+                }
+            }
+        };
         let now = now_ms();
         let mut groups = b.groups.lock();
         groups.check(&b, &group).map_err(|e| e.code())?;
@@ -396,7 +494,7 @@ pub async fn txn_offset_commit(
             codes.push(pcodes);
         }
         let write = groups
-            .write_txn_offsets(&b, records, producer_id, producer_epoch, now)
+            .write_txn_offsets(&b, records, producer_id, producer_epoch, now, txn_write)
             .map_err(|e| {
                 tracing::warn!(%group, error = %e, "cannot write transactional offsets");
                 e.offset_commit_code()
@@ -440,6 +538,85 @@ pub async fn txn_offset_commit(
             TxnOffsetCommitResponseTopic::default()
                 .with_name(t.name.clone())
                 .with_partitions(partitions)
+        })
+        .collect();
+    TxnOffsetCommitResponse::default().with_topics(topics)
+}
+
+/// TxnOffsetCommit's verification with another broker's transaction coordinator: the
+/// offsets partition's verification guard, then AddPartitionsToTxn verify-only there.
+/// The write to pass on, or the code to answer: INVALID_TXN_STATE (AddOffsetsToTxn not
+/// done), the fencing codes, NOT_COORDINATOR (the offsets partition is not led here),
+/// or COORDINATOR_NOT_AVAILABLE for a verification that could not be made (retried).
+async fn verify_offsets_elsewhere(
+    broker: &Arc<Broker>,
+    tid: &str,
+    producer_id: i64,
+    producer_epoch: i16,
+    offsets_partition: i32,
+) -> Result<crate::replica_manager::TxnWrite, i16> {
+    use crate::replica_manager::TxnWrite;
+    let Some(p) = broker.replicas.get(OFFSETS_TOPIC, offsets_partition) else {
+        return Err(ResponseError::NotCoordinator.code());
+    };
+    let guard = match p.begin_txn_verification(producer_id, now_ms()) {
+        Ok(g) => g,
+        Err(e) => {
+            let c = crate::error::produce_error_code(&e);
+            return Err(if c == ResponseError::NotLeaderOrFollower.code() {
+                ResponseError::NotCoordinator.code()
+            } else {
+                ResponseError::CoordinatorNotAvailable.code()
+            });
+        }
+    };
+    if guard.is_none() {
+        // Ongoing in the offsets partition already; the write checks it still is.
+        return Ok(TxnWrite::Verified {
+            producer_id,
+            guard: None,
+        });
+    }
+    let partition = [(OFFSETS_TOPIC.to_string(), offsets_partition)];
+    let c =
+        match txn_manager::verify_elsewhere(broker, tid, producer_id, producer_epoch, &partition)
+            .await
+        {
+            Ok(codes) => codes
+                .first()
+                .copied()
+                .unwrap_or(ResponseError::NetworkException.code()),
+            Err(c) => c,
+        };
+    if c == 0 {
+        return Ok(TxnWrite::Verified { producer_id, guard });
+    }
+    tracing::debug!(transactional_id = %tid, producer_id, code = c, "transactional offsets not verified");
+    if crate::error::verification_produce_code(c) == ResponseError::NotEnoughReplicas.code() {
+        Err(ResponseError::CoordinatorNotAvailable.code())
+    } else {
+        Err(c)
+    }
+}
+
+/// A TxnOffsetCommit answer with `code` for every partition.
+fn txn_offset_commit_failed(req: &TxnOffsetCommitRequest, code: i16) -> TxnOffsetCommitResponse {
+    let topics = req
+        .topics
+        .iter()
+        .map(|t| {
+            TxnOffsetCommitResponseTopic::default()
+                .with_name(t.name.clone())
+                .with_partitions(
+                    t.partitions
+                        .iter()
+                        .map(|p| {
+                            TxnOffsetCommitResponsePartition::default()
+                                .with_partition_index(p.partition_index)
+                                .with_error_code(code)
+                        })
+                        .collect(),
+                )
         })
         .collect();
     TxnOffsetCommitResponse::default().with_topics(topics)
@@ -560,7 +737,7 @@ pub async fn write_txn_markers(
         Arc<crate::replica_manager::Partition>,
         crate::replica_manager::ProduceWaiter,
     )>;
-    let authorized = peer_is_broker(broker, peer).await;
+    let authorized = peer_is_broker(broker, peer, "WriteTxnMarkers").await;
     let b = broker.clone();
     let written = tokio::task::spawn_blocking(move || {
         let now = now_ms();
@@ -645,7 +822,7 @@ pub async fn write_txn_markers(
 }
 
 /// Whether `peer` is the address of a registered broker (an endpoint's host, resolved).
-async fn peer_is_broker(broker: &Broker, peer: std::net::SocketAddr) -> bool {
+async fn peer_is_broker(broker: &Broker, peer: std::net::SocketAddr, what: &str) -> bool {
     let hosts: Vec<(String, u16)> = broker
         .controller
         .image()
@@ -659,6 +836,6 @@ async fn peer_is_broker(broker: &Broker, peer: std::net::SocketAddr) -> bool {
             }
         }
     }
-    tracing::warn!(%peer, "WriteTxnMarkers from an address that is no registered broker's");
+    tracing::warn!(%peer, "{what} from an address that is no registered broker's");
     false
 }
