@@ -32,6 +32,8 @@ const CONSUME_IDLE: Duration = Duration::from_secs(10);
 const STAMP_BYTES: usize = 8;
 /// Highest latency the histograms track (60 s, in µs).
 const LATENCY_US_MAX: u64 = 60_000_000;
+/// Longest init_transactions or commit_transaction may take in a transactional run.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -109,6 +111,11 @@ struct ProduceBench {
     /// Idempotent producers (`enable.idempotence=true`; librdkafka requires `--acks all`).
     #[arg(long)]
     idempotence: bool,
+    /// Transactional producers: each commits its transaction every MS milliseconds and
+    /// begins the next; commit latency is reported (needs --acks all; implies
+    /// idempotence) [default: not transactional].
+    #[arg(long, value_name = "MS")]
+    transaction_ms: Option<u64>,
     /// Producer linger.ms: how long a batch waits to fill.
     #[arg(long, default_value_t = 5, value_name = "MS")]
     linger_ms: u64,
@@ -159,6 +166,7 @@ struct Load {
     timeout: u64,
     acks: String,
     idempotence: bool,
+    transaction_ms: Option<u64>,
     linger_ms: u64,
     batch_size: u64,
     compression: String,
@@ -183,6 +191,7 @@ impl Load {
             timeout: t.timeout,
             acks: b.acks.clone(),
             idempotence: b.idempotence,
+            transaction_ms: b.transaction_ms,
             linger_ms: b.linger_ms,
             batch_size: b.batch_size,
             compression: b.compression.clone(),
@@ -208,6 +217,7 @@ impl Load {
             timeout: t.timeout,
             acks: String::new(),
             idempotence: false,
+            transaction_ms: None,
             linger_ms: 0,
             batch_size: 0,
             compression: String::new(),
@@ -450,7 +460,14 @@ struct Outcome {
     seconds: f64,
     latency: Option<Histogram<u64>>,
     per_second: Vec<u64>,
+    /// Transactional runs: the commit_transaction calls' latency (µs), one per
+    /// transaction.
+    commits: Option<Histogram<u64>>,
 }
+
+/// A producer's result: messages acknowledged, their delivery latency, and (when
+/// transactional) its commits' latency.
+type Produced = (u64, Histogram<u64>, Option<Histogram<u64>>);
 
 /// Runs the producers; returns when all have sent their share and it is acknowledged.
 fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
@@ -466,6 +483,12 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
     if load.idempotence && !matches!(load.acks.as_str(), "all" | "-1") {
         bail!("--idempotence needs --acks all (librdkafka refuses idempotence with other acks)");
     }
+    if load.transaction_ms.is_some() && !matches!(load.acks.as_str(), "all" | "-1") {
+        bail!("--transaction-ms needs --acks all (librdkafka's transactions require it)");
+    }
+    let txn_period = load
+        .transaction_ms
+        .map(|ms| Duration::from_millis(ms.max(1)));
     let progress = Progress::start("produce", (total != u64::MAX).then_some(total));
     let producers = u64::from(load.producers.max(1));
     let started = Instant::now();
@@ -480,6 +503,12 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
             .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576");
+        if txn_period.is_some() {
+            cfg.set(
+                "transactional.id",
+                format!("ferrite-bench-{}-{}-{id}", load.topic, std::process::id()),
+            );
+        }
         let producer: BaseProducer<Delivery> = cfg.create_with_context(Delivery::new()?)?;
         let share = total / producers + u64::from(id < total % producers);
         let rate = load.rate.map(|r| (r as f64 / producers as f64).max(1e-3));
@@ -489,120 +518,169 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
             buf: String::with_capacity(16),
         };
         let (topic, size, done) = (load.topic.clone(), load.message_size, progress.done.clone());
-        threads.push(std::thread::spawn(
-            move || -> Result<(u64, Histogram<u64>)> {
-                let mut payload = vec![b'x'; size];
-                let t0 = Instant::now();
-                let t0_us = now_us();
-                let mut sent = 0u64;
-                // Throughput runs read the clock once per CLOCK_REUSE messages (and
-                // after any wait): the enqueue time is then late by at most the time to
-                // enqueue that many messages, microseconds.
-                let mut clock_us = t0_us;
-                let mut clock_uses = u32::MAX;
-                while sent < share {
-                    let due_us = match rate {
-                        Some(r) => {
-                            let due = Duration::from_secs_f64(sent as f64 / r);
-                            let elapsed = t0.elapsed();
-                            if t0 + elapsed >= stop_at {
+        threads.push(std::thread::spawn(move || -> Result<Produced> {
+            let mut payload = vec![b'x'; size];
+            // Transactional: the current transaction's start, and the commits.
+            let mut txn = match txn_period {
+                Some(period) => {
+                    producer.init_transactions(TXN_CALL_TIMEOUT)?;
+                    producer.begin_transaction()?;
+                    Some((Instant::now(), period, histogram()?))
+                }
+                None => None,
+            };
+            let commit = |producer: &BaseProducer<Delivery>,
+                          h: &mut Histogram<u64>,
+                          again: bool|
+             -> Result<()> {
+                let t = Instant::now();
+                // The transaction's messages are drained in 1 ms polls first:
+                // commit_transaction's own flush (rust-rdkafka's BaseProducer) polls in
+                // 100 ms steps and each poll waits out its whole timeout, which would add
+                // 100 ms to every commit.
+                while producer.in_flight_count() > 0 {
+                    if t.elapsed() >= TXN_CALL_TIMEOUT {
+                        bail!("a transaction's messages not delivered in {TXN_CALL_TIMEOUT:?}");
+                    }
+                    producer.poll(Duration::from_millis(1));
+                }
+                producer.commit_transaction(TXN_CALL_TIMEOUT)?;
+                let _ = h.record((t.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX));
+                if again {
+                    producer.begin_transaction()?;
+                }
+                Ok(())
+            };
+            let t0 = Instant::now();
+            let t0_us = now_us();
+            let mut sent = 0u64;
+            // Throughput runs read the clock once per CLOCK_REUSE messages (and
+            // after any wait): the enqueue time is then late by at most the time to
+            // enqueue that many messages, microseconds.
+            let mut clock_us = t0_us;
+            let mut clock_uses = u32::MAX;
+            while sent < share {
+                let due_us = match rate {
+                    Some(r) => {
+                        let due = Duration::from_secs_f64(sent as f64 / r);
+                        let elapsed = t0.elapsed();
+                        if t0 + elapsed >= stop_at {
+                            break;
+                        }
+                        if let Some(wait) = due.checked_sub(elapsed) {
+                            // Wait by polling, so that delivery reports are taken
+                            // (and timed) as they arrive.
+                            producer.poll(wait.min(Duration::from_millis(100)));
+                            if due > t0.elapsed() {
+                                continue;
+                            }
+                        }
+                        t0_us + due.as_micros() as u64
+                    }
+                    None => {
+                        if clock_uses >= CLOCK_REUSE {
+                            if Instant::now() >= stop_at {
                                 break;
                             }
-                            if let Some(wait) = due.checked_sub(elapsed) {
-                                // Wait by polling, so that delivery reports are taken
-                                // (and timed) as they arrive.
-                                producer.poll(wait.min(Duration::from_millis(100)));
-                                if due > t0.elapsed() {
-                                    continue;
-                                }
-                            }
-                            t0_us + due.as_micros() as u64
+                            clock_us = now_us();
+                            clock_uses = 0;
                         }
-                        None => {
-                            if clock_uses >= CLOCK_REUSE {
-                                if Instant::now() >= stop_at {
-                                    break;
-                                }
-                                clock_us = now_us();
-                                clock_uses = 0;
+                        clock_uses += 1;
+                        clock_us
+                    }
+                };
+                if let Some(stamp) = payload.get_mut(..STAMP_BYTES) {
+                    stamp.copy_from_slice(&due_us.to_be_bytes());
+                }
+                let mut record =
+                    BaseRecord::with_opaque_to(&topic, due_us as usize).payload(&payload[..]);
+                if let Some(k) = keys.next(sent) {
+                    record = record.key(k);
+                }
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            if Instant::now() >= stop_at {
+                                bail!("producer queue still full at the time limit");
                             }
-                            clock_uses += 1;
-                            clock_us
+                            record = r;
+                            producer.poll(Duration::from_millis(1));
+                            clock_uses = u32::MAX;
                         }
-                    };
-                    if let Some(stamp) = payload.get_mut(..STAMP_BYTES) {
-                        stamp.copy_from_slice(&due_us.to_be_bytes());
-                    }
-                    let mut record =
-                        BaseRecord::with_opaque_to(&topic, due_us as usize).payload(&payload[..]);
-                    if let Some(k) = keys.next(sent) {
-                        record = record.key(k);
-                    }
-                    loop {
-                        match producer.send(record) {
-                            Ok(()) => break,
-                            Err((
-                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                                r,
-                            )) => {
-                                if Instant::now() >= stop_at {
-                                    bail!("producer queue still full at the time limit");
-                                }
-                                record = r;
-                                producer.poll(Duration::from_millis(1));
-                                clock_uses = u32::MAX;
-                            }
-                            Err((e, _)) => return Err(e.into()),
-                        }
-                    }
-                    sent += 1;
-                    if rate.is_some() || sent.is_multiple_of(u64::from(CLOCK_REUSE)) {
-                        done.fetch_add(
-                            if rate.is_some() {
-                                1
-                            } else {
-                                u64::from(CLOCK_REUSE)
-                            },
-                            Ordering::Relaxed,
-                        );
-                        producer.poll(Duration::ZERO);
+                        Err((e, _)) => return Err(e.into()),
                     }
                 }
-                if rate.is_none() {
-                    done.fetch_add(sent % u64::from(CLOCK_REUSE), Ordering::Relaxed);
+                sent += 1;
+                if let Some((began, period, h)) = txn.as_mut() {
+                    if (rate.is_some() || sent.is_multiple_of(u64::from(CLOCK_REUSE)))
+                        && began.elapsed() >= *period
+                    {
+                        commit(&producer, h, true)?;
+                        *began = Instant::now();
+                        clock_uses = u32::MAX;
+                    }
                 }
-                let left = stop_at.saturating_duration_since(Instant::now());
-                producer.flush(left.max(Duration::from_secs(30)))?;
-                let ctx = producer.context();
-                if ctx.failed.load(Ordering::Relaxed) > 0 {
-                    let first = ctx
-                        .first_error
-                        .lock()
-                        .ok()
-                        .and_then(|f| f.clone())
-                        .unwrap_or_default();
-                    bail!(
-                        "{} deliveries failed; first: {first}",
-                        ctx.failed.load(Ordering::Relaxed)
+                if rate.is_some() || sent.is_multiple_of(u64::from(CLOCK_REUSE)) {
+                    done.fetch_add(
+                        if rate.is_some() {
+                            1
+                        } else {
+                            u64::from(CLOCK_REUSE)
+                        },
+                        Ordering::Relaxed,
                     );
+                    producer.poll(Duration::ZERO);
                 }
-                let h = ctx
-                    .histogram
+            }
+            if rate.is_none() {
+                done.fetch_add(sent % u64::from(CLOCK_REUSE), Ordering::Relaxed);
+            }
+            let commits = match txn {
+                Some((_, _, mut h)) => {
+                    commit(&producer, &mut h, false)?;
+                    Some(h)
+                }
+                None => None,
+            };
+            let left = stop_at.saturating_duration_since(Instant::now());
+            producer.flush(left.max(Duration::from_secs(30)))?;
+            let ctx = producer.context();
+            if ctx.failed.load(Ordering::Relaxed) > 0 {
+                let first = ctx
+                    .first_error
                     .lock()
-                    .map(|h| h.clone())
-                    .map_err(|_| anyhow!("histogram lock"))?;
-                Ok((ctx.delivered.load(Ordering::Relaxed), h))
-            },
-        ));
+                    .ok()
+                    .and_then(|f| f.clone())
+                    .unwrap_or_default();
+                bail!(
+                    "{} deliveries failed; first: {first}",
+                    ctx.failed.load(Ordering::Relaxed)
+                );
+            }
+            let h = ctx
+                .histogram
+                .lock()
+                .map(|h| h.clone())
+                .map_err(|_| anyhow!("histogram lock"))?;
+            Ok((ctx.delivered.load(Ordering::Relaxed), h, commits))
+        }));
     }
     let mut latency = histogram()?;
+    let mut commits: Option<Histogram<u64>> = None;
     let mut messages = 0;
     for t in threads {
-        let (n, h) = t
+        let (n, h, c) = t
             .join()
             .map_err(|_| anyhow!("producer thread panicked"))??;
         messages += n;
         latency.add(&h).map_err(|e| anyhow!("histogram: {e}"))?;
+        if let Some(c) = c {
+            match commits.as_mut() {
+                Some(all) => all.add(&c).map_err(|e| anyhow!("histogram: {e}"))?,
+                None => commits = Some(c),
+            }
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     let per_second = progress.finish();
@@ -612,6 +690,7 @@ fn produce(load: &Load, stop_at: Instant) -> Result<Outcome> {
         seconds,
         latency: Some(latency),
         per_second,
+        commits,
     })
 }
 
@@ -755,6 +834,7 @@ fn consume(
         seconds,
         latency,
         per_second: progress.finish(),
+        commits: None,
     })
 }
 
@@ -847,6 +927,8 @@ fn report(kind: &str, load: &Load, o: &Outcome) -> Result<()> {
         "latency_ms": latency.map(percentiles), "latency_samples": latency.map_or(0, |h| h.len()),
         "message_size": if kind == "consume" { o.bytes.checked_div(o.messages) } else { Some(load.message_size as u64) },
         "acks": load.acks, "idempotence": load.idempotence, "rate": load.rate, "producers": load.producers,
+        "transaction_ms": load.transaction_ms, "transactions": o.commits.as_ref().map_or(0, |h| h.len()),
+        "commit_latency_ms": o.commits.as_ref().filter(|h| !h.is_empty()).map(percentiles),
     });
     if let Some(path) = &load.plot {
         std::fs::write(path, svg(kind, latency, &o.per_second))
@@ -867,6 +949,16 @@ fn report(kind: &str, load: &Load, o: &Outcome) -> Result<()> {
             println!(
                 "latency ms: p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
                 l["p50"], l["p90"], l["p99"], l["p999"], l["p9999"], l["max"]
+            );
+        }
+        if let Some(l) = summary.get("commit_latency_ms").filter(|l| !l.is_null()) {
+            println!(
+                "{} transactions; commit latency ms: p50 {} p90 {} p99 {} max {}",
+                o.commits.as_ref().map_or(0, |h| h.len()),
+                l["p50"],
+                l["p90"],
+                l["p99"],
+                l["max"]
             );
         }
     }
