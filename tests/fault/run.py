@@ -348,7 +348,7 @@ class Harness:
             if a.mode == "one" and kind in ACKS1_TOLERATED:
                 continue
             failures.append(f"{count} {kind}")
-        if a.mode == "all-idempotent" and check["counts"].get("duplicate", 0):
+        if a.mode in ("all-idempotent", "txn") and check["counts"].get("duplicate", 0):
             failures.append(f"{check['counts']['duplicate']} duplicate with the idempotent producer")
         if self.sources["violations"]:
             failures.append(f"{len(self.sources['violations'])} node-to-node connections not from the node's own "
@@ -365,6 +365,7 @@ class Harness:
             "command": " ".join(shlex.quote(x) for x in a.argv), "faults_injected": sum(self.fault_counts.values()),
             "faults_by_kind": dict(sorted(self.fault_counts.items())), "plan": [f.describe(self.ns.addrs) for f in plan],
             "counts": check["counts"], "sends": check["sends"], "polls": check["polls"],
+            "transactions": check.get("transactions"),
             "fraction_ok": check["fraction_ok"], "values_acknowledged": check["values_acknowledged"],
             "values_read": check["values_read"],
             "longest_unavailable_ms": longest["duration_ms"] if longest else None,
@@ -380,7 +381,7 @@ class Harness:
         write_report(os.path.join(a.out, "report.html"), history, check, summary)
         print(text, end="")
         print(json.dumps({k: summary[k] for k in ("passed", "failures", "seed", "faults_by_kind", "sends",
-                                                  "longest_unavailable_ms", "duration_s")}))
+                                                  "transactions", "longest_unavailable_ms", "duration_s")}))
         print(f"report: {os.path.join(a.out, 'report.html')}")
         if not recovered:
             return 3
@@ -399,7 +400,7 @@ def parse_args(argv):
     ap.add_argument("--gap-min", type=float, default=2.0)
     ap.add_argument("--gap-max", type=float, default=5.0)
     ap.add_argument("--warmup-s", type=float, default=3.0)
-    ap.add_argument("--mode", choices=("all-idempotent", "all", "one"), default="all-idempotent")
+    ap.add_argument("--mode", choices=("all-idempotent", "all", "one", "txn"), default="all-idempotent")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=50.0, help="sends per second per producer")

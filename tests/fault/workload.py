@@ -16,15 +16,23 @@ high watermark (the final reads).
 Failed deliveries are recorded as `info` (unknown), never `fail`: librdkafka retries a
 message until message.timeout.ms, so an attempt before the one that failed may have been
 appended, and a `fail` that did happen would be a false aborted-read.
+
+Mode `txn`: transactional producers (one transactional.id each, kept across a
+replacement, so the new instance fences the old). Each transaction sends 1 to
+TXN_SENDS_MAX values round the partitions, then commits, or aborts (TXN_ABORT_FRACTION of
+them, drawn from the seed); its outcome is a `txn` line (ok committed, fail aborted, info
+unknown) and its sends carry its `txn` id. The consumers read_committed: an aborted
+value read is an aborted-read (G1a), a committed one never read a lost-write.
 """
 import argparse
 import itertools
 import json
+import random
 import sys
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 # Jepsen's settings on Redpanda (design/cluster-facts.md): short request and delivery timeouts,
@@ -38,7 +46,22 @@ MODES = {
     "all": {"acks": "all", "enable.idempotence": False, "retries": 2147483647},
     # acks=1: the leader alone acknowledges (lost writes possible on a leader change).
     "one": {"acks": "1", "enable.idempotence": False, "retries": 2147483647},
+    # Transactional producers (TxnProducerWorker adds the transactional.id): acks=all,
+    # idempotent; no duplicates, no aborted reads.
+    "txn": {"acks": "all", "enable.idempotence": True},
 }
+# The probes (setup and recovery) are not transactional.
+PROBE_MODE = {"txn": "all-idempotent"}
+TXN_SENDS_MAX = 8
+TXN_ABORT_FRACTION = 0.25
+# Bound on init_transactions, commit_transaction and abort_transaction; a retriable
+# failure is retried this many times before the outcome is recorded as unknown.
+TXN_CALL_TIMEOUT_S = 10
+TXN_CALL_ATTEMPTS = 3
+# transaction.timeout.ms: an open transaction of a producer that died is aborted by the
+# coordinator after this, so the last stable offsets move on before the final reads.
+TXN_TIMEOUT_MS = 10000
+TXN_STRIDE = 1_000_000  # transaction ids are process * stride + counter: unique in the run
 # Bounds on every wait of the workload.
 SETUP_TIMEOUT_S = 90
 RECOVER_TIMEOUT_S = 90
@@ -95,29 +118,31 @@ class ProducerWorker(threading.Thread):
         if err.fatal():
             self.fatal.set()
 
-    def on_delivery(self, err, msg, value):
+    def on_delivery(self, err, msg, value, txn):
         self.outstanding.pop(value, None)
+        extra = {} if txn is None else {"txn": txn}
         if err is None:
             self.acked += 1
             self.h.record(type="ok", f="send", process=self.process, topic=self.args.topic, value=value,
-                          partition=msg.partition(), offset=msg.offset())
+                          partition=msg.partition(), offset=msg.offset(), **extra)
         else:
             self.h.record(type="info", f="send", process=self.process, topic=self.args.topic, value=value,
-                          partition=msg.partition(), error=err_text(err))
+                          partition=msg.partition(), error=err_text(err), **extra)
 
-    def send(self, p, partition):
+    def send(self, p, partition, txn=None):
         value = self.process * VALUE_STRIDE + self.counter
         self.counter += 1
+        extra = {} if txn is None else {"txn": txn}
         self.h.record(type="invoke", f="send", process=self.process, topic=self.args.topic, value=value,
-                      partition=partition)
+                      partition=partition, **extra)
         self.outstanding[value] = partition
         try:
             p.produce(self.args.topic, value=str(value).encode(), partition=partition,
-                      on_delivery=lambda err, msg, v=value: self.on_delivery(err, msg, v))
+                      on_delivery=lambda err, msg, v=value: self.on_delivery(err, msg, v, txn))
         except Exception as e:  # noqa: BLE001 - BufferError, KafkaException: never queued
             self.outstanding.pop(value, None)
             self.h.record(type="fail", f="send", process=self.process, topic=self.args.topic, value=value,
-                          partition=partition, error=f"produce() raised {e!r}")
+                          partition=partition, error=f"produce() raised {e!r}", **extra)
 
     def drain(self, p, timeout_s, why):
         """Purges what is queued (callbacks record it as info), then records as info every
@@ -160,6 +185,89 @@ class ProducerWorker(threading.Thread):
         self.drain(p, CLIENT_STOP_TIMEOUT_S, "producer stopped before an answer; outcome unknown")
 
 
+class TxnProducerWorker(ProducerWorker):
+    """Mode txn: one transaction after another (see the module's doc)."""
+
+    def conf(self):
+        return {**super().conf(), "transactional.id": f"fault-txn-{self.args.seed}-{self.process}",
+                "transaction.timeout.ms": TXN_TIMEOUT_MS}
+
+    def txn_call(self, call):
+        """Runs commit/abort, retrying a retriable failure. Returns None on success, else
+        (the KafkaError, whether the transaction must be aborted)."""
+        for attempt in range(TXN_CALL_ATTEMPTS):
+            try:
+                call(TXN_CALL_TIMEOUT_S)
+                return None
+            except KafkaException as e:
+                err = e.args[0]
+                if err.txn_requires_abort():
+                    return err, True
+                if not err.retriable() or attempt + 1 == TXN_CALL_ATTEMPTS:
+                    return err, False
+
+    def end(self, p, txn, abort):
+        """Commits or aborts `txn` and records its outcome; True if the producer must be
+        replaced (a fatal error, or an outcome left unknown)."""
+        why = "abort chosen"
+        if not abort:
+            failed = self.txn_call(p.commit_transaction)
+            if failed is None:
+                self.h.record(type="ok", f="txn", process=self.process, txn=txn)
+                return False
+            err, requires_abort = failed
+            if not requires_abort:
+                self.h.record(type="info", f="txn", process=self.process, txn=txn,
+                              error=f"commit failed: {err_text(err)}")
+                return True
+            why = f"commit failed, aborted: {err_text(err)}"
+        failed = self.txn_call(p.abort_transaction)
+        if failed is None:
+            self.h.record(type="fail", f="txn", process=self.process, txn=txn, error=why)
+            return False
+        self.h.record(type="info", f="txn", process=self.process, txn=txn,
+                      error=f"abort failed: {err_text(failed[0])}")
+        return True
+
+    def run(self):
+        rng = random.Random(self.args.seed * 1000 + self.process)
+        interval = 1.0 / self.args.rate
+        txns = itertools.count()
+        i = self.process
+        p = None
+        while not self.stop.is_set():
+            if p is None:
+                p = Producer(self.conf())
+                try:
+                    p.init_transactions(TXN_CALL_TIMEOUT_S)
+                except KafkaException as e:
+                    print(f"producer {self.process}: init_transactions: {e}", file=sys.stderr, flush=True)
+                    p = None
+                    time.sleep(1)
+                    continue
+            txn = self.process * TXN_STRIDE + next(txns)
+            self.h.record(type="invoke", f="txn", process=self.process, txn=txn)
+            replace = False
+            try:
+                p.begin_transaction()
+                for _ in range(rng.randint(1, TXN_SENDS_MAX)):
+                    self.send(p, i % self.args.partitions, txn)
+                    i += 1
+                    p.poll(interval)
+                replace = self.end(p, txn, rng.random() < TXN_ABORT_FRACTION)
+            except KafkaException as e:  # fatal: from begin_transaction, produce or poll
+                self.h.record(type="info", f="txn", process=self.process, txn=txn, error=f"producer failed: {e}")
+                replace = True
+            if replace:
+                # A new instance with the same transactional.id fences this one and aborts
+                # its open transaction (unless its commit got through).
+                self.drain(p, 1, "transactional producer replaced; outcome unknown")
+                p = None
+                self.recreated += 1
+        if p is not None:
+            self.drain(p, CLIENT_STOP_TIMEOUT_S, "producer stopped before an answer; outcome unknown")
+
+
 def record_poll(h, process, msgs, f="poll"):
     records = []
     for m in msgs:
@@ -192,7 +300,8 @@ class ConsumerWorker(threading.Thread):
         c = Consumer({"bootstrap.servers": self.args.bootstrap, "group.id": group,
                       "auto.offset.reset": "earliest", "enable.auto.commit": self.subscribe,
                       "session.timeout.ms": 10000, "heartbeat.interval.ms": 1000,
-                      "enable.partition.eof": False, "socket.connection.setup.timeout.ms": 3000})
+                      "enable.partition.eof": False, "socket.connection.setup.timeout.ms": 3000,
+                      "isolation.level": "read_committed"})
         if self.subscribe:
             c.subscribe([self.args.topic], on_assign=self.on_assign, on_revoke=self.on_revoke,
                         on_lost=self.on_revoke)
@@ -233,7 +342,8 @@ def create_topic(args):
 def probe_all_partitions(args, h, timeout_s):
     """Sends one value to every partition until each is acknowledged; returns True if all
     were within timeout_s. The probes are sends like any other in the history."""
-    p = Producer({"bootstrap.servers": args.bootstrap, **PRODUCER_BASE, **MODES[args.mode]})
+    p = Producer({"bootstrap.servers": args.bootstrap, **PRODUCER_BASE,
+                  **MODES[PROBE_MODE.get(args.mode, args.mode)]})
     pending = set(range(args.partitions))
     deadline = time.monotonic() + timeout_s
 
@@ -259,22 +369,30 @@ def probe_all_partitions(args, h, timeout_s):
 
 
 def final_read(args, h):
-    """Reads every partition from the beginning to its high watermark. Returns (records, complete)."""
-    c = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"fault-final-{args.seed}",
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest", "enable.partition.eof": False})
+    """Reads every partition from the beginning to its high watermark, read_committed (the
+    consumers' isolation). Returns (records, complete, high watermarks). The reader's
+    position, not only the records it returned, says how far it got: aborted
+    transactions and markers at the end of a partition are passed over, never returned."""
+    common = {"bootstrap.servers": args.bootstrap, "group.id": f"fault-final-{args.seed}",
+              "enable.auto.commit": False, "auto.offset.reset": "earliest", "enable.partition.eof": False}
+    # The high watermark, not the last stable offset (what a read_committed client's
+    # ListOffsets answers): an open transaction must end before the reads are complete.
+    watermarks = Consumer({**common, "isolation.level": "read_uncommitted"})
     deadline = time.monotonic() + FINAL_READ_TIMEOUT_S
     highs = {}
     for part in range(args.partitions):
         while True:
             try:
-                _, high = c.get_watermark_offsets(TopicPartition(args.topic, part), timeout=5)
+                _, high = watermarks.get_watermark_offsets(TopicPartition(args.topic, part), timeout=5)
                 highs[part] = high
                 break
             except Exception:  # noqa: BLE001 - leader may still be moving
                 if time.monotonic() > deadline:
-                    c.close()
+                    watermarks.close()
                     return 0, False, highs
                 time.sleep(0.5)
+    watermarks.close()
+    c = Consumer({**common, "isolation.level": "read_committed"})
     c.assign([TopicPartition(args.topic, p, OFFSET_BEGINNING) for p in range(args.partitions)])
     next_offset = {p: 0 for p in highs}
     total = 0
@@ -283,6 +401,9 @@ def final_read(args, h):
         for r in record_poll(h, FINAL_READER, msgs, f="final_read"):
             next_offset[r["partition"]] = max(next_offset[r["partition"]], r["offset"] + 1)
             total += 1
+        for tp in c.position([TopicPartition(args.topic, p) for p in highs]):
+            if tp.error is None and tp.offset >= 0:
+                next_offset[tp.partition] = max(next_offset[tp.partition], tp.offset)
     complete = all(next_offset[p] >= highs[p] for p in highs)
     c.close()
     return total, complete, highs
@@ -310,7 +431,8 @@ def main():
         h.close()
         return 3
     stop_producers, stop_consumers = threading.Event(), threading.Event()
-    producers = [ProducerWorker(10 + i, args, h, stop_producers) for i in range(args.producers)]
+    worker = TxnProducerWorker if args.mode == "txn" else ProducerWorker
+    producers = [worker(10 + i, args, h, stop_producers) for i in range(args.producers)]
     consumers = [ConsumerWorker(1, args, h, stop_consumers, subscribe=False),
                  ConsumerWorker(2, args, h, stop_consumers, subscribe=True)]
     for w in producers + consumers:

@@ -11,11 +11,17 @@
 //!   previous one, with no assignment change between;
 //! - `poll-skip`: one consumer jumping over an offset known to exist (some read or
 //!   acknowledged send holds it), with no assignment change between;
-//! - `aborted-read` (G1a): a value read whose send definitely failed;
+//! - `aborted-read` (G1a): a value read whose send definitely failed, or whose
+//!   transaction was aborted;
 //! - `unseen`: acknowledged but never read, not even by the final reads, and not a
 //!   lost-write (no later offset of its partition was read either);
 //! - availability: the fraction of completed operations that succeeded, and per
 //!   partition the longest window without a successful send.
+//!
+//! Transactional histories: a send with a `txn` id counts as acknowledged only if that
+//! transaction's `txn` line is `ok` (committed), as failed if it is `fail` (aborted),
+//! and as unknown otherwise; offsets held only by sends of uncommitted transactions
+//! are not skips when a read_committed consumer passes over them.
 //!
 //! Pure: a history in, a [`Report`] out. No I/O beyond the `BufRead` it is given.
 
@@ -76,6 +82,8 @@ pub enum OpFunction {
     Rebalance,
     FinalRead,
     Fault,
+    /// A transaction's outcome: `ok` committed, `fail` aborted, `info` unknown.
+    Txn,
 }
 
 /// One line of a history.
@@ -109,6 +117,9 @@ pub struct Op {
     /// fault, fail, info: free text (the fault injected, the error).
     #[serde(default)]
     pub error: Option<String>,
+    /// send, txn: the transaction the send belongs to (unique in the history).
+    #[serde(default)]
+    pub txn: Option<i64>,
 }
 
 fn no_process() -> i64 {
@@ -166,6 +177,12 @@ pub fn parse_history(input: impl BufRead) -> Result<Vec<Op>, HistoryError> {
             return Err(HistoryError::Line {
                 line: i + 1,
                 reason: "an ok send needs its partition".into(),
+            });
+        }
+        if op.f == OpFunction::Txn && op.txn.is_none() {
+            return Err(HistoryError::Line {
+                line: i + 1,
+                reason: "a txn line needs its txn id".into(),
             });
         }
         ops.push(op);
@@ -257,6 +274,9 @@ pub struct Report {
     pub anomalies: Vec<Anomaly>,
     pub sends: OperationCounts,
     pub polls: OperationCounts,
+    /// Transactions: ok committed, fail aborted, info unknown.
+    #[serde(default)]
+    pub transactions: OperationCounts,
     /// ok / (ok + fail + info) over sends and polls.
     pub fraction_ok: f64,
     pub longest_unavailable: Vec<UnavailableWindow>,
@@ -297,6 +317,15 @@ impl Report {
             self.polls.ok,
             self.fraction_ok
         ));
+        if self.transactions != OperationCounts::default() {
+            out.push_str(&format!(
+                "transactions: {} invoked, {} committed, {} aborted, {} unknown\n",
+                self.transactions.invoked,
+                self.transactions.ok,
+                self.transactions.fail,
+                self.transactions.info
+            ));
+        }
         out.push_str(&format!(
             "values acknowledged {}, read {}; faults {}\n",
             self.values_acknowledged, self.values_read, self.faults
@@ -360,6 +389,17 @@ pub fn check(ops: &[Op]) -> Report {
     let mut failed: BTreeMap<Value, String> = BTreeMap::new();
     let mut sends = OperationCounts::default();
     let mut polls = OperationCounts::default();
+    let mut transactions = OperationCounts::default();
+    // Each transaction's outcome: its last `txn` line that is not an invoke.
+    let outcomes: BTreeMap<i64, &Op> = ops
+        .iter()
+        .filter(|op| op.f == OpFunction::Txn && op.op_type != OpType::Invoke)
+        .filter_map(|op| op.txn.map(|id| (id, op)))
+        .collect();
+    // Offsets written by sends of aborted transactions, and of transactions with no
+    // known outcome: a read_committed consumer passes over them.
+    let mut aborted_at: BTreeSet<(Tp, i64)> = BTreeSet::new();
+    let mut undecided_at: BTreeSet<(Tp, i64)> = BTreeSet::new();
     let mut faults = 0;
     let mut ok_send_times: BTreeMap<Tp, Vec<u64>> = BTreeMap::new();
     let (mut first_ms, mut last_ms) = (u64::MAX, 0u64);
@@ -370,6 +410,7 @@ pub fn check(ops: &[Op]) -> Report {
         let counts = match op.f {
             OpFunction::Send => Some(&mut sends),
             OpFunction::Poll => Some(&mut polls),
+            OpFunction::Txn => Some(&mut transactions),
             OpFunction::Fault => {
                 faults += u64::from(op.op_type != OpType::Invoke);
                 None
@@ -382,6 +423,39 @@ pub fn check(ops: &[Op]) -> Report {
                 OpType::Ok => c.ok += 1,
                 OpType::Fail => c.fail += 1,
                 OpType::Info => c.info += 1,
+            }
+        }
+        // A transactional send that is not committed: written (its offset holds it)
+        // but not acknowledged; aborted ones must never be read.
+        let txn_outcome = op.txn.map(|id| outcomes.get(&id).map(|o| o.op_type));
+        if let (OpFunction::Send, OpType::Ok, Some(outcome)) = (op.f, op.op_type, txn_outcome) {
+            if outcome != Some(OpType::Ok) {
+                if let (Some(p), Some(v)) = (op.partition, &op.value) {
+                    let tp = (op.topic.clone(), p);
+                    if let Some(o) = op.offset {
+                        at_offset
+                            .entry(tp.clone())
+                            .or_default()
+                            .entry(o)
+                            .or_default()
+                            .insert(v.clone());
+                        places.entry(v.clone()).or_default().insert((tp.clone(), o));
+                        if outcome == Some(OpType::Fail) {
+                            aborted_at.insert((tp, o));
+                        } else {
+                            undecided_at.insert((tp, o));
+                        }
+                    }
+                    if outcome == Some(OpType::Fail) {
+                        let why = op
+                            .txn
+                            .and_then(|id| outcomes.get(&id))
+                            .and_then(|o| o.error.clone())
+                            .unwrap_or_default();
+                        failed.insert(v.clone(), format!("its transaction aborted: {why}"));
+                    }
+                }
+                continue;
             }
         }
         match (op.f, op.op_type) {
@@ -558,7 +632,20 @@ pub fn check(ops: &[Op]) -> Report {
             }
         }
     }
-    check_poll_order(ops, &at_offset, &mut anomalies);
+    // Passing over an aborted record is right (reading it is the anomaly); an undecided
+    // one that some read returned was committed after all, and passing over it a skip.
+    let read_offsets: BTreeSet<(Tp, i64)> = ops
+        .iter()
+        .filter(|op| {
+            matches!(op.f, OpFunction::Poll | OpFunction::FinalRead) && op.op_type == OpType::Ok
+        })
+        .flat_map(|op| op.records.iter())
+        .map(|r| ((r.topic.clone(), r.partition), r.offset))
+        .collect();
+    let mut passable: BTreeSet<(Tp, i64)> =
+        undecided_at.difference(&read_offsets).cloned().collect();
+    passable.extend(aborted_at);
+    check_poll_order(ops, &at_offset, &passable, &mut anomalies);
 
     let completed = sends.ok + sends.fail + sends.info + polls.ok + polls.fail + polls.info;
     let fraction_ok = if completed == 0 {
@@ -602,6 +689,7 @@ pub fn check(ops: &[Op]) -> Report {
         anomalies: anomalies.list,
         sends,
         polls,
+        transactions,
         fraction_ok,
         longest_unavailable,
         values_acknowledged: (acknowledged.len() + acknowledged_unplaced.len()) as u64,
@@ -617,6 +705,7 @@ pub fn check(ops: &[Op]) -> Report {
 fn check_poll_order(
     ops: &[Op],
     at_offset: &BTreeMap<Tp, BTreeMap<i64, BTreeSet<Value>>>,
+    passable: &BTreeSet<(Tp, i64)>,
     anomalies: &mut Anomalies,
 ) {
     let mut last: BTreeMap<(i64, Tp), (i64, Value)> = BTreeMap::new();
@@ -653,6 +742,7 @@ fn check_poll_order(
                                 .map(|o| {
                                     o.range(previous.saturating_add(1)..r.offset)
                                         .map(|(k, _)| *k)
+                                        .filter(|k| !passable.contains(&(tp.clone(), *k)))
                                         .collect()
                                 })
                                 .unwrap_or_default();

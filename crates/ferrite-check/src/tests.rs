@@ -420,3 +420,100 @@ fn an_ok_send_without_offset_is_acknowledged_and_placed_by_the_next_one() {
     ];
     assert_only(&run(&unseen), AnomalyKind::Unseen, 1);
 }
+
+/// A send of transaction `txn` acknowledged at `offset` (delivered to the log, not yet
+/// committed).
+fn txn_ok(process: i64, t: u64, value: i64, partition: i32, offset: i64, txn: i64) -> String {
+    json!({"type": "ok", "f": "send", "process": process, "time_ms": t, "topic": "t", "value": value, "partition": partition, "offset": offset, "txn": txn}).to_string()
+}
+
+/// A transaction's outcome: `ok` committed, `fail` aborted, `info` unknown.
+fn txn_end(op_type: &str, process: i64, t: u64, txn: i64) -> String {
+    json!({"type": op_type, "f": "txn", "process": process, "time_ms": t, "txn": txn, "error": "abort chosen"}).to_string()
+}
+
+/// Transaction 1 committed (offsets 0, 1, marker 2), 2 aborted (3, 4, marker 5), 3
+/// undecided (6) and never read, 4 committed (8). A read_committed consumer passes over
+/// the aborted and undecided records.
+fn transactional_history() -> Vec<String> {
+    vec![
+        marker("assign", 1, 0, &[0]),
+        txn_ok(10, 1, 100, 0, 0, 1),
+        txn_ok(10, 1, 101, 0, 1, 1),
+        txn_end("ok", 10, 2, 1),
+        txn_ok(10, 3, 102, 0, 3, 2),
+        txn_ok(10, 3, 103, 0, 4, 2),
+        txn_end("fail", 10, 4, 2),
+        txn_ok(10, 5, 104, 0, 6, 3),
+        txn_end("info", 10, 6, 3),
+        txn_ok(10, 7, 105, 0, 8, 4),
+        txn_end("ok", 10, 8, 4),
+        poll(1, 9, &[(0, 0, 100), (0, 1, 101), (0, 8, 105)]),
+        final_read(10, &[(0, 0, 100), (0, 1, 101), (0, 8, 105)]),
+    ]
+}
+
+#[test]
+fn a_transactional_history_passing_over_aborted_records_is_clean() {
+    let report = run(&transactional_history());
+    assert!(report.is_valid(), "{}", report.to_text());
+    assert_eq!(report.count(AnomalyKind::Duplicate), 0);
+    assert_eq!(report.values_acknowledged, 3, "only the committed sends");
+    assert_eq!(
+        (report.transactions.ok, report.transactions.fail, report.transactions.info),
+        (2, 1, 1)
+    );
+}
+
+#[test]
+fn reading_an_aborted_transactions_record_is_an_aborted_read() {
+    let mut h = transactional_history();
+    h.push(marker("assign", 2, 11, &[0]));
+    h.push(poll(2, 12, &[(0, 4, 103)]));
+    let report = run(&h);
+    assert_only(&report, AnomalyKind::AbortedRead, 1);
+    assert!(report.anomalies[0].detail.contains("transaction aborted"));
+}
+
+#[test]
+fn a_committed_transactions_record_never_read_is_lost() {
+    let h: Vec<String> = transactional_history()
+        .into_iter()
+        .map(|l| {
+            l.replace(r#"[0,1,101],"#, "")
+                .replace(r#"{"offset":1,"partition":0,"topic":"t","value":101},"#, "")
+        })
+        .collect();
+    let report = run(&h);
+    // Lost, and the consumer that passed over it skipped a committed record.
+    assert_eq!(report.count(AnomalyKind::LostWrite), 1, "{}", report.to_text());
+    assert_eq!(report.count(AnomalyKind::PollSkip), 1, "{}", report.to_text());
+    assert_eq!(report.count(AnomalyKind::AbortedRead), 0);
+    let lost = report
+        .anomalies
+        .iter()
+        .find(|a| a.kind == AnomalyKind::LostWrite)
+        .unwrap();
+    assert_eq!(lost.value, Some(Value::Int(101)));
+}
+
+#[test]
+fn an_undecided_transactions_record_read_counts_and_skipping_it_is_a_skip() {
+    let mut h = transactional_history();
+    // Transaction 3 did commit after all (a consumer read it); consumer 1, which passed
+    // over it, skipped a real record.
+    h.push(marker("assign", 2, 11, &[0]));
+    h.push(poll(2, 12, &[(0, 6, 104)]));
+    let report = run(&h);
+    assert_only(&report, AnomalyKind::PollSkip, 1);
+    assert_eq!(report.anomalies[0].process, Some(1));
+}
+
+#[test]
+fn a_txn_line_needs_its_id() {
+    let line = json!({"type": "ok", "f": "txn", "process": 10}).to_string();
+    assert!(matches!(
+        check_history(line.as_bytes()),
+        Err(HistoryError::Line { line: 1, .. })
+    ));
+}
