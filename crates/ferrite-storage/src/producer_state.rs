@@ -253,6 +253,26 @@ impl ProducerStateManager {
             return Ok(Validated::Append);
         };
         if let Some(original) = entry.find_duplicate(batch) {
+            // A transactional batch is a retry of one in the log only within the
+            // transaction that wrote it. One matching a batch of a transaction that a
+            // marker already ended (none is open here, or the open one began after it)
+            // cannot be its retry: a client ends a transaction only once its batches
+            // are answered. It is a new batch that reuses the sequence, as librdkafka's
+            // abort_transaction() does when it purges a message that was sent, timed
+            // out and queued again (rdkafka_partition.c advances the epoch's base msgid
+            // past purged messages). Answered as a duplicate it would be acknowledged at
+            // the aborted batch's offset and never be in the log; refused, the client
+            // learns its sequence is out of step and the transaction fails instead.
+            let open_since = self.ongoing.get(&batch.producer_id);
+            if batch.transactional && open_since.is_none_or(|first| original.first_offset < *first)
+            {
+                return Err(ProducerStateError::OutOfOrderSequence {
+                    producer_id: batch.producer_id,
+                    producer_epoch: batch.producer_epoch,
+                    base_sequence: batch.base_sequence,
+                    expected: increment_sequence(entry.last_seq(), 1),
+                });
+            }
             return Ok(Validated::Duplicate(original));
         }
         if batch.producer_epoch < entry.producer_epoch {
@@ -659,6 +679,51 @@ mod tests {
         ));
         assert_eq!(leo, 16, "nothing appended twice");
         assert_eq!(s.get(7).unwrap().last_seq(), 15);
+    }
+
+    /// A transactional batch that repeats the sequence of a batch of a transaction
+    /// already ended by a marker is a new batch, not a retry: refused, never answered
+    /// with the old batch's offset (which would acknowledge a record not in the log).
+    /// Within the open transaction a retry is still a duplicate.
+    #[test]
+    fn a_duplicate_from_an_ended_transaction_is_refused() {
+        let mut s = ProducerStateManager::default();
+        let mut leo = 0;
+        let txn = |seq| ProducerBatch {
+            transactional: true,
+            ..batch(9, 0, seq, 1)
+        };
+        assert_eq!(send(&mut s, &mut leo, txn(0)), Ok(Validated::Append));
+        assert!(matches!(
+            send(&mut s, &mut leo, txn(0)),
+            Ok(Validated::Duplicate(m)) if m.first_offset == 0
+        ));
+        // The transaction is aborted (marker at 1); the client reuses sequence 0.
+        s.complete_txn(9, 0, crate::batch::ControlType::Abort, 1, 1000);
+        leo = 2;
+        assert!(matches!(
+            send(&mut s, &mut leo, txn(0)),
+            Err(ProducerStateError::OutOfOrderSequence { expected: 1, .. })
+        ));
+        // The next transaction opens with sequence 1 at offset 2; a batch repeating the
+        // aborted one's sequence 0 is still refused, a retry of its own batch is not.
+        assert_eq!(send(&mut s, &mut leo, txn(1)), Ok(Validated::Append));
+        assert!(matches!(
+            send(&mut s, &mut leo, txn(0)),
+            Err(ProducerStateError::OutOfOrderSequence { .. })
+        ));
+        assert!(matches!(
+            send(&mut s, &mut leo, txn(1)),
+            Ok(Validated::Duplicate(m)) if m.first_offset == 2
+        ));
+        // Not transactional: duplicates as before.
+        let mut s = ProducerStateManager::default();
+        let mut leo = 0;
+        send(&mut s, &mut leo, batch(3, 0, 0, 1)).unwrap();
+        assert!(matches!(
+            send(&mut s, &mut leo, batch(3, 0, 0, 1)),
+            Ok(Validated::Duplicate(_))
+        ));
     }
 
     #[test]
