@@ -729,6 +729,7 @@ impl World {
             records: Vec::new(),
             partitions: Vec::new(),
             error: None,
+            txn: None,
         }
     }
 
