@@ -61,8 +61,8 @@ pub const TXN_REPLICATION_TIMEOUT_MS: i64 = 5_000;
 /// transaction verification (KIP-890 part 1); past it the produce gets a retriable
 /// error.
 pub const TXN_VERIFY_TIMEOUT_MS: u64 = 5_000;
-/// Idle connections kept, per coordinator broker, for transaction verifications.
-pub const TXN_VERIFY_CONNECTIONS_IDLE_MAX: usize = 4;
+/// Idle connections kept per broker for transaction verifications and markers.
+pub const TXN_BROKER_CONNECTIONS_IDLE_MAX: usize = 4;
 
 /// The producer id InitProducerId claimed (asynchronously, through the metadata log)
 /// before it takes the coordinator's lock; the coordinator takes it if it needs one.
@@ -90,9 +90,10 @@ pub struct TxnManager {
     /// yet: its partition and the offset after it. Dropped once the high watermark is
     /// seen past it, and with the partition when it is unloaded.
     unreplicated: Mutex<HashMap<String, (i32, i64)>>,
-    /// Idle connections to other brokers for verifications ([`verify_elsewhere`]), by
-    /// broker id, at most [`TXN_VERIFY_CONNECTIONS_IDLE_MAX`] each.
-    verify_idle: Mutex<HashMap<i32, Vec<crate::replica_fetcher::Connection>>>,
+    /// Idle connections to other brokers for verifications and markers
+    /// ([`send_to_broker`]), by broker id, at most [`TXN_BROKER_CONNECTIONS_IDLE_MAX`]
+    /// each.
+    broker_conns_idle: Mutex<HashMap<i32, Vec<crate::replica_fetcher::Connection>>>,
 }
 
 impl TxnManager {
@@ -104,7 +105,7 @@ impl TxnManager {
             create: tokio::sync::Mutex::new(()),
             markers_in_flight: Mutex::new(HashSet::new()),
             unreplicated: Mutex::new(HashMap::new()),
-            verify_idle: Mutex::new(HashMap::new()),
+            broker_conns_idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -343,55 +344,19 @@ pub async fn verify_elsewhere(
     ]);
     let timeout = std::time::Duration::from_millis(TXN_VERIFY_TIMEOUT_MS);
     let network = ResponseError::NetworkException.code();
-    // A pooled connection the peer closed while idle fails at once: one more try on a
-    // new connection.
-    let mut resp: Option<AddPartitionsToTxnResponse> = None;
-    for _ in 0..2 {
-        let pooled = broker
-            .txns
-            .verify_idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&leader)
-            .and_then(Vec::pop);
-        let was_pooled = pooled.is_some();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => match crate::replica_fetcher::Connection::open(broker, leader).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::info!(leader, %transactional_id, error = %e, "cannot reach the transaction coordinator to verify");
-                    return Err(network);
-                }
-            },
-        };
-        match conn
-            .send::<_, AddPartitionsToTxnResponse>(ApiKey::AddPartitionsToTxn, 4, &req, timeout)
-            .await
-        {
-            Ok(r) => {
-                let mut idle = broker
-                    .txns
-                    .verify_idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let conns = idle.entry(leader).or_default();
-                if conns.len() < TXN_VERIFY_CONNECTIONS_IDLE_MAX {
-                    conns.push(conn);
-                }
-                resp = Some(r);
-                break;
-            }
-            Err(e) if was_pooled => {
-                tracing::debug!(leader, error = %e, "pooled verification connection failed; a new one");
-            }
-            Err(e) => {
-                tracing::info!(leader, %transactional_id, error = %e, "transaction verification failed");
-                return Err(network);
-            }
-        }
-    }
-    let resp = resp.ok_or(network)?;
+    let resp: AddPartitionsToTxnResponse = send_to_broker(
+        broker,
+        leader,
+        ApiKey::AddPartitionsToTxn,
+        4,
+        &req,
+        timeout,
+    )
+    .await
+    .map_err(|e| {
+        tracing::info!(leader, %transactional_id, error = %e, "transaction verification failed");
+        network
+    })?;
     if resp.error_code != 0 {
         return Err(resp.error_code);
     }
@@ -414,6 +379,56 @@ pub async fn verify_elsewhere(
                 .map_or(network, |r| r.partition_error_code)
         })
         .collect())
+}
+
+/// One request to broker `node` (transaction verifications, markers) over an idle
+/// pooled connection, or a new one from this broker's listen address; the connection
+/// goes back to the pool after a complete answer, never after an error (its state is
+/// unknown). A pooled connection the peer closed while idle fails at once: one more try
+/// on a new connection.
+async fn send_to_broker<Req, Resp>(
+    broker: &Arc<Broker>,
+    node: i32,
+    key: kafka_protocol::messages::ApiKey,
+    version: i16,
+    req: &Req,
+    timeout: std::time::Duration,
+) -> Result<Resp, String>
+where
+    Req: kafka_protocol::protocol::Encodable,
+    Resp: kafka_protocol::protocol::Decodable,
+{
+    let idle = || {
+        broker
+            .txns
+            .broker_conns_idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    };
+    loop {
+        let pooled = idle().get_mut(&node).and_then(Vec::pop);
+        let was_pooled = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => crate::replica_fetcher::Connection::open(broker, node)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        match conn.send::<_, Resp>(key, version, req, timeout).await {
+            Ok(r) => {
+                let mut idle = idle();
+                let conns = idle.entry(node).or_default();
+                if conns.len() < TXN_BROKER_CONNECTIONS_IDLE_MAX {
+                    conns.push(conn);
+                }
+                return Ok(r);
+            }
+            Err(e) if was_pooled => {
+                tracing::debug!(node, error = %e, "pooled connection failed; a new one");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 fn replication_txn_error(e: &ferrite_replication::ReplicationError) -> TxnError {
@@ -796,15 +811,8 @@ async fn send_markers_to_leaders(
         let req = WriteTxnMarkersRequest::default().with_markers(vec![marker]);
         let timeout =
             std::time::Duration::from_millis(crate::replica_fetcher::REPLICA_REQUEST_TIMEOUT_MS);
-        let resp: Result<WriteTxnMarkersResponse, String> = async {
-            let mut conn = crate::replica_fetcher::Connection::open(broker, leader)
-                .await
-                .map_err(|e| e.to_string())?;
-            conn.send(ApiKey::WriteTxnMarkers, 1, &req, timeout)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
+        let resp: Result<WriteTxnMarkersResponse, String> =
+            send_to_broker(broker, leader, ApiKey::WriteTxnMarkers, 1, &req, timeout).await;
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
