@@ -41,3 +41,6 @@ as_root=()
 [ "$(id -u)" -eq 0 ] || as_root=(sudo -E)
 "${as_root[@]}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/fault/test_nemesis.py
 "${as_root[@]}" timeout 600 "$venv/bin/python" tests/fault/run.py --short --python "$venv/bin/python"
+# The same faults with transactional producers and read_committed consumers: no aborted
+# read (G1a), no committed record lost, no duplicate.
+"${as_root[@]}" timeout 600 "$venv/bin/python" tests/fault/run.py --short --mode txn --python "$venv/bin/python"

@@ -110,7 +110,8 @@ class Harness:
                                        "--history", os.path.join(a.out, "workload.jsonl"), "--t0", repr(self.t0),
                                        "--partitions", str(a.partitions), "--replication-factor", str(rf),
                                        "--min-insync", str(min_isr), "--producers", str(a.producers),
-                                       "--rate", str(a.rate), "--mode", a.mode, "--seed", str(a.seed)]
+                                       "--rate", str(a.rate), "--mode", a.mode, "--seed", str(a.seed),
+                                       "--isolation", a.consumer_isolation]
         self.workload_err = open(os.path.join(a.out, "workload.log"), "wb")
         self.workload = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.workload_err,
                                          text=True, start_new_session=True)
@@ -401,6 +402,10 @@ def parse_args(argv):
     ap.add_argument("--gap-max", type=float, default=5.0)
     ap.add_argument("--warmup-s", type=float, default=3.0)
     ap.add_argument("--mode", choices=("all-idempotent", "all", "one", "txn"), default="all-idempotent")
+    ap.add_argument("--consumer-isolation", choices=("read_committed", "read_uncommitted"),
+                    default="read_committed",
+                    help="the polling consumers' isolation.level; read_uncommitted with --mode txn is a planted "
+                         "bug: its reads of aborted transactions must fail the run")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=50.0, help="sends per second per producer")

@@ -265,6 +265,25 @@ def test_harness_catches_a_planted_loss(tmp_path):
 
 @needs_root
 @pytest.mark.skipif(not os.access(FERRITE_BIN, os.X_OK), reason="needs target/debug/ferrite")
+def test_harness_catches_aborted_reads(tmp_path):
+    """The transactional mode's check, end to end: consumers that read_uncommitted (the
+    planted bug) see records of aborted transactions, and the run must fail with
+    aborted reads (G1a), while the committed ones are all read."""
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"),
+                        "--nodes", "1", "--faults", "1", "--kinds", "pause", "--seed", "3", "--warmup-s", "5",
+                        "--mode", "txn", "--consumer-isolation", "read_uncommitted",
+                        "--out", str(tmp_path), "--python", sys.executable, "--ferrite-bin", FERRITE_BIN,
+                        "--check-bin", CHECK_BIN], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 1, p.stdout + p.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"]["aborted-read"] > 0, summary
+    assert summary["transactions"]["fail"] > 0 and summary["transactions"]["ok"] > 0, summary
+    other = {k: v for k, v in summary["counts"].items() if k not in ("aborted-read", "duplicate") and v}
+    assert not other, summary
+
+
+@needs_root
+@pytest.mark.skipif(not os.access(FERRITE_BIN, os.X_OK), reason="needs target/debug/ferrite")
 def test_three_nodes_talk_from_their_own_addresses_and_a_cut_drops_quorum_traffic(tmp_path):
     """Three real combined nodes in the namespace: every connection a node opens to another
     node leaves from its own address (so the address rules apply), and isolating a node

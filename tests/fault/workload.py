@@ -301,7 +301,7 @@ class ConsumerWorker(threading.Thread):
                       "auto.offset.reset": "earliest", "enable.auto.commit": self.subscribe,
                       "session.timeout.ms": 10000, "heartbeat.interval.ms": 1000,
                       "enable.partition.eof": False, "socket.connection.setup.timeout.ms": 3000,
-                      "isolation.level": "read_committed"})
+                      "isolation.level": self.args.isolation})
         if self.subscribe:
             c.subscribe([self.args.topic], on_assign=self.on_assign, on_revoke=self.on_revoke,
                         on_lost=self.on_revoke)
@@ -422,6 +422,9 @@ def main():
     ap.add_argument("--rate", type=float, default=50.0, help="sends per second per producer")
     ap.add_argument("--mode", choices=sorted(MODES), default="all-idempotent")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--isolation", choices=("read_committed", "read_uncommitted"), default="read_committed",
+                    help="the polling consumers' isolation.level (read_uncommitted in mode txn: aborted reads "
+                         "the checker must report); the final reads are read_committed")
     args = ap.parse_args()
 
     h = History(args.history, args.t0)

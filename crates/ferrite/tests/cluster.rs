@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{wait_for, OP_TIMEOUT};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The session the nodes run with: a dead broker is fenced after this.
 const SESSION_MS: u64 = 1500;
 
@@ -263,20 +264,6 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
