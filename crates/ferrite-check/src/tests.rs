@@ -460,7 +460,11 @@ fn a_transactional_history_passing_over_aborted_records_is_clean() {
     assert_eq!(report.count(AnomalyKind::Duplicate), 0);
     assert_eq!(report.values_acknowledged, 3, "only the committed sends");
     assert_eq!(
-        (report.transactions.ok, report.transactions.fail, report.transactions.info),
+        (
+            report.transactions.ok,
+            report.transactions.fail,
+            report.transactions.info
+        ),
         (2, 1, 1)
     );
 }
@@ -486,8 +490,18 @@ fn a_committed_transactions_record_never_read_is_lost() {
         .collect();
     let report = run(&h);
     // Lost, and the consumer that passed over it skipped a committed record.
-    assert_eq!(report.count(AnomalyKind::LostWrite), 1, "{}", report.to_text());
-    assert_eq!(report.count(AnomalyKind::PollSkip), 1, "{}", report.to_text());
+    assert_eq!(
+        report.count(AnomalyKind::LostWrite),
+        1,
+        "{}",
+        report.to_text()
+    );
+    assert_eq!(
+        report.count(AnomalyKind::PollSkip),
+        1,
+        "{}",
+        report.to_text()
+    );
     assert_eq!(report.count(AnomalyKind::AbortedRead), 0);
     let lost = report
         .anomalies
