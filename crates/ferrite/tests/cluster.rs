@@ -1842,4 +1842,45 @@ fn transactional_writes_are_verified_with_a_coordinator_on_another_broker() {
         let got = fetch_committed(&consumer, TOPIC, 1).ok()?;
         (got == vec![Some(42)]).then_some(())
     });
+
+    // AddPartitionsToTxn v4 as a partition leader sends it (the test runs on a
+    // registered broker's address): verify-only answers per partition and writes
+    // nothing; adding refuses partitions the cluster does not have.
+    use ferrite_protocol::kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTransaction;
+    let v4 = |verify_only: bool, topic: &str, partition: i32| -> i16 {
+        let r: AddPartitionsToTxnResponse = common::raw(
+            &coordinator_addr,
+            ApiKey::AddPartitionsToTxn,
+            4,
+            &AddPartitionsToTxnRequest::default().with_transactions(vec![
+                AddPartitionsToTxnTransaction::default()
+                    .with_transactional_id(TransactionalId(str_bytes(TID)))
+                    .with_producer_id(ProducerId(pid))
+                    .with_producer_epoch(epoch)
+                    .with_verify_only(verify_only)
+                    .with_topics(vec![AddPartitionsToTxnTopic::default()
+                        .with_name(TopicName(str_bytes(topic)))
+                        .with_partitions(vec![partition])]),
+            ]),
+        );
+        assert_eq!(
+            r.error_code, 0,
+            "AddPartitionsToTxn v4 from a broker's address"
+        );
+        r.results_by_transaction[0].topic_results[0].results_by_partition[0].partition_error_code
+    };
+    assert_eq!(
+        v4(true, TOPIC, remote),
+        INVALID_TXN_STATE,
+        "not in the (ended) transaction"
+    );
+    assert_eq!(
+        v4(false, "no-such-topic", 0),
+        3,
+        "UNKNOWN_TOPIC_OR_PARTITION"
+    );
+    assert_eq!(v4(false, TOPIC, remote), 0, "added by a broker");
+    assert_eq!(v4(true, TOPIC, remote), 0, "now in the transaction");
+    end_txn(false);
+    completed("CompleteAbort");
 }

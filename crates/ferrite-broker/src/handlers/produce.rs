@@ -209,14 +209,16 @@ fn append_partition(
                 None
             }
             Some(Err(code)) => {
+                // KIP-951: a leader change seen while verifying still says where to go.
+                let leader = (code == ResponseError::NotLeaderOrFollower.code()).then_some(p);
                 return Err((
                     code,
                     format!(
                         "transactional batch refused for {topic}-{partition}: its coordinator \
                          did not verify it (error {code})"
                     ),
-                    None,
-                ))
+                    leader,
+                ));
             }
             None => {
                 let st = broker.txns.lock();

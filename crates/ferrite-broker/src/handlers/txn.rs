@@ -284,7 +284,30 @@ async fn add_partitions_to_txn_batched(
                 topic.partitions.iter().map(move |p| (name.clone(), *p))
             })
             .collect();
-        let codes: Vec<i16> = if t.verify_only {
+        // As v3: only partitions of the cluster's topics, never the internal ones.
+        let image = broker.controller.image();
+        let unknown: Vec<bool> = wanted
+            .iter()
+            .map(|(name, p)| {
+                name == OFFSETS_TOPIC
+                    || name == TRANSACTION_STATE_TOPIC
+                    || !image
+                        .topic(name)
+                        .is_some_and(|t| t.partitions.contains_key(p))
+            })
+            .collect();
+        let codes: Vec<i16> = if !t.verify_only && unknown.iter().any(|u| *u) {
+            unknown
+                .iter()
+                .map(|u| {
+                    if *u {
+                        ResponseError::UnknownTopicOrPartition.code()
+                    } else {
+                        ResponseError::OperationNotAttempted.code()
+                    }
+                })
+                .collect()
+        } else if t.verify_only {
             let st = broker.txns.lock();
             st.verify_partitions(&tid, t.producer_id.0, t.producer_epoch, &wanted)
                 .into_iter()
