@@ -102,11 +102,17 @@ pub enum TxnWrite {
 impl TxnWrite {
     /// A producer's transactional batch ([`TxnWrite::Producer`]) or not.
     pub fn of(records: &[u8]) -> TxnWrite {
-        match ferrite_storage::BatchHeader::parse(records) {
-            Ok(h) if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0 => {
-                TxnWrite::Producer(h.producer_id)
-            }
-            _ => TxnWrite::None,
+        ferrite_storage::BatchHeader::parse(records)
+            .ok()
+            .map_or(TxnWrite::None, |h| TxnWrite::of_header(&h))
+    }
+
+    /// [`TxnWrite::of`] from a parsed header.
+    pub fn of_header(h: &ferrite_storage::BatchHeader) -> TxnWrite {
+        if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0 {
+            TxnWrite::Producer(h.producer_id)
+        } else {
+            TxnWrite::None
         }
     }
 

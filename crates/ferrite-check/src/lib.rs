@@ -371,6 +371,27 @@ impl Anomalies {
     }
 }
 
+/// Notes `value` at `offset` of `tp`, seen by a read or an acknowledged send, in both
+/// directions (offset -> values, value -> places).
+fn seen_at(
+    at_offset: &mut BTreeMap<Tp, BTreeMap<i64, BTreeSet<Value>>>,
+    places: &mut BTreeMap<Value, BTreeSet<(Tp, i64)>>,
+    tp: &Tp,
+    offset: i64,
+    value: &Value,
+) {
+    at_offset
+        .entry(tp.clone())
+        .or_default()
+        .entry(offset)
+        .or_default()
+        .insert(value.clone());
+    places
+        .entry(value.clone())
+        .or_default()
+        .insert((tp.clone(), offset));
+}
+
 /// Checks a parsed history.
 pub fn check(ops: &[Op]) -> Report {
     let mut anomalies = Anomalies::default();
@@ -433,13 +454,7 @@ pub fn check(ops: &[Op]) -> Report {
                 if let (Some(p), Some(v)) = (op.partition, &op.value) {
                     let tp = (op.topic.clone(), p);
                     if let Some(o) = op.offset {
-                        at_offset
-                            .entry(tp.clone())
-                            .or_default()
-                            .entry(o)
-                            .or_default()
-                            .insert(v.clone());
-                        places.entry(v.clone()).or_default().insert((tp.clone(), o));
+                        seen_at(&mut at_offset, &mut places, &tp, o, v);
                         if outcome == Some(OpType::Fail) {
                             aborted_at.insert((tp, o));
                         } else {
@@ -462,13 +477,7 @@ pub fn check(ops: &[Op]) -> Report {
             (OpFunction::Send, OpType::Ok) => {
                 if let (Some(p), Some(o), Some(v)) = (op.partition, op.offset, &op.value) {
                     let tp = (op.topic.clone(), p);
-                    at_offset
-                        .entry(tp.clone())
-                        .or_default()
-                        .entry(o)
-                        .or_default()
-                        .insert(v.clone());
-                    places.entry(v.clone()).or_default().insert((tp.clone(), o));
+                    seen_at(&mut at_offset, &mut places, &tp, o, v);
                     ok_send_times
                         .entry(tp.clone())
                         .or_default()
@@ -500,16 +509,7 @@ pub fn check(ops: &[Op]) -> Report {
             (OpFunction::Poll | OpFunction::FinalRead, OpType::Ok) => {
                 for r in &op.records {
                     let tp = (r.topic.clone(), r.partition);
-                    at_offset
-                        .entry(tp.clone())
-                        .or_default()
-                        .entry(r.offset)
-                        .or_default()
-                        .insert(r.value.clone());
-                    places
-                        .entry(r.value.clone())
-                        .or_default()
-                        .insert((tp.clone(), r.offset));
+                    seen_at(&mut at_offset, &mut places, &tp, r.offset, &r.value);
                     read_values.insert(r.value.clone());
                     let m = max_read_offset.entry(tp).or_insert(r.offset);
                     *m = (*m).max(r.offset);

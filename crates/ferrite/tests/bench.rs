@@ -191,3 +191,52 @@ fn bench_group_keys_duration_and_bad_flags() {
     );
     assert!(bench_fails(&server, &["e2e", "--topic", "x", "--count", "10"]).contains("--rate"));
 }
+
+/// `--transaction-ms`: transactional producers commit on the period, every commit is in
+/// the commit histogram, and everything they sent is committed (read_committed reads it
+/// all). Without --acks all it is refused, as librdkafka's transactions require.
+#[test]
+fn bench_transactional_producers_commit_on_the_period() {
+    let server = Server::start(&[]);
+    let p = bench(
+        &server,
+        &[
+            "produce",
+            "--topic",
+            "t",
+            "--partitions",
+            "2",
+            "--duration",
+            "2",
+            "--rate",
+            "1000",
+            "--count",
+            "1000000",
+            "--acks",
+            "all",
+            "--idempotence",
+            "--transaction-ms",
+            "100",
+        ],
+    );
+    let n = p["messages"].as_u64().unwrap();
+    let txns = p["transactions"].as_u64().unwrap();
+    // About 2 s in 100 ms transactions, plus the last one's commit.
+    assert!((10..=30).contains(&txns), "{txns} transactions in 2 s");
+    assert!(p["commit_latency_ms"]["max"].as_f64().unwrap() > 0.0);
+    // --count: the topic's offsets include the markers, which are no messages.
+    let c = bench(
+        &server,
+        &["consume", "--topic", "t", "--count", &n.to_string()],
+    );
+    assert_eq!(
+        c["messages"].as_u64().unwrap(),
+        n,
+        "every sent message committed"
+    );
+    assert!(bench_fails(
+        &server,
+        &["produce", "--topic", "t", "--transaction-ms", "100"]
+    )
+    .contains("--acks all"));
+}

@@ -194,7 +194,7 @@ fn append_partition(
     let transactional = header
         .is_some_and(|h| h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL != 0)
         && producer_batches_valid(records);
-    let mut txn = TxnWrite::of(records);
+    let mut txn = header.map_or(TxnWrite::None, |h| TxnWrite::of_header(&h));
     let _coordinator = if let (true, Some(h)) = (transactional, header) {
         let Some(tid) = transactional_id else {
             return Err((
@@ -298,12 +298,12 @@ async fn verify_with_coordinator(
             let Some(records) = pd.records.as_deref() else {
                 continue;
             };
+            // The header only: the append validates the batches (a malformed one is
+            // CORRUPT_MESSAGE there), and a guard costs nothing until it is used.
             let Ok(h) = ferrite_storage::BatchHeader::parse(records) else {
                 continue;
             };
-            if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL == 0
-                || !producer_batches_valid(records)
-            {
+            if h.attributes & ferrite_storage::batch::ATTR_TRANSACTIONAL == 0 {
                 continue;
             }
             // Not hosted here: the append answers it.

@@ -198,38 +198,13 @@ pub async fn add_partitions_to_txn(
     let tid = req.v3_and_below_transactional_id.0.to_string();
     let producer_id = req.v3_and_below_producer_id.0;
     let producer_epoch = req.v3_and_below_producer_epoch;
-    let mut wanted: Vec<(String, i32)> = Vec::new();
-    let mut unknown = false;
-    // A partition of the cluster's, wherever it is led (not only those hosted here: the
-    // coordinator sends markers to other leaders); internal topics never join.
-    let image = broker.controller.image();
-    let addable = |name: &str, p: i32| {
-        name != OFFSETS_TOPIC
-            && name != TRANSACTION_STATE_TOPIC
-            && image
-                .topic(name)
-                .is_some_and(|t| t.partitions.contains_key(&p))
-    };
-    for t in &req.v3_and_below_topics {
-        for p in &t.partitions {
-            let name = t.name.0.to_string();
-            if !addable(&name, *p) {
-                unknown = true;
-            }
-            wanted.push((name, *p));
-        }
-    }
-    let codes: Vec<i16> = if unknown {
-        wanted
-            .iter()
-            .map(|(t, p)| {
-                if !addable(t, *p) {
-                    ResponseError::UnknownTopicOrPartition.code()
-                } else {
-                    ResponseError::OperationNotAttempted.code()
-                }
-            })
-            .collect()
+    let wanted: Vec<(String, i32)> = req
+        .v3_and_below_topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| (t.name.0.to_string(), *p)))
+        .collect();
+    let codes: Vec<i16> = if let Some(codes) = unaddable(broker, &wanted) {
+        codes
     } else {
         let parts = wanted.clone();
         let result = txn_manager::run(broker, tid.clone(), move |st| {
@@ -239,6 +214,47 @@ pub async fn add_partitions_to_txn(
         let c = result.err().map_or(0, |e| code(e, version >= 2));
         vec![c; wanted.len()]
     };
+    AddPartitionsToTxnResponse::default()
+        .with_results_by_topic_v3_and_below(topic_results(wanted, codes))
+}
+
+/// When some of `wanted` cannot join a transaction, each partition's code: those
+/// UNKNOWN_TOPIC_OR_PARTITION, the others OPERATION_NOT_ATTEMPTED (Kafka's answer).
+/// A partition can join if it is the cluster's, wherever it is led (not only those
+/// hosted here: the coordinator sends markers to other leaders); internal topics never
+/// join.
+fn unaddable(broker: &Broker, wanted: &[(String, i32)]) -> Option<Vec<i16>> {
+    let image = broker.controller.image();
+    let addable = |name: &str, p: i32| {
+        name != OFFSETS_TOPIC
+            && name != TRANSACTION_STATE_TOPIC
+            && image
+                .topic(name)
+                .is_some_and(|t| t.partitions.contains_key(&p))
+    };
+    if wanted.iter().all(|(t, p)| addable(t, *p)) {
+        return None;
+    }
+    Some(
+        wanted
+            .iter()
+            .map(|(t, p)| {
+                if addable(t, *p) {
+                    ResponseError::OperationNotAttempted.code()
+                } else {
+                    ResponseError::UnknownTopicOrPartition.code()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Per-partition codes grouped by topic, in request order, as AddPartitionsToTxn
+/// answers them.
+fn topic_results(
+    wanted: Vec<(String, i32)>,
+    codes: Vec<i16>,
+) -> Vec<AddPartitionsToTxnTopicResult> {
     let mut topics: Vec<AddPartitionsToTxnTopicResult> = Vec::new();
     for ((topic, p), c) in wanted.into_iter().zip(codes) {
         let r = AddPartitionsToTxnPartitionResult::default()
@@ -253,7 +269,7 @@ pub async fn add_partitions_to_txn(
             ),
         }
     }
-    AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(topics)
+    topics
 }
 
 /// AddPartitionsToTxn v4, the brokers' batched form (KIP-890 part 1): from a partition
@@ -284,35 +300,16 @@ async fn add_partitions_to_txn_batched(
                 topic.partitions.iter().map(move |p| (name.clone(), *p))
             })
             .collect();
-        // As v3: only partitions of the cluster's topics, never the internal ones.
-        let image = broker.controller.image();
-        let unknown: Vec<bool> = wanted
-            .iter()
-            .map(|(name, p)| {
-                name == OFFSETS_TOPIC
-                    || name == TRANSACTION_STATE_TOPIC
-                    || !image
-                        .topic(name)
-                        .is_some_and(|t| t.partitions.contains_key(p))
-            })
-            .collect();
-        let codes: Vec<i16> = if !t.verify_only && unknown.iter().any(|u| *u) {
-            unknown
-                .iter()
-                .map(|u| {
-                    if *u {
-                        ResponseError::UnknownTopicOrPartition.code()
-                    } else {
-                        ResponseError::OperationNotAttempted.code()
-                    }
-                })
-                .collect()
-        } else if t.verify_only {
+        // Verify-only asks about internal partitions too (TxnOffsetCommit's
+        // `__consumer_offsets`); adding takes what v3 takes.
+        let codes: Vec<i16> = if t.verify_only {
             let st = broker.txns.lock();
             st.verify_partitions(&tid, t.producer_id.0, t.producer_epoch, &wanted)
                 .into_iter()
                 .map(|(_, r)| r.err().map_or(0, |e| code(e, true)))
                 .collect()
+        } else if let Some(codes) = unaddable(broker, &wanted) {
+            codes
         } else {
             let parts = wanted.clone();
             let (pid, epoch) = (t.producer_id.0, t.producer_epoch);
@@ -323,20 +320,7 @@ async fn add_partitions_to_txn_batched(
             .await;
             vec![result.err().map_or(0, |e| code(e, true)); wanted.len()]
         };
-        let mut topics: Vec<AddPartitionsToTxnTopicResult> = Vec::new();
-        for ((topic, p), c) in wanted.into_iter().zip(codes) {
-            let r = AddPartitionsToTxnPartitionResult::default()
-                .with_partition_index(p)
-                .with_partition_error_code(c);
-            match topics.last_mut() {
-                Some(t) if &*t.name.0 == topic.as_str() => t.results_by_partition.push(r),
-                _ => topics.push(
-                    AddPartitionsToTxnTopicResult::default()
-                        .with_name(super::topic_name(&topic))
-                        .with_results_by_partition(vec![r]),
-                ),
-            }
-        }
+        let topics = topic_results(wanted, codes);
         results.push(
             AddPartitionsToTxnResult::default()
                 .with_transactional_id(t.transactional_id.clone())
