@@ -109,7 +109,8 @@ pub struct BrokerConfig {
     /// quorum (a one-voter quorum on an ephemeral port of the listen address).
     pub controller_quorum_voters: Option<String>,
     /// The controller listener (`--controller-listen`); `None`: this node's address in
-    /// `controller.quorum.voters`, or an ephemeral port when it is the only voter.
+    /// `controller.quorum.voters`, or an ephemeral port without them (a bare server) and on a
+    /// broker-only node (where the leader replicates the metadata log to it).
     pub controller_listen: Option<String>,
     /// `broker.heartbeat.interval.ms`
     pub broker_heartbeat_interval_ms: u64,

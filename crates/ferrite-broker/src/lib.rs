@@ -620,21 +620,22 @@ struct QuorumPlan {
     listen: SocketAddr,
     /// This node is the only voter (a bare `ferrite server`).
     sole_voter: bool,
+    /// A broker-only node (`process.roles=broker`): it follows the quorum as an observer
+    /// reached at this `host:port`.
+    observer: Option<String>,
+    /// `controller.quorum.voters` was given (the cluster id is derived from it).
+    voters_given: bool,
 }
 
 impl QuorumPlan {
     async fn bind(config: &BrokerConfig, kafka_addr: SocketAddr) -> Result<QuorumPlan, StartError> {
         let bad = |m: String| StartError::Meta(m);
         let roles = config.process_roles;
-        if !(roles.broker && roles.controller) {
-            // Not built yet: a broker-only node would follow the quorum as an observer,
-            // a controller-only node would serve no clients.
-            return Err(bad(format!(
-                "process.roles={}{}{} is not supported yet: every node runs both roles (broker,controller)",
-                if roles.broker { "broker" } else { "" },
-                if roles.broker && roles.controller { "," } else { "" },
-                if roles.controller { "controller" } else { "" },
-            )));
+        if !roles.broker {
+            // Not built yet: a controller-only node would serve no clients.
+            return Err(bad(
+                "process.roles=controller is not supported yet: a node runs a broker (process.roles=broker, or broker,controller)".to_string(),
+            ));
         }
         let node_id = u64::try_from(config.node_id)
             .map_err(|_| bad(format!("node.id {} is negative", config.node_id)))?;
@@ -652,20 +653,65 @@ impl QuorumPlan {
                 None => resolve(l),
             })
             .transpose()?;
+        if !roles.controller {
+            // A broker-only node: an observer of the voters' quorum.
+            let Some(v) = &config.controller_quorum_voters else {
+                return Err(bad(
+                    "process.roles=broker needs controller.quorum.voters: the quorum this broker joins".to_string(),
+                ));
+            };
+            let voters = ferrite_raft::parse_voters(v).map_err(|e| bad(e.to_string()))?;
+            if voters.iter().any(|v| v.id == node_id) {
+                return Err(bad(format!(
+                    "node.id {node_id} is in controller.quorum.voters {v}, but process.roles=broker: a voter runs the controller role (process.roles=broker,controller)"
+                )));
+            }
+            // Its quorum listener only takes the leader's replication: an ephemeral port
+            // of its own address unless given.
+            let listen = explicit.unwrap_or(SocketAddr::new(kafka_addr.ip(), 0));
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: listen,
+                    source,
+                })?;
+            let listen = listener.local_addr().map_err(|source| StartError::Listen {
+                addr: listen,
+                source,
+            })?;
+            // Reached by the leader at the advertised host (a listener on 0.0.0.0 is
+            // not an address anyone can connect to).
+            let host = match &config.advertised_listener {
+                Some((host, _)) if listen.ip().is_unspecified() => host.clone(),
+                _ => listen.ip().to_string(),
+            };
+            let advertised = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, listen.port()).to_string(),
+                Err(_) => format!("{host}:{}", listen.port()),
+            };
+            return Ok(QuorumPlan {
+                node_id,
+                voters,
+                listener,
+                listen,
+                sole_voter: false,
+                observer: Some(advertised),
+                voters_given: true,
+            });
+        }
         let (voters, listen, sole_voter) = match &config.controller_quorum_voters {
             Some(v) => {
                 let voters = ferrite_raft::parse_voters(v).map_err(|e| bad(e.to_string()))?;
                 let me = voters.iter().find(|v| v.id == node_id).ok_or_else(|| {
                     bad(format!(
-                        "node.id {node_id} is not in controller.quorum.voters {v} (a node that is not a voter needs process.roles=broker, which is not supported yet)"
+                        "node.id {node_id} is not in controller.quorum.voters {v}: a node that is not a voter runs with process.roles=broker"
                     ))
                 })?;
                 let sole = voters.len() == 1;
+                // Its address in the voter list, where observers (broker-only nodes)
+                // reach it, even when it is the only voter.
                 let listen = match explicit {
                     Some(a) => a,
-                    // The only voter contacts no one: an ephemeral port cannot collide
-                    // with other servers on the machine.
-                    None if sole => SocketAddr::new(kafka_addr.ip(), 0),
                     None => resolve(&me.address())?,
                 };
                 (voters, listen, sole)
@@ -696,16 +742,19 @@ impl QuorumPlan {
             listener,
             listen,
             sole_voter,
+            observer: None,
+            voters_given: config.controller_quorum_voters.is_some(),
         })
     }
 
-    /// The cluster id every voter of this quorum derives alike for a new data directory
-    /// (there is no `kafka-storage format` step to hand them one): a name-based UUID
-    /// (RFC 9562 version 5) of the voter list, sorted by id. `None` for a node that is its
-    /// own quorum: its id is random. Two clusters given the same voter list get the same
-    /// id; `cluster.id` sets one explicitly.
+    /// The cluster id every node of this quorum (voters and broker-only observers)
+    /// derives alike for a new data directory (there is no `kafka-storage format` step to
+    /// hand them one): a name-based UUID (RFC 9562 version 5) of the voter list, sorted by
+    /// id. `None` for a node that is its own quorum without `controller.quorum.voters` (a
+    /// bare `ferrite server`): its id is random. Two clusters given the same voter list
+    /// get the same id; `cluster.id` sets one explicitly.
     fn derived_cluster_id(&self) -> Option<String> {
-        if self.sole_voter {
+        if !self.voters_given {
             return None;
         }
         Some(cluster_id_of_voters(&self.voters))
@@ -720,7 +769,13 @@ impl QuorumPlan {
                 v.port = self.listen.port();
             }
         }
-        ferrite_raft::QuorumConfig::new(self.node_id, self.listen, voters, dir)
+        let mut config = ferrite_raft::QuorumConfig::new(self.node_id, self.listen, voters, dir);
+        if let Some(advertised) = &self.observer {
+            config.role = ferrite_raft::QuorumRole::Observer {
+                advertised: advertised.clone(),
+            };
+        }
+        config
     }
 }
 

@@ -7,7 +7,8 @@
 //! - [`log_store`]: the durable Raft log and vote (openraft's `RaftLogStorage`).
 //! - [`state_machine`]: committed entries applied to the image, snapshots of it.
 //! - [`network`]: the private RPC between voters over Ferrite's length-prefixed framing.
-//! - [`node`]: [`MetadataQuorum`], what a controller runs: start, write, status.
+//! - [`node`]: [`MetadataQuorum`], what a controller voter (or a broker-only observer)
+//!   runs: start, write, status.
 //!
 //! - [`local`]: the quorum files read without changing them (start-up checks).
 
@@ -24,8 +25,8 @@ pub mod voters;
 pub use ferrite_metadata::MetadataRecord;
 pub use local::{read_local, LocalMetadata};
 pub use node::{
-    KafkaHandler, MetadataQuorum, QuorumConfig, QuorumDescription, QuorumError, QuorumStatus,
-    QuorumTiming, VoterProgress,
+    KafkaHandler, MetadataQuorum, QuorumConfig, QuorumDescription, QuorumError, QuorumRole,
+    QuorumStatus, QuorumTiming, VoterProgress, QUORUM_OBSERVERS_MAX,
 };
 pub use state_machine::AppliedImage;
 pub use voters::{parse_voters, Voter, VotersError};

@@ -9,8 +9,8 @@
 //! answered in order, one at a time.
 //!
 //! Messages: openraft's AppendEntries, Vote and InstallSnapshot (chunks of at most
-//! `SNAPSHOT_CHUNK_BYTES`), and `Write`, a metadata change forwarded by a voter that is
-//! not the leader. Every call has a timeout; a failed connection is dropped and
+//! `SNAPSHOT_CHUNK_BYTES`), `Write`, a metadata change forwarded by a node that is not
+//! the leader, and `AddObserver`, a broker-only node asking to follow the log. Every call has a timeout; a failed connection is dropped and
 //! re-established on the next call. Outgoing connections are bound to the node's own
 //! controller address, so firewall rules on loopback addresses (127.0.0.x) can cut
 //! voters apart.
@@ -68,6 +68,12 @@ pub enum QuorumRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A metadata change forwarded to the leader.
     Write(MetadataBatch),
+    /// A broker-only node asks the leader to replicate the metadata log to it, as an
+    /// openraft learner at `addr` (its quorum RPC listener): KRaft's observer.
+    AddObserver {
+        node_id: NodeId,
+        addr: String,
+    },
 }
 
 /// The answer to a [`QuorumRequest`], the variant matching the request's.
@@ -80,6 +86,7 @@ pub enum QuorumResponse {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Write(Result<u64, WriteRefusal>),
+    AddObserver(Result<(), WriteRefusal>),
 }
 
 /// Why a forwarded write was not committed.
@@ -92,6 +99,9 @@ pub enum WriteRefusal {
     Timeout,
     /// The quorum on the receiver has stopped.
     Stopped,
+    /// An observer that cannot be added: its id is a voter's, or the leader has
+    /// `QUORUM_OBSERVERS_MAX` already.
+    Refused { why: String },
 }
 
 /// Why a call failed.
@@ -476,6 +486,9 @@ async fn dispatch(shared: &Shared, request: QuorumRequest) -> QuorumResponse {
         }
         QuorumRequest::Write(records) => {
             QuorumResponse::Write(shared.write_forwarded(records).await)
+        }
+        QuorumRequest::AddObserver { node_id, addr } => {
+            QuorumResponse::AddObserver(shared.add_observer(node_id, addr).await)
         }
     }
 }

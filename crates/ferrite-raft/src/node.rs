@@ -8,6 +8,15 @@
 //! with one voter. A node whose stored voter set differs from the configured one
 //! refuses to start (membership changes are not supported).
 //!
+//! Observers: a broker-only node (`process.roles=broker`) is no voter. It follows the
+//! log as an openraft learner, KRaft's observer: at start it asks the leader
+//! (`AddObserver`, retried across the voters until one leads) to add it, at the address
+//! of its own quorum RPC listener, and from then on the leader replicates entries and
+//! snapshots to it as to any follower. It never votes and never stands for election;
+//! its writes are forwarded to the leader as a follower voter's are. The voter set stays
+//! fixed: only learners are added (openraft's membership changes between voters are
+//! where its open bugs are).
+//!
 //! CheckQuorum: openraft has none, so a leader cut off from the majority stays leader
 //! and its writes never commit (KAFKA-15489 is Kafka's version of the bug). Here a leader
 //! that has had no acknowledgement from a majority within `fetch_timeout` stops being the
@@ -71,9 +80,27 @@ impl Default for QuorumTiming {
     }
 }
 
+/// What this node is in the quorum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuorumRole {
+    /// One of `controller.quorum.voters`.
+    Voter,
+    /// Not a voter: follows the log as a learner, reached by the leader at `advertised`
+    /// (`host:port` of its quorum RPC listener).
+    Observer { advertised: String },
+}
+
+/// Observers (learners) the leader adds at most: each one is a replication stream.
+pub const QUORUM_OBSERVERS_MAX: usize = 256;
+/// Longest `host:port` an observer may give.
+pub const OBSERVER_ADDRESS_BYTES_MAX: usize = 255;
+/// Pause before an observer asks again after a refusal it cannot fix by retrying soon.
+const OBSERVER_REFUSED_BACKOFF: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct QuorumConfig {
     pub node_id: NodeId,
+    pub role: QuorumRole,
     /// The controller listener (and the source address of outgoing connections).
     pub controller_listen: SocketAddr,
     pub voters: Vec<Voter>,
@@ -100,6 +127,7 @@ impl QuorumConfig {
     ) -> QuorumConfig {
         QuorumConfig {
             node_id,
+            role: QuorumRole::Voter,
             controller_listen,
             voters,
             dir,
@@ -153,7 +181,8 @@ pub struct QuorumStatus {
     pub snapshot_index: Option<u64>,
     /// Last log index purged from the local log (it is in the snapshot).
     pub purged_index: Option<u64>,
-    /// On the leader: each voter's last log index known to match the leader's.
+    /// On the leader: each voter's and observer's last log index known to match the
+    /// leader's.
     pub voter_log_end: BTreeMap<NodeId, Option<u64>>,
 }
 
@@ -180,6 +209,8 @@ pub struct QuorumDescription {
     pub high_watermark: i64,
     /// Every configured voter, this node included.
     pub voters: Vec<VoterProgress>,
+    /// The observers (broker-only nodes) the leader replicates to.
+    pub observers: Vec<VoterProgress>,
 }
 
 /// Progress the watchdog records for [`MetadataQuorum::describe`]: kept out of the
@@ -301,6 +332,7 @@ impl MetadataQuorum {
             .map_err(|e| stopped(&e))?;
         let configured: BTreeSet<NodeId> = voters.keys().copied().collect();
         let restarted = raft.is_initialized().await.map_err(|e| stopped(&e))?;
+        let is_voter = config.role == QuorumRole::Voter;
         if restarted {
             if stored_voters != configured {
                 let _ = raft.shutdown().await;
@@ -309,7 +341,7 @@ impl MetadataQuorum {
                      changing the voters is not supported"
                 )));
             }
-        } else if configured.first() == Some(&config.node_id) {
+        } else if is_voter && configured.first() == Some(&config.node_id) {
             // Deterministic formation: only the lowest id initializes a fresh quorum, so
             // exactly one initial membership entry exists; the others learn it from the
             // leader it elects.
@@ -321,7 +353,7 @@ impl MetadataQuorum {
             raft.initialize(members)
                 .await
                 .map_err(|e| QuorumError::Stopped(format!("initialize: {e}")))?;
-        } else {
+        } else if is_voter {
             tracing::info!(
                 node_id = config.node_id,
                 "no quorum state yet; waiting for the lowest-id voter to form the quorum"
@@ -352,7 +384,7 @@ impl MetadataQuorum {
             dir: config.dir.clone(),
             progress: Arc::new(Mutex::new(BTreeMap::new())),
         });
-        if configured.len() == 1 && restarted {
+        if is_voter && configured.len() == 1 && restarted {
             // A one-voter quorum needs no one's vote: stand at once rather than after an
             // election timeout, so a bare server starts in milliseconds. (A fresh one
             // stands by itself on `initialize`; a second election there would only
@@ -367,12 +399,24 @@ impl MetadataQuorum {
             shared.progress.clone(),
         ));
         let server = tokio::spawn(serve(listener, shared.clone()));
-        tracing::info!(node_id = config.node_id, %local_addr, "metadata quorum voter started");
+        let mut tasks = vec![watchdog, server];
+        match &config.role {
+            QuorumRole::Voter => {
+                tracing::info!(node_id = config.node_id, %local_addr, "metadata quorum voter started")
+            }
+            QuorumRole::Observer { advertised } => {
+                tracing::info!(node_id = config.node_id, %local_addr, advertised, "metadata quorum observer started");
+                tasks.push(tokio::spawn(announce_observer(
+                    shared.clone(),
+                    advertised.clone(),
+                )));
+            }
+        }
         Ok(MetadataQuorum {
             shared,
             applied,
             local_addr,
-            tasks: Mutex::new(vec![watchdog, server]),
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -421,11 +465,17 @@ impl MetadataQuorum {
                 })
             })
             .collect();
+        let observers = progress
+            .values()
+            .filter(|p| !self.shared.voters.contains_key(&p.node_id))
+            .copied()
+            .collect();
         Some(QuorumDescription {
             leader_id: status.node_id,
             leader_epoch: status.leader_epoch,
             high_watermark: exclusive_end(status.raft_commit_index),
             voters,
+            observers,
         })
     }
 
@@ -628,11 +678,32 @@ fn validate_voters(config: &QuorumConfig) -> Result<Arc<BTreeMap<NodeId, String>
             return Err(QuorumError::Config(format!("voter {} listed twice", v.id)));
         }
     }
-    if !map.contains_key(&config.node_id) {
+    match &config.role {
+        QuorumRole::Voter if !map.contains_key(&config.node_id) => {
+            return Err(QuorumError::Config(format!(
+                "node {} is not one of the voters {:?}",
+                config.node_id,
+                map.keys().collect::<Vec<_>>()
+            )));
+        }
+        QuorumRole::Observer { .. } if map.contains_key(&config.node_id) => {
+            return Err(QuorumError::Config(format!(
+                "node {} is a voter; an observer's id must not be one of the voters {:?}",
+                config.node_id,
+                map.keys().collect::<Vec<_>>()
+            )));
+        }
+        QuorumRole::Observer { advertised } if advertised.len() > OBSERVER_ADDRESS_BYTES_MAX => {
+            return Err(QuorumError::Config(format!(
+                "observer address `{advertised}` is longer than {OBSERVER_ADDRESS_BYTES_MAX} bytes"
+            )));
+        }
+        _ => {}
+    }
+    if config.node_id > i32::MAX as NodeId {
         return Err(QuorumError::Config(format!(
-            "node {} is not one of the voters {:?} (observers are not supported yet)",
-            config.node_id,
-            map.keys().collect::<Vec<_>>()
+            "node id {} is above i32::MAX",
+            config.node_id
         )));
     }
     Ok(Arc::new(map))
@@ -751,6 +822,9 @@ impl Shared {
             Ok(QuorumResponse::Write(Err(WriteRefusal::Stopped))) => {
                 Err(QuorumError::Stopped(format!("leader {leader} stopped")))
             }
+            Ok(QuorumResponse::Write(Err(WriteRefusal::Refused { why }))) => Err(
+                QuorumError::Stopped(format!("leader {leader} refused: {why}")),
+            ),
             Ok(_) => Err(QuorumError::Stopped(format!(
                 "leader {leader} answered another RPC"
             ))),
@@ -789,6 +863,145 @@ impl Shared {
             Ok(Err(_)) => Err(WriteRefusal::Stopped),
             Err(_) => Err(WriteRefusal::Timeout),
         }
+    }
+
+    /// An observer asks to follow the log: on the active controller, make it a learner
+    /// at `addr` (or move it there), committed before the answer, so every later leader
+    /// knows it. Nothing is written when the committed membership has it at `addr`
+    /// already (a restart with the same address).
+    pub(crate) async fn add_observer(
+        &self,
+        node_id: NodeId,
+        addr: String,
+    ) -> Result<(), WriteRefusal> {
+        let refused = |why: String| Err(WriteRefusal::Refused { why });
+        let status = self.status.borrow().clone();
+        if !status.is_active_controller {
+            return Err(WriteRefusal::NotController {
+                leader: status.leader_id,
+            });
+        }
+        if self.voters.contains_key(&node_id) {
+            return refused(format!("node {node_id} is a voter"));
+        }
+        if node_id > i32::MAX as NodeId {
+            return refused(format!("node id {node_id} is above i32::MAX"));
+        }
+        if addr.len() > OBSERVER_ADDRESS_BYTES_MAX || addr.is_empty() {
+            return refused(format!(
+                "observer address of {} bytes (1 to {OBSERVER_ADDRESS_BYTES_MAX})",
+                addr.len()
+            ));
+        }
+        let voters = self.voters.clone();
+        let (known, observers) = self
+            .raft
+            .with_raft_state(move |st| {
+                let m = st.membership_state.committed();
+                let known = m.get_node(&node_id).map(|n| n.addr.clone());
+                let observers = m.nodes().filter(|(id, _)| !voters.contains_key(id)).count();
+                (known, observers)
+            })
+            .await
+            .map_err(|_| WriteRefusal::Stopped)?;
+        if known.as_deref() == Some(addr.as_str()) {
+            return Ok(());
+        }
+        if known.is_none() && observers >= QUORUM_OBSERVERS_MAX {
+            return refused(format!(
+                "the quorum has {observers} observers already (QUORUM_OBSERVERS_MAX)"
+            ));
+        }
+        tracing::info!(node_id, addr, previous = ?known, "adding an observer to the metadata quorum");
+        let change =
+            openraft::ChangeMembers::SetNodes(BTreeMap::from([(node_id, BasicNode { addr })]));
+        let timeout = self.timing.write_timeout;
+        match tokio::time::timeout(timeout, self.raft.change_membership(change, true)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(WriteRefusal::NotController {
+                    leader: f.leader_id.filter(|l| *l != self.node_id),
+                })
+            }
+            // Another membership change is still committing: the observer asks again.
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                tracing::debug!(node_id, error = %e, "observer not added yet");
+                Err(WriteRefusal::Timeout)
+            }
+            Ok(Err(RaftError::Fatal(_))) => Err(WriteRefusal::Stopped),
+            Err(_) => Err(WriteRefusal::Timeout),
+        }
+    }
+}
+
+/// An observer's start: asks the leader to add it, trying each voter in turn until one
+/// leads (a fresh observer knows no leader: none replicates to it yet), for as long as
+/// it takes. Done once per start: the membership is in the log, so later leaders know it.
+async fn announce_observer(shared: Arc<Shared>, advertised: String) {
+    let mut clients: HashMap<NodeId, PeerClient> = HashMap::new();
+    let voters: Vec<NodeId> = shared.voters.keys().copied().collect();
+    let mut next = 0usize;
+    let mut hint: Option<NodeId> = None;
+    loop {
+        let target = match hint.take().or(shared.status.borrow().leader_id) {
+            Some(t) => t,
+            None => {
+                let t = voters.get(next % voters.len().max(1)).copied();
+                next = next.wrapping_add(1);
+                match t {
+                    Some(t) => t,
+                    None => return,
+                }
+            }
+        };
+        let Some(addr) = shared.voters.get(&target).cloned() else {
+            continue;
+        };
+        let client = clients.entry(target).or_insert_with(|| {
+            PeerClient::new(
+                shared.node_id,
+                target,
+                addr,
+                shared.bind_ip,
+                shared.timing.request_timeout,
+                shared.timing.reconnect_backoff,
+            )
+        });
+        let request = QuorumRequest::AddObserver {
+            node_id: shared.node_id,
+            addr: advertised.clone(),
+        };
+        match client.call(&request, shared.timing.write_timeout).await {
+            Ok(QuorumResponse::AddObserver(Ok(()))) => {
+                tracing::info!(
+                    node_id = shared.node_id,
+                    leader = target,
+                    "following the metadata quorum as an observer"
+                );
+                return;
+            }
+            Ok(QuorumResponse::AddObserver(Err(WriteRefusal::NotController {
+                leader: Some(l),
+            }))) if l != target => {
+                hint = Some(l);
+                continue;
+            }
+            Ok(QuorumResponse::AddObserver(Err(WriteRefusal::Refused { why }))) => {
+                tracing::error!(
+                    node_id = shared.node_id,
+                    leader = target,
+                    reason = why,
+                    "the metadata quorum refuses this observer"
+                );
+                tokio::time::sleep(OBSERVER_REFUSED_BACKOFF).await;
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(target, error = %e, "cannot reach a voter to join as an observer")
+            }
+        }
+        tokio::time::sleep(shared.timing.reconnect_backoff).await;
     }
 }
 

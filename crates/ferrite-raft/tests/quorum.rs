@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferrite_metadata::MetadataRecord;
-use ferrite_raft::{MetadataQuorum, QuorumConfig, QuorumError, QuorumTiming, Voter};
+use ferrite_raft::{MetadataQuorum, QuorumConfig, QuorumError, QuorumRole, QuorumTiming, Voter};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -417,5 +417,119 @@ async fn a_crash_with_a_torn_log_tail_recovers_and_corruption_is_refused() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(()) => panic!("a corrupt quorum log was accepted"),
     }
+    c.shutdown().await;
+}
+
+/// Starts observer `id` (a broker-only node) on a fresh ephemeral port.
+async fn start_observer(
+    c: &Cluster,
+    id: u64,
+    dir: &std::path::Path,
+) -> Result<MetadataQuorum, QuorumError> {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut config = QuorumConfig::new(id, addr, c.voters.clone(), dir.to_path_buf());
+    config.role = QuorumRole::Observer {
+        advertised: addr.to_string(),
+    };
+    config.timing = timing();
+    MetadataQuorum::start_with(config, Some(l)).await
+}
+
+/// Waits until the observer names voter position `leader` as the leader.
+async fn wait_observer_follows(observer: &MetadataQuorum, leader: usize) {
+    let deadline = Instant::now() + WAIT;
+    while observer.status().leader_id != Some(leader as u64 + 1) {
+        assert!(
+            Instant::now() < deadline,
+            "observer does not follow {}: {:?}",
+            leader + 1,
+            observer.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_follows_the_log_forwards_writes_and_never_votes() {
+    // A snapshot every 3 entries, nothing kept behind it: the observer, started late,
+    // can only catch up from a snapshot.
+    let mut c = Cluster::with_snapshots(3, 3, 0).await;
+    let leader = c.wait_leader().await;
+    let mut last = 0;
+    for i in 0..8 {
+        last = c.write(leader, topic(&format!("t{i}"))).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // An observer may not take a voter's id.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut bad = QuorumConfig::new(
+        2,
+        l.local_addr().unwrap(),
+        c.voters.clone(),
+        dir.path().into(),
+    );
+    bad.role = QuorumRole::Observer {
+        advertised: l.local_addr().unwrap().to_string(),
+    };
+    assert!(matches!(
+        MetadataQuorum::start_with(bad, Some(l)).await,
+        Err(QuorumError::Config(_))
+    ));
+
+    let observer = start_observer(&c, 4, dir.path()).await.unwrap();
+    let img = observer.wait_applied(last, WAIT).await.unwrap().image;
+    assert_eq!(img.topics().count(), 8);
+    wait_observer_follows(&observer, leader).await;
+
+    // Its writes are forwarded to the leader and reach everyone.
+    let from_observer = observer
+        .write(topic("from-observer"))
+        .await
+        .expect("a write through the observer");
+    for img in futures_join(&c, from_observer).await {
+        assert!(img.topic("from-observer").is_some());
+    }
+    observer.wait_applied(from_observer, WAIT).await.unwrap();
+    let described = c.node(leader).describe().unwrap();
+    assert_eq!(described.voters.len(), 3, "{described:?}");
+    assert!(
+        described.observers.iter().any(|o| o.node_id == 4),
+        "{described:?}"
+    );
+    assert!(described.voters.iter().all(|v| v.node_id != 4));
+
+    // The leader goes: a voter takes over, the observer never stands.
+    c.stop(leader).await;
+    let new = c.wait_leader().await;
+    assert!(!observer.status().is_active_controller);
+    wait_observer_follows(&observer, new).await;
+    let after_failover = c.write(new, topic("after-failover")).await;
+    assert!(observer
+        .wait_applied(after_failover, WAIT)
+        .await
+        .unwrap()
+        .image
+        .topic("after-failover")
+        .is_some());
+
+    // Restarted on another port, it is reached at the new address.
+    observer.shutdown().await;
+    let observer = start_observer(&c, 4, dir.path()).await.unwrap();
+    let after_restart = c.write(new, topic("after-restart")).await;
+    let img = observer
+        .wait_applied(after_restart, WAIT)
+        .await
+        .unwrap()
+        .image;
+    assert!(img.topic("after-restart").is_some() && img.topic("t0").is_some());
+    assert!(!observer.status().is_active_controller);
+
+    // The two remaining voters still make a majority of three without it.
+    c.restart(leader).await.unwrap();
+    let last = c.write(new, topic("last")).await;
+    observer.wait_applied(last, WAIT).await.unwrap();
+    observer.shutdown().await;
     c.shutdown().await;
 }

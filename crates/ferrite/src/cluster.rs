@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use ferrite_protocol::kafka_protocol::messages::describe_quorum_request::{
     PartitionData, TopicData,
 };
+use ferrite_protocol::kafka_protocol::messages::describe_quorum_response::ReplicaState;
 use ferrite_protocol::kafka_protocol::messages::{
     ApiKey, DescribeClusterRequest, DescribeClusterResponse, DescribeQuorumRequest,
     DescribeQuorumResponse, TopicName,
@@ -97,20 +98,19 @@ fn run(args: ClusterArgs) -> Result<()> {
         })
         .collect();
     brokers.sort_by_key(|b| b["id"].as_i64());
-    let voters: Vec<Value> = p
-        .current_voters
-        .iter()
-        .map(|v| {
-            let lag = (v.log_end_offset >= 0).then(|| (p.high_watermark - v.log_end_offset).max(0));
-            json!({
-                "id": v.replica_id.0,
-                "log_end_offset": v.log_end_offset,
-                "lag": lag,
-                "last_caught_up_timestamp": (v.last_caught_up_timestamp >= 0)
-                    .then_some(v.last_caught_up_timestamp),
-            })
+    let replica = |v: &ReplicaState| {
+        let lag = (v.log_end_offset >= 0).then(|| (p.high_watermark - v.log_end_offset).max(0));
+        json!({
+            "id": v.replica_id.0,
+            "log_end_offset": v.log_end_offset,
+            "lag": lag,
+            "last_caught_up_timestamp": (v.last_caught_up_timestamp >= 0)
+                .then_some(v.last_caught_up_timestamp),
         })
-        .collect();
+    };
+    let voters: Vec<Value> = p.current_voters.iter().map(replica).collect();
+    // Broker-only nodes following the metadata log (KRaft's observers).
+    let observers: Vec<Value> = p.observers.iter().map(replica).collect();
     let v = json!({
         "cluster_id": cluster.cluster_id.to_string(),
         "controller_id": cluster.controller_id.0,
@@ -120,6 +120,7 @@ fn run(args: ClusterArgs) -> Result<()> {
             "leader_epoch": p.leader_epoch,
             "high_watermark": p.high_watermark,
             "voters": voters,
+            "observers": observers,
         },
     });
     if common.json {
@@ -142,7 +143,7 @@ fn run(args: ClusterArgs) -> Result<()> {
         "metadata quorum: leader {}, leader epoch {}, high watermark {}",
         p.leader_id.0, p.leader_epoch, p.high_watermark
     );
-    println!("VOTER\tLOG-END-OFFSET\tLAG\tLAST-CAUGHT-UP-MS-AGO");
+    println!("REPLICA\tROLE\tLOG-END-OFFSET\tLAG\tLAST-CAUGHT-UP-MS-AGO");
     let now = ferrite_now_ms();
     let or_dash = |v: &Value| {
         if v.is_null() {
@@ -151,13 +152,17 @@ fn run(args: ClusterArgs) -> Result<()> {
             v.to_string()
         }
     };
-    for v in &voters {
+    let roles = voters
+        .iter()
+        .map(|v| (v, "voter"))
+        .chain(observers.iter().map(|o| (o, "observer")));
+    for (v, role) in roles {
         let ago = v["last_caught_up_timestamp"]
             .as_i64()
             .map_or("-".to_string(), |t| (now - t).max(0).to_string());
         let end = v["log_end_offset"].as_i64().filter(|e| *e >= 0);
         println!(
-            "{}\t{}\t{}\t{ago}",
+            "{}\t{role}\t{}\t{}\t{ago}",
             v["id"],
             end.map_or("-".to_string(), |e| e.to_string()),
             or_dash(&v["lag"])

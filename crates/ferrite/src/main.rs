@@ -105,11 +105,13 @@ struct ServerArgs {
     #[arg(long, value_name = "N")]
     node_id: Option<i32>,
     /// What this node runs (process.roles): broker, controller or both
-    /// [default: broker,controller; only both is supported yet].
+    /// [default: broker,controller; `broker` alone joins the quorum of
+    /// --controller-quorum-voters as an observer; `controller` alone is not supported yet].
     #[arg(long, value_name = "ROLES")]
     process_roles: Option<String>,
     /// The controller listener for the metadata quorum's RPC [default: this node's
-    /// address in --controller-quorum-voters; an ephemeral port when it is the only voter].
+    /// address in --controller-quorum-voters; an ephemeral port without them, and on a
+    /// broker-only node (where the leader replicates the metadata log to it)].
     #[arg(long, value_name = "HOST:PORT")]
     controller_listen: Option<String>,
     /// The controller voters (controller.quorum.voters), e.g.

@@ -141,6 +141,44 @@ impl Cluster {
         Cluster { nodes, _tmp: tmp }
     }
 
+    /// Starts a broker-only node (`--process-roles broker`, no controller listener of
+    /// its own in the voters) with node 1's settings, and waits for its ready line.
+    fn add_broker_only(&mut self, id: i32) {
+        let template = &self.nodes[0];
+        let data_dir = template.data_dir.with_file_name(format!("node-{id}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = Vec::new();
+        let mut it = template.args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--node-id" | "--listen" | "--data-dir" | "--controller-listen" => {
+                    it.next();
+                }
+                _ => args.push(a.clone()),
+            }
+        }
+        args.extend([
+            "--node-id".to_string(),
+            id.to_string(),
+            "--listen".to_string(),
+            addr.clone(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--process-roles".to_string(),
+            "broker".to_string(),
+        ]);
+        self.nodes.push(Node {
+            id,
+            addr,
+            data_dir,
+            args,
+            child: None,
+        });
+        let node = self.nodes.last_mut().unwrap();
+        let rx = spawn(node);
+        wait_ready(&rx, node);
+    }
+
     /// Starts a stopped node again with its arguments and waits for its ready line.
     fn restart(&mut self, id: i32) {
         let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
@@ -1883,4 +1921,160 @@ fn transactional_writes_are_verified_with_a_coordinator_on_another_broker() {
     assert_eq!(v4(true, TOPIC, remote), 0, "now in the transaction");
     end_txn(false);
     completed("CompleteAbort");
+}
+
+/// A CreateTopics that is retried: a retry after an attempt that committed but timed
+/// out finds the topic there.
+fn created(r: Result<(), String>) -> Option<()> {
+    match r {
+        Ok(()) => Some(()),
+        Err(e) if e.contains("already exists") || e.contains("TopicAlreadyExists") => Some(()),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn a_broker_only_node_joins_the_running_quorum() {
+    let mut cluster = Cluster::start();
+    let rt = runtime();
+    // A broker-only node may not take a voter's id: one clear refusal, nothing started.
+    let mut voter_id = cluster.nodes[0].args.clone();
+    let pos = voter_id.iter().position(|a| a == "--node-id").unwrap();
+    voter_id[pos + 1] = "2".into();
+    let pos = voter_id.iter().position(|a| a == "--data-dir").unwrap();
+    voter_id[pos + 1] = cluster.nodes[0]
+        .data_dir
+        .with_file_name("refused")
+        .display()
+        .to_string();
+    let pos = voter_id.iter().position(|a| a == "--listen").unwrap();
+    voter_id[pos + 1] = format!("127.0.0.1:{}", free_port());
+    let pos = voter_id
+        .iter()
+        .position(|a| a == "--controller-listen")
+        .unwrap();
+    voter_id.drain(pos..pos + 2);
+    voter_id.extend(["--process-roles".to_string(), "broker".to_string()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(&voter_id)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in controller.quorum.voters"),
+        "{stderr}"
+    );
+
+    cluster.add_broker_only(4);
+    // Every node, the new one included, lists four brokers; the quorum describes it
+    // as an observer and keeps three voters; it is never the controller.
+    for n in &cluster.nodes {
+        wait_for("4 brokers in Metadata", OP_TIMEOUT, || {
+            metadata(&n.addr, None).filter(|s| s.brokers == vec![1, 2, 3, 4])
+        });
+    }
+    let d = wait_for("the observer in cluster describe", OP_TIMEOUT, || {
+        cluster_describe(&cluster.nodes[3].addr).filter(|d| {
+            d["quorum"]["observers"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o["id"] == 4))
+        })
+    });
+    let voters: Vec<i64> = d["quorum"]["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(voters, vec![1, 2, 3], "{d}");
+    let ids: Vec<String> = [0, 3]
+        .iter()
+        .map(|i| {
+            cluster_describe(&cluster.nodes[*i].addr).unwrap()["cluster_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1], "one cluster id");
+
+    // A topic over all four brokers, created through the new one: RF 4 is placed (it
+    // counts as a broker) and its replica holds what the leader holds.
+    let mut admin_config = cluster.config();
+    admin_config.set("bootstrap.servers", &cluster.nodes[3].addr);
+    let admin: AdminClient<DefaultClientContext> = admin_config.create().unwrap();
+    let topic = "four-wide";
+    rt.block_on(create_topic(&admin, topic, 1, 4, &[], OP_TIMEOUT))
+        .unwrap();
+    wait_for("an ISR of 4", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[3].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, _, isr)| *l >= 0 && isr.len() == 4)
+    });
+    let producer: FutureProducer = cluster
+        .config()
+        .set("acks", "all")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .unwrap();
+    let values: Vec<String> = (0..20).map(|i| format!("v-{i}")).collect();
+    assert_eq!(rt.block_on(produce_all(&producer, topic, &values)), values);
+    let dirs: Vec<PathBuf> = cluster.nodes.iter().map(|n| n.data_dir.clone()).collect();
+    wait_for("identical replica logs on all four", OP_TIMEOUT, || {
+        let logs: Vec<Vec<u8>> = dirs.iter().map(|d| replica_bytes(d, topic)).collect();
+        (!logs[0].is_empty() && logs.iter().all(|l| *l == logs[0])).then_some(())
+    });
+
+    // The active controller dies: the two voters left elect one (never the observer),
+    // and a change made through the observer still commits.
+    let controller = active_controller(&cluster);
+    assert_ne!(controller, 4);
+    cluster.kill9(controller);
+    wait_for("a new controller", OP_TIMEOUT, || {
+        controller_id_raw(&cluster.nodes[3].addr).filter(|c| *c != controller)
+    });
+    wait_for("CreateTopics through the observer", OP_TIMEOUT, || {
+        created(rt.block_on(create_topic(
+            &admin,
+            "after-failover",
+            1,
+            2,
+            &[],
+            Duration::from_secs(5),
+        )))
+    });
+    assert_ne!(active_controller(&cluster), 4);
+
+    // Restarted, it rejoins (same node id, a new incarnation and quorum port) and
+    // catches up on what it missed.
+    cluster.kill9(4);
+    let voters_admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    wait_for(
+        "CreateTopics while the observer is down",
+        OP_TIMEOUT,
+        || {
+            created(rt.block_on(create_topic(
+                &voters_admin,
+                "while-observer-down",
+                1,
+                1,
+                &[],
+                Duration::from_secs(5),
+            )))
+        },
+    );
+    cluster.restart(4);
+    let addr4 = cluster.nodes[3].addr.clone();
+    wait_for(
+        "the restarted observer sees the new topic",
+        OP_TIMEOUT,
+        || metadata(&addr4, Some("while-observer-down")).filter(|s| !s.partitions.is_empty()),
+    );
+    wait_for("the restarted broker back in the ISR", OP_TIMEOUT, || {
+        metadata(&addr4, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(_, _, isr)| isr.contains(&4))
+    });
 }

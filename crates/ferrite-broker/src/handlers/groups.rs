@@ -47,10 +47,15 @@ pub fn find_coordinator(
             .with_host(str_bytes(""))
             .with_port(-1);
         if req.key_type != KEY_TYPE_GROUP {
-            // Transactions are not implemented: no transaction coordinator exists.
+            // Transactional ids go to `txn::find_coordinator`; any other type (share
+            // groups, KIP-932, are 2) is refused as Kafka's `CoordinatorType.forId`
+            // refuses an unknown one.
             c = c
-                .with_error_code(ResponseError::CoordinatorNotAvailable.code())
-                .with_error_message(Some(str_bytes("transactions are not supported yet")));
+                .with_error_code(ResponseError::InvalidRequest.code())
+                .with_error_message(Some(str_bytes(format!(
+                    "coordinator key type {} is not supported",
+                    req.key_type
+                ))));
         } else if key.is_empty() {
             c = c
                 .with_error_code(ResponseError::InvalidRequest.code())

@@ -84,6 +84,18 @@ pub fn describe_local(
                 })
         })
         .collect();
+    // Broker-only nodes: openraft learners, KRaft's observers.
+    let observers = d
+        .observers
+        .iter()
+        .map(|o| {
+            ReplicaState::default()
+                .with_replica_id(BrokerId(node_id_i32(o.node_id)))
+                .with_log_end_offset(o.log_end_offset)
+                .with_last_fetch_timestamp(-1)
+                .with_last_caught_up_timestamp(o.last_caught_up_timestamp)
+        })
+        .collect();
     let nodes = quorum
         .voters()
         .iter()
@@ -112,7 +124,8 @@ pub fn describe_local(
                 .with_leader_id(BrokerId(node_id_i32(d.leader_id)))
                 .with_leader_epoch(i32::try_from(d.leader_epoch).unwrap_or(i32::MAX))
                 .with_high_watermark(d.high_watermark)
-                .with_current_voters(voters)])])
+                .with_current_voters(voters)
+                .with_observers(observers)])])
         .with_nodes(nodes)
 }
 
