@@ -126,6 +126,10 @@ pub struct BrokerConfig {
     pub transaction_state_log_min_isr: i16,
     /// `auto.leader.rebalance.enable`: leadership returns to preferred replicas.
     pub auto_leader_rebalance_enable: bool,
+    /// `replica.selector.class`: with Kafka's `RackAwareReplicaSelector`, a leader sends
+    /// a consumer that names its rack (`client.rack`, Fetch v11+) to an in-sync follower
+    /// in that rack (KIP-392). `false`: Kafka's default, consumers read from the leader.
+    pub replica_selector_rack_aware: bool,
     /// `leader.imbalance.check.interval.seconds`
     pub leader_imbalance_check_interval_seconds: i64,
 }
@@ -250,6 +254,7 @@ impl Default for BrokerConfig {
             transaction_state_log_min_isr:
                 ferrite_controller::config::TRANSACTION_STATE_LOG_MIN_ISR_DEFAULT,
             auto_leader_rebalance_enable: true,
+            replica_selector_rack_aware: false,
             leader_imbalance_check_interval_seconds: 300,
         }
     }
@@ -288,6 +293,11 @@ where
     }
     Ok(v)
 }
+
+/// Kafka's replica selectors (`replica.selector.class`), the two it ships.
+pub const RACK_AWARE_REPLICA_SELECTOR: &str =
+    "org.apache.kafka.common.replica.RackAwareReplicaSelector";
+pub const LEADER_REPLICA_SELECTOR: &str = "org.apache.kafka.common.replica.LeaderSelector";
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
     match value.trim() {
@@ -377,6 +387,21 @@ impl BrokerConfig {
             }
             "auto.leader.rebalance.enable" => {
                 self.auto_leader_rebalance_enable = parse_bool(key, value)?
+            }
+            "replica.selector.class" => {
+                self.replica_selector_rack_aware = match value.trim() {
+                    RACK_AWARE_REPLICA_SELECTOR => true,
+                    "" | LEADER_REPLICA_SELECTOR => false,
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            value,
+                            &format!(
+                            "supported: {RACK_AWARE_REPLICA_SELECTOR} or {LEADER_REPLICA_SELECTOR}"
+                        ),
+                        ))
+                    }
+                }
             }
             "leader.imbalance.check.interval.seconds" => {
                 self.leader_imbalance_check_interval_seconds = parse_num(key, value, 1)?

@@ -219,6 +219,45 @@ impl Partition {
         }
     }
 
+    /// KIP-392, on the leader: the in-sync follower in `client_rack` that a consumer
+    /// fetching at `fetch_offset` should read from instead (Kafka's
+    /// `RackAwareReplicaSelector`), `None` to keep it here. `rack_of` gives a broker's
+    /// registered rack. Followers are taken at their log end offset as last fetched,
+    /// their log start offset is not known here: a consumer sent to one whose log starts
+    /// later gets OFFSET_OUT_OF_RANGE there and comes back to the leader (librdkafka and
+    /// the Java client both do).
+    pub fn preferred_read_replica(
+        &self,
+        node_id: i32,
+        client_rack: &str,
+        fetch_offset: i64,
+        rack_of: impl Fn(i32) -> Option<String>,
+    ) -> Option<i32> {
+        let repl = self.replication();
+        let Role::Leader(leader) = &repl.role else {
+            return None;
+        };
+        let state = &leader.state;
+        let me = ferrite_replication::ReadReplica {
+            broker_id: node_id,
+            rack: rack_of(node_id),
+            log_end_offset: state.log_end_offset(),
+        };
+        let followers: Vec<ferrite_replication::ReadReplica> = state
+            .isr()
+            .iter()
+            .filter(|id| **id != node_id)
+            .filter_map(|id| {
+                Some(ferrite_replication::ReadReplica {
+                    broker_id: *id,
+                    rack: rack_of(*id),
+                    log_end_offset: state.follower_log_end_offset(*id)?,
+                })
+            })
+            .collect();
+        ferrite_replication::preferred_read_replica(client_rack, &me, &followers, fetch_offset)
+    }
+
     /// An append by this broker as leader with acks=1 semantics (a start-up migration of
     /// `__consumer_offsets`, which runs before any follower can fetch). Refused with
     /// NOT_LEADER_OR_FOLLOWER when this broker does not lead.

@@ -7,18 +7,21 @@
 //!   from the leader's (KIP-101, KIP-279), from the leader's answer;
 //! - [`PartitionLeader`]: the leader's view of its followers, the high watermark, ISR
 //!   shrink and expand proposals (one AlterPartition in flight), follower fetch
-//!   validation, the acks=all purgatory and ListOffsets latest (KIP-207).
+//!   validation, the acks=all purgatory and ListOffsets latest (KIP-207);
+//! - [`preferred_read_replica`]: the follower a consumer in another rack reads from
+//!   (KIP-392).
 //!
 //! Nothing here reads a clock, a file or a socket: time is an argument (`now_ms`),
 //! the log is described by its offsets, and every decision is a returned value that the
 //! broker carries out (append, truncate, send AlterPartition, answer a produce). The
-//! durable form of the epoch cache is `ferrite_storage::leader_epoch`. Not wired into the
-//! broker yet.
+//! durable form of the epoch cache is `ferrite_storage::leader_epoch`. The broker's
+//! `replica_manager` wires these into its partitions.
 
 pub mod epoch_cache;
 pub mod error;
 pub mod follower;
 pub mod leader;
+pub mod read_replica;
 
 pub use epoch_cache::{EpochEndOffset, LeaderEpochCache, UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
 pub use error::ReplicationError;
@@ -27,6 +30,7 @@ pub use leader::{
     AlterPartitionProposal, BrokerState, FetchOutcome, FollowerFetch, IsrMember, PartitionLeader,
     PartitionState, ProduceCompletion, ReplicationConfig, PENDING_PRODUCES_MAX,
 };
+pub use read_replica::{preferred_read_replica, ReadReplica};
 
 /// A broker's id (`node.id`).
 pub type BrokerId = i32;

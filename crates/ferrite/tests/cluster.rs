@@ -88,6 +88,11 @@ impl Cluster {
 
     /// [`Cluster::start`] with more `--set` configs on every node.
     fn start_with(extra: &[&str]) -> Cluster {
+        Cluster::start_opts(extra, false)
+    }
+
+    /// [`Cluster::start_with`], each node in its own rack `rack-<id>` if `racks`.
+    fn start_opts(extra: &[&str], racks: bool) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let ids = [1, 2, 3];
         let ports: Vec<(u16, u16)> = ids.iter().map(|_| (free_port(), free_port())).collect();
@@ -114,6 +119,9 @@ impl Cluster {
                 "--data-dir".into(),
                 data_dir.display().to_string(),
             ];
+            if racks {
+                args.extend(["--rack".to_string(), format!("rack-{id}")]);
+            }
             for s in [
                 format!("broker.session.timeout.ms={SESSION_MS}"),
                 "broker.heartbeat.interval.ms=500".to_string(),
@@ -2077,4 +2085,138 @@ fn a_broker_only_node_joins_the_running_quorum() {
             .and_then(|s| s.partitions.get(&0).cloned())
             .filter(|(_, _, isr)| isr.contains(&4))
     });
+}
+
+/// One partition's answer to a raw Fetch of partition 0 of `topic` from offset 0 as a
+/// consumer (replica id -1) in `rack`.
+fn fetch_as_consumer(
+    addr: &str,
+    topic: &str,
+    version: i16,
+    rack: &str,
+) -> ferrite_protocol::kafka_protocol::messages::fetch_response::PartitionData {
+    use ferrite_protocol::kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use ferrite_protocol::kafka_protocol::messages::{
+        ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName,
+    };
+    use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+    let req = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(1 << 20)
+        .with_session_epoch(-1)
+        .with_rack_id(StrBytes::from_string(rack.to_string()))
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_current_leader_epoch(-1)
+                .with_fetch_offset(0)
+                .with_last_fetched_epoch(-1)
+                .with_log_start_offset(-1)
+                .with_partition_max_bytes(1 << 20)])]);
+    let resp: FetchResponse = common::raw(addr, ApiKey::Fetch, version, &req);
+    assert_eq!(resp.error_code, 0);
+    resp.responses[0].partitions[0].clone()
+}
+
+#[test]
+fn consumers_read_from_an_in_sync_follower_in_their_rack() {
+    let mut cluster = Cluster::start_opts(
+        &["replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector"],
+        true,
+    );
+    let rt = runtime();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    let topic = "near";
+    rt.block_on(create_topic(&admin, topic, 1, 3, &[], OP_TIMEOUT))
+        .unwrap();
+    let (leader, replicas, _) = wait_for("an ISR of 3", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, _, isr)| *l >= 0 && isr.len() == 3)
+    });
+    let follower = *replicas.iter().find(|r| **r != leader).unwrap();
+    let addrs: BTreeMap<i32, String> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.addr.clone()))
+        .collect();
+    let addr_of = |id: i32| addrs[&id].clone();
+    let producer: FutureProducer = cluster
+        .config()
+        .set("acks", "all")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .unwrap();
+    let values: Vec<String> = (0..30).map(|i| format!("near-{i:02}")).collect();
+    assert_eq!(rt.block_on(produce_all(&producer, topic, &values)), values);
+
+    // The leader sends a consumer of the follower's rack there, with no records, and
+    // keeps one of its own rack.
+    let follower_rack = format!("rack-{follower}");
+    let redirected = wait_for("a preferred read replica", OP_TIMEOUT, || {
+        let p = fetch_as_consumer(&addr_of(leader), topic, 12, &follower_rack);
+        (p.preferred_read_replica.0 >= 0).then_some(p)
+    });
+    assert_eq!(redirected.error_code, 0);
+    assert_eq!(redirected.preferred_read_replica.0, follower);
+    assert!(redirected.records.as_ref().is_none_or(|r| r.is_empty()));
+    assert_eq!(redirected.high_watermark, 30);
+    let own = fetch_as_consumer(&addr_of(leader), topic, 12, &format!("rack-{leader}"));
+    assert_eq!(own.preferred_read_replica.0, -1);
+    assert!(own.records.as_ref().is_some_and(|r| !r.is_empty()));
+    // Without a rack, or before Fetch v11 (no client metadata), no redirection.
+    assert_eq!(
+        fetch_as_consumer(&addr_of(leader), topic, 12, "")
+            .preferred_read_replica
+            .0,
+        -1
+    );
+
+    // The follower serves the consumer below its high watermark (v11+ only).
+    let at_follower = wait_for("the follower's high watermark at 30", OP_TIMEOUT, || {
+        let p = fetch_as_consumer(&addr_of(follower), topic, 12, &follower_rack);
+        (p.error_code == 0 && p.high_watermark == 30).then_some(p)
+    });
+    assert!(at_follower.records.as_ref().is_some_and(|r| !r.is_empty()));
+    assert_eq!(at_follower.preferred_read_replica.0, -1);
+    let old = fetch_as_consumer(&addr_of(follower), topic, 10, &follower_rack);
+    assert_eq!(
+        old.error_code,
+        ferrite_protocol::kafka_protocol::ResponseError::NotLeaderOrFollower.code()
+    );
+
+    // librdkafka with client.rack follows the redirection and reads everything.
+    let c: BaseConsumer = cluster
+        .config()
+        .set("group.id", "near-reader")
+        .set("client.rack", &follower_rack)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while got.len() < values.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            got.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, values);
+
+    // The follower stopped: it leaves the ISR, and the leader stops redirecting there.
+    cluster.kill9(follower);
+    wait_for(
+        "no redirection to a replica out of the ISR",
+        OP_TIMEOUT,
+        || {
+            let p = fetch_as_consumer(&addr_of(leader), topic, 12, &follower_rack);
+            (p.preferred_read_replica.0 == -1).then_some(())
+        },
+    );
 }

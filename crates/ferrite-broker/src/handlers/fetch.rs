@@ -6,8 +6,11 @@
 //! file regions that the connection writes with `sendfile`. Otherwise they are copied
 //! once into memory.
 //!
-//! A consumer (replica id -1) reads only below the high watermark and only from the
-//! leader. A follower (its broker id: `ReplicaId` before v15, `ReplicaState` from v15,
+//! A consumer (replica id -1) reads only below the high watermark. It reads from the
+//! leader, or, with Fetch v11+ (which carries the client's rack, Kafka's "client
+//! metadata"), from a follower too, below the follower's high watermark (KIP-392). With
+//! `replica.selector.class` rack-aware, the leader answers a consumer in another rack
+//! with no records and the in-sync follower of its rack as `PreferredReadReplica`. A follower (its broker id: `ReplicaId` before v15, `ReplicaState` from v15,
 //! KIP-903) reads to the log end; its fetch offset is its log end offset, which the
 //! leader records to advance the high watermark (and acknowledge acks=all produces).
 //! A follower whose `LastFetchedEpoch` (v12+) diverges from the leader's log gets
@@ -74,6 +77,14 @@ pub async fn handle(
     } else {
         Fetcher::Consumer
     };
+    // KIP-392: Fetch v11+ says the consumer's rack (`client.rack`; empty if not set).
+    let client_rack = if version >= 11 {
+        req.rack_id.to_string()
+    } else {
+        String::new()
+    };
+    // (topic position, partition position) -> the follower a consumer should read from.
+    let mut redirected: Vec<(usize, usize, i32)> = Vec::new();
     // (topic position, partition position) -> the leader's DivergingEpoch answer.
     let mut diverging: Vec<(usize, usize, ferrite_replication::EpochEndOffset)> = Vec::new();
     // Resolve every requested partition once; v13+ names topics by id (KIP-516).
@@ -120,7 +131,21 @@ pub async fn handle(
             };
             match fetcher {
                 Fetcher::Consumer | Fetcher::ConsumerCommitted => {
-                    if !part.is_leader() {
+                    if part.is_leader() {
+                        if broker.config.replica_selector_rack_aware && !client_rack.is_empty() {
+                            let rack_of = |id: i32| image.broker(id).and_then(|b| b.rack.clone());
+                            if let Some(r) = part.preferred_read_replica(
+                                broker.config.node_id,
+                                &client_rack,
+                                fp.fetch_offset,
+                                rack_of,
+                            ) {
+                                redirected.push((wanted.len(), i, r));
+                            }
+                        }
+                    } else if version < 11 {
+                        // Before client metadata (v11) a consumer reads from the leader
+                        // only, as Kafka's `FetchParams.fetchOnlyLeader`.
                         *code = ResponseError::NotLeaderOrFollower.code();
                     }
                 }
@@ -181,15 +206,37 @@ pub async fn handle(
         for w in &mut watchers {
             w.borrow_and_update();
         }
-        let read = read_all(&wanted, &diverging, fetcher, max_bytes, version, zero_copy);
+        let read = read_all(
+            &wanted,
+            &diverging,
+            &redirected,
+            fetcher,
+            max_bytes,
+            version,
+            zero_copy,
+        );
         let now = tokio::time::Instant::now();
-        if read.bytes >= min_bytes || read.errors || now >= deadline || watchers.is_empty() {
+        // A redirection is answered at once, as Kafka answers a preferred read replica.
+        if read.bytes >= min_bytes
+            || read.errors
+            || now >= deadline
+            || watchers.is_empty()
+            || !redirected.is_empty()
+        {
             return read.into_response();
         }
         let changed = select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            return read_all(&wanted, &diverging, fetcher, max_bytes, version, zero_copy)
-                .into_response();
+            return read_all(
+                &wanted,
+                &diverging,
+                &redirected,
+                fetcher,
+                max_bytes,
+                version,
+                zero_copy,
+            )
+            .into_response();
         }
     }
 }
@@ -246,6 +293,7 @@ impl Read {
 fn read_all(
     wanted: &[Wanted],
     diverging: &[(usize, usize, ferrite_replication::EpochEndOffset)],
+    redirected: &[(usize, usize, i32)],
     fetcher: Fetcher,
     max_bytes: usize,
     version: i16,
@@ -295,6 +343,19 @@ fn read_all(
                                 .with_epoch(eo.leader_epoch)
                                 .with_end_offset(eo.end_offset),
                         )
+                        .with_records(Some(Bytes::new())),
+                );
+                continue;
+            }
+            if let Some((_, _, replica)) = redirected.iter().find(|(t, i, _)| *t == ti && *i == pi)
+            {
+                // KIP-392: no records; the consumer fetches from `replica` from now on.
+                let hw = p.high_watermark();
+                partitions.push(
+                    pd.with_high_watermark(hw)
+                        .with_last_stable_offset(p.last_stable_offset())
+                        .with_log_start_offset(p.log().log_start_offset())
+                        .with_preferred_read_replica(BrokerId(*replica))
                         .with_records(Some(Bytes::new())),
                 );
                 continue;
