@@ -1331,12 +1331,29 @@ impl PartitionLog {
     }
 
     /// A snapshot at the log end, so that a clean start reads no batch to rebuild the
-    /// producer state. An idle partition has one already and writes nothing.
+    /// producer state. An idle partition has one already and writes nothing; nor does
+    /// one whose start would replay only the active segment while that segment's index
+    /// holds at most its first entry (a few KiB of batch headers, no more than reading
+    /// the snapshot): creating the file is what a shutdown of many small partitions
+    /// waited on.
     fn snapshot_at_close(&mut self, sync: bool) {
         let leo = self.log_end_offset();
-        if !self.snapshots.contains(&leo) {
-            self.write_producer_snapshot(leo, sync);
+        if self.snapshots.contains(&leo) {
+            return;
         }
+        let first_base = self.segments.keys().next().copied().unwrap_or(0);
+        let replay_from = self
+            .snapshots
+            .range(..=leo)
+            .next_back()
+            .copied()
+            .unwrap_or(first_base)
+            .max(first_base);
+        let active = self.active();
+        if replay_from >= active.base_offset && active.index.len() <= 1 {
+            return;
+        }
+        self.write_producer_snapshot(leo, sync);
     }
 
     /// Second half: everything is on disk, so the recovery point is the log end. Not
@@ -2457,9 +2474,15 @@ mod tests {
 
         let (log, report) = PartitionLog::open(dir.path(), cfg(), true).unwrap();
         assert_eq!(log.producers(), &before);
+        // The active segment holds only a few batches (its index no more than the first
+        // entry): the clean close wrote no snapshot, and the start replays just those.
+        let active_base = *log.segments.keys().next_back().unwrap();
+        assert!(log.active().index.len() <= 1);
+        assert!(!snapshot_files(dir.path()).contains(&log.log_end_offset()));
         assert_eq!(
-            report.producer_batches_replayed, 0,
-            "clean close snapshots at the end"
+            report.producer_batches_replayed,
+            (log.log_end_offset() - active_base) as usize,
+            "only the small active segment is read"
         );
         drop(log);
 
@@ -2488,6 +2511,60 @@ mod tests {
         assert_eq!(log.producers(), &before);
         assert_ne!(report.producer_snapshot_offset, Some(newest));
         assert!(!path.exists(), "the damaged snapshot is deleted");
+    }
+
+    /// A partition with little data (one segment whose index has only the first batch's
+    /// entry) writes neither index files nor a snapshot at a clean close, and its next
+    /// start rebuilds the same indexes and producer state from the log; once the segment
+    /// holds more, the close writes them again.
+    #[test]
+    fn a_small_log_writes_no_index_or_snapshot_at_close_and_reopens_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            index_interval_bytes: 4096,
+            segment_bytes: 1 << 20,
+            ..cfg()
+        };
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg.clone(), true).unwrap();
+        log.append(&pbatch(7, 0, 0, 2), 0, 0).unwrap();
+        log.append(&pbatch(7, 0, 2, 1), 0, 0).unwrap();
+        let before = log.producers().clone();
+        log.close_unsynced().unwrap();
+        log.mark_closed();
+        drop(log);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.ends_with(".index")
+                && !n.ends_with(".timeindex")
+                && !n.ends_with(".snapshot")),
+            "{names:?}"
+        );
+        let (mut log, report) = PartitionLog::open(dir.path(), cfg.clone(), true).unwrap();
+        assert_eq!(log.producers(), &before);
+        assert_eq!(report.producer_batches_replayed, 2);
+        assert_eq!(log.log_end_offset(), 3);
+        // A retry of the last batch is still a duplicate after the restart.
+        assert!(log.append(&pbatch(7, 0, 2, 1), 0, 0).unwrap().duplicate);
+        // More than `index.interval.bytes`: a second index entry, so files and a snapshot.
+        let mut seq = 3;
+        while log.active().index.len() < 2 {
+            assert!(seq < 1_000, "no second index entry");
+            assert_eq!(log.segment_count(), 1);
+            log.append(&pbatch(7, 0, seq, 1), 0, 0).unwrap();
+            seq += 1;
+        }
+        log.close_unsynced().unwrap();
+        log.mark_closed();
+        let leo = log.log_end_offset();
+        drop(log);
+        assert!(dir.path().join(segment_file_name(0, INDEX_SUFFIX)).exists());
+        assert!(snapshot_files(dir.path()).contains(&leo));
+        let (log, report) = PartitionLog::open(dir.path(), cfg, true).unwrap();
+        assert_eq!(report.producer_batches_replayed, 0);
+        assert_eq!(log.log_end_offset(), leo);
     }
 
     /// A snapshot past the log end (the tail it covered was lost and truncated) must not
