@@ -10,8 +10,10 @@
 //! leader, or, with Fetch v11+ (which carries the client's rack, Kafka's "client
 //! metadata"), from a follower too, below the follower's high watermark (KIP-392). With
 //! `replica.selector.class` rack-aware, the leader answers a consumer in another rack
-//! with no records and the in-sync follower of its rack as `PreferredReadReplica`. A follower (its broker id: `ReplicaId` before v15, `ReplicaState` from v15,
-//! KIP-903) reads to the log end; its fetch offset is its log end offset, which the
+//! with no records and the in-sync follower of its rack as `PreferredReadReplica`.
+//!
+//! A follower (its broker id: `ReplicaId` before v15, `ReplicaState` from v15, KIP-903)
+//! reads to the log end; its fetch offset is its log end offset, which the
 //! leader records to advance the high watermark (and acknowledge acks=all produces).
 //! A follower whose `LastFetchedEpoch` (v12+) diverges from the leader's log gets
 //! `DivergingEpoch` and no records (KIP-320), and truncates.
