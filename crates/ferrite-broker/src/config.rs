@@ -176,6 +176,10 @@ pub struct ReplicationSettings {
     pub replica_fetch_wait_max_ms: i32,
     /// `replica.fetch.backoff.ms`: pause after a failed fetch before the next try.
     pub replica_fetch_backoff_ms: u64,
+    /// `follower.replication.throttled.rate`: bytes per second this broker fetches, at
+    /// most, for the partitions a reassignment is adding it to (Kafka's default,
+    /// `Long.MAX_VALUE`, is no throttle). Static: set at start.
+    pub follower_replication_throttled_rate: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -188,6 +192,7 @@ impl Default for ReplicationSettings {
             replica_fetch_response_max_bytes: 10 * 1024 * 1024,
             replica_fetch_wait_max_ms: 500,
             replica_fetch_backoff_ms: 1000,
+            follower_replication_throttled_rate: ferrite_replication::UNTHROTTLED_BYTES_PER_SECOND,
         }
     }
 }
@@ -337,6 +342,9 @@ impl BrokerConfig {
             }
             "replica.fetch.wait.max.ms" => {
                 self.replication.replica_fetch_wait_max_ms = parse_num(key, value, 0)?
+            }
+            "follower.replication.throttled.rate" => {
+                self.replication.follower_replication_throttled_rate = parse_num(key, value, 1)?
             }
             "replica.fetch.backoff.ms" => {
                 self.replication.replica_fetch_backoff_ms = parse_num(key, value, 0)?

@@ -73,6 +73,8 @@ pub struct Broker {
     pub lifecycle: tokio::sync::watch::Receiver<lifecycle::LifecycleState>,
     /// Set by a SIGTERM: heartbeats ask for a controlled shutdown.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// `follower.replication.throttled.rate`, shared by every replica fetcher.
+    pub follower_throttle: std::sync::Mutex<ferrite_replication::ByteRateThrottle>,
     _lock: File,
 }
 
@@ -231,7 +233,7 @@ impl Broker {
         }
         let strays: Vec<&replica_manager::PartitionDir> = partition_dirs
             .iter()
-            .filter(|d| !d.owned_by(&image))
+            .filter(|d| !d.owned_by(&image, config.node_id))
             .collect();
         let present: std::collections::HashSet<(&str, i32)> = partition_dirs
             .iter()
@@ -311,6 +313,9 @@ impl Broker {
         let (lifecycle_tx, lifecycle_rx) =
             tokio::sync::watch::channel(lifecycle::LifecycleState::default());
         let txns = txn_manager::TxnManager::new(config.txn.clone());
+        let follower_throttle = ferrite_replication::ByteRateThrottle::new(
+            config.replication.follower_replication_throttled_rate,
+        );
         let broker = Arc::new(Broker {
             config,
             advertised,
@@ -322,6 +327,7 @@ impl Broker {
             txns,
             lifecycle: lifecycle_rx,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            follower_throttle: std::sync::Mutex::new(follower_throttle),
             _lock: lock,
         });
         metadata_quorum.set_kafka_handler(controller_rpc::handler(Arc::downgrade(&broker)));

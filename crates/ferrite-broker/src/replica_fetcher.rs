@@ -132,7 +132,22 @@ async fn fetch_from(
             return; // The manager dropped this fetcher.
         }
         let wanted = partitions.borrow_and_update().clone();
-        state.retain(|tp, f| wanted.get(tp) == Some(&f.followed));
+        // A new leader or epoch starts the partition over (truncation first); the
+        // throttle flag alone (a reassignment completing) does not.
+        state.retain(|tp, f| match wanted.get(tp) {
+            Some(w)
+                if (w.leader, w.leader_epoch, w.topic_id)
+                    == (
+                        f.followed.leader,
+                        f.followed.leader_epoch,
+                        f.followed.topic_id,
+                    ) =>
+            {
+                f.followed.throttled = w.throttled;
+                true
+            }
+            _ => false,
+        });
         for (tp, f) in &wanted {
             if state.contains_key(tp) {
                 continue;
@@ -212,6 +227,15 @@ async fn truncate(
             let Some(last_epoch) = last_epoch else {
                 // No epoch history: nothing known to keep beyond the high watermark,
                 // which is committed and therefore on the leader (Kafka's rule).
+                let Some(_follower) = f.partition.follower_of(f.followed.leader_epoch) else {
+                    f.delayed_until = Some(
+                        Instant::now()
+                            + Duration::from_millis(
+                                broker.config.replication.replica_fetch_backoff_ms,
+                            ),
+                    );
+                    continue;
+                };
                 let hw = f.partition.high_watermark().min(leo);
                 f.partition.truncate_to(hw)?;
                 f.truncated = true;
@@ -267,6 +291,16 @@ async fn truncate(
                     leader_epoch: r.leader_epoch,
                     end_offset: r.end_offset,
                 };
+                let partition = f.partition.clone();
+                let Some(_follower) = partition.follower_of(f.followed.leader_epoch) else {
+                    f.delayed_until = Some(
+                        Instant::now()
+                            + Duration::from_millis(
+                                broker.config.replication.replica_fetch_backoff_ms,
+                            ),
+                    );
+                    continue;
+                };
                 apply_truncation(f, leader_answer)?;
             }
         }
@@ -303,9 +337,30 @@ async fn fetch_once(
     let now = Instant::now();
     let mut topics: HashMap<uuid::Uuid, Vec<FetchPartition>> = HashMap::new();
     let mut by_id: HashMap<(uuid::Uuid, i32), TopicPartition> = HashMap::new();
+    // Partitions a reassignment adds here share `follower.replication.throttled.rate`:
+    // each asks for at most what is left of the budget, and none once it is spent.
+    let (mut throttle_budget, throttle_wait_ms) = {
+        let mut t = broker
+            .follower_throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now_ms = now_ms();
+        (t.available(now_ms), t.wait_ms(now_ms))
+    };
     for (tp, f) in state.iter_mut() {
         if !f.truncated || f.delayed_until.is_some_and(|t| t > now) {
             continue;
+        }
+        let mut max_bytes = settings.replica_fetch_max_bytes;
+        if f.followed.throttled {
+            if throttle_budget == 0 {
+                f.delayed_until = Some(now + Duration::from_millis(throttle_wait_ms.max(1)));
+                continue;
+            }
+            max_bytes = i32::try_from(throttle_budget)
+                .unwrap_or(i32::MAX)
+                .min(max_bytes);
+            throttle_budget = throttle_budget.saturating_sub(u64::try_from(max_bytes).unwrap_or(0));
         }
         f.delayed_until = None;
         let (log_start, leo, last_epoch) = f.partition.follower_position();
@@ -316,7 +371,7 @@ async fn fetch_once(
                 .with_fetch_offset(leo)
                 .with_last_fetched_epoch(last_epoch.unwrap_or(-1))
                 .with_log_start_offset(log_start)
-                .with_partition_max_bytes(settings.replica_fetch_max_bytes),
+                .with_partition_max_bytes(max_bytes),
         );
         by_id.insert((f.followed.topic_id, tp.1), tp.clone());
     }
@@ -362,6 +417,14 @@ async fn fetch_once(
                 continue;
             };
             let Some(f) = state.get_mut(tp) else { continue };
+            if f.followed.throttled {
+                let bytes = pd.records.as_ref().map_or(0, |r| r.len());
+                broker
+                    .follower_throttle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .spend(u64::try_from(bytes).unwrap_or(u64::MAX));
+            }
             handle_partition(f, pd, now_wall, backoff)?;
         }
     }
@@ -375,6 +438,12 @@ fn handle_partition(
     backoff: Duration,
 ) -> Result<(), FetchError> {
     let p = f.partition.clone();
+    let Some(_follower) = p.follower_of(f.followed.leader_epoch) else {
+        // Asked under an epoch the image has left: the fetcher's state follows the new
+        // image before the next fetch.
+        tracing::debug!(topic = %p.topic, partition = p.index, leader_epoch = f.followed.leader_epoch, "fetch response for a leader epoch this broker no longer follows: dropped");
+        return Ok(());
+    };
     match pd.error_code {
         0 => {
             if pd.diverging_epoch.epoch >= 0 && pd.diverging_epoch.end_offset >= 0 {

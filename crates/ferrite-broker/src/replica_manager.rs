@@ -45,6 +45,10 @@ pub struct AlterPartitionItem {
     pub proposal: AlterPartitionProposal,
 }
 
+/// See [`Partition::follower_of`]: the partition stays a follower of one leader epoch
+/// while this is held.
+pub struct FollowerGuard<'a>(#[allow(dead_code)] MutexGuard<'a, Replication>);
+
 /// This broker's part in one partition.
 enum Role {
     Leader(Box<LeaderRole>),
@@ -656,6 +660,18 @@ impl Partition {
         }
     }
 
+    /// Holds this partition in its follower role of `leader_epoch`, or `None` if it
+    /// now leads or follows another epoch. A replica fetcher's response or truncation
+    /// answer was asked under the epoch it knew: the image may have moved on since (a
+    /// reassignment or election made this broker the leader), and applying it then
+    /// would append an old leader's batches to, or truncate, the new leader's log. The
+    /// guard keeps the image from changing the role until the append or cut is done.
+    pub fn follower_of(&self, leader_epoch: i32) -> Option<FollowerGuard<'_>> {
+        let repl = self.replication();
+        (matches!(repl.role, Role::Follower) && self.leader_epoch() == leader_epoch)
+            .then_some(FollowerGuard(repl))
+    }
+
     /// A follower's append of the leader's batches, then its high watermark from the
     /// leader's (never above its own log end).
     pub fn append_as_follower(
@@ -943,6 +959,9 @@ pub struct FollowedPartition {
     pub leader: i32,
     pub leader_epoch: i32,
     pub topic_id: Uuid,
+    /// A reassignment is adding this broker to the partition: its fetches count
+    /// against `follower.replication.throttled.rate`.
+    pub throttled: bool,
 }
 
 impl Default for ReplicaManager {
@@ -1437,6 +1456,7 @@ impl ReplicaManager {
                             leader: pi.leader,
                             leader_epoch: pi.leader_epoch,
                             topic_id: topic.topic_id,
+                            throttled: pi.adding_replicas.contains(&config.node_id),
                         },
                     );
                 }
@@ -1519,10 +1539,14 @@ pub struct PartitionDir {
 }
 
 impl PartitionDir {
-    pub fn owned_by(&self, image: &MetadataImage) -> bool {
+    /// Whether `image` has this partition with `node_id` among its replicas. A
+    /// directory of a partition reassigned away while this broker was down (or before a
+    /// crash let it delete the log) is not owned: it is set aside, not opened.
+    pub fn owned_by(&self, image: &MetadataImage, node_id: i32) -> bool {
         image
             .topic(&self.topic)
-            .is_some_and(|t| t.partitions.contains_key(&self.partition))
+            .and_then(|t| t.partitions.get(&self.partition))
+            .is_some_and(|p| p.replicas.contains(&node_id))
     }
 }
 
@@ -1585,7 +1609,7 @@ pub fn set_aside_stray(dir: &PartitionDir) {
     match std::fs::rename(&dir.path, &to) {
         Ok(()) => tracing::warn!(
             dir = %dir.path.display(), kept_as = %to.display(),
-            "partition directory of a topic the metadata does not know: set aside, not deleted; delete it if the topic was deleted on purpose, or restore the metadata log"
+            "partition directory the metadata does not place on this broker (an unknown topic or partition, or a replica reassigned away): set aside, not deleted; delete it if that was on purpose, or restore the metadata log"
         ),
         Err(e) => {
             tracing::error!(dir = %dir.path.display(), error = %e, "cannot set aside a stray partition directory")
@@ -1926,6 +1950,9 @@ mod tests {
             partition: 0,
             leader: ferrite_metadata::records::NO_LEADER_CHANGE,
             isr: Some(vec![0]),
+            replicas: None,
+            adding_replicas: None,
+            removing_replicas: None,
         });
         n0.rm.reconcile(&img2, &n0.config, true).unwrap();
         assert!(matches!(
@@ -2030,6 +2057,9 @@ mod tests {
             partition: 0,
             leader: 1,
             isr: Some(vec![1]),
+            replicas: None,
+            adding_replicas: None,
+            removing_replicas: None,
         });
         n0.rm.reconcile(&img2, &n0.config, true).unwrap();
         n1.rm.reconcile(&img2, &n1.config, true).unwrap();

@@ -180,6 +180,30 @@ pub struct ElectionResult {
     pub result: Result<(), ControllerError>,
 }
 
+/// One partition of AlterPartitionReassignments (KIP-455): `replicas: Some` starts (or
+/// replaces) a reassignment to those replicas, `None` cancels the one in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReassignablePartition {
+    pub topic: String,
+    pub partition: i32,
+    pub replicas: Option<Vec<i32>>,
+}
+
+/// AlterPartitionReassignmentsRequest. `allow_replication_factor_change: false` (v1,
+/// KIP-860) refuses a target with another replica count than the partition has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterPartitionReassignments {
+    pub partitions: Vec<ReassignablePartition>,
+    pub allow_replication_factor_change: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReassignmentResult {
+    pub topic: String,
+    pub partition: i32,
+    pub result: Result<(), ControllerError>,
+}
+
 /// Everything the controller reacts to; [`crate::Controller::handle`] takes one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -192,6 +216,7 @@ pub enum Event {
     CreateTopics(CreateTopics),
     CreatePartitions(CreatePartitions),
     ElectLeaders(ElectLeaders),
+    AlterPartitionReassignments(AlterPartitionReassignments),
     /// Time passed: fence brokers whose session expired, rebalance leaders when due.
     Tick,
 }
@@ -205,5 +230,6 @@ pub enum Reply {
     CreateTopics(Vec<CreateTopicResult>),
     CreatePartitions(Vec<CreatePartitionsResult>),
     ElectLeaders(Vec<ElectionResult>),
+    AlterPartitionReassignments(Vec<ReassignmentResult>),
     Tick,
 }

@@ -10,6 +10,9 @@ pub const ELECTIONS_PER_REBALANCE_MAX: usize = 1_000;
 /// Most partitions one CreateTopics topic or CreatePartitions topic may add (the
 /// broker's `limits::TOPIC_PARTITIONS_CREATED_MAX`).
 pub const PARTITIONS_CREATED_MAX: i32 = 10_000;
+/// Most partitions one AlterPartitionReassignments request may reassign or cancel;
+/// the rest of a larger request is refused with INVALID_REQUEST, partition by partition.
+pub const PARTITIONS_REASSIGNED_MAX: usize = 10_000;
 /// Longest topic name (Kafka's 249).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// The topic config that allows electing an out-of-sync replica.

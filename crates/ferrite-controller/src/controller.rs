@@ -15,10 +15,10 @@ use uuid::Uuid;
 use crate::api::*;
 use crate::config::{
     ControllerConfig, ELECTIONS_PER_REBALANCE_MAX, INTERNAL_TOPICS, MIN_INSYNC_REPLICAS,
-    PARTITIONS_CREATED_MAX, TOPIC_NAME_BYTES_MAX, TRANSACTION_STATE_TOPIC,
-    UNCLEAN_LEADER_ELECTION_ENABLE,
+    PARTITIONS_CREATED_MAX, PARTITIONS_REASSIGNED_MAX, TOPIC_NAME_BYTES_MAX,
+    TRANSACTION_STATE_TOPIC, UNCLEAN_LEADER_ELECTION_ENABLE,
 };
-use crate::election::{partition_change, ChangeRequest, Election};
+use crate::election::{partition_change, ChangeRequest, Election, ReplicaSet};
 use crate::error::ControllerError;
 
 /// What the controller knows of a broker's session beyond the records (soft state).
@@ -136,6 +136,10 @@ impl Controller {
             Event::CreateTopics(r) => map(self.create_topics(r), Reply::CreateTopics),
             Event::CreatePartitions(r) => map(self.create_partitions(r), Reply::CreatePartitions),
             Event::ElectLeaders(r) => map(self.elect_leaders(r), Reply::ElectLeaders),
+            Event::AlterPartitionReassignments(r) => map(
+                self.alter_partition_reassignments(r),
+                Reply::AlterPartitionReassignments,
+            ),
             Event::Tick => map(self.tick(now_ms), |()| Reply::Tick),
         }
     }
@@ -400,6 +404,7 @@ impl Controller {
                         let change = ChangeRequest {
                             remove: None,
                             target_isr: Some(target),
+                            target_replicas: None,
                             election: Election::Online,
                         };
                         if let Some(r) = partition_change(&self.image, topic.topic_id, &p, &change)
@@ -791,6 +796,7 @@ impl Controller {
         let change = ChangeRequest {
             remove: None,
             target_isr: None,
+            target_replicas: None,
             election,
         };
         match partition_change(&self.image, t.topic_id, p, &change) {
@@ -807,6 +813,107 @@ impl Controller {
                 )),
             }),
         }
+    }
+
+    /// AlterPartitionReassignments (KIP-455, as KRaft's `ReplicationControlManager`):
+    /// a target starts moving the partition there: the new replicas are added (they
+    /// fetch from the leader, and the leader brings them into the ISR once caught up),
+    /// and the change that makes every one of them in sync also drops the replicas not
+    /// in the target and moves the leadership into it (`election::partition_change`).
+    /// A target that adds nothing (a removal, a new order) completes at once. `None`
+    /// cancels: back to the replicas before the reassignment, keeping the ISR members
+    /// among them.
+    pub fn alter_partition_reassignments(
+        &mut self,
+        req: AlterPartitionReassignments,
+    ) -> Output<Vec<ReassignmentResult>> {
+        let mut records = Vec::new();
+        let mut results = Vec::with_capacity(req.partitions.len());
+        for (i, r) in req.partitions.into_iter().enumerate() {
+            let result = if i >= PARTITIONS_REASSIGNED_MAX {
+                Err(ControllerError::InvalidRequest(format!(
+                    "at most {PARTITIONS_REASSIGNED_MAX} partitions per request"
+                )))
+            } else {
+                self.reassign_one(&r, req.allow_replication_factor_change, &mut records)
+            };
+            results.push(ReassignmentResult {
+                topic: r.topic,
+                partition: r.partition,
+                result,
+            });
+        }
+        self.finish(results, records)
+    }
+
+    fn reassign_one(
+        &mut self,
+        r: &ReassignablePartition,
+        allow_replication_factor_change: bool,
+        records: &mut Vec<MetadataRecord>,
+    ) -> Result<(), ControllerError> {
+        let at = format!("{}-{}", r.topic, r.partition);
+        let t = self.image.topic(&r.topic).ok_or_else(|| {
+            ControllerError::UnknownTopicOrPartition(format!("no topic `{}`", r.topic))
+        })?;
+        let topic_id = t.topic_id;
+        let p = t.partitions.get(&r.partition).ok_or_else(|| {
+            ControllerError::UnknownTopicOrPartition(format!("no partition {at}"))
+        })?;
+        let change = match &r.replicas {
+            None => {
+                if !p.is_reassigning() {
+                    return Err(ControllerError::NoReassignmentInProgress(format!(
+                        "{at} has no reassignment in progress"
+                    )));
+                }
+                let original = p.original_replicas();
+                let isr: Vec<i32> = p
+                    .isr
+                    .iter()
+                    .copied()
+                    .filter(|b| original.contains(b))
+                    .collect();
+                if isr.is_empty() {
+                    // Kafka's `PartitionReassignmentRevert` would need an unclean
+                    // election here: none of the original replicas is in sync.
+                    return Err(ControllerError::InvalidReplicaAssignment(format!(
+                        "cannot cancel the reassignment of {at}: none of its original replicas {original:?} is in sync (ISR {:?}); reassign it to its in-sync replicas instead",
+                        p.isr
+                    )));
+                }
+                ChangeRequest {
+                    remove: None,
+                    target_isr: Some(isr),
+                    target_replicas: Some(ReplicaSet {
+                        replicas: original,
+                        adding: Vec::new(),
+                        removing: Vec::new(),
+                    }),
+                    election: Election::Online,
+                }
+            }
+            Some(target) => {
+                self.validate_manual_assignment(std::slice::from_ref(target), None)?;
+                let current_rf = p.original_replicas().len();
+                if !allow_replication_factor_change && target.len() != current_rf {
+                    return Err(ControllerError::InvalidReplicationFactor(format!(
+                        "{at} has {current_rf} replicas; the target has {} and the request does not allow changing the replication factor",
+                        target.len()
+                    )));
+                }
+                ChangeRequest {
+                    remove: None,
+                    target_isr: None,
+                    target_replicas: Some(ReplicaSet::reassigning(&ReplicaSet::of(p), target)),
+                    election: Election::Online,
+                }
+            }
+        };
+        if let Some(record) = partition_change(&self.image, topic_id, p, &change) {
+            self.emit(records, record);
+        }
+        Ok(())
     }
 
     // ---- helpers ----
@@ -830,6 +937,7 @@ impl Controller {
             let change = ChangeRequest {
                 remove: None,
                 target_isr: None,
+                target_replicas: None,
                 election: Election::Preferred,
             };
             if let Some(r) = partition_change(&self.image, topic_id, p, &change) {
@@ -905,6 +1013,7 @@ impl Controller {
         let change = ChangeRequest {
             remove,
             target_isr: None,
+            target_replicas: None,
             election,
         };
         if let Some(r) = partition_change(&self.image, topic_id, p, &change) {

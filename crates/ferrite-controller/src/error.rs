@@ -20,6 +20,7 @@
 /// | `PreferredLeaderNotAvailable` | PREFERRED_LEADER_NOT_AVAILABLE | 80 |
 /// | `EligibleLeadersNotAvailable` | ELIGIBLE_LEADERS_NOT_AVAILABLE | 83 |
 /// | `ElectionNotNeeded` | ELECTION_NOT_NEEDED | 84 |
+/// | `NoReassignmentInProgress` | NO_REASSIGNMENT_IN_PROGRESS | 85 |
 /// | `InvalidUpdateVersion` | INVALID_UPDATE_VERSION | 95 |
 /// | `UnknownTopicId` | UNKNOWN_TOPIC_ID | 100 |
 /// | `DuplicateBrokerRegistration` | DUPLICATE_BROKER_REGISTRATION | 101 |
@@ -57,6 +58,8 @@ pub enum ControllerError {
     #[error("{0}")]
     ElectionNotNeeded(String),
     #[error("{0}")]
+    NoReassignmentInProgress(String),
+    #[error("{0}")]
     InvalidUpdateVersion(String),
     #[error("{0}")]
     UnknownTopicId(String),
@@ -87,6 +90,7 @@ impl ControllerError {
             ControllerError::PreferredLeaderNotAvailable(_) => 80,
             ControllerError::EligibleLeadersNotAvailable(_) => 83,
             ControllerError::ElectionNotNeeded(_) => 84,
+            ControllerError::NoReassignmentInProgress(_) => 85,
             ControllerError::InvalidUpdateVersion(_) => 95,
             ControllerError::UnknownTopicId(_) => 100,
             ControllerError::DuplicateBrokerRegistration(_) => 101,
@@ -135,6 +139,10 @@ mod tests {
                 K::EligibleLeadersNotAvailable,
             ),
             (E::ElectionNotNeeded(m()), K::ElectionNotNeeded),
+            (
+                E::NoReassignmentInProgress(m()),
+                K::NoReassignmentInProgress,
+            ),
             (E::InvalidUpdateVersion(m()), K::InvalidUpdateVersion),
             (E::UnknownTopicId(m()), K::UnknownTopicId),
             (

@@ -1033,3 +1033,199 @@ fn registration_from_another_cluster_is_refused() {
     }
     assert!(h.c.image().broker(1).is_none());
 }
+
+impl Harness {
+    pub fn reassign(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        replicas: Option<Vec<i32>>,
+        allow_replication_factor_change: bool,
+    ) -> Result<(), ControllerError> {
+        match self.run(Event::AlterPartitionReassignments(
+            AlterPartitionReassignments {
+                partitions: vec![ReassignablePartition {
+                    topic: topic.into(),
+                    partition,
+                    replicas,
+                }],
+                allow_replication_factor_change,
+            },
+        )) {
+            Reply::AlterPartitionReassignments(mut r) => r.remove(0).result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn create_on(&mut self, name: &str, replicas: Vec<i32>) {
+        self.create_topic(CreatableTopic {
+            name: name.into(),
+            num_partitions: -1,
+            replication_factor: -1,
+            assignments: Some(vec![replicas]),
+            configs: BTreeMap::new(),
+        })
+        .unwrap();
+    }
+}
+
+fn replica_sets(p: &PartitionImage) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>, i32) {
+    (
+        p.replicas.clone(),
+        p.adding_replicas.clone(),
+        p.removing_replicas.clone(),
+        p.isr.clone(),
+        p.leader,
+    )
+}
+
+#[test]
+fn a_reassignment_adds_replicas_then_completes_when_they_are_in_sync() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2, 3]);
+    h.create_on("t", vec![0, 1]);
+    // Move [0, 1] to [2, 1]: 2 is added, 0 (the leader) goes once 2 is in sync.
+    h.reassign("t", 0, Some(vec![2, 1]), true).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![2, 1, 0], vec![2], vec![0], vec![0, 1], 0)
+    );
+    assert!(p.is_reassigning());
+    assert_eq!(p.original_replicas(), vec![1, 0]);
+    assert_eq!(p.target_replicas(), vec![2, 1]);
+    let (leader_epoch, partition_epoch) = (p.leader_epoch, p.partition_epoch);
+    assert_eq!(
+        partition_epoch, 1,
+        "a replica change bumps the partition epoch"
+    );
+    // Sending the same plan again changes nothing (2 is still being added).
+    let entries = h.log.len();
+    h.reassign("t", 0, Some(vec![2, 1]), true).unwrap();
+    assert_eq!(h.log.len(), entries);
+    // The leader brings 2 into the ISR: that change completes the reassignment and
+    // moves the leadership off the removed replica, to the target's first in sync.
+    let s = h.alter_one(h.shrink_request("t", 0, &[0, 1, 2])).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![2, 1], vec![], vec![], vec![1, 2], 2)
+    );
+    assert!(!p.is_reassigning());
+    assert_eq!(p.leader_epoch, leader_epoch + 1);
+    assert_eq!((s.leader, s.isr.clone()), (2, vec![1, 2]));
+    assert_eq!(h.replayed(), *h.c.image());
+}
+
+#[test]
+fn a_reassignment_that_adds_nothing_completes_at_once() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    h.create_on("t", vec![0, 1, 2]);
+    // A removal of the leader: done in one change, leadership moves.
+    h.reassign("t", 0, Some(vec![1, 2]), true).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![1, 2], vec![], vec![], vec![1, 2], 1)
+    );
+    // A new order only: the replicas change, the leader stays.
+    h.reassign("t", 0, Some(vec![2, 1]), true).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![2, 1], vec![], vec![], vec![1, 2], 1)
+    );
+    // The same replicas again: no record.
+    let entries = h.log.len();
+    h.reassign("t", 0, Some(vec![2, 1]), true).unwrap();
+    assert_eq!(h.log.len(), entries);
+    assert_eq!(h.replayed(), *h.c.image());
+}
+
+#[test]
+fn a_reassignment_is_cancelled_back_to_the_original_replicas() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2, 3]);
+    h.create_on("t", vec![0, 1]);
+    assert_eq!(
+        code(h.reassign("t", 0, None, true)),
+        85,
+        "NO_REASSIGNMENT_IN_PROGRESS"
+    );
+    h.reassign("t", 0, Some(vec![2, 3]), true).unwrap();
+    // 2 catches up (in the ISR), 3 not yet: still in progress.
+    h.alter_one(h.shrink_request("t", 0, &[0, 1, 2])).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![2, 3, 0, 1], vec![2, 3], vec![0, 1], vec![0, 1, 2], 0)
+    );
+    h.reassign("t", 0, None, true).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![0, 1], vec![], vec![], vec![0, 1], 0)
+    );
+    assert_eq!(h.replayed(), *h.c.image());
+}
+
+#[test]
+fn a_new_target_replaces_the_reassignment_in_progress() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2, 3]);
+    h.create_on("t", vec![0, 1]);
+    h.reassign("t", 0, Some(vec![0, 2]), true).unwrap();
+    h.reassign("t", 0, Some(vec![0, 3]), true).unwrap();
+    let p = h.partition("t", 0);
+    // 2, added by the first plan, is removed again; 3 is added; 1 still goes.
+    assert_eq!(
+        replica_sets(&p),
+        (vec![0, 3, 2, 1], vec![3], vec![2, 1], vec![0, 1], 0)
+    );
+    h.alter_one(h.shrink_request("t", 0, &[0, 1, 3])).unwrap();
+    let p = h.partition("t", 0);
+    assert_eq!(
+        replica_sets(&p),
+        (vec![0, 3], vec![], vec![], vec![0, 3], 0)
+    );
+}
+
+#[test]
+fn reassignments_are_validated() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    h.create_on("t", vec![0, 1]);
+    assert_eq!(code(h.reassign("nope", 0, Some(vec![0]), true)), 3);
+    assert_eq!(code(h.reassign("t", 7, Some(vec![0]), true)), 3);
+    // Unregistered broker, duplicate, empty: INVALID_REPLICA_ASSIGNMENT.
+    assert_eq!(code(h.reassign("t", 0, Some(vec![0, 9]), true)), 39);
+    assert_eq!(code(h.reassign("t", 0, Some(vec![1, 1]), true)), 39);
+    assert_eq!(code(h.reassign("t", 0, Some(vec![]), true)), 39);
+    // KIP-860: another replication factor only when allowed.
+    assert_eq!(code(h.reassign("t", 0, Some(vec![0, 1, 2]), false)), 38);
+    h.reassign("t", 0, Some(vec![1, 2]), false).unwrap();
+    h.reassign("t", 0, Some(vec![0, 1, 2]), true).unwrap();
+    assert!(h.c.image().topic("t").unwrap().partitions[&0].is_reassigning());
+}
+
+#[test]
+fn a_reassignment_does_not_complete_into_replicas_that_cannot_lead() {
+    let mut h = Harness::default();
+    h.start(&[0, 1, 2]);
+    h.create_on("t", vec![0, 1]);
+    // Grow to [0, 1, 2] first.
+    h.reassign("t", 0, Some(vec![0, 1, 2]), true).unwrap();
+    h.alter_one(h.shrink_request("t", 0, &[0, 1, 2])).unwrap();
+    let p = h.partition("t", 0);
+    assert!(!p.is_reassigning());
+    assert_eq!(p.replicas, vec![0, 1, 2]);
+    // Broker 2 shuts down; a move to [2] alone must wait: 2 may not lead now.
+    h.heartbeat(2, false, true);
+    let p = h.partition("t", 0);
+    assert_eq!(p.isr, vec![0, 1]);
+    h.reassign("t", 0, Some(vec![2]), true).unwrap();
+    let p = h.partition("t", 0);
+    assert!(p.is_reassigning(), "{p:?}");
+    assert_eq!(p.leader, 0);
+}

@@ -15,6 +15,39 @@ pub struct PartitionImage {
     pub leader: i32,
     pub leader_epoch: i32,
     pub partition_epoch: i32,
+    /// A reassignment in progress (KIP-455): the replicas being added, not yet all in
+    /// the ISR. Empty when none is (and in images snapshotted before reassignments).
+    #[serde(default)]
+    pub adding_replicas: Vec<i32>,
+    /// The replicas a reassignment in progress removes once it completes.
+    #[serde(default)]
+    pub removing_replicas: Vec<i32>,
+}
+
+impl PartitionImage {
+    /// True while a reassignment is in progress (Kafka's `isReassigning`).
+    pub fn is_reassigning(&self) -> bool {
+        !self.adding_replicas.is_empty() || !self.removing_replicas.is_empty()
+    }
+
+    /// The replicas the partition had before the reassignment in progress (all of them
+    /// when none is): what a cancellation goes back to.
+    pub fn original_replicas(&self) -> Vec<i32> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.adding_replicas.contains(r))
+            .collect()
+    }
+
+    /// The replicas the reassignment in progress moves to (all of them when none is).
+    pub fn target_replicas(&self) -> Vec<i32> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.removing_replicas.contains(r))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +162,8 @@ impl MetadataImage {
                             leader: *leader,
                             leader_epoch: *leader_epoch,
                             partition_epoch: *partition_epoch,
+                            adding_replicas: Vec::new(),
+                            removing_replicas: Vec::new(),
                         },
                     );
                 }
@@ -220,6 +255,9 @@ impl MetadataImage {
                 partition,
                 leader,
                 isr,
+                replicas,
+                adding_replicas,
+                removing_replicas,
             } => match self
                 .topic_mut(topic_id)
                 .and_then(|t| t.partitions.get_mut(partition))
@@ -231,6 +269,15 @@ impl MetadataImage {
                     }
                     if let Some(isr) = isr {
                         p.isr = isr.clone();
+                    }
+                    if let Some(replicas) = replicas {
+                        p.replicas = replicas.clone();
+                    }
+                    if let Some(adding) = adding_replicas {
+                        p.adding_replicas = adding.clone();
+                    }
+                    if let Some(removing) = removing_replicas {
+                        p.removing_replicas = removing.clone();
                     }
                     p.partition_epoch += 1;
                 }
@@ -442,6 +489,9 @@ mod cluster_tests {
             partition: 0,
             leader: NO_LEADER_CHANGE,
             isr: Some(vec![1, 2]),
+            replicas: None,
+            adding_replicas: None,
+            removing_replicas: None,
         }]);
         let p = img.partition(&id, 0).unwrap();
         assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 0, 1));
@@ -452,6 +502,9 @@ mod cluster_tests {
             partition: 0,
             leader: NO_LEADER,
             isr: None,
+            replicas: None,
+            adding_replicas: None,
+            removing_replicas: None,
         }]);
         let p = img.partition(&id, 0).unwrap();
         assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (-1, 1, 2));
@@ -462,6 +515,9 @@ mod cluster_tests {
             partition: 9,
             leader: 1,
             isr: None,
+            replicas: None,
+            adding_replicas: None,
+            removing_replicas: None,
         }]);
         assert!(img.partition(&id, 9).is_none());
     }
@@ -497,6 +553,9 @@ mod cluster_tests {
                 partition: 2,
                 leader: NO_LEADER_CHANGE,
                 isr: Some(vec![3]),
+                replicas: None,
+                adding_replicas: None,
+                removing_replicas: None,
             },
             MetadataRecord::UnregisterBroker {
                 broker_id: 3,

@@ -78,11 +78,22 @@ pub enum MetadataRecord {
     /// bumps the partition epoch, and the leader epoch when `leader` is not -2 (as
     /// Kafka's `PartitionRegistration.merge`): the epochs are not carried, so a replay
     /// derives exactly the epochs the controller derived.
+    ///
+    /// A reassignment (KIP-455) changes `replicas`, `adding_replicas` and
+    /// `removing_replicas` (`None`: unchanged, as the ISR). While one is in progress the
+    /// replicas are the target followed by the replicas being removed; it completes with
+    /// a change that sets the replicas to the target and empties both lists.
     PartitionChange {
         topic_id: Uuid,
         partition: i32,
         leader: i32,
         isr: Option<Vec<i32>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replicas: Option<Vec<i32>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        adding_replicas: Option<Vec<i32>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        removing_replicas: Option<Vec<i32>>,
     },
     /// A block of producer ids was handed to a broker (KRaft's ProducerIdsRecord): every
     /// id below `next_producer_id` is taken, so ids stay unique across restarts.

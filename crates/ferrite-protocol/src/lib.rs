@@ -42,6 +42,10 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::AlterConfigs, 0, 2),
     (ApiKey::CreatePartitions, 0, 3),
+    // Reassignment (KIP-455); AlterPartitionReassignments v1 adds
+    // AllowReplicationFactorChange (KIP-860).
+    (ApiKey::AlterPartitionReassignments, 0, 1),
+    (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
     // The metadata quorum (KIP-595); v1 adds fetch/caught-up times (KIP-836), v2 the

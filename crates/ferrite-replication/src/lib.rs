@@ -9,7 +9,8 @@
 //!   shrink and expand proposals (one AlterPartition in flight), follower fetch
 //!   validation, the acks=all purgatory and ListOffsets latest (KIP-207);
 //! - [`preferred_read_replica`]: the follower a consumer in another rack reads from
-//!   (KIP-392).
+//!   (KIP-392);
+//! - [`ByteRateThrottle`]: the byte budget of a reassignment's replication throttle.
 //!
 //! Nothing here reads a clock, a file or a socket: time is an argument (`now_ms`),
 //! the log is described by its offsets, and every decision is a returned value that the
@@ -22,6 +23,7 @@ pub mod error;
 pub mod follower;
 pub mod leader;
 pub mod read_replica;
+pub mod throttle;
 
 pub use epoch_cache::{EpochEndOffset, LeaderEpochCache, UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
 pub use error::ReplicationError;
@@ -31,6 +33,7 @@ pub use leader::{
     PartitionState, ProduceCompletion, ReplicationConfig, PENDING_PRODUCES_MAX,
 };
 pub use read_replica::{preferred_read_replica, ReadReplica};
+pub use throttle::{ByteRateThrottle, UNTHROTTLED_BYTES_PER_SECOND};
 
 /// A broker's id (`node.id`).
 pub type BrokerId = i32;

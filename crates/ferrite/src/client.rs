@@ -106,6 +106,7 @@ impl TopicArgs {
             | TopicCommand::List { common }
             | TopicCommand::Describe { common, .. }
             | TopicCommand::Alter { common, .. }
+            | TopicCommand::Reassign { common, .. }
             | TopicCommand::Delete { common, .. } => common.json,
         }
     }
@@ -170,6 +171,33 @@ enum TopicCommand {
         /// New total partition count (partitions can only be added).
         #[arg(long, value_name = "N")]
         partitions: Option<i32>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Move partitions to other brokers (AlterPartitionReassignments, as
+    /// kafka-reassign-partitions.sh): the new replicas copy the log from the leader, then
+    /// the old ones are dropped. With --cancel, stop a move in progress; with neither
+    /// --replicas nor --cancel, list the moves in progress.
+    Reassign {
+        /// Topic name.
+        name: String,
+        /// The partitions to move (comma separated) [default: every partition].
+        #[arg(long = "partition", value_name = "N,...", value_delimiter = ',')]
+        partitions: Vec<i32>,
+        /// The target replicas, preferred leader first (broker ids, comma separated).
+        #[arg(
+            long,
+            value_name = "ID,...",
+            value_delimiter = ',',
+            conflicts_with = "cancel"
+        )]
+        replicas: Vec<i32>,
+        /// Cancel the reassignment in progress: back to the replicas before it.
+        #[arg(long)]
+        cancel: bool,
+        /// Wait up to this many seconds for the moves to complete.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
         #[command(flatten)]
         common: Common,
     },
@@ -449,6 +477,14 @@ pub async fn topic(args: TopicArgs) -> Result<()> {
                 }
             );
         }
+        TopicCommand::Reassign {
+            name,
+            partitions,
+            replicas,
+            cancel,
+            wait,
+            common,
+        } => reassign(&name, partitions, replicas, cancel, wait, &common)?,
         TopicCommand::Delete { name, common } => {
             let mut conn = Conn::controller(&common.bootstrap_server)?;
             let version = conn.version(ApiKey::DeleteTopics, 1, 6)?;
@@ -1074,4 +1110,149 @@ fn assign_partitions(
     }
     consumer.assign(&tpl)?;
     Ok(ids)
+}
+
+/// A reassignment in progress: partition, replicas, adding, removing.
+type OngoingMove = (i32, Vec<i32>, Vec<i32>, Vec<i32>);
+
+/// `ferrite topic reassign`: starts or cancels the moves, then lists what is still in
+/// progress (waiting for it to finish with `--wait`).
+fn reassign(
+    name: &str,
+    mut partitions: Vec<i32>,
+    replicas: Vec<i32>,
+    cancel: bool,
+    wait: Option<u64>,
+    common: &Common,
+) -> Result<()> {
+    use ferrite_protocol::kafka_protocol::messages::alter_partition_reassignments_request::{
+        ReassignablePartition, ReassignableTopic,
+    };
+    use ferrite_protocol::kafka_protocol::messages::list_partition_reassignments_request::ListPartitionReassignmentsTopics;
+    use ferrite_protocol::kafka_protocol::messages::{
+        AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, BrokerId,
+        ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
+    };
+    let mut conn = Conn::controller(&common.bootstrap_server)?;
+    let topic = TopicName(StrBytes::from_string(name.to_string()));
+    if partitions.is_empty() {
+        let count = conn.partition_count(name)?;
+        partitions = (0..count).collect();
+    }
+    let changing = cancel || !replicas.is_empty();
+    if changing {
+        let target = (!cancel).then(|| replicas.iter().map(|&b| BrokerId(b)).collect::<Vec<_>>());
+        let version = conn.version(ApiKey::AlterPartitionReassignments, 0, 1)?;
+        let r: AlterPartitionReassignmentsResponse = conn.send(
+            ApiKey::AlterPartitionReassignments,
+            version,
+            &AlterPartitionReassignmentsRequest::default()
+                .with_timeout_ms(TIMEOUT_MS)
+                .with_allow_replication_factor_change(true)
+                .with_topics(vec![ReassignableTopic::default()
+                    .with_name(topic.clone())
+                    .with_partitions(
+                        partitions
+                            .iter()
+                            .map(|&p| {
+                                ReassignablePartition::default()
+                                    .with_partition_index(p)
+                                    .with_replicas(target.clone())
+                            })
+                            .collect(),
+                    )]),
+        )?;
+        check(
+            || format!("cannot reassign {name}"),
+            r.error_code,
+            r.error_message.as_ref(),
+        )?;
+        for t in &r.responses {
+            for p in &t.partitions {
+                check(
+                    || format!("cannot reassign {name}-{}", p.partition_index),
+                    p.error_code,
+                    p.error_message.as_ref(),
+                )?;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait.unwrap_or(0));
+    let ongoing = loop {
+        let r: ListPartitionReassignmentsResponse = conn.send(
+            ApiKey::ListPartitionReassignments,
+            0,
+            &ListPartitionReassignmentsRequest::default()
+                .with_timeout_ms(TIMEOUT_MS)
+                .with_topics(Some(vec![ListPartitionReassignmentsTopics::default()
+                    .with_name(topic.clone())
+                    .with_partition_indexes(partitions.clone())])),
+        )?;
+        check(
+            || format!("cannot list the reassignments of {name}"),
+            r.error_code,
+            r.error_message.as_ref(),
+        )?;
+        let ongoing: Vec<OngoingMove> = r
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| {
+                let ids = |v: &[BrokerId]| v.iter().map(|b| b.0).collect::<Vec<_>>();
+                (
+                    p.partition_index,
+                    ids(&p.replicas),
+                    ids(&p.adding_replicas),
+                    ids(&p.removing_replicas),
+                )
+            })
+            .collect();
+        if ongoing.is_empty() || wait.is_none() || std::time::Instant::now() >= deadline {
+            break ongoing;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if common.json {
+        let rows: Vec<_> = ongoing
+            .iter()
+            .map(|(p, r, a, d)| json!({"partition": p, "replicas": r, "adding": a, "removing": d}))
+            .collect();
+        let action = if cancel {
+            json!("cancel")
+        } else if changing {
+            json!({"replicas": replicas})
+        } else {
+            json!(null)
+        };
+        println!(
+            "{}",
+            json!({"topic": name, "partitions": partitions, "requested": action, "in_progress": rows})
+        );
+    } else {
+        if cancel {
+            println!("cancelled the reassignment of {name} partitions {partitions:?}");
+        } else if changing {
+            println!("reassigning {name} partitions {partitions:?} to replicas {replicas:?}");
+        }
+        if ongoing.is_empty() {
+            println!("no reassignment in progress for {name} partitions {partitions:?}");
+        } else {
+            println!(
+                "{:<10} {:<16} {:<12} REMOVING",
+                "PARTITION", "REPLICAS", "ADDING"
+            );
+            for (p, r, a, d) in &ongoing {
+                let (r, a) = (format!("{r:?}"), format!("{a:?}"));
+                println!("{p:<10} {r:<16} {a:<12} {d:?}");
+            }
+        }
+    }
+    if wait.is_some() && !ongoing.is_empty() {
+        bail!(
+            "{} partitions of {name} are still being reassigned after {} s",
+            ongoing.len(),
+            wait.unwrap_or(0)
+        );
+    }
+    Ok(())
 }

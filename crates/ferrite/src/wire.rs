@@ -194,6 +194,29 @@ impl Conn {
         )
     }
 
+    /// The partition count of `topic` (Metadata for that topic; its error if any).
+    pub fn partition_count(&mut self, topic: &str) -> Result<i32> {
+        use ferrite_protocol::kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+        use ferrite_protocol::kafka_protocol::messages::TopicName;
+        use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+        let version = self.version(ApiKey::Metadata, 1, 12)?;
+        let r: MetadataResponse = self.send(
+            ApiKey::Metadata,
+            version,
+            &MetadataRequest::default()
+                .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+                    TopicName(StrBytes::from_string(topic.to_string())),
+                ))]))
+                .with_allow_auto_topic_creation(false),
+        )?;
+        let t = r
+            .topics
+            .first()
+            .ok_or_else(|| anyhow!("no metadata for topic {topic}"))?;
+        check(|| format!("topic {topic}"), t.error_code, None)?;
+        Ok(t.partitions.len() as i32)
+    }
+
     /// The highest version of `key` both sides support, within `[ours_min, ours_max]`.
     pub fn version(&self, key: ApiKey, ours_min: i16, ours_max: i16) -> Result<i16> {
         let (_, min, max) = self

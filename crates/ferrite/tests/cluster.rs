@@ -421,6 +421,34 @@ fn consume(bootstrap: &str, topic: &str, count: usize) -> Vec<String> {
     got
 }
 
+/// Every value of partition 0, from offset 0 to its high watermark at the call.
+fn consume_to_end(bootstrap: &str, topic: &str) -> Vec<String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .set("group.id", "cluster-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    let (_, high) = c.fetch_watermarks(topic, 0, OP_TIMEOUT).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let mut next = 0;
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while next < high {
+        assert!(Instant::now() < deadline, "read {next} of {high} offsets");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            got.push(String::from_utf8(m.payload().unwrap().to_vec()).unwrap());
+            next = m.offset() + 1;
+        }
+    }
+    got
+}
+
 /// The bytes of a replica's partition log: every segment file, in name order.
 fn replica_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
     let dir = data_dir.join(format!("{topic}-0"));
@@ -2219,4 +2247,229 @@ fn consumers_read_from_an_in_sync_follower_in_their_rack() {
             (p.preferred_read_replica.0 == -1).then_some(())
         },
     );
+}
+
+/// `ferrite topic reassign` with these arguments against `bootstrap`: exit status,
+/// stdout, stderr.
+fn topic_reassign(bootstrap: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .args(["topic", "reassign"])
+        .args(args)
+        .args(["--bootstrap-server", bootstrap])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 9 item 6: a partition moves from one broker to the two others while an
+/// acks=all producer keeps writing to it. The new replicas copy the log through the
+/// replica fetchers, the move completes once they are in sync, leadership leaves the
+/// removed broker, whose log is deleted; every acknowledged value is read exactly once
+/// and the two new replicas hold the same bytes.
+#[test]
+fn a_reassignment_under_load_moves_the_partition_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cluster = Cluster::start();
+    let rt = runtime();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    let topic = "moving";
+    rt.block_on(create_topic(&admin, topic, 1, 1, &[], OP_TIMEOUT))
+        .unwrap();
+    let (from, replicas, _) = wait_for("the partition led", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, _, _)| *l >= 0)
+    });
+    assert_eq!(replicas, vec![from]);
+    let to: Vec<i32> = [1, 2, 3].into_iter().filter(|&b| b != from).collect();
+    let from_dir = cluster.nodes[(from - 1) as usize]
+        .data_dir
+        .join(format!("{topic}-0"));
+    assert!(from_dir.is_dir());
+
+    // No move yet: listing shows none, cancelling is NO_REASSIGNMENT_IN_PROGRESS.
+    let bootstrap = cluster.bootstrap();
+    let (ok, out, err) = topic_reassign(&bootstrap, &[topic, "--json"]);
+    assert!(ok, "{out}{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(listed["in_progress"], serde_json::json!([]), "{out}");
+    let (ok, out, err) = topic_reassign(&bootstrap, &[topic, "--partition", "0", "--cancel"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("NO_REASSIGNMENT_IN_PROGRESS"), "{err}");
+    // An unregistered broker: INVALID_REPLICA_ASSIGNMENT, nothing changes.
+    let (ok, _, err) = topic_reassign(&bootstrap, &[topic, "--replicas", "1,9"]);
+    assert!(!ok);
+    assert!(err.contains("INVALID_REPLICA_ASSIGNMENT"), "{err}");
+
+    // A log to copy, then a producer that keeps writing during the move.
+    let producer: FutureProducer = cluster
+        .config()
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .unwrap();
+    let before: Vec<String> = (0..2000).map(|i| format!("before-{i:05}")).collect();
+    let acked_before = rt.block_on(produce_all(&producer, topic, &before));
+    assert_eq!(acked_before.len(), before.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let producer = producer.clone();
+        std::thread::spawn(move || {
+            let rt = runtime();
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let v = format!("during-{i:06}");
+                i += 1;
+                acked.extend(rt.block_on(produce_all(&producer, topic, &[v])));
+            }
+            (acked, i)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let target = format!("{},{}", to[0], to[1]);
+    let (ok, out, err) = topic_reassign(
+        &bootstrap,
+        &[
+            topic,
+            "--partition",
+            "0",
+            "--replicas",
+            &target,
+            "--wait",
+            "60",
+        ],
+    );
+    assert!(ok, "reassign: {out}{err}");
+    assert!(out.contains("no reassignment in progress"), "{out}");
+    let (leader, replicas, isr) = wait_for("the partition on its new replicas", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, r, isr)| *l >= 0 && *r == to && isr.len() == 2)
+    });
+    assert!(to.contains(&leader), "leader {leader} not in {to:?}");
+    eprintln!("moved from {from} to {replicas:?}: leader {leader}, ISR {isr:?}");
+    wait_for("the removed replica's log deleted", OP_TIMEOUT, || {
+        (!from_dir.exists()).then_some(())
+    });
+    // Producing goes on after the move, at the new leader.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (acked_during, sent_during) = writer.join().unwrap();
+    assert!(!acked_during.is_empty());
+    let after: Vec<String> = (0..50).map(|i| format!("after-{i:03}")).collect();
+    let acked_after = rt.block_on(produce_all(&producer, topic, &after));
+    assert_eq!(acked_after, after, "the new leader takes acks=all writes");
+    eprintln!(
+        "during the move: {} of {sent_during} acknowledged",
+        acked_during.len()
+    );
+
+    let acked: Vec<&String> = acked_before
+        .iter()
+        .chain(&acked_during)
+        .chain(&acked_after)
+        .collect();
+    let all = consume_to_end(&cluster.bootstrap(), topic);
+    let mut seen = std::collections::HashMap::new();
+    for v in &all {
+        *seen.entry(v.as_str()).or_insert(0) += 1;
+    }
+    for v in &acked {
+        assert_eq!(
+            seen.get(v.as_str()),
+            Some(&1),
+            "acknowledged {v} read {:?} times",
+            seen.get(v.as_str())
+        );
+    }
+    let dirs: Vec<PathBuf> = to
+        .iter()
+        .map(|&b| cluster.nodes[(b - 1) as usize].data_dir.clone())
+        .collect();
+    wait_for("identical logs on the new replicas", OP_TIMEOUT, || {
+        let logs: Vec<Vec<u8>> = dirs.iter().map(|d| replica_bytes(d, topic)).collect();
+        (!logs[0].is_empty() && logs[0] == logs[1]).then_some(())
+    });
+}
+
+/// Issue 9 item 6, the throttle: with `follower.replication.throttled.rate` a new
+/// replica copies the log no faster than that rate, so the move is seen in progress
+/// (ListPartitionReassignments: replicas, adding) and lasts at least the time the rate
+/// allows; it then completes with the log intact on both replicas.
+#[test]
+fn a_throttled_reassignment_copies_at_the_configured_rate() {
+    const RATE: u64 = 256 * 1024;
+    let rate = format!("follower.replication.throttled.rate={RATE}");
+    let cluster = Cluster::start_with(&[&rate]);
+    let rt = runtime();
+    let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
+    let topic = "throttled";
+    rt.block_on(create_topic(&admin, topic, 1, 1, &[], OP_TIMEOUT))
+        .unwrap();
+    let (from, _, _) = wait_for("the partition led", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, _, _)| *l >= 0)
+    });
+    let other = if from == 1 { 2 } else { 1 };
+    let producer: FutureProducer = cluster
+        .config()
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "none")
+        .create()
+        .unwrap();
+    let pad = "x".repeat(1000);
+    let values: Vec<String> = (0..1500).map(|i| format!("{i:05}-{pad}")).collect();
+    let acked = rt.block_on(produce_all(&producer, topic, &values));
+    assert_eq!(acked.len(), values.len());
+    let log_bytes = replica_bytes(&cluster.nodes[(from - 1) as usize].data_dir, topic).len() as u64;
+    assert!(log_bytes > 4 * RATE, "{log_bytes}");
+
+    let bootstrap = cluster.bootstrap();
+    let started = Instant::now();
+    let target = format!("{from},{other}");
+    let (ok, out, err) = topic_reassign(&bootstrap, &[topic, "--replicas", &target, "--json"]);
+    assert!(ok, "{out}{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        listed["in_progress"],
+        serde_json::json!([{"partition": 0, "replicas": [from, other], "adding": [other], "removing": []}]),
+        "{out}"
+    );
+    let (ok, out, err) = topic_reassign(&bootstrap, &[topic, "--wait", "60"]);
+    assert!(ok, "{out}{err}");
+    let took = started.elapsed();
+    // The first second's budget is free; the rest of the log arrives at the rate at
+    // most (a lower bound: a slow machine only takes longer).
+    let least = Duration::from_millis((log_bytes - RATE) * 1000 / RATE);
+    eprintln!("{log_bytes} bytes copied in {took:?} at {RATE} B/s (at least {least:?})");
+    assert!(
+        took >= least,
+        "{log_bytes} bytes copied in {took:?}, faster than {RATE} B/s"
+    );
+    let (_, replicas, isr) = wait_for("both replicas in sync", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(_, _, isr)| isr.len() == 2)
+    });
+    assert_eq!(replicas, vec![from, other]);
+    assert_eq!(isr.len(), 2);
+    let dirs: Vec<PathBuf> = [from, other]
+        .iter()
+        .map(|&b| cluster.nodes[(b - 1) as usize].data_dir.clone())
+        .collect();
+    wait_for("identical logs", OP_TIMEOUT, || {
+        let logs: Vec<Vec<u8>> = dirs.iter().map(|d| replica_bytes(d, topic)).collect();
+        (logs[0].len() as u64 == log_bytes && logs[0] == logs[1]).then_some(())
+    });
+    assert_eq!(consume_to_end(&bootstrap, topic), values);
 }

@@ -1,4 +1,5 @@
-//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DeleteRecords.
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DeleteRecords,
+//! AlterPartitionReassignments and ListPartitionReassignments.
 //! Each validates against the current image, commits records through the controller and
 //! lets the replica manager follow the new image.
 
@@ -6,6 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferrite_metadata::{MetadataImage, MetadataRecord};
+use kafka_protocol::messages::alter_partition_reassignments_response::{
+    ReassignablePartitionResponse, ReassignableTopicResponse,
+};
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::{
     CreatableTopicConfigs, CreatableTopicResult,
@@ -14,9 +18,14 @@ use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
 };
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::list_partition_reassignments_response::{
+    OngoingPartitionReassignment, OngoingTopicReassignment,
+};
 use kafka_protocol::messages::{
+    AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, BrokerId,
     CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
     DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
 };
 use kafka_protocol::ResponseError;
 
@@ -415,4 +424,140 @@ pub fn delete_records(broker: &Arc<Broker>, req: DeleteRecordsRequest) -> Delete
         })
         .collect();
     DeleteRecordsResponse::default().with_topics(topics)
+}
+
+/// AlterPartitionReassignments (KIP-455): each partition's target replicas, or `null` to
+/// cancel, decided by the controller as one metadata entry. The new replicas then fetch
+/// from the leader like any follower; the reassignment completes (old replicas dropped,
+/// their logs deleted, leadership moved into the target) with the ISR change that makes
+/// the last of them in sync. ListPartitionReassignments shows the progress.
+pub async fn alter_partition_reassignments(
+    broker: &Arc<Broker>,
+    req: AlterPartitionReassignmentsRequest,
+    version: i16,
+) -> AlterPartitionReassignmentsResponse {
+    let mut partitions = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            partitions.push(ferrite_controller::ReassignablePartition {
+                topic: t.name.0.to_string(),
+                partition: p.partition_index,
+                replicas: p.replicas.as_ref().map(|r| r.iter().map(|b| b.0).collect()),
+            });
+        }
+    }
+    // v0 has no such field and always allows it (KIP-860 added the choice in v1).
+    let allow_replication_factor_change = version < 1 || req.allow_replication_factor_change;
+    let event = ferrite_controller::Event::AlterPartitionReassignments(
+        ferrite_controller::AlterPartitionReassignments {
+            partitions,
+            allow_replication_factor_change,
+        },
+    );
+    let mut writer = broker.controller.writer().await;
+    let outcome = decide_and_commit(broker, &mut writer, event).await;
+    drop(writer);
+    let response = AlterPartitionReassignmentsResponse::default()
+        .with_allow_replication_factor_change(allow_replication_factor_change);
+    let results = match outcome {
+        Ok(ferrite_controller::Reply::AlterPartitionReassignments(r)) => r,
+        Ok(_) => {
+            return response
+                .with_error_code(ResponseError::UnknownServerError.code())
+                .with_error_message(Some(str_bytes("unexpected controller reply")))
+        }
+        // The whole request failed (not the controller, the quorum unavailable): one
+        // top-level error, as Kafka answers.
+        Err(e) => {
+            return response
+                .with_error_code(e.code)
+                .with_error_message(Some(str_bytes(e.message)))
+        }
+    };
+    let mut results = results.into_iter();
+    let responses = req
+        .topics
+        .iter()
+        .map(|t| {
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    let r = ReassignablePartitionResponse::default()
+                        .with_partition_index(p.partition_index);
+                    match results.next().map(|r| r.result) {
+                        Some(Ok(())) => {
+                            tracing::info!(topic = %t.name.0, partition = p.partition_index, replicas = ?p.replicas, "partition reassignment accepted");
+                            r
+                        }
+                        Some(Err(e)) => r
+                            .with_error_code(e.code())
+                            .with_error_message(Some(str_bytes(e.message()))),
+                        None => r.with_error_code(ResponseError::UnknownServerError.code()),
+                    }
+                })
+                .collect();
+            ReassignableTopicResponse::default()
+                .with_name(t.name.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    response.with_responses(responses)
+}
+
+/// ListPartitionReassignments: the partitions with a reassignment in progress (all of
+/// them for `topics: null`), from the committed metadata. Unknown topics and partitions
+/// are left out, as Kafka's controller does.
+pub fn list_partition_reassignments(
+    broker: &Arc<Broker>,
+    req: ListPartitionReassignmentsRequest,
+) -> ListPartitionReassignmentsResponse {
+    let image = broker.controller.image();
+    let ongoing = |p: &ferrite_metadata::PartitionImage| {
+        let ids = |v: &[i32]| v.iter().map(|&b| BrokerId(b)).collect::<Vec<_>>();
+        OngoingPartitionReassignment::default()
+            .with_partition_index(p.partition)
+            .with_replicas(ids(&p.replicas))
+            .with_adding_replicas(ids(&p.adding_replicas))
+            .with_removing_replicas(ids(&p.removing_replicas))
+    };
+    let topics: Vec<OngoingTopicReassignment> = match &req.topics {
+        None => image
+            .topics()
+            .map(|t| {
+                let partitions: Vec<_> = t
+                    .partitions
+                    .values()
+                    .filter(|p| p.is_reassigning())
+                    .map(ongoing)
+                    .collect();
+                (t.name.as_str(), partitions)
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(name, partitions)| {
+                OngoingTopicReassignment::default()
+                    .with_name(topic_name(name))
+                    .with_partitions(partitions)
+            })
+            .collect(),
+        Some(wanted) => wanted
+            .iter()
+            .filter_map(|w| {
+                let t = image.topic(&w.name.0)?;
+                let partitions: Vec<_> = w
+                    .partition_indexes
+                    .iter()
+                    .filter_map(|i| t.partitions.get(i))
+                    .filter(|p| p.is_reassigning())
+                    .map(ongoing)
+                    .collect();
+                (!partitions.is_empty()).then(|| {
+                    OngoingTopicReassignment::default()
+                        .with_name(w.name.clone())
+                        .with_partitions(partitions)
+                })
+            })
+            .collect(),
+    };
+    ListPartitionReassignmentsResponse::default().with_topics(topics)
 }
