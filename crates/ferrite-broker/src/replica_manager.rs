@@ -1305,6 +1305,11 @@ impl ReplicaManager {
             .collect();
         for key in gone {
             if let Some(p) = map.remove(&key) {
+                // A produce waiting for the ISR holds the partition: answer it now
+                // (NOT_LEADER_OR_FOLLOWER, the client retries at the new leader) rather
+                // than let it wait out its timeout on a replica that no longer exists.
+                let previous = std::mem::replace(&mut p.replication().role, Role::Follower);
+                resign(previous);
                 let dir = p.log().dir().to_path_buf();
                 tracing::info!(topic = %key.0, partition = key.1, "deleting partition log");
                 delete_partition_dir(&dir);

@@ -46,6 +46,8 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     // AllowReplicationFactorChange (KIP-860).
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
+    // Preferred (KIP-183) and, v1+, unclean (KIP-460) elections on request.
+    (ApiKey::ElectLeaders, 0, 2),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
     // The metadata quorum (KIP-595); v1 adds fetch/caught-up times (KIP-836), v2 the

@@ -2274,7 +2274,9 @@ fn topic_reassign(bootstrap: &str, args: &[&str]) -> (bool, String, String) {
 fn a_reassignment_under_load_moves_the_partition_and_loses_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let cluster = Cluster::start();
+    // No automatic preferred-leader pass: the ElectLeaders at the end must be the one
+    // that moves the leadership.
+    let cluster = Cluster::start_with(&["auto.leader.rebalance.enable=false"]);
     let rt = runtime();
     let admin: AdminClient<DefaultClientContext> = cluster.config().create().unwrap();
     let topic = "moving";
@@ -2325,12 +2327,15 @@ fn a_reassignment_under_load_moves_the_partition_and_loses_nothing() {
             let rt = runtime();
             let mut acked = Vec::new();
             let mut i = 0;
+            let mut slowest = Duration::ZERO;
             while !stop.load(Ordering::Relaxed) {
                 let v = format!("during-{i:06}");
                 i += 1;
+                let sent = Instant::now();
                 acked.extend(rt.block_on(produce_all(&producer, topic, &[v])));
+                slowest = slowest.max(sent.elapsed());
             }
-            (acked, i)
+            (acked, i, slowest)
         })
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -2362,13 +2367,20 @@ fn a_reassignment_under_load_moves_the_partition_and_loses_nothing() {
     // Producing goes on after the move, at the new leader.
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let (acked_during, sent_during) = writer.join().unwrap();
+    let (acked_during, sent_during, slowest) = writer.join().unwrap();
+    // A produce waiting at the removed leader is answered when its replica goes
+    // (NOT_LEADER_OR_FOLLOWER, retried at the new leader), not left to the client's
+    // 30 s request timeout (it was, before).
+    assert!(
+        slowest < Duration::from_secs(15),
+        "a produce during the move took {slowest:?}"
+    );
     assert!(!acked_during.is_empty());
     let after: Vec<String> = (0..50).map(|i| format!("after-{i:03}")).collect();
     let acked_after = rt.block_on(produce_all(&producer, topic, &after));
     assert_eq!(acked_after, after, "the new leader takes acks=all writes");
     eprintln!(
-        "during the move: {} of {sent_during} acknowledged",
+        "during the move: {} of {sent_during} acknowledged, the slowest in {slowest:?}",
         acked_during.len()
     );
 
@@ -2398,6 +2410,55 @@ fn a_reassignment_under_load_moves_the_partition_and_loses_nothing() {
         let logs: Vec<Vec<u8>> = dirs.iter().map(|d| replica_bytes(d, topic)).collect();
         (!logs[0].is_empty() && logs[0] == logs[1]).then_some(())
     });
+
+    // A new order keeps the leader (no replica added or removed: done at once), so the
+    // preferred replica does not lead; ElectLeaders (preferred) moves it there, and a
+    // second one is ELECTION_NOT_NEEDED.
+    let reordered = format!("{},{}", to[1], to[0]);
+    let (ok, out, err) = topic_reassign(&bootstrap, &[topic, "--replicas", &reordered]);
+    assert!(ok, "{out}{err}");
+    let (still, replicas, _) = wait_for("the new order", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(_, r, _)| *r == vec![to[1], to[0]])
+    });
+    assert_eq!((still, replicas[0]), (leader, to[1]));
+    assert_ne!(
+        leader, to[1],
+        "the completed move elected the target's first replica"
+    );
+    let elect = |version: i16| {
+        use ferrite_protocol::kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+        use ferrite_protocol::kafka_protocol::messages::{
+            ApiKey, ElectLeadersRequest, ElectLeadersResponse, TopicName,
+        };
+        use ferrite_protocol::kafka_protocol::protocol::StrBytes;
+        let controller = active_controller(&cluster);
+        let addr = &cluster.nodes[(controller - 1) as usize].addr;
+        let req = ElectLeadersRequest::default()
+            .with_election_type(0)
+            .with_timeout_ms(10_000)
+            .with_topic_partitions(Some(vec![TopicPartitions::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![0, 7])]));
+        let r: ElectLeadersResponse = common::raw(addr, ApiKey::ElectLeaders, version, &req);
+        assert_eq!(r.error_code, 0);
+        let mut codes: Vec<(i32, i16)> = r.replica_election_results[0]
+            .partition_result
+            .iter()
+            .map(|p| (p.partition_id, p.error_code))
+            .collect();
+        codes.sort_unstable();
+        codes
+    };
+    // Partition 7 does not exist: UNKNOWN_TOPIC_OR_PARTITION beside the election.
+    assert_eq!(elect(2), vec![(0, 0), (7, 3)]);
+    wait_for("the preferred replica leading", OP_TIMEOUT, || {
+        metadata(&cluster.nodes[0].addr, Some(topic))
+            .and_then(|s| s.partitions.get(&0).cloned())
+            .filter(|(l, _, _)| *l == to[1])
+    });
+    assert_eq!(elect(0), vec![(0, 84), (7, 3)], "ELECTION_NOT_NEEDED");
 }
 
 /// Issue 9 item 6, the throttle: with `follower.replication.throttled.rate` a new

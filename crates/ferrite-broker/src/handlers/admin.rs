@@ -18,6 +18,7 @@ use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
 };
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::elect_leaders_response::{PartitionResult, ReplicaElectionResult};
 use kafka_protocol::messages::list_partition_reassignments_response::{
     OngoingPartitionReassignment, OngoingTopicReassignment,
 };
@@ -25,7 +26,8 @@ use kafka_protocol::messages::{
     AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, BrokerId,
     CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
     DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
-    ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
+    ElectLeadersRequest, ElectLeadersResponse, ListPartitionReassignmentsRequest,
+    ListPartitionReassignmentsResponse,
 };
 use kafka_protocol::ResponseError;
 
@@ -560,4 +562,94 @@ pub fn list_partition_reassignments(
             .collect(),
     };
     ListPartitionReassignmentsResponse::default().with_topics(topics)
+}
+
+/// ElectLeaders (KIP-183 preferred, KIP-460 unclean; kafka-leader-election.sh): the
+/// controller's `elect_leaders`, committed as one metadata entry. `topic_partitions:
+/// null` means every partition, and then those needing no election are left out.
+pub async fn elect_leaders(
+    broker: &Arc<Broker>,
+    req: ElectLeadersRequest,
+    version: i16,
+) -> ElectLeadersResponse {
+    let response = ElectLeadersResponse::default();
+    // v0 has no election type: preferred.
+    let election_type = match (version, req.election_type) {
+        (0, _) | (_, 0) => ferrite_controller::ElectionType::Preferred,
+        (_, 1) => ferrite_controller::ElectionType::Unclean,
+        (_, other) => {
+            tracing::debug!(
+                election_type = other,
+                "ElectLeaders with an unknown election type"
+            );
+            return response.with_error_code(ResponseError::InvalidRequest.code());
+        }
+    };
+    let partitions = req.topic_partitions.as_ref().map(|ts| {
+        ts.iter()
+            .map(|t| (t.topic.0.to_string(), t.partitions.clone()))
+            .collect()
+    });
+    let event = ferrite_controller::Event::ElectLeaders(ferrite_controller::ElectLeaders {
+        election_type,
+        partitions,
+    });
+    let mut writer = broker.controller.writer().await;
+    let outcome = decide_and_commit(broker, &mut writer, event).await;
+    drop(writer);
+    let results = match outcome {
+        Ok(ferrite_controller::Reply::ElectLeaders(r)) => r,
+        Ok(_) => {
+            return response.with_error_code(ResponseError::UnknownServerError.code());
+        }
+        Err(e) if version >= 1 => return response.with_error_code(e.code),
+        Err(e) => {
+            // v0 has no top-level error: every partition asked gets it.
+            let results = req
+                .topic_partitions
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| {
+                    let partition_result = t
+                        .partitions
+                        .iter()
+                        .map(|&p| {
+                            PartitionResult::default()
+                                .with_partition_id(p)
+                                .with_error_code(e.code)
+                                .with_error_message(Some(str_bytes(e.message.clone())))
+                        })
+                        .collect();
+                    ReplicaElectionResult::default()
+                        .with_topic(t.topic)
+                        .with_partition_result(partition_result)
+                })
+                .collect();
+            return response.with_replica_election_results(results);
+        }
+    };
+    let mut by_topic: BTreeMap<String, Vec<PartitionResult>> = BTreeMap::new();
+    for r in results {
+        let result = PartitionResult::default().with_partition_id(r.partition);
+        let result = match r.result {
+            Ok(()) => {
+                tracing::info!(topic = %r.topic, partition = r.partition, ?election_type, "leader elected on request");
+                result
+            }
+            Err(e) => result
+                .with_error_code(e.code())
+                .with_error_message(Some(str_bytes(e.message()))),
+        };
+        by_topic.entry(r.topic).or_default().push(result);
+    }
+    response.with_replica_election_results(
+        by_topic
+            .into_iter()
+            .map(|(topic, partition_result)| {
+                ReplicaElectionResult::default()
+                    .with_topic(topic_name(&topic))
+                    .with_partition_result(partition_result)
+            })
+            .collect(),
+    )
 }

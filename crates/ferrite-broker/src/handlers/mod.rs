@@ -91,6 +91,9 @@ pub async fn handle(broker: &Arc<Broker>, request: Request, peer: SocketAddr) ->
         RequestKind::ListPartitionReassignments(r) => {
             ResponseKind::ListPartitionReassignments(admin::list_partition_reassignments(broker, r))
         }
+        RequestKind::ElectLeaders(r) => {
+            ResponseKind::ElectLeaders(admin::elect_leaders(broker, r, version).await)
+        }
         RequestKind::DeleteRecords(r) => {
             ResponseKind::DeleteRecords(admin::delete_records(broker, r))
         }
