@@ -5,6 +5,10 @@ broker+controller nodes on loopback, fixed ports below the ephemeral range):
   in order and without duplicates, while partition leaders are killed with SIGKILL one
   after another and a node is stopped with SIGTERM (controlled shutdown); so does
   confluent-kafka with its defaults (acks=all, not idempotent: duplicates are counted);
+- kafka-python 3's admin moves partitions to other brokers (AlterPartitionReassignments,
+  ListPartitionReassignments) and confluent-kafka's elect_leaders moves a leadership to
+  the preferred replica while kafka-python's default producer keeps writing: nothing
+  acknowledged is lost or duplicated;
 - confluent-kafka's consume-transform-produce loop stays exactly once while the
   transaction coordinator, then the group coordinator, then an output partition's leader
   are killed with SIGKILL mid-transaction and restarted.
@@ -134,7 +138,7 @@ def check_acknowledged(acked, read, exactly_once):
     return duplicates
 
 
-def write_through_leader_faults(cluster, topic, partitions, send, flush):
+def write_through_leader_faults(cluster, topic, partitions, send, flush, during=None):
     """Sends the values 0, 1, 2, ... (value i to partition i % partitions) from a thread
     without pause while leader_faults() runs, then stops and flush()es. send(i, ok, err)
     makes one send whose answer calls ok(partition, offset) or err(reason). Fails if a
@@ -167,7 +171,7 @@ def write_through_leader_faults(cluster, topic, partitions, send, flush):
             return len(acked)
 
     try:
-        leader_faults(cluster, topic, partitions, acked_count)
+        (during or leader_faults)(cluster, topic, partitions, acked_count)
     finally:
         stop.set()
         writer.join(10)
@@ -219,6 +223,92 @@ def test_kafka_python_defaults_keep_every_acknowledged_write_across_leader_kills
     consumer.close()
     check_acknowledged(acked, read, exactly_once=True)
     print(f"kafka-python: {len(acked)} acknowledged, all read back in place, once")
+
+
+def test_partitions_move_under_kafka_pythons_default_producer(cluster_factory):
+    """Issue 9 item 6 with third-party admin clients: kafka-python moves partition 0 from
+    node 1 to [2, 3] and partition 1 from node 2 to [3, 1] while its default idempotent
+    producer writes to both; the moves complete (ListPartitionReassignments empties), the
+    old replicas' directories go, a cancel with nothing in progress is
+    NO_REASSIGNMENT_IN_PROGRESS; then a new order and confluent-kafka's elect_leaders
+    (preferred) move partition 0's leadership. Every acknowledged record is read once,
+    in place and in order."""
+    pytest.importorskip("kafka")
+    from confluent_kafka import ElectionType
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition as KTP
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import NoReassignmentInProgressError
+    from conftest import CLUSTER_SETTINGS
+    # No automatic preferred-leader pass: elect_leaders must be what moves the leader.
+    cluster = cluster_factory(*CLUSTER_SETTINGS, "auto.leader.rebalance.enable=false")
+    topic, partitions = "kp-moving", 2
+    kadmin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap.split(","))
+    kadmin.create_topics([NewTopic(topic, replica_assignments={0: [1], 1: [2]})])
+    wait_full_isr(cluster, topic, partitions, replicas=1)
+    old_dirs = [cluster.node(1).partition_dir(topic, 0), cluster.node(2).partition_dir(topic, 1)]
+    assert all(os.path.isdir(d) for d in old_dirs)
+
+    def moves(cluster, topic, partitions, acked_count):
+        def progress(what, more=300):
+            start = acked_count()
+            wait_until(f"{more} more acknowledgements {what}", lambda: acked_count() >= start + more,
+                       timeout_s=OP_TIMEOUT_S)
+        progress("before the moves")
+        r = kadmin.alter_partition_reassignments({KTP(topic, 0): [2, 3], KTP(topic, 1): [3, 1]})
+        assert r == {KTP(topic, 0): None, KTP(topic, 1): None}, r
+        wait_until("the moves complete", lambda: kadmin.list_partition_reassignments({topic: [0, 1]}) == {},
+                   timeout_s=OP_TIMEOUT_S)
+
+        def placed():
+            s = partition_state(cluster, topic)
+            return all(len(s.get(p, (-1, [], []))[2]) == 2 for p in (0, 1)) and s
+        s = wait_until("both partitions on their new replicas, in sync", placed, timeout_s=OP_TIMEOUT_S)
+        assert (s[0][1], s[1][1]) == ([2, 3], [3, 1]), s
+        assert s[0][0] == 2 and s[1][0] == 3, f"the target's first replica leads: {s}"
+        wait_until("the old replicas' directories deleted",
+                   lambda: not any(os.path.exists(d) for d in old_dirs), timeout_s=OP_TIMEOUT_S)
+        progress("after the moves")
+        r = kadmin.alter_partition_reassignments({KTP(topic, 0): None})
+        assert r == {KTP(topic, 0): NoReassignmentInProgressError}, r
+        # A new order only: done at once, the leader stays (2), the preferred is now 3.
+        assert kadmin.alter_partition_reassignments({KTP(topic, 0): [3, 2]}) == {KTP(topic, 0): None}
+        wait_until("the new order", lambda: partition_state(cluster, topic)[0][1] == [3, 2],
+                   timeout_s=OP_TIMEOUT_S)
+        assert partition_state(cluster, topic)[0][0] == 2
+        done = admin(cluster).elect_leaders(ElectionType.PREFERRED, [TopicPartition(topic, 0)]).result()
+        assert list(done.values()) == [None], done
+        wait_until("the preferred replica leads", lambda: partition_state(cluster, topic)[0][0] == 3,
+                   timeout_s=OP_TIMEOUT_S)
+        progress("after the election", more=600)
+
+    producer = KafkaProducer(bootstrap_servers=cluster.bootstrap.split(","), linger_ms=5)
+
+    def send(i, ok, err):
+        producer.send(topic, value=str(i).encode(), partition=i % partitions) \
+            .add_callback(lambda md: ok(md.partition, md.offset)).add_errback(lambda e: err(repr(e)))
+
+    def flush():
+        producer.flush(timeout=120)
+        producer.close(timeout=10)
+
+    acked = write_through_leader_faults(cluster, topic, partitions, send, flush, during=moves)
+    kadmin.close()
+    consumer = KafkaConsumer(bootstrap_servers=cluster.bootstrap.split(","), enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    tps = [KTP(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning()
+    ends = consumer.end_offsets(tps)
+    read = {}
+    deadline = time.monotonic() + OP_TIMEOUT_S
+    while any(consumer.position(tp) < ends[tp] for tp in tps):
+        assert time.monotonic() < deadline, "could not read the partitions to their ends"
+        for recs in consumer.poll(timeout_ms=500).values():
+            for r in recs:
+                read.setdefault(r.partition, []).append((r.offset, int(r.value)))
+    consumer.close()
+    check_acknowledged(acked, read, exactly_once=True)
+    print(f"moved under kafka-python: {len(acked)} acknowledged, all read back in place, once")
 
 
 def test_confluent_kafka_defaults_keep_every_acknowledged_write_across_leader_kills(cluster):
